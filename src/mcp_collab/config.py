@@ -1,0 +1,157 @@
+"""Settings from the environment, read once at start and then passed around as one frozen value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_args
+
+from .errors import ConfigError
+from .models import FallbackPolicy, RuntimeMode
+
+# Coding steps routinely take many minutes; an hour is a ceiling, not an expectation.
+DEFAULT_STEP_TIMEOUT_S = 3600.0
+# A CLI that prints nothing for this long is presumed stuck (codex and gemini emit events per item).
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+# Bytes of a CLI's stdout/stderr kept in memory: the head and the tail, each this size.
+DEFAULT_CAPTURE_BYTES = 1 << 20
+# The SDK clients' own retries: off by default so a failure reaches our fallback policy quickly.
+DEFAULT_SDK_MAX_RETRIES = 0
+DEFAULT_OPENAI_MODEL = "gpt-5-codex"
+DEFAULT_GEMINI_MODEL = "gemini-2.5-pro"
+
+# Variables a CLI child inherits. Everything else in the server's environment stays behind, so a
+# worker cannot read secrets it was never meant to have. Extend with MCP_COLLAB_CHILD_ENV.
+CHILD_ENV_NAMES: frozenset[str] = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TERM",
+        "TZ",
+        "TMPDIR",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_STATE_HOME",
+        "XDG_CACHE_HOME",
+        "XDG_RUNTIME_DIR",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "NODE_EXTRA_CA_CERTS",
+        "NODE_OPTIONS",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "GIT_AUTHOR_NAME",
+        "GIT_AUTHOR_EMAIL",
+        "GIT_COMMITTER_NAME",
+        "GIT_COMMITTER_EMAIL",
+    }
+)
+# Each CLI reads its own configuration from variables with these prefixes (CODEX_HOME,
+# GEMINI_API_KEY, ANTHROPIC_BASE_URL, CLAUDE_CONFIG_DIR ...).
+CHILD_ENV_PREFIXES: tuple[str, ...] = (
+    "LC_",
+    "CODEX_",
+    "OPENAI_",
+    "GEMINI_",
+    "GOOGLE_",
+    "ANTHROPIC_",
+    "CLAUDE_",
+)
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(base) / "mcp-collab"
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    default_runtime: RuntimeMode = "cli"
+    fallback_policy: FallbackPolicy = "on_error"
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    capture_bytes: int = DEFAULT_CAPTURE_BYTES
+    sdk_max_retries: int = DEFAULT_SDK_MAX_RETRIES
+    openai_model: str = DEFAULT_OPENAI_MODEL
+    gemini_model: str = DEFAULT_GEMINI_MODEL
+    cli_bins: Mapping[str, str] = field(default_factory=dict)
+    child_env_extra: frozenset[str] = frozenset()
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "store.json"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        state = env.get("MCP_COLLAB_STATE_DIR")
+        return cls(
+            state_dir=Path(state).expanduser() if state else default_state_dir(env),
+            default_runtime=_choice(env, "MCP_WORKER_RUNTIME_DEFAULT", "cli", get_args(RuntimeMode)),  # type: ignore[arg-type]
+            fallback_policy=_choice(env, "MCP_WORKER_FALLBACK_POLICY", "on_error", get_args(FallbackPolicy)),  # type: ignore[arg-type]
+            step_timeout_s=_positive(env, "MCP_COLLAB_STEP_TIMEOUT", DEFAULT_STEP_TIMEOUT_S),
+            idle_timeout_s=_positive(env, "MCP_COLLAB_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
+            capture_bytes=int(_positive(env, "MCP_COLLAB_CAPTURE_BYTES", DEFAULT_CAPTURE_BYTES)),
+            sdk_max_retries=int(
+                _positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)
+            ),
+            openai_model=env.get("MCP_COLLAB_OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
+            gemini_model=env.get("MCP_COLLAB_GEMINI_MODEL") or DEFAULT_GEMINI_MODEL,
+            cli_bins={
+                vendor: env[var]
+                for vendor, var in (
+                    ("codex", "MCP_COLLAB_CODEX_BIN"),
+                    ("gemini", "MCP_COLLAB_GEMINI_BIN"),
+                    ("claude", "MCP_COLLAB_CLAUDE_BIN"),
+                )
+                if env.get(var)
+            },
+            child_env_extra=frozenset(
+                n for n in env.get("MCP_COLLAB_CHILD_ENV", "").replace(",", " ").split() if n
+            ),
+            environ=env,
+        )
+
+    def child_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment a CLI child gets: the allow-list of the server's environment."""
+        allowed = {
+            k: v
+            for k, v in self.environ.items()
+            if k in CHILD_ENV_NAMES or k in self.child_env_extra or k.startswith(CHILD_ENV_PREFIXES)
+        }
+        if extra:
+            allowed.update(extra)
+        return allowed
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, accepted: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip() or default
+    if value not in accepted:
+        raise ConfigError(f"{name}={value!r} is not accepted; use one of: {', '.join(accepted)}")
+    return value
+
+
+def _positive(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={raw!r} must be {'zero or more' if allow_zero else 'greater than zero'}")
+    return value

@@ -1,0 +1,90 @@
+"""Errors of mcp-collab.
+
+One root, a shallow tree. Foreign errors (openai, google-genai, OS) are translated once, at the
+edge of the runtime that met them, with ``raise ... from exc``::
+
+    CollabError
+    ├── ConfigError             a setting from the environment is malformed
+    ├── InvalidRequestError     the caller asked for something we refuse (message says what is accepted)
+    │   ├── UnknownWorkerError
+    │   └── UnknownRunError
+    ├── StoreError              the run store cannot be used (newer schema, unreadable, unwritable)
+    └── RuntimeFailure          a step's runtime failed; ``kind`` drives the fallback policy
+        ├── RuntimeUnavailable  missing credentials, binary or package: nothing was attempted
+        ├── RuntimeTransient    connection, timeout, 429, 5xx: the same call may succeed later
+        └── RuntimeFatal        the request itself is wrong, or the step may have had side effects
+
+``RuntimeFailure.kind`` is one of ``unavailable``, ``transient``, ``fatal``. The fallback policy
+``on_error`` falls back to the CLI on the first two and never on ``fatal``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ErrorKind = Literal["unavailable", "transient", "fatal"]
+
+
+class CollabError(Exception):
+    """Root of every error mcp-collab raises on purpose."""
+
+
+class ConfigError(CollabError):
+    """A setting from the environment is malformed."""
+
+
+class InvalidRequestError(CollabError):
+    """A request is refused; the message says what was wrong and what is accepted."""
+
+
+class UnknownWorkerError(InvalidRequestError):
+    pass
+
+
+class UnknownRunError(InvalidRequestError):
+    pass
+
+
+class StoreError(CollabError):
+    """The run store cannot be used as it is; nothing was overwritten."""
+
+
+class RuntimeFailure(CollabError):
+    """A runtime failed to produce a result for a step.
+
+    ``code`` is a short machine-readable reason (``missing_credentials``, ``timeout``,
+    ``http_429`` ...); ``exit_code`` is set when a process ran; ``output`` keeps whatever the
+    runtime produced before it failed, so a failed step still shows its partial work.
+    """
+
+    kind: ErrorKind = "fatal"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "error",
+        exit_code: int | None = None,
+        output: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.exit_code = exit_code
+        self.output = output
+
+
+class RuntimeUnavailable(RuntimeFailure):
+    kind: ErrorKind = "unavailable"
+
+
+class RuntimeTransient(RuntimeFailure):
+    kind: ErrorKind = "transient"
+
+
+class RuntimeFatal(RuntimeFailure):
+    kind: ErrorKind = "fatal"
+
+
+def failure_for_kind(kind: ErrorKind) -> type[RuntimeFailure]:
+    return {"unavailable": RuntimeUnavailable, "transient": RuntimeTransient, "fatal": RuntimeFatal}[kind]

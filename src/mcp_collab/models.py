@@ -1,0 +1,240 @@
+"""Pydantic models at the boundaries: worker profiles, runs, steps, attempts, the runtime policy.
+
+Field names are snake_case in Python and camelCase on the wire (``runtimeMode``, ``fallbackFrom``,
+``workerName``), as the original plan names them. Everything persisted or returned to a client is
+one of these models; ``contracts/`` holds their JSON Schema (``python -m mcp_collab.contracts``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+RuntimeMode = Literal["cli", "openai_sdk", "google_sdk"]
+WorkerModel = Literal["codex_cli", "gemini_cli", "claude_cli"]
+FallbackPolicy = Literal["on_error", "never"]
+RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
+StepStatus = Literal["pending", "running", "completed", "failed", "cancelled", "interrupted", "skipped"]
+AttemptStatus = Literal["completed", "failed", "cancelled"]
+ErrorKind = Literal["unavailable", "transient", "fatal"]
+Access = Literal["read_only", "workspace_write"]
+Verdict = Literal["approve", "request_changes", "pass", "fail", "unknown"]
+
+RUNTIME_MODES: tuple[RuntimeMode, ...] = ("cli", "openai_sdk", "google_sdk")
+WORKER_MODELS: tuple[WorkerModel, ...] = ("codex_cli", "gemini_cli", "claude_cli")
+TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "interrupted"})
+
+# Which runtimes can serve a worker identity. Identity is not runtime: a codex worker can run
+# through its CLI or the OpenAI SDK, never through Google's.
+COMPATIBLE_MODES: dict[WorkerModel, tuple[RuntimeMode, ...]] = {
+    "codex_cli": ("cli", "openai_sdk"),
+    "gemini_cli": ("cli", "google_sdk"),
+    "claude_cli": ("cli",),
+}
+
+# Limits on what a caller may send; each refusal names the limit.
+MAX_NAME_LENGTH = 64
+MAX_INSTRUCTIONS_CHARS = 20_000
+MAX_TASK_CHARS = 200_000
+MAX_TIMEOUT_SECONDS = 24 * 3600
+
+
+def compatibility_error(model: WorkerModel, mode: RuntimeMode) -> str | None:
+    """The refusal message when ``mode`` cannot serve ``model``, else None."""
+    accepted = COMPATIBLE_MODES[model]
+    if mode in accepted:
+        return None
+    return (
+        f"runtimeMode {mode!r} cannot run a {model} worker; "
+        f"accepted for {model}: {', '.join(repr(m) for m in accepted)}"
+    )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in value) or "\x7f" in value:
+        raise ValueError("must not contain NUL or other control characters")
+    return value
+
+
+SafeText = Annotated[str, AfterValidator(_no_control_chars)]
+
+
+class WireModel(BaseModel):
+    """Base for every model on the wire: camelCase aliases, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        ser_json_timedelta="float",
+    )
+
+
+class WorkerSpec(WireModel):
+    """What a client sends to register a worker."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="Unique worker name: letters, digits, '.', '_' or '-', starting with a letter or digit.",
+    )
+    model: WorkerModel = Field(description="Worker identity: which vendor's agent this is.")
+    runtime_mode: RuntimeMode | None = Field(
+        default=None,
+        description="How this worker runs by default: 'cli' (the vendor CLI as a subprocess), "
+        "'openai_sdk' (codex workers only) or 'google_sdk' (gemini workers only). "
+        "Unset: the server default.",
+    )
+    fallback_policy: FallbackPolicy | None = Field(
+        default=None,
+        description="'on_error': an SDK step that fails in a retry-safe way runs again through the CLI; "
+        "'never': it fails. Unset: the server default.",
+    )
+    instructions: SafeText = Field(
+        default="",
+        max_length=MAX_INSTRUCTIONS_CHARS,
+        description="Standing instructions (role, style) given to the worker on every step.",
+    )
+    sdk_model: str | None = Field(
+        default=None, max_length=200, description="Model name for the SDK runtime (e.g. an OpenAI model id)."
+    )
+    cli_model: str | None = Field(
+        default=None, max_length=200, description="Model name passed to the vendor CLI with -m/--model."
+    )
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        description="Wall-clock limit for one step of this worker. Unset: the server default.",
+    )
+    working_directory: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="Directory the worker runs in (absolute path). Unset: the server's working directory.",
+    )
+
+    @model_validator(mode="after")
+    def _mode_fits_model(self) -> WorkerSpec:
+        if self.runtime_mode is not None:
+            problem = compatibility_error(self.model, self.runtime_mode)
+            if problem:
+                raise ValueError(problem)
+        for name in ("sdk_model", "cli_model"):
+            value = getattr(self, name)
+            if value is not None and (not value or value.startswith("-") or any(c.isspace() for c in value)):
+                raise ValueError(
+                    f"{to_camel(name)} must be a model name without spaces, not starting with '-'"
+                )
+        return self
+
+
+class Worker(WorkerSpec):
+    """A registered worker profile."""
+
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Usage(WireModel):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class Attempt(WireModel):
+    """One try of one runtime for a step. A step with a fallback has two."""
+
+    runtime_mode: RuntimeMode
+    status: AttemptStatus
+    started_at: datetime
+    ended_at: datetime
+    duration_ms: int
+    error_kind: ErrorKind | None = None
+    error_code: str | None = None
+    error: str | None = None
+    exit_code: int | None = None
+
+
+class Step(WireModel):
+    index: int
+    role: str = Field(description="The step's part in the strategy: worker, writer, reviewer, redteam.")
+    worker_name: str
+    worker_model: WorkerModel
+    runtime_mode: RuntimeMode | None = Field(
+        default=None, description="The runtime that produced this step's result (or last tried it)."
+    )
+    fallback_from: RuntimeMode | None = Field(
+        default=None, description="The runtime this step fell back from, when a fallback happened."
+    )
+    status: StepStatus = "pending"
+    attempts: list[Attempt] = Field(default_factory=list)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_ms: int | None = None
+    exit_code: int | None = None
+    usage: Usage | None = None
+    session_id: str | None = Field(
+        default=None, description="The vendor's session/thread id, when it gave one."
+    )
+    output: str = Field(default="", description="The step's final text (bounded; see outputTruncated).")
+    output_truncated: bool = False
+    error: str | None = None
+    verdict: Verdict | None = None
+    findings: list[str] = Field(default_factory=list)
+
+
+class Run(WireModel):
+    id: str
+    task: str
+    strategy: str
+    status: RunStatus = "queued"
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    runtime_mode: RuntimeMode | None = Field(
+        default=None, description="The dispatch's runtime override, if any."
+    )
+    workers: list[str] = Field(default_factory=list, description="Worker names in step order.")
+    steps: list[Step] = Field(default_factory=list)
+    result: str | None = Field(
+        default=None, description="The run's final text (the last completed step's output)."
+    )
+    verdict: Verdict | None = None
+    findings: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class DispatchRequest(WireModel):
+    task: SafeText = Field(min_length=1, max_length=MAX_TASK_CHARS)
+    strategy: str = "single_worker"
+    workers: list[str] | None = Field(
+        default=None, description="Worker names, in the strategy's step order; unset: chosen by model."
+    )
+    runtime_mode: RuntimeMode | None = None
+    fallback_policy: FallbackPolicy | None = None
+    working_directory: str | None = Field(default=None, max_length=4096)
+
+    @model_validator(mode="after")
+    def _task_not_blank(self) -> DispatchRequest:
+        if not self.task.strip():
+            raise ValueError("task must not be blank")
+        return self
+
+
+class RuntimePolicy(WireModel):
+    """The server-wide runtime policy (from MCP_WORKER_RUNTIME_DEFAULT / MCP_WORKER_FALLBACK_POLICY)."""
+
+    default_mode: RuntimeMode = "cli"
+    fallback_policy: FallbackPolicy = "on_error"
+
+
+class RunPage(WireModel):
+    runs: list[Run]
+    next_cursor: str | None = None

@@ -1,0 +1,48 @@
+"""The runtime seam: one small protocol every runtime implements, one normalized result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..models import Access, RuntimeMode, Usage, Worker
+
+ProgressSink = Callable[[str], None]
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """Everything a runtime needs to run one step; nothing it should look up itself."""
+
+    worker: Worker
+    prompt: str
+    instructions: str
+    access: Access
+    timeout_s: float
+    idle_timeout_s: float
+    working_directory: Path | None = None
+    on_progress: ProgressSink = field(default=_ignore, compare=False)
+
+
+@dataclass(frozen=True)
+class RuntimeResult:
+    text: str
+    usage: Usage | None = None
+    session_id: str | None = None
+    exit_code: int | None = None
+    duration_ms: int = 0
+    truncated: bool = False
+
+
+class WorkerRuntime(Protocol):
+    """Runs one step. Returns a result or raises a classified ``RuntimeFailure``; never anything else."""
+
+    mode: RuntimeMode
+
+    async def run(self, request: StepRequest) -> RuntimeResult: ...

@@ -1,0 +1,126 @@
+"""The ``cli`` runtime: the vendor's own CLI as a supervised subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from ...config import Settings
+from ...errors import RuntimeFatal, RuntimeUnavailable
+from ...models import RuntimeMode
+from ..base import RuntimeResult, StepRequest
+from .supervisor import ProcessOutcome, ProcessSpec, run_process
+from .vendors import VENDORS, Parsed, Vendor
+
+__all__ = ["CLIRuntime", "find_binary"]
+
+_TAIL_CHARS = 600
+
+
+def find_binary(settings: Settings, vendor: Vendor) -> str | None:
+    """The configured binary (MCP_COLLAB_<VENDOR>_BIN), else the one on PATH."""
+    configured = settings.cli_bins.get(vendor.name)
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
+    return shutil.which(vendor.name, path=settings.environ.get("PATH"))
+
+
+def compose_prompt(request: StepRequest) -> str:
+    # The CLIs take no separate system prompt in headless mode; standing instructions lead.
+    if request.instructions:
+        return f"{request.instructions}\n\n---\n\n{request.prompt}"
+    return request.prompt
+
+
+class CLIRuntime:
+    mode: RuntimeMode = "cli"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def run(self, request: StepRequest) -> RuntimeResult:
+        vendor = VENDORS[request.worker.model]
+        binary = find_binary(self.settings, vendor)
+        if binary is None:
+            where = self.settings.cli_bins.get(vendor.name) or "PATH"
+            raise RuntimeUnavailable(
+                f"the {vendor.name} CLI was not found on {where}; install it with `npm install -g {vendor.package}` "
+                f"or set MCP_COLLAB_{vendor.name.upper()}_BIN",
+                code="missing_binary",
+            )
+        argv = vendor.argv(binary, request, request.worker.cli_model)
+        parser = vendor.parser()
+
+        def on_line(line: str) -> None:
+            message = parser.feed(line)
+            if message:
+                request.on_progress(f"{request.worker.name}: {message}")
+
+        spec = ProcessSpec(
+            argv=argv,
+            env=self.settings.child_env(),
+            cwd=request.working_directory,
+            stdin=compose_prompt(request).encode("utf-8"),
+            timeout_s=request.timeout_s,
+            idle_timeout_s=request.idle_timeout_s,
+            capture_bytes=self.settings.capture_bytes,
+        )
+        request.on_progress(f"{request.worker.name}: starting {vendor.name}")
+        try:
+            outcome = await run_process(spec, on_line=on_line)
+        except OSError as exc:
+            raise RuntimeUnavailable(
+                f"cannot start the {vendor.name} CLI ({binary}): {exc}", code="spawn_failed"
+            ) from exc
+        return self._result(vendor, request, outcome, parser.parsed)
+
+    def _result(
+        self, vendor: Vendor, request: StepRequest, outcome: ProcessOutcome, parsed: Parsed
+    ) -> RuntimeResult:
+        partial = parsed.text or "\n\n".join(parsed.messages) or outcome.stdout
+        if outcome.limit_hit == "timeout":
+            raise RuntimeFatal(
+                f"the {vendor.name} CLI hit the step's wall-clock limit of {request.timeout_s:g}s "
+                "(timeoutSeconds / MCP_COLLAB_STEP_TIMEOUT); its whole process group was killed",
+                code="timeout",
+                exit_code=outcome.exit_code,
+                output=partial,
+            )
+        if outcome.limit_hit == "idle":
+            raise RuntimeFatal(
+                f"the {vendor.name} CLI printed nothing for {request.idle_timeout_s:g}s (idle watchdog, "
+                "MCP_COLLAB_IDLE_TIMEOUT); its whole process group was killed",
+                code="idle_timeout",
+                exit_code=outcome.exit_code,
+                output=partial,
+            )
+        if outcome.exit_code != 0 or parsed.error:
+            detail = parsed.error or _tail(outcome.stderr) or _tail(outcome.stdout) or "no output"
+            raise RuntimeFatal(
+                f"the {vendor.name} CLI failed (exit code {outcome.exit_code}): {detail}",
+                code="exit_code" if outcome.exit_code != 0 else "cli_error",
+                exit_code=outcome.exit_code,
+                output=partial,
+            )
+        if not parsed.finished:
+            raise RuntimeFatal(
+                f"the {vendor.name} CLI exited 0 but printed no final event this version of mcp-collab "
+                f"recognizes ({parsed.events} JSON events read); its output shape may have changed: "
+                f"{_tail(outcome.stdout) or 'empty stdout'}",
+                code="unknown_output",
+                exit_code=outcome.exit_code,
+                output=outcome.stdout,
+            )
+        return RuntimeResult(
+            text=parsed.text,
+            usage=parsed.usage,
+            session_id=parsed.session_id,
+            exit_code=outcome.exit_code,
+            duration_ms=outcome.duration_ms,
+            truncated=outcome.stdout_truncated,
+        )
+
+
+def _tail(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= _TAIL_CHARS else "…" + text[-_TAIL_CHARS:]

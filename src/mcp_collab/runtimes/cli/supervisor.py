@@ -1,0 +1,315 @@
+"""Run one CLI process under supervision.
+
+What a coding CLI needs from us, and what goes wrong without it:
+
+- argv only, never a shell; stdin gets the prompt and then end-of-file (codex waits for EOF even
+  when the prompt is an argument; the server's own stdin is the MCP wire and must never leak).
+- its own process group (``start_new_session``), and on a deadline, an idle watchdog, a cancel or
+  a normal exit, the whole group and every descendant we can see are signalled: gemini's launcher
+  relaunches a child and ignores SIGTERM in the parent, and tools leave grandchildren behind.
+- stdout and stderr drained concurrently (a full pipe blocks the child), with a bounded head and
+  tail kept in memory, so a worker printing a gigabyte costs us a few MB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+# Between SIGTERM and SIGKILL: long enough for a CLI to flush its session file, short enough that
+# a cancel leaves nothing running within half a second.
+KILL_GRACE_S = 0.25
+# After the main process exits, leftovers that still hold our pipes get this long after the kill.
+DRAIN_GRACE_S = 1.0
+# A single line longer than this (say, a flood without newlines) is not handed to the parser.
+MAX_LINE_BYTES = 4 << 20
+_READ_CHUNK = 64 * 1024
+_POLL_S = 0.02
+
+LineSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: Path | None
+    stdin: bytes
+    timeout_s: float
+    idle_timeout_s: float
+    capture_bytes: int
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stdout_bytes: int
+    limit_hit: str | None  # "timeout" | "idle" | None
+    duration_ms: int
+    pid: int
+
+
+class BoundedCapture:
+    """Keeps the first and the last ``limit`` bytes of a stream and counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.head = bytearray()
+        self.tail: deque[bytes] = deque()
+        self.tail_size = 0
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self.tail.append(data)
+        self.tail_size += len(data)
+        while self.tail and self.tail_size - len(self.tail[0]) >= self.limit:
+            self.tail_size -= len(self.tail.popleft())
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.head) + self.tail_size
+
+    def text(self) -> str:
+        tail = b"".join(self.tail)
+        if self.tail_size > self.limit:
+            tail = tail[-self.limit :]
+        omitted = self.total - len(self.head) - len(tail)
+        head_text = self.head.decode("utf-8", "replace")
+        tail_text = tail.decode("utf-8", "replace")
+        if omitted <= 0:
+            return head_text + tail_text
+        return f"{head_text}\n[... {omitted} bytes omitted ...]\n{tail_text}"
+
+
+class LineSplitter:
+    """Turns chunks into complete lines; drops (and counts) lines longer than ``MAX_LINE_BYTES``."""
+
+    def __init__(self, sink: LineSink) -> None:
+        self.sink = sink
+        self.buffer = bytearray()
+        self.skipping = False
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> None:
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                if not self.skipping:
+                    self.buffer += data[start:]
+                    if len(self.buffer) > MAX_LINE_BYTES:
+                        self.buffer.clear()
+                        self.skipping = True
+                        self.dropped += 1
+                return
+            if not self.skipping:
+                self.buffer += data[start:nl]
+                self._emit()
+            self.skipping = False
+            self.buffer.clear()
+            start = nl + 1
+
+    def close(self) -> None:
+        if self.buffer and not self.skipping:
+            self._emit()
+        self.buffer.clear()
+
+    def _emit(self) -> None:
+        line = self.buffer.decode("utf-8", "replace").strip()
+        if line:
+            self.sink(line)
+
+
+# -- process tree -----------------------------------------------------------------------------
+
+
+def _proc_table() -> list[tuple[int, int, int, str]]:
+    """(pid, ppid, pgrp, state) of every process we can see (Linux /proc)."""
+    rows = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces; fields resume after the last ')'.
+        fields = raw[raw.rfind(")") + 2 :].split()
+        if len(fields) >= 3:
+            rows.append((int(entry), int(fields[1]), int(fields[2]), fields[0]))
+    return rows
+
+
+def tree_members(root_pid: int, pgid: int) -> set[int]:
+    """Live (non-zombie) processes in ``pgid`` or descended from ``root_pid``."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return set()
+        return {pgid}
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _, _ in table:
+        children.setdefault(ppid, []).append(pid)
+    found = {pid for pid, _, pgrp, state in table if pgrp == pgid and state != "Z"}
+    stack = [root_pid]
+    alive = {pid for pid, _, _, state in table if state != "Z"}
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found and child in alive:
+                found.add(child)
+            stack.append(child)
+    return found & alive if alive else found
+
+
+def signal_tree(root_pid: int, pgid: int, sig: int) -> None:
+    members = tree_members(root_pid, pgid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+async def kill_tree(root_pid: int, pgid: int, grace_s: float = KILL_GRACE_S) -> None:
+    """SIGTERM the group and its descendants, then SIGKILL whatever is left after ``grace_s``."""
+    if not tree_members(root_pid, pgid):
+        return
+    signal_tree(root_pid, pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        await anyio.sleep(_POLL_S)
+        if not tree_members(root_pid, pgid):
+            return
+    signal_tree(root_pid, pgid, signal.SIGKILL)
+    # SIGKILL cannot be ignored; wait (briefly) until the kernel has taken them all down.
+    deadline = time.monotonic() + 1.0
+    while tree_members(root_pid, pgid) and time.monotonic() < deadline:
+        await anyio.sleep(_POLL_S)
+
+
+# -- supervision ------------------------------------------------------------------------------
+
+
+async def run_process(
+    spec: ProcessSpec,
+    on_line: LineSink | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> ProcessOutcome:
+    """Run ``spec`` to its end, its limit or our cancellation; the tree is gone when this returns."""
+    started = time.monotonic()
+    process = await anyio.open_process(
+        list(spec.argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=spec.cwd,
+        env=dict(spec.env),
+        start_new_session=True,
+    )
+    pid = process.pid
+    if on_start is not None:
+        on_start(pid)
+    out = BoundedCapture(spec.capture_bytes)
+    err = BoundedCapture(min(spec.capture_bytes, 256 * 1024))
+    splitter = LineSplitter(on_line) if on_line else None
+    last_output = [time.monotonic()]
+    limit_hit: list[str] = []
+    drained = anyio.Event()
+
+    async def feed_stdin() -> None:
+        assert process.stdin is not None
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            if spec.stdin:
+                await process.stdin.send(spec.stdin)
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await process.stdin.aclose()
+
+    async def drain(
+        stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None
+    ) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            while True:
+                chunk = await stream.receive(_READ_CHUNK)
+                last_output[0] = time.monotonic()
+                capture.feed(chunk)
+                if lines is not None:
+                    lines.feed(chunk)
+        if lines is not None:
+            lines.close()
+
+    async def drain_both() -> None:
+        assert process.stdout is not None and process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, process.stdout, out, splitter)
+            tg.start_soon(drain, process.stderr, err, None)
+        drained.set()
+
+    async def watchdog() -> None:
+        wall_deadline = started + spec.timeout_s
+        while True:
+            now = time.monotonic()
+            idle_deadline = last_output[0] + spec.idle_timeout_s
+            if now >= wall_deadline:
+                limit_hit.append("timeout")
+                break
+            if now >= idle_deadline:
+                limit_hit.append("idle")
+                break
+            await anyio.sleep(max(_POLL_S, min(wall_deadline, idle_deadline) - now))
+        await kill_tree(pid, pid)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed_stdin)
+            tg.start_soon(drain_both)
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(watchdog)
+                await process.wait()
+                watch.cancel_scope.cancel()
+            # The main process is gone; anything it left in its group or below it goes too,
+            # so nobody holds our pipes open and nothing outlives the step.
+            await kill_tree(pid, pid)
+            with anyio.move_on_after(DRAIN_GRACE_S):
+                await drained.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None or tree_members(pid, pid):
+                await kill_tree(pid, pid)
+            with anyio.move_on_after(2):
+                await process.wait()
+            await process.aclose()
+    return ProcessOutcome(
+        exit_code=process.returncode,
+        stdout=out.text(),
+        stderr=err.text(),
+        stdout_truncated=out.truncated,
+        stdout_bytes=out.total,
+        limit_hit=limit_hit[0] if limit_hit else None,
+        duration_ms=math.ceil((time.monotonic() - started) * 1000),
+        pid=pid,
+    )

@@ -1,0 +1,104 @@
+"""The ``google_sdk`` runtime: Gemini through the official ``google-genai`` async client.
+
+Key from ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY``; endpoint from ``GOOGLE_GEMINI_BASE_URL`` when
+set. The SDK's own timeout is in milliseconds and covers one HTTP exchange; a wall-clock guard
+around the whole call makes sure a stalled stream cannot outlive the step's limit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+
+from ..config import Settings
+from ..errors import RuntimeFatal, RuntimeTransient, RuntimeUnavailable
+from ..models import RuntimeMode, Usage
+from .base import RuntimeResult, StepRequest
+from .openai_sdk import classify_status
+
+
+class GoogleSDKRuntime:
+    mode: RuntimeMode = "google_sdk"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._clients: dict[tuple[str, str | None], Any] = {}
+
+    def _client(self) -> Any:
+        try:
+            from google import genai
+            from google.genai import types
+        except ImportError as exc:
+            raise RuntimeUnavailable(
+                "the google-genai package is not installed; install mcp-collab with its dependencies",
+                code="missing_package",
+            ) from exc
+        env = self.settings.environ
+        key = (env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or "").strip()
+        if not key:
+            raise RuntimeUnavailable(
+                "neither GEMINI_API_KEY nor GOOGLE_API_KEY is set", code="missing_credentials"
+            )
+        base_url = env.get("GOOGLE_GEMINI_BASE_URL", "").strip() or None
+        client = self._clients.get((key, base_url))
+        if client is None:
+            client = genai.Client(
+                vertexai=False, api_key=key, http_options=types.HttpOptions(base_url=base_url)
+            )
+            self._clients[(key, base_url)] = client
+        return client
+
+    async def run(self, request: StepRequest) -> RuntimeResult:
+        client = self._client()
+        import httpx
+        from google.genai import errors, types
+
+        model = request.worker.sdk_model or self.settings.gemini_model
+        request.on_progress(f"{request.worker.name}: calling the Gemini API ({model})")
+        config = types.GenerateContentConfig(
+            system_instruction=request.instructions or None,
+            http_options=types.HttpOptions(timeout=int(request.timeout_s * 1000)),
+        )
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(request.timeout_s):
+                response = await client.aio.models.generate_content(
+                    model=model, contents=request.prompt, config=config
+                )
+        except TimeoutError as exc:
+            raise RuntimeTransient(
+                f"the Gemini API did not answer within {request.timeout_s:g}s", code="timeout"
+            ) from exc
+        except errors.APIError as exc:
+            raise classify_status(
+                int(exc.code or 0), str(exc.message or exc.status or ""), "Gemini API"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise RuntimeTransient(
+                f"the Gemini API did not answer within {request.timeout_s:g}s", code="timeout"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise RuntimeTransient(f"cannot reach the Gemini API: {exc}", code="connection") from exc
+        except ValueError as exc:  # the SDK's own argument checks
+            raise RuntimeFatal(f"the Gemini client refused the request: {exc}", code="client_error") from exc
+        meta = response.usage_metadata
+        usage = None
+        if meta is not None:
+            usage = Usage(
+                input_tokens=meta.prompt_token_count,
+                output_tokens=meta.candidates_token_count,
+                total_tokens=meta.total_token_count,
+            )
+        return RuntimeResult(
+            text=response.text or "",
+            usage=usage,
+            session_id=response.response_id,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aio.aclose()
+        self._clients.clear()

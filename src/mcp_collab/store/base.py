@@ -1,0 +1,43 @@
+"""The store seam: what the orchestrator needs from a run history, whatever holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..models import Run, RunPage, RunStatus, Worker
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    status: RunStatus | None = None
+    strategy: str | None = None
+    worker: str | None = None
+
+    def matches(self, run: Run) -> bool:
+        return (
+            (self.status is None or run.status == self.status)
+            and (self.strategy is None or run.strategy == self.strategy)
+            and (self.worker is None or self.worker in run.workers)
+        )
+
+
+class RunStore(Protocol):
+    """Blocking calls: the orchestrator runs them off the event loop."""
+
+    def list_workers(self) -> list[Worker]: ...
+
+    def get_worker(self, name: str) -> Worker | None: ...
+
+    def add_worker(self, worker: Worker) -> None:
+        """Add a worker; raises InvalidRequestError if the name is taken."""
+
+    def remove_worker(self, name: str) -> Worker | None: ...
+
+    def save_run(self, run: Run) -> None:
+        """Insert or replace a run, atomically and durably."""
+
+    def get_run(self, run_id: str) -> Run | None: ...
+
+    def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
+        """Runs newest first; ``cursor`` is the ``nextCursor`` of the previous page."""
