@@ -217,7 +217,12 @@ class DispatchRequest(WireModel):
     workers: list[str] | None = Field(
         default=None, description="Worker names, in the strategy's step order; unset: chosen by model."
     )
-    runtime_mode: RuntimeMode | None = None
+    runtime_mode: RuntimeMode | None = Field(
+        default=None, description="Run every step through this runtime (each worker must support it)."
+    )
+    runtime_modes: dict[str, RuntimeMode] | None = Field(
+        default=None, description="Per-worker runtime, by worker name; wins over runtimeMode."
+    )
     fallback_policy: FallbackPolicy | None = None
     working_directory: str | None = Field(default=None, max_length=4096)
 

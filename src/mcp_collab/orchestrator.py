@@ -143,11 +143,10 @@ class WorkerOrchestrator:
         self,
         request: DispatchRequest,
         *,
-        runtime_modes: Mapping[str, RuntimeMode] | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> Run:
         """Plan the run (refusing anything wrong before it starts), then run it to its end."""
-        run, strategy, workers, modes, policies, cwd = await self._plan(request, runtime_modes or {})
+        run, strategy, workers, modes, policies, cwd = await self._plan(request, request.runtime_modes or {})
         await self._save(run)
         await self._execute(run, strategy, workers, modes, policies, cwd, on_progress or _noop)
         return run

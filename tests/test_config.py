@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mcp_collab.config import Settings
+from mcp_collab.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MCP_WORKER_RUNTIME_DEFAULT": "grpc"}, "use one of: cli, openai_sdk, google_sdk"),
+        ({"MCP_WORKER_FALLBACK_POLICY": "always"}, "use one of: on_error, never"),
+        ({"MCP_COLLAB_STEP_TIMEOUT": "soon"}, "is not a number"),
+        ({"MCP_COLLAB_IDLE_TIMEOUT": "-1"}, "greater than zero"),
+    ],
+)
+def test_malformed_settings_name_the_variable_and_what_is_accepted(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({"HOME": "/nonexistent", **env})
+
+
+def test_defaults_and_state_dir() -> None:
+    s = Settings.from_env({"HOME": "/home/u"})
+    assert (s.default_runtime, s.fallback_policy) == ("cli", "on_error")
+    assert s.store_path == Path("/home/u/.local/state/mcp-collab/store.json")
+    assert Settings.from_env({"HOME": "/h", "XDG_STATE_HOME": "/x"}).state_dir == Path("/x/mcp-collab")
+    assert Settings.from_env({"HOME": "/h", "MCP_COLLAB_STATE_DIR": "/s"}).store_path == Path("/s/store.json")
+
+
+def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:
+    s = Settings.from_env(
+        {
+            "HOME": "/h",
+            "PATH": "/bin",
+            "CODEX_HOME": "/c",
+            "ANTHROPIC_API_KEY": "sk-ant",
+            "AWS_SECRET_ACCESS_KEY": "nope",
+            "DATABASE_URL": "postgres://secret",
+            "MY_TOOL_TOKEN": "extra",
+            "MCP_COLLAB_CHILD_ENV": "MY_TOOL_TOKEN",
+        }
+    )
+    env = s.child_env()
+    assert (
+        env["CODEX_HOME"] == "/c" and env["ANTHROPIC_API_KEY"] == "sk-ant" and env["MY_TOOL_TOKEN"] == "extra"
+    )
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "DATABASE_URL" not in env
