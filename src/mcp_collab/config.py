@@ -105,9 +105,7 @@ class Settings:
             step_timeout_s=_positive(env, "MCP_COLLAB_STEP_TIMEOUT", DEFAULT_STEP_TIMEOUT_S),
             idle_timeout_s=_positive(env, "MCP_COLLAB_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
             capture_bytes=int(_positive(env, "MCP_COLLAB_CAPTURE_BYTES", DEFAULT_CAPTURE_BYTES)),
-            sdk_max_retries=int(
-                _positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)
-            ),
+            sdk_max_retries=int(_positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)),
             openai_model=env.get("MCP_COLLAB_OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
             gemini_model=env.get("MCP_COLLAB_GEMINI_MODEL") or DEFAULT_GEMINI_MODEL,
             cli_bins={
@@ -119,9 +117,7 @@ class Settings:
                 )
                 if env.get(var)
             },
-            child_env_extra=frozenset(
-                n for n in env.get("MCP_COLLAB_CHILD_ENV", "").replace(",", " ").split() if n
-            ),
+            child_env_extra=frozenset(n for n in env.get("MCP_COLLAB_CHILD_ENV", "").replace(",", " ").split() if n),
             environ=env,
         )
 

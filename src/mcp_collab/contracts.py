@@ -76,9 +76,7 @@ def stale(directory: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mcp_collab.contracts", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m mcp_collab.contracts", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=default_dir())
     parser.add_argument("--check", action="store_true", help="report drift instead of writing")
     args = parser.parse_args(argv)

@@ -130,9 +130,7 @@ class WorkerSpec(WireModel):
         for name in ("sdk_model", "cli_model"):
             value = getattr(self, name)
             if value is not None and (not value or value.startswith("-") or any(c.isspace() for c in value)):
-                raise ValueError(
-                    f"{to_camel(name)} must be a model name without spaces, not starting with '-'"
-                )
+                raise ValueError(f"{to_camel(name)} must be a model name without spaces, not starting with '-'")
         return self
 
 
@@ -180,9 +178,7 @@ class Step(WireModel):
     duration_ms: int | None = None
     exit_code: int | None = None
     usage: Usage | None = None
-    session_id: str | None = Field(
-        default=None, description="The vendor's session/thread id, when it gave one."
-    )
+    session_id: str | None = Field(default=None, description="The vendor's session/thread id, when it gave one.")
     output: str = Field(default="", description="The step's final text (bounded; see outputTruncated).")
     output_truncated: bool = False
     error: str | None = None
@@ -198,14 +194,10 @@ class Run(WireModel):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     ended_at: datetime | None = None
-    runtime_mode: RuntimeMode | None = Field(
-        default=None, description="The dispatch's runtime override, if any."
-    )
+    runtime_mode: RuntimeMode | None = Field(default=None, description="The dispatch's runtime override, if any.")
     workers: list[str] = Field(default_factory=list, description="Worker names in step order.")
     steps: list[Step] = Field(default_factory=list)
-    result: str | None = Field(
-        default=None, description="The run's final text (the last completed step's output)."
-    )
+    result: str | None = Field(default=None, description="The run's final text (the last completed step's output).")
     verdict: Verdict | None = None
     findings: list[str] = Field(default_factory=list)
     error: str | None = None

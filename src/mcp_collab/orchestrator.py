@@ -120,9 +120,7 @@ class WorkerOrchestrator:
     async def get_run(self, run_id: str) -> Run:
         run = await anyio.to_thread.run_sync(self.store.get_run, run_id)
         if run is None:
-            raise UnknownRunError(
-                f"unknown run {run_id!r}; list_worker_runs shows the runs this server knows"
-            )
+            raise UnknownRunError(f"unknown run {run_id!r}; list_worker_runs shows the runs this server knows")
         return run
 
     async def list_runs(
@@ -173,8 +171,7 @@ class WorkerOrchestrator:
             for w in workers
         ]
         policies = [
-            choose_policy(w, default=self.settings.fallback_policy, dispatch=request.fallback_policy)
-            for w in workers
+            choose_policy(w, default=self.settings.fallback_policy, dispatch=request.fallback_policy) for w in workers
         ]
         directory = request.working_directory
         if directory is not None:
@@ -222,9 +219,7 @@ class WorkerOrchestrator:
                 step_cwd = cwd or (Path(worker.working_directory) if worker.working_directory else None)
                 before = await workspace.snapshot(step_cwd) if strategy.wants_diff and i == 0 else None
                 prompt = role.prompt(PromptContext(task=run.task, previous=run.steps[:i], diff=diff_text))
-                await self._run_step(
-                    run, step, worker, modes[i], policies[i], prompt, role.access, step_cwd, progress
-                )
+                await self._run_step(run, step, worker, modes[i], policies[i], prompt, role.access, step_cwd, progress)
                 if step.status != "completed":
                     for later in run.steps[i + 1 :]:
                         later.status = "skipped"
@@ -300,9 +295,7 @@ class WorkerOrchestrator:
             step.error = f"{failure.kind} error from {outcome.mode}: {failure.message}"
             step.exit_code = failure.exit_code
             step.output, step.output_truncated = cap_text(failure.output, self.settings.capture_bytes)
-        via = f"{step.runtime_mode}" + (
-            f" (fell back from {step.fallback_from})" if step.fallback_from else ""
-        )
+        via = f"{step.runtime_mode}" + (f" (fell back from {step.fallback_from})" if step.fallback_from else "")
         progress(f"step {step.index + 1}/{len(run.steps)} {step.status}: {step.role} {worker.name} via {via}")
 
     async def _abandon(self, run: Run, status: RunStatus, reason: str) -> None:

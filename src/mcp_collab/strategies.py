@@ -136,9 +136,7 @@ def get_strategy(name: str) -> Strategy:
     return strategy
 
 
-def assign_workers(
-    strategy: Strategy, registered: Sequence[Worker], named: Sequence[str] | None
-) -> list[Worker]:
+def assign_workers(strategy: Strategy, registered: Sequence[Worker], named: Sequence[str] | None) -> list[Worker]:
     """One worker per role, deterministically; a clear error when none fits."""
     by_name = {w.name: w for w in registered}
     named = list(named or [])
@@ -175,9 +173,7 @@ def assign_workers(
     return chosen
 
 
-_VERDICT = re.compile(
-    r"^[\W_]*verdict[\W_]*[:=-][\W_]*(approve|request[ _-]?changes|pass|fail)\b", re.I | re.M
-)
+_VERDICT = re.compile(r"^[\W_]*verdict[\W_]*[:=-][\W_]*(approve|request[ _-]?changes|pass|fail)\b", re.I | re.M)
 _FINDING = re.compile(r"^[\W_]*finding[\W_]*:\s*(.+?)\s*$", re.I | re.M)
 
 
@@ -187,8 +183,6 @@ def parse_verdict(text: str) -> tuple[Verdict, list[str]]:
     verdict: Verdict = "unknown"
     if matches:
         word = re.sub(r"[ _-]", "", matches[-1].lower())
-        verdict = {"approve": "approve", "requestchanges": "request_changes", "pass": "pass", "fail": "fail"}[
-            word
-        ]  # type: ignore[assignment]
+        verdict = {"approve": "approve", "requestchanges": "request_changes", "pass": "pass", "fail": "fail"}[word]  # type: ignore[assignment]
     findings = [f.strip("`* ") for f in _FINDING.findall(text)]
     return verdict, findings

@@ -24,9 +24,7 @@ async def _git(cwd: Path, *args: str, index: str | None = None, max_bytes: int =
         env["GIT_INDEX_FILE"] = index
     try:
         with anyio.fail_after(GIT_TIMEOUT_S):
-            done = await anyio.run_process(
-                ["git", *args], cwd=cwd, env=env, check=False, stdin=subprocess.DEVNULL
-            )
+            done = await anyio.run_process(["git", *args], cwd=cwd, env=env, check=False, stdin=subprocess.DEVNULL)
     except (OSError, TimeoutError):
         return None
     if done.returncode != 0:

@@ -38,15 +38,11 @@ class GoogleSDKRuntime:
         env = self.settings.environ
         key = (env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or "").strip()
         if not key:
-            raise RuntimeUnavailable(
-                "neither GEMINI_API_KEY nor GOOGLE_API_KEY is set", code="missing_credentials"
-            )
+            raise RuntimeUnavailable("neither GEMINI_API_KEY nor GOOGLE_API_KEY is set", code="missing_credentials")
         base_url = env.get("GOOGLE_GEMINI_BASE_URL", "").strip() or None
         client = self._clients.get((key, base_url))
         if client is None:
-            client = genai.Client(
-                vertexai=False, api_key=key, http_options=types.HttpOptions(base_url=base_url)
-            )
+            client = genai.Client(vertexai=False, api_key=key, http_options=types.HttpOptions(base_url=base_url))
             self._clients[(key, base_url)] = client
         return client
 
@@ -64,17 +60,13 @@ class GoogleSDKRuntime:
         started = time.monotonic()
         try:
             with anyio.fail_after(request.timeout_s):
-                response = await client.aio.models.generate_content(
-                    model=model, contents=request.prompt, config=config
-                )
+                response = await client.aio.models.generate_content(model=model, contents=request.prompt, config=config)
         except TimeoutError as exc:
             raise RuntimeTransient(
                 f"the Gemini API did not answer within {request.timeout_s:g}s", code="timeout"
             ) from exc
         except errors.APIError as exc:
-            raise classify_status(
-                int(exc.code or 0), str(exc.message or exc.status or ""), "Gemini API"
-            ) from exc
+            raise classify_status(int(exc.code or 0), str(exc.message or exc.status or ""), "Gemini API") from exc
         except httpx.TimeoutException as exc:
             raise RuntimeTransient(
                 f"the Gemini API did not answer within {request.timeout_s:g}s", code="timeout"

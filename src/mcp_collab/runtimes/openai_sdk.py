@@ -38,9 +38,7 @@ class OpenAISDKRuntime:
         base_url = env.get("OPENAI_BASE_URL", "").strip() or None
         client = self._clients.get((key, base_url))
         if client is None:
-            client = openai.AsyncOpenAI(
-                api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries
-            )
+            client = openai.AsyncOpenAI(api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries)
             self._clients[(key, base_url)] = client
         return client
 

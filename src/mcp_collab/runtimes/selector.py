@@ -47,9 +47,7 @@ def choose_mode(
     return mode
 
 
-def choose_policy(
-    worker: Worker, *, default: FallbackPolicy, dispatch: FallbackPolicy | None
-) -> FallbackPolicy:
+def choose_policy(worker: Worker, *, default: FallbackPolicy, dispatch: FallbackPolicy | None) -> FallbackPolicy:
     return dispatch or worker.fallback_policy or default
 
 
@@ -78,9 +76,7 @@ async def run_with_fallback(
         runtime = runtimes.get(current)
         try:
             if runtime is None:
-                raise RuntimeUnavailable(
-                    f"no {current} runtime is configured on this server", code="not_configured"
-                )
+                raise RuntimeUnavailable(f"no {current} runtime is configured on this server", code="not_configured")
             result = await runtime.run(request)
         except RuntimeFailure as failure:
             attempt = _attempt(current, started_at, t0, failure=failure)
@@ -88,9 +84,7 @@ async def run_with_fallback(
             if on_attempt:
                 on_attempt(attempt)
             can_fall_back = (
-                policy == "on_error"
-                and current != FALLBACK_MODE
-                and failure.kind in ("unavailable", "transient")
+                policy == "on_error" and current != FALLBACK_MODE and failure.kind in ("unavailable", "transient")
             )
             if can_fall_back:
                 request.on_progress(

@@ -74,9 +74,7 @@ class CLIRuntime:
             ) from exc
         return self._result(vendor, request, outcome, parser.parsed)
 
-    def _result(
-        self, vendor: Vendor, request: StepRequest, outcome: ProcessOutcome, parsed: Parsed
-    ) -> RuntimeResult:
+    def _result(self, vendor: Vendor, request: StepRequest, outcome: ProcessOutcome, parsed: Parsed) -> RuntimeResult:
         partial = parsed.text or "\n\n".join(parsed.messages) or outcome.stdout
         if outcome.limit_hit == "timeout":
             raise RuntimeFatal(

@@ -248,9 +248,7 @@ async def run_process(
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await process.stdin.aclose()
 
-    async def drain(
-        stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None
-    ) -> None:
+    async def drain(stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None) -> None:
         with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             while True:
                 chunk = await stream.receive(_READ_CHUNK)

@@ -273,9 +273,14 @@ class Claude:
 
     def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
         argv = [
-            binary, "-p", "--output-format", "stream-json", "--verbose",
-            "--permission-mode", _CLAUDE_PERMISSION[request.access],
-        ]  # fmt: skip
+            binary,
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--permission-mode",
+            _CLAUDE_PERMISSION[request.access],
+        ]
         if model:
             argv += ["--model", model]
         return argv  # the prompt comes on stdin

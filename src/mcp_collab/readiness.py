@@ -1,0 +1,192 @@
+"""Readiness probes: what this machine can run right now, and how to fix what it cannot.
+
+Non-destructive: it looks for binaries and asks their version, checks that credentials are
+present (never reads out a value), imports the SDKs, and writes one temp file beside the store.
+Used by the ``check_runtimes`` tool, ``mcp-collab doctor`` and ``probes/run_probes.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import tempfile
+
+import anyio
+from pydantic import Field
+
+from .config import Settings
+from .models import RuntimeMode, WireModel
+from .runtimes.cli import find_binary
+from .runtimes.cli.vendors import VENDORS
+
+VERSION_TIMEOUT_S = 20.0
+
+
+class Check(WireModel):
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+
+
+class RuntimeReadiness(WireModel):
+    mode: RuntimeMode
+    worker_model: str
+    ready: bool
+    reason: str
+
+
+class ReadinessReport(WireModel):
+    checks: list[Check]
+    runtimes: list[RuntimeReadiness] = Field(description="Per worker identity and runtime: can it run now?")
+    default_runtime: RuntimeMode
+    fallback_policy: str
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+async def _cli_version(binary: str, env: dict[str, str]) -> str | None:
+    try:
+        with anyio.fail_after(VERSION_TIMEOUT_S):
+            done = await anyio.run_process(
+                [binary, "--version"], env=env, check=False, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+    except (OSError, TimeoutError):
+        return None
+    text = (done.stdout or done.stderr).decode("utf-8", "replace").strip().splitlines()
+    return text[0][:120] if done.returncode == 0 and text else None
+
+
+def _package_version(dist: str, module: str) -> str | None:
+    try:
+        __import__(module)
+    except ImportError:
+        return None
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def _store_check(settings: Settings) -> Check:
+    directory = settings.state_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-", delete=True) as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return Check(
+            name="store",
+            ok=False,
+            detail=f"{directory} is not writable: {exc.strerror}",
+            hint="set MCP_COLLAB_STATE_DIR to a writable directory",
+        )
+    return Check(name="store", ok=True, detail=f"{settings.store_path} (directory writable)")
+
+
+async def check(settings: Settings) -> ReadinessReport:
+    env = settings.child_env()
+    checks: list[Check] = []
+    cli_ready: dict[str, bool] = {}
+    for model, vendor in VENDORS.items():
+        binary = find_binary(settings, vendor)
+        if binary is None:
+            cli_ready[model] = False
+            checks.append(
+                Check(
+                    name=f"cli:{vendor.name}",
+                    ok=False,
+                    detail="not found",
+                    hint=f"npm install -g {vendor.package}  (or set MCP_COLLAB_{vendor.name.upper()}_BIN)",
+                )
+            )
+            continue
+        version = await _cli_version(binary, env)
+        cli_ready[model] = version is not None
+        checks.append(
+            Check(
+                name=f"cli:{vendor.name}",
+                ok=version is not None,
+                detail=f"{version} at {binary}" if version else f"{binary} does not answer --version",
+                hint=None if version else f"reinstall with npm install -g {vendor.package}",
+            )
+        )
+    environ = settings.environ
+    creds = {
+        "OPENAI_API_KEY": bool(environ.get("OPENAI_API_KEY", "").strip()),
+        "GEMINI_API_KEY or GOOGLE_API_KEY": bool(
+            (environ.get("GEMINI_API_KEY") or environ.get("GOOGLE_API_KEY") or "").strip()
+        ),
+        "ANTHROPIC_API_KEY": bool(environ.get("ANTHROPIC_API_KEY", "").strip()),
+    }
+    hints = {
+        "OPENAI_API_KEY": "export OPENAI_API_KEY to use runtimeMode openai_sdk (the codex CLI can use its own login)",
+        "GEMINI_API_KEY or GOOGLE_API_KEY": "export GEMINI_API_KEY to use runtimeMode google_sdk",
+        "ANTHROPIC_API_KEY": "optional: the claude CLI can use its own login (`claude` once, interactively)",
+    }
+    for name, present in creds.items():
+        checks.append(
+            Check(
+                name=f"credential:{name}",
+                ok=present,
+                detail="present" if present else "not set",
+                hint=None if present else hints[name],
+            )
+        )
+    sdk = {
+        "openai_sdk": _package_version("openai", "openai"),
+        "google_sdk": _package_version("google-genai", "google.genai"),
+    }
+    for mode, version in sdk.items():
+        checks.append(
+            Check(
+                name=f"sdk:{mode}",
+                ok=version is not None,
+                detail=version or "not importable",
+                hint=None if version else "pip install mcp-collab (its dependencies include the SDK)",
+            )
+        )
+    checks.append(_store_check(settings))
+    base_urls = [v for v in ("OPENAI_BASE_URL", "GOOGLE_GEMINI_BASE_URL", "ANTHROPIC_BASE_URL") if environ.get(v)]
+    if base_urls:
+        checks.append(Check(name="endpoints", ok=True, detail=f"custom endpoints set: {', '.join(base_urls)}"))
+
+    runtimes = [
+        RuntimeReadiness(
+            mode="cli",
+            worker_model=model,
+            ready=cli_ready[model],
+            reason=f"{VENDORS[model].name} CLI " + ("found" if cli_ready[model] else "not found"),
+        )
+        for model in VENDORS
+    ]
+    runtimes.append(
+        RuntimeReadiness(
+            mode="openai_sdk",
+            worker_model="codex_cli",
+            ready=bool(sdk["openai_sdk"]) and creds["OPENAI_API_KEY"],
+            reason="openai importable, OPENAI_API_KEY "
+            + ("present" if creds["OPENAI_API_KEY"] else "missing (steps fall back to cli under on_error)"),
+        )
+    )
+    google_key = creds["GEMINI_API_KEY or GOOGLE_API_KEY"]
+    runtimes.append(
+        RuntimeReadiness(
+            mode="google_sdk",
+            worker_model="gemini_cli",
+            ready=bool(sdk["google_sdk"]) and google_key,
+            reason="google-genai importable, API key "
+            + ("present" if google_key else "missing (steps fall back to cli under on_error)"),
+        )
+    )
+    return ReadinessReport(
+        checks=checks,
+        runtimes=runtimes,
+        default_runtime=settings.default_runtime,
+        fallback_policy=settings.fallback_policy,
+    )

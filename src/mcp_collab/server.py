@@ -1,0 +1,331 @@
+"""The MCP edge: tools and resources over the WorkerOrchestrator. No logic lives here.
+
+Every tool is ``async``; every refusal is a ``ToolError`` whose message says what was wrong and
+what is accepted; anything unexpected is logged to stderr with its traceback and reported to the
+client as a short internal error. Tool results are capped (about 20 KB) so clients with a token
+budget stay safe; full outputs are MCP resources (``runs://{runId}``,
+``runs://{runId}/steps/{index}/output``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, ParamSpec, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import Field, ValidationError
+
+from . import __version__, readiness
+from .config import Settings
+from .errors import CollabError
+from .models import (
+    DispatchRequest,
+    FallbackPolicy,
+    Run,
+    RunPage,
+    RunStatus,
+    RuntimeMode,
+    WireModel,
+    Worker,
+    WorkerModel,
+    WorkerSpec,
+)
+from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
+from .runtimes.base import WorkerRuntime
+from .strategies import STRATEGIES
+
+log = logging.getLogger("mcp_collab.server")
+
+# Inline results stay under about 20 KB so a client with a per-result token cap is never flooded.
+RESULT_BUDGET_CHARS = 16_000
+LIST_PREVIEW_CHARS = 300
+PROGRESS_BUFFER = 1000
+TASK_PREVIEW_CHARS = 2_000
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class AppState:
+    orchestrator: WorkerOrchestrator
+    settings: Settings
+
+
+class WorkerList(WireModel):
+    workers: list[Worker]
+
+
+def _clip(text: str, limit: int, uri: str) -> tuple[str, bool]:
+    if len(text) <= limit:
+        return text, False
+    return f"{text[:limit]}\n[... {len(text) - limit} more characters: read {uri} ...]", True
+
+
+def for_client(run: Run, *, per_step: int | None = None) -> Run:
+    """A copy of ``run`` whose texts fit the inline budget; the full texts stay in resources."""
+    view = run.model_copy(deep=True)
+    view.task, _ = _clip(view.task, TASK_PREVIEW_CHARS, f"runs://{run.id}")
+    if per_step is None:
+        per_step = max(500, (RESULT_BUDGET_CHARS - len(view.task)) // (len(view.steps) + 1))
+    for step in view.steps:
+        uri = f"runs://{run.id}/steps/{step.index}/output"
+        step.output, clipped = _clip(step.output, per_step, uri)
+        step.output_truncated = step.output_truncated or clipped
+    if view.result is not None:
+        view.result, _ = _clip(view.result, per_step, f"runs://{run.id}/steps/{len(run.steps) - 1}/output")
+    return view
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "invalid arguments: " + "; ".join(parts)
+
+
+def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Refusals become clear tool errors; anything else is logged and reported without a trace."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            try:
+                return await fn(*args, **kwargs)
+            except BaseExceptionGroup as group:
+                raise _sole_error(group) from None
+        except ToolError:
+            raise
+        except CollabError as exc:
+            raise ToolError(str(exc)) from None
+        except ValidationError as exc:
+            raise ToolError(_validation_message(exc)) from None
+        except Exception as exc:
+            log.exception("tool %s failed", fn.__name__)
+            raise ToolError(
+                f"internal error in {fn.__name__} ({type(exc).__name__}); the server logged the details "
+                "to stderr and is still running"
+            ) from None
+
+    return wrapper
+
+
+def _sole_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """A task group wraps the one error that ended it; tools report that error, not the group."""
+    leaves = [e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())]
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _state(ctx: Context) -> AppState:
+    state: AppState = ctx.request_context.lifespan_context
+    return state
+
+
+STRATEGY_GUIDE = "\n".join(f"- {s.name}: {s.summary}" for s in STRATEGIES.values())
+RUNTIME_GUIDE = (
+    "Runtime modes: 'cli' runs the vendor's CLI (codex, gemini, claude) as a subprocess in the "
+    "working directory, so it can read and edit files; 'openai_sdk' (codex workers) and 'google_sdk' "
+    "(gemini workers) call the vendor API directly and only produce text. Under the 'on_error' "
+    "fallback policy an SDK step that fails for a retry-safe reason (missing key, network, 429, 5xx) "
+    "runs again through 'cli'; each step records runtimeMode (what ran) and fallbackFrom."
+)
+
+
+def build_server(
+    settings: Settings | None = None,
+    runtimes: Mapping[RuntimeMode, WorkerRuntime] | None = None,
+) -> MCPServer[AppState]:
+    """The MCP server. ``settings`` default to the environment; ``runtimes`` to the real ones."""
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        resolved = settings or Settings.from_env()
+        orchestrator = WorkerOrchestrator(resolved, runtimes=runtimes)
+        try:
+            yield AppState(orchestrator=orchestrator, settings=resolved)
+        finally:
+            await orchestrator.aclose()
+
+    mcp: MCPServer[AppState] = MCPServer(
+        "mcp-collab",
+        version=__version__,
+        instructions=(
+            "mcp-collab runs AI coding workers (Codex, Gemini, Claude). Register workers with "
+            "spawn_worker, run a task with dispatch_task, and read the history with list_worker_runs "
+            "and get_worker_run.\nStrategies:\n" + STRATEGY_GUIDE + "\n" + RUNTIME_GUIDE
+        ),
+        lifespan=lifespan,
+    )
+
+    @mcp.tool()
+    @tool_errors
+    async def spawn_worker(
+        ctx: Context,
+        name: Annotated[str, Field(description="Unique worker name, e.g. 'codex-writer'.")],
+        model: Annotated[WorkerModel, Field(description="Worker identity: codex_cli, gemini_cli or claude_cli.")],
+        runtimeMode: Annotated[
+            RuntimeMode | None,
+            Field(description="Default runtime: cli; openai_sdk (codex only); google_sdk (gemini only)."),
+        ] = None,
+        fallbackPolicy: Annotated[FallbackPolicy | None, Field(description="on_error or never.")] = None,
+        instructions: Annotated[str, Field(description="Standing instructions given on every step.")] = "",
+        sdkModel: Annotated[str | None, Field(description="Model for the SDK runtime.")] = None,
+        cliModel: Annotated[str | None, Field(description="Model passed to the CLI's -m/--model.")] = None,
+        timeoutSeconds: Annotated[float | None, Field(description="Wall-clock limit per step.")] = None,
+        workingDirectory: Annotated[str | None, Field(description="Absolute directory it works in.")] = None,
+    ) -> Worker:
+        """Register a worker profile: a named Codex, Gemini or Claude agent with its default runtime.
+
+        Register once, then name the worker in dispatch_task. Fails if the name is taken or the
+        runtime mode does not fit the model."""
+        spec = WorkerSpec(
+            name=name,
+            model=model,
+            runtime_mode=runtimeMode,
+            fallback_policy=fallbackPolicy,
+            instructions=instructions,
+            sdk_model=sdkModel,
+            cli_model=cliModel,
+            timeout_seconds=timeoutSeconds,
+            working_directory=workingDirectory,
+        )
+        return await _state(ctx).orchestrator.register_worker(spec)
+
+    @mcp.tool()
+    @tool_errors
+    async def list_workers(ctx: Context) -> WorkerList:
+        """List the registered worker profiles."""
+        return WorkerList(workers=await _state(ctx).orchestrator.list_workers())
+
+    @mcp.tool()
+    @tool_errors
+    async def remove_worker(ctx: Context, name: str) -> Worker:
+        """Remove a worker profile by name. Its past runs stay in the history."""
+        return await _state(ctx).orchestrator.remove_worker(name)
+
+    @mcp.tool(description=_dispatch_description())
+    @tool_errors
+    async def dispatch_task(
+        ctx: Context,
+        task: Annotated[str, Field(description="What the workers should do, in plain words.")],
+        strategy: Annotated[
+            str, Field(description="single_worker, codex_writes_gemini_reviews or security_redteam_pass.")
+        ] = "single_worker",
+        workers: Annotated[list[str] | None, Field(description="Worker names in the strategy's role order.")] = None,
+        runtimeMode: Annotated[RuntimeMode | None, Field(description="Run every step through this runtime.")] = None,
+        runtimeModes: Annotated[
+            dict[str, RuntimeMode] | None,
+            Field(description="Per-worker runtime, by worker name; wins over runtimeMode."),
+        ] = None,
+        fallbackPolicy: Annotated[FallbackPolicy | None, Field(description="Override: on_error or never.")] = None,
+        workingDirectory: Annotated[str | None, Field(description="Absolute directory the workers run in.")] = None,
+    ) -> Run:
+        request = DispatchRequest(
+            task=task,
+            strategy=strategy,
+            workers=workers,
+            runtime_mode=runtimeMode,
+            runtime_modes=runtimeModes,
+            fallback_policy=fallbackPolicy,
+            working_directory=workingDirectory,
+        )
+        async with _progress(ctx) as report:
+            run = await _state(ctx).orchestrator.dispatch(request, on_progress=report)
+        return for_client(run)
+
+    @mcp.tool()
+    @tool_errors
+    async def list_worker_runs(
+        ctx: Context,
+        status: Annotated[RunStatus | None, Field(description="Only runs in this status.")] = None,
+        strategy: Annotated[str | None, Field(description="Only runs of this strategy.")] = None,
+        worker: Annotated[str | None, Field(description="Only runs in which this worker took a step.")] = None,
+        limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = 20,
+        cursor: Annotated[str | None, Field(description="nextCursor from the previous page.")] = None,
+    ) -> RunPage:
+        """List runs, newest first, with their steps (outputs shortened; get_worker_run for one run)."""
+        page = await _state(ctx).orchestrator.list_runs(
+            status=status, strategy=strategy, worker=worker, limit=limit, cursor=cursor
+        )
+        per_step = max(80, min(LIST_PREVIEW_CHARS, RESULT_BUDGET_CHARS // max(1, 3 * len(page.runs))))
+        runs = [for_client(r, per_step=per_step) for r in page.runs]
+        for r in runs:
+            r.task, _ = _clip(r.task, per_step, f"runs://{r.id}")
+        return RunPage(runs=runs, next_cursor=page.next_cursor)
+
+    @mcp.tool()
+    @tool_errors
+    async def get_worker_run(ctx: Context, runId: str) -> Run:
+        """One run with all its steps and attempts. Long outputs are shortened inline; the resource
+        runs://{runId}/steps/{index}/output holds each step's full output."""
+        return for_client(await _state(ctx).orchestrator.get_run(runId))
+
+    @mcp.tool()
+    @tool_errors
+    async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
+        """Which runtimes can run here now: CLIs found and their versions, credentials present (never
+        their values), SDKs importable, the store writable; each failure with a hint to fix it."""
+        return await readiness.check(_state(ctx).settings)
+
+    @mcp.resource("runs://{run_id}", mime_type="application/json", description="A whole run, full outputs.")
+    async def run_resource(run_id: str, ctx: Context) -> str:
+        run = await _state(ctx).orchestrator.get_run(run_id)
+        return json.dumps(run.model_dump(mode="json", by_alias=True), ensure_ascii=False, indent=1)
+
+    @mcp.resource("runs://{run_id}/steps/{index}/output", mime_type="text/plain", description="A step's full output.")
+    async def step_output(run_id: str, index: str, ctx: Context) -> str:
+        run = await _state(ctx).orchestrator.get_run(run_id)
+        if not index.isdigit() or int(index) >= len(run.steps):
+            raise ToolError(f"run {run_id} has steps 0 to {len(run.steps) - 1}; got {index!r}")
+        return run.steps[int(index)].output
+
+    return mcp
+
+
+def _dispatch_description() -> str:
+    return (
+        "Run a task through a collaboration strategy and return the run with its steps.\n"
+        "Strategies:\n" + STRATEGY_GUIDE + "\n"
+        "Workers: named ones in role order, else the first registered worker of the model each role needs.\n"
+        + RUNTIME_GUIDE
+    )
+
+
+@asynccontextmanager
+async def _progress(ctx: Context) -> AsyncIterator[Callable[[str], None]]:
+    """A sync callback for the orchestrator whose messages become MCP progress notifications."""
+    send, receive = anyio.create_memory_object_stream[str](max_buffer_size=PROGRESS_BUFFER)
+
+    def report(message: str) -> None:
+        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+            send.send_nowait(message)  # a slow client loses progress lines, never the run
+
+    async def forward() -> None:
+        count = 0
+        async with receive:
+            async for message in receive:
+                count += 1
+                await ctx.report_progress(count, None, message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(forward)
+        try:
+            yield report
+        finally:
+            send.close()
