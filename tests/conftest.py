@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from mcp_collab.config import Settings
+from tests.support.cli_homes import cli_bin_dir, cli_env
+from tests.support.vendor_stub import VendorStub
 
 FAKE_CLIS = Path(__file__).parent / "fake_clis"
 
@@ -59,3 +61,33 @@ def alive(pid: int) -> bool:
 
 def fake_cli(name: str) -> str:
     return str(FAKE_CLIS / name)
+
+
+@pytest.fixture
+def stub() -> Iterator[VendorStub]:
+    """The loopback stub of the vendor APIs (127.0.0.1, free port), stopped by the test."""
+    with VendorStub() as server:
+        yield server
+
+
+def require_real_clis() -> Path:
+    """The npm bin dir of the real CLIs; a failure in CI (MCP_COLLAB_REQUIRE_REAL_CLIS=1), else a skip."""
+    bin_dir = cli_bin_dir()
+    missing = [b for b in ("codex", "gemini", "claude") if bin_dir is None or not (bin_dir / b).exists()]
+    if missing:
+        message = f"the real {', '.join(missing)} CLI(s) are not installed: run scripts/install-clis"
+        if os.environ.get("MCP_COLLAB_REQUIRE_REAL_CLIS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    assert bin_dir is not None
+    return bin_dir
+
+
+@pytest.fixture
+def real_env(tmp_path: Path, stub: VendorStub, base_env: dict[str, str]) -> dict[str, str]:
+    """A server environment whose CLIs and SDKs all talk to the stub; no OPENAI_API_KEY."""
+    bin_dir = require_real_clis()
+    env = {**base_env, **cli_env(tmp_path / "cli", stub.url)}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{base_env['PATH']}"
+    env["OPENAI_BASE_URL"] = f"{stub.url}/v1"
+    return env

@@ -44,7 +44,5 @@ def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:
         }
     )
     env = s.child_env()
-    assert (
-        env["CODEX_HOME"] == "/c" and env["ANTHROPIC_API_KEY"] == "sk-ant" and env["MY_TOOL_TOKEN"] == "extra"
-    )
+    assert env["CODEX_HOME"] == "/c" and env["ANTHROPIC_API_KEY"] == "sk-ant" and env["MY_TOOL_TOKEN"] == "extra"
     assert "AWS_SECRET_ACCESS_KEY" not in env and "DATABASE_URL" not in env

@@ -30,9 +30,7 @@ def test_the_drift_check_notices_a_changed_schema(tmp_path: Path) -> None:
 
 def test_steps_and_runs_carry_the_seed_names_on_the_wire() -> None:
     step = json.loads((CONTRACTS / "step.schema.json").read_text(encoding="utf-8"))
-    assert {"workerName", "runtimeMode", "fallbackFrom", "status", "attempts", "output"} <= set(
-        step["properties"]
-    )
+    assert {"workerName", "runtimeMode", "fallbackFrom", "status", "attempts", "output"} <= set(step["properties"])
     run = json.loads((CONTRACTS / "run.schema.json").read_text(encoding="utf-8"))
     assert {"id", "strategy", "status", "steps"} <= set(run["properties"])
     dumped = Run(

@@ -22,9 +22,7 @@ def a_run(i: int, *, status: str = "completed", strategy: str = "single_worker",
         status=status,  # type: ignore[arg-type]
         created_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i),
         workers=[worker],
-        steps=[
-            Step(index=0, role="worker", worker_name=worker, worker_model="codex_cli", runtime_mode="cli")
-        ],
+        steps=[Step(index=0, role="worker", worker_name=worker, worker_model="codex_cli", runtime_mode="cli")],
     )
 
 
@@ -102,9 +100,7 @@ def test_a_rejected_change_leaves_memory_and_disk_as_they_were(tmp_path: Path) -
 def test_runs_page_newest_first_with_filters_and_a_cursor(tmp_path: Path) -> None:
     store = JsonStore(tmp_path / "store.json")
     for i in range(25):
-        store.save_run(
-            a_run(i, status="failed" if i % 5 == 0 else "completed", worker="w2" if i >= 20 else "w1")
-        )
+        store.save_run(a_run(i, status="failed" if i % 5 == 0 else "completed", worker="w2" if i >= 20 else "w1"))
     seen: list[str] = []
     cursor = None
     while True:

@@ -16,9 +16,7 @@ from tests.conftest import alive, fake_cli, read_pids
 pytestmark = pytest.mark.anyio
 
 
-def spec(
-    name: str, pidfile: Path, *, timeout: float = 30, idle: float = 30, capture: int = 1 << 20, **env: str
-):
+def spec(name: str, pidfile: Path, *, timeout: float = 30, idle: float = 30, capture: int = 1 << 20, **env: str):
     return ProcessSpec(
         argv=[fake_cli(name), "exec", "--json", "-"],
         env={"PATH": os.environ["PATH"], "CODEX_FAKE_PIDFILE": str(pidfile), **env},

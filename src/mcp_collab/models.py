@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 RuntimeMode = Literal["cli", "openai_sdk", "google_sdk"]
@@ -51,6 +51,16 @@ def compatibility_error(model: WorkerModel, mode: RuntimeMode) -> str | None:
         f"runtimeMode {mode!r} cannot run a {model} worker; "
         f"accepted for {model}: {', '.join(repr(m) for m in accepted)}"
     )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, with the field's wire name, without pydantic's links and types."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "invalid arguments: " + "; ".join(parts)
 
 
 def utcnow() -> datetime:

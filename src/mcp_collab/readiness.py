@@ -28,6 +28,7 @@ class Check(WireModel):
     ok: bool
     detail: str
     hint: str | None = None
+    required: bool = Field(default=True, description="False: only some runtimes need it.")
 
 
 class RuntimeReadiness(WireModel):
@@ -45,7 +46,7 @@ class ReadinessReport(WireModel):
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
+        return all(c.ok for c in self.checks if c.required)
 
 
 async def _cli_version(binary: str, env: dict[str, str]) -> str | None:
@@ -135,6 +136,7 @@ async def check(settings: Settings) -> ReadinessReport:
                 name=f"credential:{name}",
                 ok=present,
                 detail="present" if present else "not set",
+                required=False,
                 hint=None if present else hints[name],
             )
         )

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -37,6 +37,7 @@ from .models import (
     Worker,
     WorkerModel,
     WorkerSpec,
+    describe_validation_error,
 )
 from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
 from .runtimes.base import WorkerRuntime
@@ -85,15 +86,6 @@ def for_client(run: Run, *, per_step: int | None = None) -> Run:
     return view
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "invalid arguments: " + "; ".join(parts)
-
-
 def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Refusals become clear tool errors; anything else is logged and reported without a trace."""
 
@@ -109,7 +101,7 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except CollabError as exc:
             raise ToolError(str(exc)) from None
         except ValidationError as exc:
-            raise ToolError(_validation_message(exc)) from None
+            raise ToolError(describe_validation_error(exc)) from None
         except Exception as exc:
             log.exception("tool %s failed", fn.__name__)
             raise ToolError(

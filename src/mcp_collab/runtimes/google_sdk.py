@@ -7,6 +7,7 @@ around the whole call makes sure a stalled stream cannot outlive the step's limi
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -17,6 +18,21 @@ from ..errors import RuntimeFatal, RuntimeTransient, RuntimeUnavailable
 from ..models import RuntimeMode, Usage
 from .base import RuntimeResult, StepRequest
 from .openai_sdk import classify_status
+
+
+def _http_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """Timeout and transport error classes of whichever HTTP library google-genai uses
+    (httpx2 in google-genai 3.x, httpx before)."""
+    timeouts: list[type[BaseException]] = []
+    transports: list[type[BaseException]] = []
+    for name in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        timeouts.append(module.TimeoutException)
+        transports.append(module.TransportError)
+    return tuple(timeouts), tuple(transports)
 
 
 class GoogleSDKRuntime:
@@ -48,8 +64,9 @@ class GoogleSDKRuntime:
 
     async def run(self, request: StepRequest) -> RuntimeResult:
         client = self._client()
-        import httpx
         from google.genai import errors, types
+
+        timeouts, transports = _http_errors()
 
         model = request.worker.sdk_model or self.settings.gemini_model
         request.on_progress(f"{request.worker.name}: calling the Gemini API ({model})")
@@ -67,11 +84,11 @@ class GoogleSDKRuntime:
             ) from exc
         except errors.APIError as exc:
             raise classify_status(int(exc.code or 0), str(exc.message or exc.status or ""), "Gemini API") from exc
-        except httpx.TimeoutException as exc:
+        except timeouts as exc:
             raise RuntimeTransient(
                 f"the Gemini API did not answer within {request.timeout_s:g}s", code="timeout"
             ) from exc
-        except httpx.TransportError as exc:
+        except transports as exc:
             raise RuntimeTransient(f"cannot reach the Gemini API: {exc}", code="connection") from exc
         except ValueError as exc:  # the SDK's own argument checks
             raise RuntimeFatal(f"the Gemini client refused the request: {exc}", code="client_error") from exc
