@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .models import Attempt, DispatchRequest, Run, RunPage, RuntimePolicy, Step, Worker, WorkerSpec
+from .models import Attempt, DispatchRequest, Run, RunPage, RunSummaryPage, RuntimePolicy, Step, Worker, WorkerSpec
 from .store.json_store import STORE_SCHEMA_VERSION
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -26,6 +26,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "step": Step,
     "run": Run,
     "run_page": RunPage,
+    "run_summary_page": RunSummaryPage,
     "dispatch_request": DispatchRequest,
     "runtime_policy": RuntimePolicy,
 }

@@ -245,3 +245,61 @@ class RuntimePolicy(WireModel):
 class RunPage(WireModel):
     runs: list[Run]
     next_cursor: str | None = None
+
+
+def preview(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+class StepSummary(WireModel):
+    index: int
+    role: str
+    worker_name: str
+    runtime_mode: RuntimeMode | None
+    fallback_from: RuntimeMode | None
+    status: StepStatus
+    output_preview: str = Field(description="The start of the step's output; get_worker_run has more.")
+
+
+class RunSummary(WireModel):
+    """A run as a list shows it: what ran where, and how it ended."""
+
+    id: str
+    task: str = Field(description="The start of the task text.")
+    strategy: str
+    status: RunStatus
+    created_at: datetime
+    ended_at: datetime | None
+    verdict: Verdict | None
+    error: str | None
+    steps: list[StepSummary]
+
+    @classmethod
+    def of(cls, run: Run, chars: int) -> RunSummary:
+        return cls(
+            id=run.id,
+            task=preview(run.task, chars),
+            strategy=run.strategy,
+            status=run.status,
+            created_at=run.created_at,
+            ended_at=run.ended_at,
+            verdict=run.verdict,
+            error=None if run.error is None else preview(run.error, 2 * chars),
+            steps=[
+                StepSummary(
+                    index=s.index,
+                    role=s.role,
+                    worker_name=s.worker_name,
+                    runtime_mode=s.runtime_mode,
+                    fallback_from=s.fallback_from,
+                    status=s.status,
+                    output_preview=preview(s.output, chars),
+                )
+                for s in run.steps
+            ],
+        )
+
+
+class RunSummaryPage(WireModel):
+    runs: list[RunSummary]
+    next_cursor: str | None = Field(default=None, description="Pass as cursor to get the next page; null at the end.")

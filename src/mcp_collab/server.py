@@ -32,6 +32,8 @@ from .models import (
     Run,
     RunPage,
     RunStatus,
+    RunSummary,
+    RunSummaryPage,
     RuntimeMode,
     WireModel,
     Worker,
@@ -41,15 +43,18 @@ from .models import (
 )
 from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
 from .runtimes.base import WorkerRuntime
+from .store import cursor_after
 from .strategies import STRATEGIES
 
 log = logging.getLogger("mcp_collab.server")
 
-# Inline results stay under about 20 KB so a client with a per-result token cap is never flooded.
-RESULT_BUDGET_CHARS = 16_000
-LIST_PREVIEW_CHARS = 300
+# A tool result stays under about 20 KB so a client with a per-result token cap is never flooded.
+# The result carries its JSON twice (structuredContent, and indented text for older clients), so
+# the compact JSON gets well under half of that.
+RESULT_BUDGET_BYTES = 8_000
+MIN_PREVIEW_CHARS = 120
+LIST_PREVIEW_CHARS = 160
 PROGRESS_BUFFER = 1000
-TASK_PREVIEW_CHARS = 2_000
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -71,19 +76,35 @@ def _clip(text: str, limit: int, uri: str) -> tuple[str, bool]:
     return f"{text[:limit]}\n[... {len(text) - limit} more characters: read {uri} ...]", True
 
 
-def for_client(run: Run, *, per_step: int | None = None) -> Run:
-    """A copy of ``run`` whose texts fit the inline budget; the full texts stay in resources."""
-    view = run.model_copy(deep=True)
-    view.task, _ = _clip(view.task, TASK_PREVIEW_CHARS, f"runs://{run.id}")
-    if per_step is None:
-        per_step = max(500, (RESULT_BUDGET_CHARS - len(view.task)) // (len(view.steps) + 1))
-    for step in view.steps:
-        uri = f"runs://{run.id}/steps/{step.index}/output"
-        step.output, clipped = _clip(step.output, per_step, uri)
-        step.output_truncated = step.output_truncated or clipped
-    if view.result is not None:
-        view.result, _ = _clip(view.result, per_step, f"runs://{run.id}/steps/{len(run.steps) - 1}/output")
-    return view
+def _size(model: WireModel) -> int:
+    return len(model.model_dump_json(by_alias=True))
+
+
+def for_client(run: Run, budget: int = RESULT_BUDGET_BYTES) -> Run:
+    """A copy of ``run`` that fits the inline budget; the full texts stay readable as resources."""
+    limit = budget
+    while True:
+        view = run.model_copy(deep=True)
+        view.task, _ = _clip(view.task, limit, f"runs://{run.id}")
+        for step in view.steps:
+            step.output, clipped = _clip(step.output, limit, f"runs://{run.id}/steps/{step.index}/output")
+            step.output_truncated = step.output_truncated or clipped
+        if view.result is not None:
+            view.result, _ = _clip(view.result, limit, f"runs://{run.id}/steps/{len(run.steps) - 1}/output")
+        if _size(view) <= budget or limit <= MIN_PREVIEW_CHARS:
+            return view
+        limit = max(MIN_PREVIEW_CHARS, limit // 2)
+
+
+def page_for_client(page: RunPage, cursor_after: Callable[[Run], str]) -> RunSummaryPage:
+    """Summaries of a page, cut short (with a cursor to the rest) if they would not fit the budget."""
+    runs = [RunSummary.of(r, LIST_PREVIEW_CHARS) for r in page.runs]
+    kept = len(runs)
+    while kept > 1 and _size(RunSummaryPage(runs=runs[:kept])) > RESULT_BUDGET_BYTES:
+        kept -= 1
+    if kept == len(runs):
+        return RunSummaryPage(runs=runs, next_cursor=page.next_cursor)
+    return RunSummaryPage(runs=runs[:kept], next_cursor=cursor_after(page.runs[kept - 1]))
 
 
 def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -250,16 +271,14 @@ def build_server(
         worker: Annotated[str | None, Field(description="Only runs in which this worker took a step.")] = None,
         limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = 20,
         cursor: Annotated[str | None, Field(description="nextCursor from the previous page.")] = None,
-    ) -> RunPage:
-        """List runs, newest first, with their steps (outputs shortened; get_worker_run for one run)."""
+    ) -> RunSummaryPage:
+        """List runs, newest first: each with its steps (worker, runtimeMode, fallbackFrom, status) and
+        the start of each output. A page stops early (with nextCursor) rather than exceed ~20 KB;
+        get_worker_run shows one run in full."""
         page = await _state(ctx).orchestrator.list_runs(
             status=status, strategy=strategy, worker=worker, limit=limit, cursor=cursor
         )
-        per_step = max(80, min(LIST_PREVIEW_CHARS, RESULT_BUDGET_CHARS // max(1, 3 * len(page.runs))))
-        runs = [for_client(r, per_step=per_step) for r in page.runs]
-        for r in runs:
-            r.task, _ = _clip(r.task, per_step, f"runs://{r.id}")
-        return RunPage(runs=runs, next_cursor=page.next_cursor)
+        return page_for_client(page, cursor_after)
 
     @mcp.tool()
     @tool_errors

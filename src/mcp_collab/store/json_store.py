@@ -100,7 +100,7 @@ class JsonStore:
                         break
             more = len(picked) > limit
             picked = picked[:limit]
-            return RunPage(runs=picked, next_cursor=_encode_cursor(picked[-1]) if more and picked else None)
+            return RunPage(runs=picked, next_cursor=cursor_after(picked[-1]) if more and picked else None)
 
         return self._read(page)
 
@@ -233,7 +233,8 @@ def _order_key(run: Run) -> tuple[str, str]:
     return (run.created_at.isoformat(), run.id)
 
 
-def _encode_cursor(run: Run) -> str:
+def cursor_after(run: Run) -> str:
+    """The cursor of the page that starts just after ``run``."""
     created, run_id = _order_key(run)
     return base64.urlsafe_b64encode(f"{created}|{run_id}".encode()).decode().rstrip("=")
 
