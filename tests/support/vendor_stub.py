@@ -1,0 +1,798 @@
+"""Loopback stub of the OpenAI Responses, Gemini and Anthropic Messages APIs.
+
+The stub is a stdlib ``ThreadingHTTPServer`` running in a daemon thread, bound to
+127.0.0.1 on a free port.  Because it is a real HTTP server in its own thread it
+serves synchronous tests, async tests and child processes (the real ``codex``,
+``gemini`` and ``claude`` CLIs) alike.
+
+    with VendorStub() as stub:
+        client = AsyncOpenAI(api_key="stub-key-not-secret", base_url=stub.url + "/v1")
+        ...
+        assert stub.requests_for("openai")[0].prompt == "hello"
+
+Replies are produced by ``stub.responder`` (a callable ``StubRequest -> StubReply``),
+after any replies queued with ``stub.script(...)`` have been used up.  Only generation
+calls (OpenAI ``/responses``, Gemini ``generateContent``/``streamGenerateContent``,
+Anthropic ``/messages``) consume scripted replies; token-count calls go to the responder;
+anything else is logged with ``api="other"`` and answered 404 (or an empty model list).
+
+The default responder answers ``"stub reply from <api> model <model>: "`` followed by the
+first 80 characters of ``last_user_text`` (the last user text part: the task itself for
+the CLIs, which prepend environment context to ``prompt``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import re
+import socket
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["StubReply", "StubRequest", "VendorStub", "default_responder"]
+
+
+@dataclass(frozen=True)
+class StubRequest:
+    """One HTTP request as the stub understood it."""
+
+    api: str  # "openai" | "gemini" | "anthropic" | "other"
+    method: str
+    path: str  # path without the query string
+    user_agent: str
+    model: str | None
+    prompt: str  # concatenated text of the user input / contents / messages
+    system: str  # instructions / system text
+    stream: bool
+    headers: dict[str, str]
+    # Extras (not needed by most tests, handy when debugging a CLI):
+    query: str = ""
+    kind: str = ""  # e.g. "responses", "generateContent", "streamGenerateContent", "messages", "count_tokens"
+    body: Any = field(default=None, compare=False, repr=False)  # parsed JSON body (or None)
+    last_user_text: str = ""  # last text part of the last user message (the task, for the CLIs)
+    time: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class StubReply:
+    """What the stub answers to one vendor API request."""
+
+    text: str = "stub reply"
+    status: int = 200
+    error_message: str = ""
+    delay_s: float = 0.0
+    input_tokens: int = 12
+    output_tokens: int = 5
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers, e.g. (("retry-after", "0"),)
+
+
+Responder = Callable[[StubRequest], StubReply]
+
+
+def default_responder(req: StubRequest) -> StubReply:
+    return StubReply(text=f"stub reply from {req.api} model {req.model}: {req.last_user_text[:80]}")
+
+
+# ---------------------------------------------------------------------------
+# request parsing helpers
+
+
+def _parts(content: Any, part_types: tuple[str, ...] = ("text", "input_text", "output_text")) -> list[str]:
+    """Text parts of a message content: a string, a typed part, or a list of parts."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content] if content else []
+    if isinstance(content, dict):
+        if isinstance(content.get("text"), str) and content.get("type", "text") in part_types:
+            return [content["text"]] if content["text"] else []
+        if "parts" in content:
+            return _parts(content["parts"], part_types)
+        return []
+    if isinstance(content, list):
+        return [t for p in content for t in _parts(p, part_types)]
+    return []
+
+
+def _text_of(content: Any, part_types: tuple[str, ...] = ("text", "input_text", "output_text")) -> str:
+    return "\n".join(_parts(content, part_types))
+
+
+# Each parser returns (user messages as lists of text parts, system text).
+_Parsed = tuple[list[list[str]], str]
+
+
+def _openai_texts(body: dict[str, Any]) -> _Parsed:
+    system_parts: list[str] = []
+    if isinstance(body.get("instructions"), str):
+        system_parts.append(body["instructions"])
+    users: list[list[str]] = []
+    inp = body.get("input")
+    if isinstance(inp, str):
+        users.append([inp])
+    elif isinstance(inp, list):
+        for item in inp:
+            if isinstance(item, str):
+                users.append([item])
+                continue
+            if not isinstance(item, dict) or item.get("type", "message") != "message":
+                continue
+            role = item.get("role")
+            if role == "user":
+                users.append(_parts(item.get("content")))
+            elif role in ("system", "developer"):
+                system_parts.append(_text_of(item.get("content")))
+    return users, "\n".join(p for p in system_parts if p)
+
+
+def _gemini_texts(body: dict[str, Any]) -> _Parsed:
+    users: list[list[str]] = []
+    contents = body.get("contents")
+    if isinstance(contents, str | dict):
+        contents = [contents]
+    if isinstance(contents, list):
+        for c in contents:
+            if isinstance(c, str):
+                users.append([c])
+            elif isinstance(c, dict) and c.get("role", "user") == "user":
+                users.append(_parts(c.get("parts")))
+    si = body.get("systemInstruction", body.get("system_instruction"))
+    return users, _text_of(si)
+
+
+def _anthropic_texts(body: dict[str, Any]) -> _Parsed:
+    users: list[list[str]] = []
+    for m in body.get("messages") or []:
+        if isinstance(m, dict) and m.get("role") == "user":
+            users.append(_parts(m.get("content"), ("text",)))
+    return users, _text_of(body.get("system"), ("text",))
+
+
+_GEMINI_PATH = re.compile(r"^(?:/[^/]+)*?/(v1beta|v1alpha|v1)/models/([^/:]+):([A-Za-z]+)$")
+_GEMINI_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_ANTHROPIC_ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+_OPENAI_ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+
+
+def _chunks(text: str, n: int = 3) -> list[str]:
+    """Split text into up to n pieces (so streams carry several deltas)."""
+    if not text:
+        return [""]
+    size = max(1, -(-len(text) // n))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+# ---------------------------------------------------------------------------
+# server
+
+
+class _StubServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    stub: VendorStub
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Client hang-ups and stop() closing sockets are expected; stay quiet.
+        return
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "VendorStub/1.0"
+    sys_version = ""
+    server: _StubServer
+
+    # -- connection tracking so stop() can close keep-alive / streaming sockets
+    def setup(self) -> None:
+        super().setup()
+        self.server.stub._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.server.stub._track(self.connection, add=False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch()
+
+    # -- body reading
+    def _read_body(self) -> bytes:
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if "chunked" in te:
+            data = bytearray()
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    break
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    # trailers
+                    while True:
+                        t = self.rfile.readline()
+                        if not t or t in (b"\r\n", b"\n"):
+                            break
+                    break
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            raw = bytes(data)
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length > 0 else b""
+        enc = (self.headers.get("Content-Encoding") or "").lower().strip()
+        try:
+            if enc == "gzip":
+                raw = gzip.decompress(raw)
+            elif enc == "deflate":
+                raw = zlib.decompress(raw)
+        except Exception:
+            pass
+        return raw
+
+    # -- main dispatch
+    def _dispatch(self) -> None:
+        stub = self.server.stub
+        body_bytes = self._read_body()
+        split = urlsplit(self.path)
+        path, query = split.path, split.query
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        body: Any = None
+        if body_bytes:
+            try:
+                body = json.loads(body_bytes)
+            except Exception:
+                body = None
+        req = stub._classify(self.command, path, query, headers, body)
+        stub._log(req)
+
+        if req.api == "other":
+            self._other(req)
+            return
+
+        reply = stub._next_reply(req)
+        if reply.delay_s > 0:
+            if stub._stopping.wait(reply.delay_s):
+                self.close_connection = True
+                return
+        if reply.status != 200:
+            self._vendor_error(req, reply)
+            return
+        if req.kind == "count_tokens":
+            self._json(200, {"input_tokens": reply.input_tokens}, reply)
+        elif req.kind == "countTokens":
+            self._json(200, {"totalTokens": reply.input_tokens}, reply)
+        elif req.api == "openai":
+            if req.stream:
+                self._sse(_openai_events(req, reply), reply)
+            else:
+                self._json(200, _openai_response(req, reply, status="completed"), reply)
+        elif req.api == "gemini":
+            if req.stream and parse_qs(req.query).get("alt", [""])[0] == "sse":
+                self._sse(_gemini_events(req, reply), reply)
+            elif req.stream:  # streamGenerateContent without alt=sse answers a JSON array
+                self._json(200, [data for _, data in _gemini_events(req, reply)], reply)
+            else:
+                self._json(200, _gemini_response(req, reply, final=True), reply)
+        elif req.api == "anthropic":
+            if req.stream:
+                self._sse(_anthropic_events(req, reply), reply)
+            else:
+                self._json(200, _anthropic_message(req, reply), reply)
+
+    def _other(self, req: StubRequest) -> None:
+        p = req.path.rstrip("/")
+        if self.command == "GET" and p.endswith("/models") and "/v1beta" not in p:
+            # OpenAI-ish or codex models listing: an empty list is a sensible answer.
+            self._json(200, {"object": "list", "data": [], "models": []})
+            return
+        if self.command == "GET" and (p.endswith("/v1beta/models") or p.endswith("/v1/models")):
+            self._json(200, {"models": []})
+            return
+        self._json(404, {"error": {"message": f"stub: no route for {self.command} {req.path}", "code": 404}})
+
+    # -- writers
+    def _send_head(self, status: int, ctype: str, length: int | None, reply: StubReply | None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("x-request-id", f"req_stub_{next(_ids)}")
+        self.send_header("request-id", f"req_stub_{next(_ids)}")
+        for k, v in reply.headers if reply else ():
+            self.send_header(k, v)
+        if length is None:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Cache-Control", "no-cache")
+        else:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _json(self, status: int, obj: Any, reply: StubReply | None = None) -> None:
+        data = json.dumps(obj).encode()
+        try:
+            self._send_head(status, "application/json", len(data), reply)
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    def _sse(self, events: Iterable[tuple[str | None, Any]], reply: StubReply) -> None:
+        stub = self.server.stub
+        try:
+            self._send_head(200, "text/event-stream", None, reply)
+            for name, data in events:
+                if stub._stopping.is_set():
+                    raise ConnectionAbortedError
+                chunk = ""
+                if name:
+                    chunk += f"event: {name}\n"
+                chunk += f"data: {json.dumps(data)}\n\n"
+                raw = chunk.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    def _vendor_error(self, req: StubRequest, reply: StubReply) -> None:
+        status = reply.status
+        msg = reply.error_message or f"stub error {status}"
+        obj: Any
+        if req.api == "openai":
+            etype = _OPENAI_ERROR_TYPE.get(status, "server_error")
+            obj = {"error": {"message": msg, "type": etype, "param": None, "code": None}}
+        elif req.api == "gemini":
+            obj = {"error": {"code": status, "message": msg, "status": _GEMINI_STATUS.get(status, "UNKNOWN")}}
+        else:
+            etype = _ANTHROPIC_ERROR_TYPE.get(status, "api_error")
+            obj = {"type": "error", "error": {"type": etype, "message": msg}}
+        self._json(status, obj, reply)
+
+
+_ids = itertools.count(1)
+
+
+# ---------------------------------------------------------------------------
+# vendor payloads
+
+
+def _openai_usage(reply: StubReply) -> dict[str, Any]:
+    return {
+        "input_tokens": reply.input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": reply.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": reply.input_tokens + reply.output_tokens,
+    }
+
+
+def _openai_message(msg_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": msg_id,
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+        if text or status == "completed"
+        else [],
+    }
+
+
+def _openai_response(req: StubRequest, reply: StubReply, *, status: str, with_output: bool = True) -> dict[str, Any]:
+    n = next(_ids)
+    body = req.body if isinstance(req.body, dict) else {}
+    return {
+        "id": f"resp_stub_{n}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": req.model or "stub-model",
+        "output": [_openai_message(f"msg_stub_{n}", reply.text)] if with_output else [],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": False,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": _openai_usage(reply) if status == "completed" else None,
+        "user": None,
+        "metadata": {},
+    }
+
+
+def _openai_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | None, Any]]:
+    seq = itertools.count(0)
+    base = _openai_response(req, reply, status="in_progress", with_output=False)
+    resp_id = base["id"]
+    msg_id = resp_id.replace("resp_", "msg_")
+    yield "response.created", {"type": "response.created", "sequence_number": next(seq), "response": base}
+    yield (
+        "response.in_progress",
+        {"type": "response.in_progress", "sequence_number": next(seq), "response": base},
+    )
+    yield (
+        "response.output_item.added",
+        {
+            "type": "response.output_item.added",
+            "sequence_number": next(seq),
+            "output_index": 0,
+            "item": {
+                "type": "message",
+                "id": msg_id,
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            },
+        },
+    )
+    part0 = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    yield (
+        "response.content_part.added",
+        {
+            "type": "response.content_part.added",
+            "sequence_number": next(seq),
+            "item_id": msg_id,
+            "output_index": 0,
+            "content_index": 0,
+            "part": part0,
+        },
+    )
+    for piece in _chunks(reply.text):
+        yield (
+            "response.output_text.delta",
+            {
+                "type": "response.output_text.delta",
+                "sequence_number": next(seq),
+                "item_id": msg_id,
+                "output_index": 0,
+                "content_index": 0,
+                "delta": piece,
+                "logprobs": [],
+            },
+        )
+    yield (
+        "response.output_text.done",
+        {
+            "type": "response.output_text.done",
+            "sequence_number": next(seq),
+            "item_id": msg_id,
+            "output_index": 0,
+            "content_index": 0,
+            "text": reply.text,
+            "logprobs": [],
+        },
+    )
+    yield (
+        "response.content_part.done",
+        {
+            "type": "response.content_part.done",
+            "sequence_number": next(seq),
+            "item_id": msg_id,
+            "output_index": 0,
+            "content_index": 0,
+            "part": {**part0, "text": reply.text},
+        },
+    )
+    item = _openai_message(msg_id, reply.text)
+    yield (
+        "response.output_item.done",
+        {
+            "type": "response.output_item.done",
+            "sequence_number": next(seq),
+            "output_index": 0,
+            "item": item,
+        },
+    )
+    done = dict(base, status="completed", output=[item], usage=_openai_usage(reply))
+    yield "response.completed", {"type": "response.completed", "sequence_number": next(seq), "response": done}
+
+
+def _gemini_usage(reply: StubReply) -> dict[str, Any]:
+    return {
+        "promptTokenCount": reply.input_tokens,
+        "candidatesTokenCount": reply.output_tokens,
+        "totalTokenCount": reply.input_tokens + reply.output_tokens,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": reply.input_tokens}],
+    }
+
+
+def _gemini_response(req: StubRequest, reply: StubReply, *, final: bool, text: str | None = None) -> dict[str, Any]:
+    cand: dict[str, Any] = {
+        "content": {"role": "model", "parts": [{"text": reply.text if text is None else text}]},
+        "index": 0,
+    }
+    out: dict[str, Any] = {
+        "candidates": [cand],
+        "modelVersion": req.model or "stub-model",
+        "responseId": "stub-resp",
+    }
+    if final:
+        cand["finishReason"] = "STOP"
+    out["usageMetadata"] = (
+        _gemini_usage(reply)
+        if final
+        else {"promptTokenCount": reply.input_tokens, "totalTokenCount": reply.input_tokens}
+    )
+    return out
+
+
+def _gemini_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | None, Any]]:
+    pieces = _chunks(reply.text)
+    for i, piece in enumerate(pieces):
+        yield None, _gemini_response(req, reply, final=(i == len(pieces) - 1), text=piece)
+
+
+def _anthropic_usage(reply: StubReply) -> dict[str, Any]:
+    return {
+        "input_tokens": reply.input_tokens,
+        "output_tokens": reply.output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
+def _anthropic_message(req: StubRequest, reply: StubReply) -> dict[str, Any]:
+    return {
+        "id": f"msg_stub_{next(_ids)}",
+        "type": "message",
+        "role": "assistant",
+        "model": req.model or "stub-model",
+        "content": [{"type": "text", "text": reply.text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": _anthropic_usage(reply),
+    }
+
+
+def _anthropic_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | None, Any]]:
+    msg = _anthropic_message(req, reply)
+    start = dict(msg, content=[], stop_reason=None, usage=dict(_anthropic_usage(reply), output_tokens=1))
+    yield "message_start", {"type": "message_start", "message": start}
+    yield (
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    )
+    yield "ping", {"type": "ping"}
+    for piece in _chunks(reply.text):
+        yield (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": piece},
+            },
+        )
+    yield "content_block_stop", {"type": "content_block_stop", "index": 0}
+    yield (
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": reply.output_tokens},
+        },
+    )
+    yield "message_stop", {"type": "message_stop"}
+
+
+# ---------------------------------------------------------------------------
+# public class
+
+
+class VendorStub:
+    """Loopback HTTP stub for the OpenAI, Gemini and Anthropic APIs (see module doc)."""
+
+    def __init__(self, responder: Responder | None = None) -> None:
+        self.responder: Responder = responder or default_responder
+        self._lock = threading.Lock()
+        self._requests: list[StubRequest] = []
+        self._script: deque[StubReply] = deque()
+        self._conns: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._server: _StubServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+        self.port = 0
+
+    # -- lifecycle
+    def start(self) -> VendorStub:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        server = _StubServer(("127.0.0.1", 0), _Handler)
+        server.stub = self
+        self._server = server
+        self.port = server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"VendorStub:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        with self._lock:
+            conns = list(self._conns)
+            self._conns.clear()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                c.close()
+            except OSError:
+                pass
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+
+    def __enter__(self) -> VendorStub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- inspection
+    @property
+    def requests(self) -> list[StubRequest]:
+        """Snapshot of every request received so far (oldest first)."""
+        with self._lock:
+            return list(self._requests)
+
+    def requests_for(self, api: str) -> list[StubRequest]:
+        with self._lock:
+            return [r for r in self._requests if r.api == api]
+
+    def clear(self) -> None:
+        """Forget logged requests and any unused scripted replies."""
+        with self._lock:
+            self._requests.clear()
+            self._script.clear()
+
+    # -- scripting
+    def script(self, *replies: StubReply | str) -> None:
+        """Queue replies used, in order, by the next vendor API calls before the responder."""
+        with self._lock:
+            for r in replies:
+                self._script.append(StubReply(text=r) if isinstance(r, str) else r)
+
+    # -- internals used by the handler
+    def _track(self, conn: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    def _log(self, req: StubRequest) -> None:
+        with self._lock:
+            self._requests.append(req)
+
+    def _next_reply(self, req: StubRequest) -> StubReply:
+        counting = req.kind in ("count_tokens", "countTokens")  # token counts never consume the script
+        with self._lock:
+            scripted = self._script.popleft() if self._script and not counting else None
+        if scripted is not None:
+            return scripted
+        try:
+            return self.responder(req)
+        except Exception as exc:  # a broken responder should show up as a vendor 500
+            return StubReply(status=500, error_message=f"stub responder raised {exc!r}")
+
+    def _classify(self, method: str, path: str, query: str, headers: dict[str, str], body: Any) -> StubRequest:
+        ua = headers.get("user-agent", "")
+        b = body if isinstance(body, dict) else {}
+        api, kind, model, stream = "other", "", None, False
+        users: list[list[str]] = []
+        system = ""
+        m = _GEMINI_PATH.match(path)
+        if method == "POST" and m and m.group(3) in ("generateContent", "streamGenerateContent", "countTokens"):
+            api, kind, model = "gemini", m.group(3), m.group(2)
+            stream = kind == "streamGenerateContent"
+            src = b.get("generateContentRequest") if kind == "countTokens" and "generateContentRequest" in b else b
+            users, system = _gemini_texts(src if isinstance(src, dict) else {})
+        elif method == "POST" and path.rstrip("/").endswith("/responses"):
+            api, kind = "openai", "responses"
+            model = b.get("model")
+            stream = bool(b.get("stream"))
+            users, system = _openai_texts(b)
+        elif method == "POST" and path.rstrip("/").endswith("/messages/count_tokens"):
+            api, kind = "anthropic", "count_tokens"
+            model = b.get("model")
+            users, system = _anthropic_texts(b)
+        elif method == "POST" and path.rstrip("/").endswith("/messages"):
+            api, kind = "anthropic", "messages"
+            model = b.get("model")
+            stream = bool(b.get("stream"))
+            users, system = _anthropic_texts(b)
+        return StubRequest(
+            api=api,
+            method=method,
+            path=path,
+            user_agent=ua,
+            model=model if isinstance(model, str) else None,
+            prompt="\n".join(t for msg in users for t in msg),
+            system=system,
+            stream=stream,
+            headers=headers,
+            query=query,
+            kind=kind,
+            body=body,
+            last_user_text=next((msg[-1] for msg in reversed(users) if msg), ""),
+            time=time.time(),
+        )

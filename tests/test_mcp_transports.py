@@ -1,0 +1,146 @@
+"""The server as a user runs it: `mcp-collab serve` over real stdio and over streamable HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+
+from tests.support.vendor_stub import StubReply, StubRequest, VendorStub
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
+
+
+def server_params(env: dict[str, str]) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=env)
+
+
+async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+def verdicts(req: StubRequest) -> StubReply:
+    if "You are the reviewer" in req.prompt:
+        return StubReply(text="VERDICT: APPROVE")
+    return StubReply(text=f"{req.api} wrote it")
+
+
+@pytest.mark.real_cli
+async def test_the_seed_acceptance_over_real_stdio(real_env: dict[str, str], stub: VendorStub) -> None:
+    stub.responder = verdicts
+    env = {**real_env, "OPENAI_API_KEY": "sk-stub"}
+    async with Client(server_params(env)) as client:
+        await call(client, "spawn_worker", name="codex-writer", model="codex_cli", cliModel="gpt-5.5", sdkModel="gpt-5.5")
+        await call(client, "spawn_worker", name="gemini-review", model="gemini_cli", cliModel="gemini-2.5-flash")
+        by_cli = await call(client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="cli")
+        by_sdk = await call(client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="openai_sdk")
+        pair = await call(
+            client, "dispatch_task", task="fix the parser", strategy="codex_writes_gemini_reviews",
+            runtimeModes={"codex-writer": "openai_sdk", "gemini-review": "google_sdk"},
+        )  # fmt: skip
+        listed = await call(client, "list_worker_runs")
+    assert [r["id"] for r in listed["runs"]] == [pair["id"], by_sdk["id"], by_cli["id"]]
+    assert all(r["status"] == "completed" for r in listed["runs"])
+    assert [[(s["workerName"], s["runtimeMode"], s["fallbackFrom"]) for s in r["steps"]] for r in listed["runs"]] == [
+        [("codex-writer", "openai_sdk", None), ("gemini-review", "google_sdk", None)],
+        [("codex-writer", "openai_sdk", None)],
+        [("codex-writer", "cli", None)],
+    ]
+    assert pair["verdict"] == "approve"
+    user_agents = [r.user_agent.lower() for r in stub.requests if r.kind in ("responses", "generateContent", "streamGenerateContent")]
+    assert "codex" in user_agents[0] and user_agents[1].startswith("asyncopenai/python")
+    assert user_agents[2].startswith("asyncopenai/python") and len(user_agents) == 4
+
+    # The same store, a new server without the OpenAI key: the SDK step falls back to the CLI.
+    async with Client(server_params(real_env)) as client:
+        fell = await call(client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="openai_sdk")
+        listed = await call(client, "list_worker_runs", limit=2)
+    step = fell["steps"][0]
+    assert (fell["status"], step["runtimeMode"], step["fallbackFrom"]) == ("completed", "cli", "openai_sdk")
+    assert listed["runs"][0]["steps"][0]["fallbackFrom"] == "openai_sdk"
+
+
+async def test_nothing_but_json_rpc_reaches_stdout(base_env: dict[str, str]) -> None:
+    env = {**base_env, "PATH": os.environ["PATH"]}
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "spawn_worker", "arguments": {"name": "x", "model": "nope"}}},
+        {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "check_runtimes", "arguments": {}}},
+    ]  # fmt: skip
+    stdin = "".join(json.dumps(m) + "\n" for m in messages).encode()
+    process = await anyio.open_process(
+        [sys.executable, "-m", "mcp_collab", "serve", "--log-level", "DEBUG"], env=env
+    )
+    assert process.stdin and process.stdout and process.stderr
+    await process.stdin.send(stdin)
+    out = b""
+    by_id: dict[int, Any] = {}
+    with anyio.fail_after(60):
+        while set(by_id) != {1, 2, 3, 4}:
+            out += await process.stdout.receive()
+            *complete, _ = out.split(b"\n")
+            parsed = [json.loads(line) for line in complete]  # every line on stdout is JSON
+            assert all(p.get("jsonrpc") == "2.0" for p in parsed)
+            by_id = {p["id"]: p for p in parsed if "id" in p}
+        await process.stdin.aclose()
+        await process.wait()
+        stderr = b"".join([chunk async for chunk in process.stderr])
+    assert by_id[3]["result"]["isError"] is True
+    assert "model" in by_id[3]["result"]["content"][0]["text"]
+    assert by_id[4]["result"]["structuredContent"]["checks"]
+    assert stderr, "logs go to stderr"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_streamable_http_serves_the_same_tools_on_loopback(base_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mcp_collab", "serve", "--transport", "http", "--port", str(port)],
+        env={**base_env, "PATH": os.environ["PATH"]},
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()
+                assert time.monotonic() < deadline, "the HTTP server did not start"
+                await anyio.sleep(0.1)
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"spawn_worker", "dispatch_task", "list_worker_runs"} <= tools
+            worker = await call(client, "spawn_worker", name="http-worker", model="gemini_cli")
+            assert worker["name"] == "http-worker"
+        async with Client(f"http://127.0.0.1:{port}/mcp") as other_session:
+            listed = await call(other_session, "list_workers")
+            assert [w["name"] for w in listed["workers"]] == ["http-worker"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
