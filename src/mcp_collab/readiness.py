@@ -61,6 +61,12 @@ async def _cli_version(binary: str, env: dict[str, str]) -> str | None:
     return text[0][:120] if done.returncode == 0 and text else None
 
 
+def _display(path: str | os.PathLike[str]) -> str:
+    """Paths under the user's home as ~/..., so reports and evidence carry no machine paths."""
+    text, home = os.fspath(path), os.path.expanduser("~")
+    return "~" + text[len(home) :] if home != "/" and text.startswith(home + os.sep) else text
+
+
 def _package_version(dist: str, module: str) -> str | None:
     try:
         __import__(module)
@@ -84,10 +90,10 @@ def _store_check(settings: Settings) -> Check:
         return Check(
             name="store",
             ok=False,
-            detail=f"{directory} is not writable: {exc.strerror}",
+            detail=f"{_display(directory)} is not writable: {exc.strerror}",
             hint="set MCP_COLLAB_STATE_DIR to a writable directory",
         )
-    return Check(name="store", ok=True, detail=f"{settings.store_path} (directory writable)")
+    return Check(name="store", ok=True, detail=f"{_display(settings.store_path)} (directory writable)")
 
 
 async def check(settings: Settings) -> ReadinessReport:
@@ -113,7 +119,9 @@ async def check(settings: Settings) -> ReadinessReport:
             Check(
                 name=f"cli:{vendor.name}",
                 ok=version is not None,
-                detail=f"{version} at {binary}" if version else f"{binary} does not answer --version",
+                detail=f"{version} at {_display(binary)}"
+                if version
+                else f"{_display(binary)} does not answer --version",
                 hint=None if version else f"reinstall with npm install -g {vendor.package}",
             )
         )
