@@ -89,7 +89,9 @@ async def test_the_seed_flow_through_the_tools(client: Client, runtimes: dict[st
     await call(client, "spawn_worker", name="gemini-review", model="gemini_cli", runtimeMode="google_sdk")
     assert [w["name"] for w in (await call(client, "list_workers"))["workers"]] == ["codex-writer", "gemini-review"]
     by_cli = await call(client, "dispatch_task", task="add a README", runtimeMode="cli", workers=["codex-writer"])
-    by_sdk = await call(client, "dispatch_task", task="add a README", runtimeMode="openai_sdk", workers=["codex-writer"])
+    by_sdk = await call(
+        client, "dispatch_task", task="add a README", runtimeMode="openai_sdk", workers=["codex-writer"]
+    )
     pair = await call(
         client, "dispatch_task", task="fix it", strategy="codex_writes_gemini_reviews",
         runtimeModes={"codex-writer": "openai_sdk"},
@@ -168,11 +170,23 @@ async def test_inline_results_are_capped_and_full_outputs_are_resources(
     ("tool", "args", "fragments"),
     [
         ("spawn_worker", {"name": "x", "model": "gpt_cli"}, ["model", "codex_cli", "gemini_cli", "claude_cli"]),
-        ("spawn_worker", {"name": "x", "model": "gemini_cli", "runtimeMode": "openai_sdk"}, ["accepted for gemini_cli: 'cli', 'google_sdk'"]),
-        ("spawn_worker", {"name": "x", "model": "codex_cli", "runtimeMode": "ssh"}, ["'cli', 'openai_sdk' or 'google_sdk'"]),
+        (
+            "spawn_worker",
+            {"name": "x", "model": "gemini_cli", "runtimeMode": "openai_sdk"},
+            ["accepted for gemini_cli: 'cli', 'google_sdk'"],
+        ),
+        (
+            "spawn_worker",
+            {"name": "x", "model": "codex_cli", "runtimeMode": "ssh"},
+            ["'cli', 'openai_sdk' or 'google_sdk'"],
+        ),
         ("spawn_worker", {"name": "has space", "model": "codex_cli"}, ["name", "pattern"]),
         ("spawn_worker", {"name": "x", "model": "codex_cli", "workingDirectory": "relative/dir"}, ["absolute path"]),
-        ("spawn_worker", {"name": "x", "model": "codex_cli", "workingDirectory": "/no/such/dir"}, ["not an existing directory"]),
+        (
+            "spawn_worker",
+            {"name": "x", "model": "codex_cli", "workingDirectory": "/no/such/dir"},
+            ["not an existing directory"],
+        ),
         ("spawn_worker", {"name": "existing", "model": "codex_cli"}, ["already exists"]),
         ("spawn_worker", {"model": "codex_cli"}, ["name", "required"]),
         ("remove_worker", {"name": "ghost"}, ["unknown worker 'ghost'", "existing"]),
@@ -181,7 +195,11 @@ async def test_inline_results_are_capped_and_full_outputs_are_resources(
         ("dispatch_task", {"task": "a\x00b"}, ["control characters"]),
         ("dispatch_task", {"task": "x", "strategy": "pair_programming"}, ["unknown strategy", "single_worker"]),
         ("dispatch_task", {"task": "x", "workers": ["ghost"]}, ["unknown worker 'ghost'", "existing"]),
-        ("dispatch_task", {"task": "x", "runtimeMode": "google_sdk"}, ["cannot run a codex_cli worker", "'cli', 'openai_sdk'"]),
+        (
+            "dispatch_task",
+            {"task": "x", "runtimeMode": "google_sdk"},
+            ["cannot run a codex_cli worker", "'cli', 'openai_sdk'"],
+        ),
         ("dispatch_task", {"task": "x", "runtimeModes": {"nobody": "cli"}}, ["runtimeModes names 'nobody'"]),
         ("dispatch_task", {"task": "x", "strategy": "codex_writes_gemini_reviews"}, ["reviewer role", "gemini_cli"]),
         ("dispatch_task", {"task": "x", "workers": "existing"}, ["workers", "list"]),

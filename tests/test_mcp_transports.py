@@ -42,10 +42,14 @@ async def test_the_seed_acceptance_over_real_stdio(real_env: dict[str, str], stu
     stub.responder = verdicts
     env = {**real_env, "OPENAI_API_KEY": "sk-stub"}
     async with Client(server_params(env)) as client:
-        await call(client, "spawn_worker", name="codex-writer", model="codex_cli", cliModel="gpt-5.5", sdkModel="gpt-5.5")
+        await call(
+            client, "spawn_worker", name="codex-writer", model="codex_cli", cliModel="gpt-5.5", sdkModel="gpt-5.5"
+        )
         await call(client, "spawn_worker", name="gemini-review", model="gemini_cli", cliModel="gemini-2.5-flash")
         by_cli = await call(client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="cli")
-        by_sdk = await call(client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="openai_sdk")
+        by_sdk = await call(
+            client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="openai_sdk"
+        )
         pair = await call(
             client, "dispatch_task", task="fix the parser", strategy="codex_writes_gemini_reviews",
             runtimeModes={"codex-writer": "openai_sdk", "gemini-review": "google_sdk"},
@@ -59,13 +63,19 @@ async def test_the_seed_acceptance_over_real_stdio(real_env: dict[str, str], stu
         [("codex-writer", "cli", None)],
     ]
     assert pair["verdict"] == "approve"
-    user_agents = [r.user_agent.lower() for r in stub.requests if r.kind in ("responses", "generateContent", "streamGenerateContent")]
+    user_agents = [
+        r.user_agent.lower()
+        for r in stub.requests
+        if r.kind in ("responses", "generateContent", "streamGenerateContent")
+    ]
     assert "codex" in user_agents[0] and user_agents[1].startswith("asyncopenai/python")
     assert user_agents[2].startswith("asyncopenai/python") and len(user_agents) == 4
 
     # The same store, a new server without the OpenAI key: the SDK step falls back to the CLI.
     async with Client(server_params(real_env)) as client:
-        fell = await call(client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="openai_sdk")
+        fell = await call(
+            client, "dispatch_task", task="add a README", workers=["codex-writer"], runtimeMode="openai_sdk"
+        )
         listed = await call(client, "list_worker_runs", limit=2)
     step = fell["steps"][0]
     assert (fell["status"], step["runtimeMode"], step["fallbackFrom"]) == ("completed", "cli", "openai_sdk")
@@ -83,9 +93,7 @@ async def test_nothing_but_json_rpc_reaches_stdout(base_env: dict[str, str]) -> 
         {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "check_runtimes", "arguments": {}}},
     ]  # fmt: skip
     stdin = "".join(json.dumps(m) + "\n" for m in messages).encode()
-    process = await anyio.open_process(
-        [sys.executable, "-m", "mcp_collab", "serve", "--log-level", "DEBUG"], env=env
-    )
+    process = await anyio.open_process([sys.executable, "-m", "mcp_collab", "serve", "--log-level", "DEBUG"], env=env)
     assert process.stdin and process.stdout and process.stderr
     await process.stdin.send(stdin)
     out = b""

@@ -45,5 +45,14 @@ def test_the_live_probe_makes_one_call_per_runtime(real_env: dict[str, str], stu
         ("openai_sdk", "codex_cli"), ("google_sdk", "gemini_cli"),
     }  # fmt: skip
     assert all(c["ok"] is True for c in calls.values()), done.stdout + done.stderr
-    assert len([r for r in stub.requests if r.kind in ("responses", "generateContent", "streamGenerateContent", "messages")]) == 5
+    assert (
+        len(
+            [
+                r
+                for r in stub.requests
+                if r.kind in ("responses", "generateContent", "streamGenerateContent", "messages")
+            ]
+        )
+        == 5
+    )
     assert done.returncode == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,21 @@ def verdicts(req: StubRequest) -> StubReply:
     return StubReply(text=f"{req.api} did: {req.last_user_text[-60:]}")
 
 
-async def orchestrator_for(env: dict[str, str], **extra: str) -> WorkerOrchestrator:
-    orchestrator = WorkerOrchestrator(Settings.from_env({**env, **extra}))
-    for spec in WORKERS:
-        await orchestrator.register_worker(spec)
-    return orchestrator
+@pytest.fixture
+async def orchestrator_for() -> AsyncIterator[Callable[..., Awaitable[WorkerOrchestrator]]]:
+    """Builds orchestrators with the three workers registered; closes their SDK clients after the test."""
+    made: list[WorkerOrchestrator] = []
+
+    async def make(env: dict[str, str], **extra: str) -> WorkerOrchestrator:
+        orchestrator = WorkerOrchestrator(Settings.from_env({**env, **extra}))
+        made.append(orchestrator)
+        for spec in WORKERS:
+            await orchestrator.register_worker(spec)
+        return orchestrator
+
+    yield make
+    for orchestrator in made:
+        await orchestrator.aclose()
 
 
 def clients(stub: VendorStub) -> list[str]:
@@ -62,7 +73,12 @@ def clients(stub: VendorStub) -> list[str]:
     ("worker", "family"), [("codex-writer", "codex"), ("gemini-review", "gemini-cli"), ("claude-redteam", "claude-cli")]
 )
 async def test_each_real_cli_completes_a_step_against_the_stub(
-    real_env: dict[str, str], stub: VendorStub, tmp_path: Path, worker: str, family: str
+    real_env: dict[str, str],
+    stub: VendorStub,
+    tmp_path: Path,
+    worker: str,
+    family: str,
+    orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]],
 ) -> None:
     orchestrator = await orchestrator_for(real_env)
     task = "--version; echo $(whoami) && rm -rf ~"  # hostile text must stay data
@@ -80,7 +96,7 @@ async def test_each_real_cli_completes_a_step_against_the_stub(
 
 
 async def test_the_same_task_runs_through_cli_and_through_openai_sdk(
-    real_env: dict[str, str], stub: VendorStub
+    real_env: dict[str, str], stub: VendorStub, orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]]
 ) -> None:
     orchestrator = await orchestrator_for(real_env, OPENAI_API_KEY="sk-stub")
     by_cli = await orchestrator.dispatch(
@@ -100,7 +116,7 @@ async def test_the_same_task_runs_through_cli_and_through_openai_sdk(
 
 
 async def test_without_an_openai_key_an_sdk_step_completes_through_the_cli(
-    real_env: dict[str, str], stub: VendorStub
+    real_env: dict[str, str], stub: VendorStub, orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]]
 ) -> None:
     assert "OPENAI_API_KEY" not in real_env
     orchestrator = await orchestrator_for(real_env)
@@ -118,7 +134,7 @@ async def test_without_an_openai_key_an_sdk_step_completes_through_the_cli(
 
 
 async def test_without_an_openai_key_and_policy_never_the_step_fails_clearly(
-    real_env: dict[str, str], stub: VendorStub
+    real_env: dict[str, str], stub: VendorStub, orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]]
 ) -> None:
     orchestrator = await orchestrator_for(real_env, MCP_WORKER_FALLBACK_POLICY="never")
     run = await orchestrator.dispatch(
@@ -130,7 +146,9 @@ async def test_without_an_openai_key_and_policy_never_the_step_fails_clearly(
     assert clients(stub) == []
 
 
-async def test_a_transient_sdk_failure_falls_back_to_the_real_cli(real_env: dict[str, str], stub: VendorStub) -> None:
+async def test_a_transient_sdk_failure_falls_back_to_the_real_cli(
+    real_env: dict[str, str], stub: VendorStub, orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]]
+) -> None:
     orchestrator = await orchestrator_for(real_env)
     stub.script(StubReply(status=503, error_message="overloaded"))
     run = await orchestrator.dispatch(
@@ -144,7 +162,10 @@ async def test_a_transient_sdk_failure_falls_back_to_the_real_cli(real_env: dict
 
 
 async def test_codex_writes_gemini_reviews_with_the_real_clis(
-    real_env: dict[str, str], stub: VendorStub, tmp_path: Path
+    real_env: dict[str, str],
+    stub: VendorStub,
+    tmp_path: Path,
+    orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]],
 ) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -168,7 +189,7 @@ async def test_codex_writes_gemini_reviews_with_the_real_clis(
 
 
 async def test_codex_writes_on_openai_sdk_and_gemini_reviews_on_google_sdk(
-    real_env: dict[str, str], stub: VendorStub
+    real_env: dict[str, str], stub: VendorStub, orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]]
 ) -> None:
     stub.responder = verdicts
     orchestrator = await orchestrator_for(real_env, OPENAI_API_KEY="sk-stub")
@@ -185,7 +206,9 @@ async def test_codex_writes_on_openai_sdk_and_gemini_reviews_on_google_sdk(
     assert run.verdict == "approve"
 
 
-async def test_security_redteam_pass_with_the_real_clis(real_env: dict[str, str], stub: VendorStub) -> None:
+async def test_security_redteam_pass_with_the_real_clis(
+    real_env: dict[str, str], stub: VendorStub, orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]]
+) -> None:
     stub.responder = verdicts
     orchestrator = await orchestrator_for(real_env)
     run = await orchestrator.dispatch(
@@ -218,7 +241,11 @@ def processes_in(directory: Path) -> list[int]:
 
 @pytest.mark.parametrize("worker", ["codex-writer", "gemini-review", "claude-redteam"])
 async def test_a_real_cli_waiting_on_a_stalled_api_is_killed_at_its_timeout(
-    real_env: dict[str, str], stub: VendorStub, tmp_path: Path, worker: str
+    real_env: dict[str, str],
+    stub: VendorStub,
+    tmp_path: Path,
+    worker: str,
+    orchestrator_for: Callable[..., Awaitable[WorkerOrchestrator]],
 ) -> None:
     stub.responder = lambda req: StubReply(text="too late", delay_s=60)
     workdir = tmp_path / "work"

@@ -106,8 +106,13 @@ def _serve(args: argparse.Namespace) -> int:
     server = build_server(settings)
     if args.transport == "stdio":
         server.run("stdio")
-    else:
-        server.run("streamable-http", host=args.host, port=args.port)
+        return 0
+    import uvicorn
+
+    app = server.streamable_http_app(host=args.host)
+    # log_config=None: uvicorn's access log joins ours on stderr instead of printing to stdout.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level.lower())
+    uvicorn.Server(config).run()
     return 0
 
 

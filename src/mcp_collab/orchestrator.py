@@ -87,7 +87,14 @@ class WorkerOrchestrator:
             dict(runtimes) if runtimes is not None else default_runtimes(settings)
         )
 
+    async def __aenter__(self) -> WorkerOrchestrator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
+        """Close the runtimes' HTTP clients."""
         for runtime in self.runtimes.values():
             close = getattr(runtime, "aclose", None)
             if close is not None:

@@ -100,8 +100,18 @@ async def check(settings: Settings) -> ReadinessReport:
     env = settings.child_env()
     checks: list[Check] = []
     cli_ready: dict[str, bool] = {}
+    binaries = {model: find_binary(settings, vendor) for model, vendor in VENDORS.items()}
+    versions: dict[str, str | None] = {}
+
+    async def ask(model: str, binary: str) -> None:
+        versions[model] = await _cli_version(binary, env)
+
+    async with anyio.create_task_group() as tg:  # gemini alone takes seconds to start
+        for model, binary in binaries.items():
+            if binary is not None:
+                tg.start_soon(ask, model, binary)
     for model, vendor in VENDORS.items():
-        binary = find_binary(settings, vendor)
+        binary = binaries[model]
         if binary is None:
             cli_ready[model] = False
             checks.append(
@@ -113,7 +123,7 @@ async def check(settings: Settings) -> ReadinessReport:
                 )
             )
             continue
-        version = await _cli_version(binary, env)
+        version = versions.get(model)
         cli_ready[model] = version is not None
         checks.append(
             Check(

@@ -14,6 +14,7 @@ What a coding CLI needs from us, and what goes wrong without it:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -248,11 +249,14 @@ async def run_process(
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await process.stdin.aclose()
 
-    async def drain(stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None) -> None:
+    async def drain(
+        stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None, *, alive: bool
+    ) -> None:
         with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             while True:
                 chunk = await stream.receive(_READ_CHUNK)
-                last_output[0] = time.monotonic()
+                if alive:
+                    last_output[0] = time.monotonic()
                 capture.feed(chunk)
                 if lines is not None:
                     lines.feed(chunk)
@@ -262,8 +266,10 @@ async def run_process(
     async def drain_both() -> None:
         assert process.stdout is not None and process.stderr is not None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, process.stdout, out, splitter)
-            tg.start_soon(drain, process.stderr, err, None)
+            # Only stdout (the CLI's event stream) counts as a sign of life: codex with its endpoint
+            # down prints "Reconnecting..." to stderr forever.
+            tg.start_soon(functools.partial(drain, process.stdout, out, splitter, alive=True))
+            tg.start_soon(functools.partial(drain, process.stderr, err, None, alive=False))
         drained.set()
 
     async def watchdog() -> None:
