@@ -146,7 +146,7 @@ async def _doctor(settings: Settings, args: argparse.Namespace) -> int:
 def _step_summary(run: Run) -> str:
     parts = []
     for s in run.steps:
-        mode = s.runtime_mode or "-"
+        mode: str = s.runtime_mode or "-"
         if s.fallback_from:
             mode = f"{s.fallback_from}->{mode}"
         parts.append(f"{s.worker_name}[{mode}]:{s.status}")

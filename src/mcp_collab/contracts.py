@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -30,6 +30,10 @@ MODELS: dict[str, type[BaseModel]] = {
     "dispatch_request": DispatchRequest,
     "runtime_policy": RuntimePolicy,
 }
+
+
+# Models that clients send (their schema is what we accept); the rest are what we return or store.
+INPUTS = frozenset({"worker_spec", "dispatch_request"})
 
 
 def store_schema() -> dict[str, Any]:
@@ -50,7 +54,9 @@ def render() -> dict[str, str]:
     """File name -> exact file text for everything under contracts/."""
     files = {}
     for name, model in MODELS.items():
-        mode = "validation" if name in ("worker_spec", "dispatch_request") else "serialization"
+        mode: Literal["validation", "serialization"] = (
+            "validation" if name in ("worker_spec", "dispatch_request") else "serialization"
+        )
         schema = model.model_json_schema(by_alias=True, mode=mode)
         files[f"{name}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     files["store.schema.json"] = json.dumps(store_schema(), indent=2, sort_keys=True) + "\n"

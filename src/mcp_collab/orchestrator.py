@@ -20,7 +20,9 @@ from . import workspace
 from .config import Settings
 from .errors import InvalidRequestError, UnknownRunError, UnknownWorkerError
 from .models import (
+    Access,
     DispatchRequest,
+    FallbackPolicy,
     Run,
     RunPage,
     RunStatus,
@@ -158,7 +160,7 @@ class WorkerOrchestrator:
 
     async def _plan(
         self, request: DispatchRequest, runtime_modes: Mapping[str, RuntimeMode]
-    ) -> tuple[Run, Strategy, list[Worker], list[RuntimeMode], list[str], Path | None]:
+    ) -> tuple[Run, Strategy, list[Worker], list[RuntimeMode], list[FallbackPolicy], Path | None]:
         strategy = get_strategy(request.strategy)
         registered = await self.list_workers()
         workers = assign_workers(strategy, registered, request.workers)
@@ -212,7 +214,7 @@ class WorkerOrchestrator:
         strategy: Strategy,
         workers: list[Worker],
         modes: list[RuntimeMode],
-        policies: list[str],
+        policies: list[FallbackPolicy],
         cwd: Path | None,
         progress: ProgressCallback,
     ) -> None:
@@ -259,9 +261,9 @@ class WorkerOrchestrator:
         step: Step,
         worker: Worker,
         mode: RuntimeMode,
-        policy: str,
+        policy: FallbackPolicy,
         prompt: str,
-        access: str,
+        access: Access,
         cwd: Path | None,
         progress: ProgressCallback,
     ) -> None:
@@ -275,13 +277,13 @@ class WorkerOrchestrator:
             worker=worker,
             prompt=prompt,
             instructions=worker.instructions,
-            access=access,  # type: ignore[arg-type]
+            access=access,
             timeout_s=timeout,
             idle_timeout_s=min(self.settings.idle_timeout_s, timeout),
             working_directory=cwd,
             on_progress=progress,
         )
-        outcome = await run_with_fallback(self.runtimes, request, mode, policy)  # type: ignore[arg-type]
+        outcome = await run_with_fallback(self.runtimes, request, mode, policy)
         step.attempts = outcome.attempts
         step.runtime_mode = outcome.mode
         step.fallback_from = outcome.fallback_from

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar, cast
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -146,8 +146,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _state(ctx: Context) -> AppState:
-    state: AppState = ctx.request_context.lifespan_context
-    return state
+    return cast(AppState, ctx.request_context.lifespan_context)
 
 
 STRATEGY_GUIDE = "\n".join(f"- {s.name}: {s.summary}" for s in STRATEGIES.values())
