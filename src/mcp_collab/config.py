@@ -19,6 +19,10 @@ DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_CAPTURE_BYTES = 1 << 20
 # The SDK clients' own retries: off by default so a failure reaches our fallback policy quickly.
 DEFAULT_SDK_MAX_RETRIES = 0
+# Runs executing at once; more wait as `queued`. Each CLI worker is a heavy process tree.
+DEFAULT_MAX_CONCURRENT_RUNS = 4
+# A whole run (all its steps) may take this long before it is stopped.
+DEFAULT_RUN_TIMEOUT_S = 4 * 3600.0
 DEFAULT_OPENAI_MODEL = "gpt-5-codex"
 DEFAULT_GEMINI_MODEL = "gemini-2.5-pro"
 
@@ -84,6 +88,8 @@ class Settings:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     capture_bytes: int = DEFAULT_CAPTURE_BYTES
     sdk_max_retries: int = DEFAULT_SDK_MAX_RETRIES
+    max_concurrent_runs: int = DEFAULT_MAX_CONCURRENT_RUNS
+    run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S
     openai_model: str = DEFAULT_OPENAI_MODEL
     gemini_model: str = DEFAULT_GEMINI_MODEL
     cli_bins: Mapping[str, str] = field(default_factory=dict)
@@ -106,6 +112,8 @@ class Settings:
             idle_timeout_s=_positive(env, "MCP_COLLAB_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
             capture_bytes=int(_positive(env, "MCP_COLLAB_CAPTURE_BYTES", DEFAULT_CAPTURE_BYTES)),
             sdk_max_retries=int(_positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)),
+            max_concurrent_runs=int(_positive(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", DEFAULT_MAX_CONCURRENT_RUNS)),
+            run_timeout_s=_positive(env, "MCP_COLLAB_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S),
             openai_model=env.get("MCP_COLLAB_OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
             gemini_model=env.get("MCP_COLLAB_GEMINI_MODEL") or DEFAULT_GEMINI_MODEL,
             cli_bins={

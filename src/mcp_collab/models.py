@@ -170,6 +170,22 @@ class Attempt(WireModel):
     exit_code: int | None = None
 
 
+class ProcessRef(WireModel):
+    """Enough to find a step's process group again after a crash, and not mistake a reused pid for it."""
+
+    pid: int
+    pgid: int
+    start_ticks: int | None = Field(default=None, description="The process's start time in clock ticks since boot.")
+
+
+class RunOwner(WireModel):
+    """The server process executing a run; a restart interrupts runs whose owner is gone."""
+
+    host: str
+    pid: int
+    start_ticks: int | None = None
+
+
 class Step(WireModel):
     index: int
     role: str = Field(description="The step's part in the strategy: worker, writer, reviewer, redteam.")
@@ -194,6 +210,7 @@ class Step(WireModel):
     error: str | None = None
     verdict: Verdict | None = None
     findings: list[str] = Field(default_factory=list)
+    process: ProcessRef | None = Field(default=None, description="The CLI process of this step, while one runs.")
 
 
 class Run(WireModel):
@@ -211,6 +228,7 @@ class Run(WireModel):
     verdict: Verdict | None = None
     findings: list[str] = Field(default_factory=list)
     error: str | None = None
+    owner: RunOwner | None = None
 
 
 class DispatchRequest(WireModel):

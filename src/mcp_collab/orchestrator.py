@@ -7,23 +7,34 @@ always shows what actually happened, including which runtime ran each step.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import math
+import os
 import secrets
+import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
 from . import workspace
 from .config import Settings
 from .errors import InvalidRequestError, UnknownRunError, UnknownWorkerError
 from .models import (
+    TERMINAL_RUN_STATUSES,
     Access,
     DispatchRequest,
     FallbackPolicy,
+    ProcessRef,
     Run,
+    RunOwner,
     RunPage,
     RunStatus,
     RuntimeMode,
@@ -31,7 +42,8 @@ from .models import (
     Worker,
     WorkerSpec,
 )
-from .runtimes.base import StepRequest, WorkerRuntime
+from .runtimes.base import PartialOutput, StepRequest, WorkerRuntime
+from .runtimes.cli.supervisor import kill_tree, process_start_ticks
 from .runtimes.selector import choose_mode, choose_policy, run_with_fallback
 from .store import JsonStore, RunFilter, RunStore
 from .strategies import (
@@ -45,7 +57,69 @@ from .strategies import (
 
 ProgressCallback = Callable[[str], None]
 
+log = logging.getLogger("mcp_collab.orchestrator")
+
 MAX_PAGE_SIZE = 200
+# A waiting client hears from us at least this often (clients give up on silent calls; 25 s is the
+# most a user should wait without a sign of life).
+HEARTBEAT_S = 15.0
+# A cancel kills process trees within half a second; this bounds the wait for the run to settle.
+CANCEL_WAIT_S = 30.0
+# How often a wait on a run executed by another server process re-reads the store.
+FOREIGN_POLL_S = 0.5
+
+
+def this_process() -> RunOwner:
+    return RunOwner(host=socket.gethostname(), pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()))
+
+
+def owner_alive(owner: RunOwner | None) -> bool:
+    """Is the server process that owns a run still running (on this host, and the same process)?"""
+    if owner is None:
+        return False
+    if owner.host != socket.gethostname():
+        return True  # not ours to judge: a store shared across hosts is the other host's business
+    ticks = process_start_ticks(owner.pid)
+    return ticks is not None and (owner.start_ticks is None or ticks == owner.start_ticks)
+
+
+def _where(run: Run) -> str:
+    current = next((s for s in run.steps if s.status == "running"), None)
+    if current is not None:
+        return (
+            f"step {current.index + 1}/{len(run.steps)} {current.role} {current.worker_name} via {current.runtime_mode}"
+        )
+    return "waiting for a free slot" if run.status == "queued" else run.status
+
+
+@dataclass
+class _Plan:
+    run: Run
+    strategy: Strategy
+    workers: list[Worker]
+    modes: list[RuntimeMode]
+    policies: list[FallbackPolicy]
+    cwd: Path | None
+
+
+@dataclass(eq=False)
+class _Active:
+    """A run this process is executing: its plan, how to stop it, and who is listening."""
+
+    plan: _Plan
+    done: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stop_reason: tuple[RunStatus, str] | None = None
+    listeners: list[ProgressCallback] = field(default_factory=list)
+    partial: PartialOutput = field(default_factory=PartialOutput)
+
+    @property
+    def run(self) -> Run:
+        return self.plan.run
+
+    def emit(self, message: str) -> None:
+        for listener in list(self.listeners):
+            listener(message)
 
 
 def _noop(_: str) -> None:
@@ -88,6 +162,10 @@ class WorkerOrchestrator:
         self.runtimes: dict[RuntimeMode, WorkerRuntime] = (
             dict(runtimes) if runtimes is not None else default_runtimes(settings)
         )
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._active: dict[str, _Active] = {}
+        self._limiter = anyio.CapacityLimiter(settings.max_concurrent_runs)
+        self._owner = this_process()
 
     async def __aenter__(self) -> WorkerOrchestrator:
         return self
@@ -146,21 +224,141 @@ class WorkerOrchestrator:
         run_filter = RunFilter(status=status, strategy=strategy, worker=worker)
         return await anyio.to_thread.run_sync(self.store.list_runs, run_filter, limit, cursor)
 
-    async def dispatch(
-        self,
-        request: DispatchRequest,
-        *,
-        on_progress: ProgressCallback | None = None,
-    ) -> Run:
-        """Plan the run (refusing anything wrong before it starts), then run it to its end."""
-        run, strategy, workers, modes, policies, cwd = await self._plan(request, request.runtime_modes or {})
-        await self._save(run)
-        await self._execute(run, strategy, workers, modes, policies, cwd, on_progress or _noop)
+    # -- the run lifecycle ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[WorkerOrchestrator]:
+        """Own a task group for background runs; recover runs a dead server left behind.
+
+        Runs started with ``start`` live here, not in the request that started them: a client that
+        times out, cancels or disconnects never kills a run. Leaving the block (the server stops)
+        interrupts whatever is still running and kills its processes."""
+        await self.recover()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                yield self
+            finally:
+                self._tg = None
+                tg.cancel_scope.cancel()
+
+    async def dispatch(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
+        """Plan the run (refusing anything wrong before it starts) and run it to its end."""
+        active = await self._admit(request)
+        if on_progress is not None:
+            active.listeners.append(on_progress)
+        if self._tg is not None:
+            self._tg.start_soon(self._background, active)
+            await active.done.wait()
+        else:
+            await self._background(active)
+        return active.run.model_copy(deep=True)
+
+    async def start(self, request: DispatchRequest) -> Run:
+        """Plan the run and start it in the background (inside ``running``); returns it queued."""
+        if self._tg is None:
+            raise RuntimeError("start() needs the orchestrator's task group: use `async with orchestrator.running()`")
+        active = await self._admit(request)
+        self._tg.start_soon(self._background, active)
+        return active.run.model_copy(deep=True)
+
+    async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
+        """The run when it ends, or as it stands after ``timeout_s``; progress and heartbeats meanwhile."""
+        active = self._active.get(run_id)
+        if active is None:
+            return await self._wait_elsewhere(run_id, timeout_s)
+        if on_progress is not None:
+            active.listeners.append(on_progress)
+        try:
+            with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+                async with anyio.create_task_group() as tg:
+                    if on_progress is not None:
+                        tg.start_soon(self._heartbeat, active, on_progress)
+                    await active.done.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            if on_progress is not None:
+                active.listeners.remove(on_progress)
+        return active.run.model_copy(deep=True)
+
+    async def cancel(self, run_id: str) -> tuple[Run, bool]:
+        """Stop a run: kill its processes, mark it and its open step cancelled, keep partial output.
+
+        Returns the run and whether this call cancelled it (False: it had already ended)."""
+        active = self._active.get(run_id)
+        if active is None:
+            run = await self.get_run(run_id)
+            if run.status in TERMINAL_RUN_STATUSES:
+                return run, False
+            owner = f" (pid {run.owner.pid} on {run.owner.host})" if run.owner else ""
+            raise InvalidRequestError(
+                f"run {run_id} is {run.status} in another mcp-collab server process{owner}; cancel it there"
+            )
+        if active.stop_reason is None:
+            active.stop_reason = ("cancelled", "cancelled on request")
+        active.scope.cancel()
+        with anyio.fail_after(CANCEL_WAIT_S):
+            await active.done.wait()
+        return active.run.model_copy(deep=True), True
+
+    async def _wait_elsewhere(self, run_id: str, timeout_s: float | None) -> Run:
+        """A run this process is not executing: another server on the same store may be."""
+        run = await self.get_run(run_id)
+        with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+            while run.status not in TERMINAL_RUN_STATUSES:
+                await anyio.sleep(FOREIGN_POLL_S)
+                run = await self.get_run(run_id)
         return run
 
-    async def _plan(
-        self, request: DispatchRequest, runtime_modes: Mapping[str, RuntimeMode]
-    ) -> tuple[Run, Strategy, list[Worker], list[RuntimeMode], list[FallbackPolicy], Path | None]:
+    async def _heartbeat(self, active: _Active, on_progress: ProgressCallback) -> None:
+        started = time.monotonic()
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            run = active.run
+            on_progress(f"run {run.id} still {run.status}: {_where(run)}, {time.monotonic() - started:.0f}s waited")
+
+    async def _admit(self, request: DispatchRequest) -> _Active:
+        plan = await self._plan(request, request.runtime_modes or {})
+        plan.run.owner = self._owner
+        await self._save(plan.run)
+        active = _Active(plan=plan)
+        self._active[plan.run.id] = active
+        return active
+
+    async def _background(self, active: _Active) -> None:
+        run = active.run
+        try:
+            with active.scope:
+                async with self._limiter:  # beyond the limit, runs wait here as `queued`
+                    deadline = anyio.current_time() + self.settings.run_timeout_s
+                    active.scope.deadline = deadline
+                    try:
+                        await self._execute(active)
+                    except anyio.get_cancelled_exc_class():
+                        if active.stop_reason is None:
+                            if anyio.current_time() >= deadline:
+                                active.stop_reason = (
+                                    "failed",
+                                    f"the run hit its wall-clock limit of {self.settings.run_timeout_s:g}s "
+                                    "(MCP_COLLAB_RUN_TIMEOUT); its processes were killed",
+                                )
+                            else:
+                                active.stop_reason = ("interrupted", "the server stopped while the run was in progress")
+                        raise
+            if active.stop_reason is not None and run.status not in TERMINAL_RUN_STATUSES:
+                await self._abandon(active, *active.stop_reason)  # cancelled while still queued
+        except anyio.get_cancelled_exc_class():
+            await self._abandon(active, *(active.stop_reason or ("interrupted", "the server stopped")))
+            raise
+        except Exception as exc:
+            log.exception("run %s failed inside mcp-collab", run.id)
+            await self._abandon(active, "failed", f"internal error: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            active.done.set()
+            self._active.pop(run.id, None)
+
+    async def _plan(self, request: DispatchRequest, runtime_modes: Mapping[str, RuntimeMode]) -> _Plan:
         strategy = get_strategy(request.strategy)
         registered = await self.list_workers()
         workers = assign_workers(strategy, registered, request.workers)
@@ -198,7 +396,7 @@ class WorkerOrchestrator:
                 for i, (role, w, mode) in enumerate(zip(strategy.roles, workers, modes, strict=True))
             ],
         )
-        return run, strategy, workers, modes, policies, cwd
+        return _Plan(run, strategy, workers, modes, policies, cwd)
 
     @staticmethod
     def _check_directory(directory: str, field: str) -> None:
@@ -208,56 +406,41 @@ class WorkerOrchestrator:
         if not path.is_dir():
             raise InvalidRequestError(f"{field} {directory!r} is not an existing directory")
 
-    async def _execute(
-        self,
-        run: Run,
-        strategy: Strategy,
-        workers: list[Worker],
-        modes: list[RuntimeMode],
-        policies: list[FallbackPolicy],
-        cwd: Path | None,
-        progress: ProgressCallback,
-    ) -> None:
+    async def _execute(self, active: _Active) -> None:
+        plan, run = active.plan, active.run
         run.status = "running"
         run.started_at = datetime.now(UTC)
         await self._save(run)
         diff_text: str | None = None
-        try:
-            for i, (role, worker) in enumerate(zip(strategy.roles, workers, strict=True)):
-                step = run.steps[i]
-                step_cwd = cwd or (Path(worker.working_directory) if worker.working_directory else None)
-                before = await workspace.snapshot(step_cwd) if strategy.wants_diff and i == 0 else None
-                prompt = role.prompt(PromptContext(task=run.task, previous=run.steps[:i], diff=diff_text))
-                await self._run_step(run, step, worker, modes[i], policies[i], prompt, role.access, step_cwd, progress)
-                if step.status != "completed":
-                    for later in run.steps[i + 1 :]:
-                        later.status = "skipped"
-                    run.status = "failed"
-                    run.error = f"step {i + 1} ({step.role}, worker {step.worker_name}) failed: {step.error}"
-                    break
-                if role.judges:
-                    step.verdict, step.findings = parse_verdict(step.output)
-                    run.verdict, run.findings = step.verdict, list(step.findings)
-                if before is not None:
-                    after = await workspace.snapshot(step_cwd)
-                    if after is not None and after != before:
-                        diff_text = await workspace.diff(step_cwd, before, after, MAX_QUOTED_DIFF_CHARS)
-            else:
-                run.status = "completed"
-                run.result = run.steps[-1].output
-        except anyio.get_cancelled_exc_class():
-            await self._abandon(run, "cancelled", "the run was cancelled")
-            raise
-        except Exception as exc:
-            await self._abandon(run, "failed", f"internal error: {exc}")
-            raise
+        for i, (role, worker) in enumerate(zip(plan.strategy.roles, plan.workers, strict=True)):
+            step = run.steps[i]
+            step_cwd = plan.cwd or (Path(worker.working_directory) if worker.working_directory else None)
+            before = await workspace.snapshot(step_cwd) if plan.strategy.wants_diff and i == 0 else None
+            prompt = role.prompt(PromptContext(task=run.task, previous=run.steps[:i], diff=diff_text))
+            await self._run_step(active, step, worker, plan.modes[i], plan.policies[i], prompt, role.access, step_cwd)
+            if step.status != "completed":
+                for later in run.steps[i + 1 :]:
+                    later.status = "skipped"
+                run.status = "failed"
+                run.error = f"step {i + 1} ({step.role}, worker {step.worker_name}) failed: {step.error}"
+                break
+            if role.judges:
+                step.verdict, step.findings = parse_verdict(step.output)
+                run.verdict, run.findings = step.verdict, list(step.findings)
+            if before is not None:
+                after = await workspace.snapshot(step_cwd)
+                if after is not None and after != before:
+                    diff_text = await workspace.diff(step_cwd, before, after, MAX_QUOTED_DIFF_CHARS)
+        else:
+            run.status = "completed"
+            run.result = run.steps[-1].output
         run.ended_at = datetime.now(UTC)
         await self._save(run)
-        progress(f"run {run.id} {run.status}")
+        active.emit(f"run {run.id} {run.status}")
 
     async def _run_step(
         self,
-        run: Run,
+        active: _Active,
         step: Step,
         worker: Worker,
         mode: RuntimeMode,
@@ -265,8 +448,8 @@ class WorkerOrchestrator:
         prompt: str,
         access: Access,
         cwd: Path | None,
-        progress: ProgressCallback,
     ) -> None:
+        run, progress = active.run, active.emit
         step.status = "running"
         step.started_at = datetime.now(UTC)
         t0 = time.monotonic()
@@ -282,8 +465,12 @@ class WorkerOrchestrator:
             idle_timeout_s=min(self.settings.idle_timeout_s, timeout),
             working_directory=cwd,
             on_progress=progress,
+            on_spawn=functools.partial(self._record_process, run, step),
+            partial=active.partial,
         )
+        active.partial.text = ""
         outcome = await run_with_fallback(self.runtimes, request, mode, policy)
+        step.process = None
         step.attempts = outcome.attempts
         step.runtime_mode = outcome.mode
         step.fallback_from = outcome.fallback_from
@@ -307,19 +494,54 @@ class WorkerOrchestrator:
         via = f"{step.runtime_mode}" + (f" (fell back from {step.fallback_from})" if step.fallback_from else "")
         progress(f"step {step.index + 1}/{len(run.steps)} {step.status}: {step.role} {worker.name} via {via}")
 
-    async def _abandon(self, run: Run, status: RunStatus, reason: str) -> None:
-        """Record a run that stopped abnormally; its open step keeps the output it had."""
+    async def _record_process(self, run: Run, step: Step, pid: int) -> None:
+        step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
+        await self._save(run)
+
+    async def _abandon(self, active: _Active, status: RunStatus, reason: str) -> None:
+        """Record a run that stopped abnormally; its open step keeps the output it had produced."""
+        run = active.run
         with anyio.CancelScope(shield=True):
             run.status = status
             run.error = run.error or reason
+            now = datetime.now(UTC)
             for step in run.steps:
                 if step.status == "running":
-                    step.status = "cancelled" if status == "cancelled" else "failed"
+                    step.status = {"cancelled": "cancelled", "failed": "failed"}.get(status, "interrupted")  # type: ignore[assignment]
+                    step.error = step.error or reason
+                    step.output, step.output_truncated = cap_text(active.partial.text, self.settings.capture_bytes)
+                    step.process = None
+                    step.ended_at = now
+                elif step.status == "pending":
+                    step.status = "skipped"
+            run.ended_at = now
+            await self._save(run)
+            active.emit(f"run {run.id} {run.status}: {reason}")
+
+    async def recover(self) -> list[Run]:
+        """Runs left queued or running by a server that is gone become interrupted; their processes die."""
+        recovered = []
+        for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
+            if run.id in self._active or owner_alive(run.owner):
+                continue
+            for step in run.steps:
+                if step.process is not None and process_start_ticks(step.process.pid) == step.process.start_ticks:
+                    await kill_tree(step.process.pid, step.process.pgid)
+                if step.status == "running":
+                    step.status = "interrupted"
+                    step.error = "the server running this step stopped"
+                    step.process = None
                     step.ended_at = datetime.now(UTC)
                 elif step.status == "pending":
                     step.status = "skipped"
+            who = f"pid {run.owner.pid}" if run.owner else "unknown"
+            run.status = "interrupted"
+            run.error = f"interrupted: the server that ran it ({who}) stopped before it finished; found at restart"
             run.ended_at = datetime.now(UTC)
             await self._save(run)
+            recovered.append(run)
+            log.warning("run %s was left %s by a stopped server; marked interrupted", run.id, run.status)
+        return recovered
 
     async def _save(self, run: Run) -> None:
         await anyio.to_thread.run_sync(self.store.save_run, run)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -10,10 +10,18 @@ from typing import Protocol
 from ..models import Access, RuntimeMode, Usage, Worker
 
 ProgressSink = Callable[[str], None]
+SpawnSink = Callable[[int], Awaitable[None]]
 
 
 def _ignore(_: str) -> None:
     return None
+
+
+class PartialOutput:
+    """What a step has produced so far, kept by the runtime so a cancelled step keeps its work."""
+
+    def __init__(self) -> None:
+        self.text = ""
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class StepRequest:
     idle_timeout_s: float
     working_directory: Path | None = None
     on_progress: ProgressSink = field(default=_ignore, compare=False)
+    on_spawn: SpawnSink | None = field(default=None, compare=False)  # told the pid of a CLI it starts
+    partial: PartialOutput = field(default_factory=PartialOutput, compare=False)
 
 
 @dataclass(frozen=True)

@@ -39,5 +39,8 @@ class RunStore(Protocol):
 
     def get_run(self, run_id: str) -> Run | None: ...
 
+    def unfinished_runs(self) -> list[Run]:
+        """Runs still queued or running (by this process or another)."""
+
     def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
         """Runs newest first; ``cursor`` is the ``nextCursor`` of the previous page."""

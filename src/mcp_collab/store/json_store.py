@@ -104,6 +104,9 @@ class JsonStore:
 
         return self._read(page)
 
+    def unfinished_runs(self) -> list[Run]:
+        return self._read(lambda: [r for r in self._runs.values() if r.status in ("queued", "running")])
+
     def all_runs(self) -> list[Run]:
         return self._read(lambda: list(self._runs.values()))
 

@@ -53,6 +53,8 @@ class CLIRuntime:
 
         def on_line(line: str) -> None:
             message = parser.feed(line)
+            parsed = parser.parsed
+            request.partial.text = parsed.text or "\n\n".join(parsed.messages)
             if message:
                 request.on_progress(f"{request.worker.name}: {message}")
 
@@ -67,7 +69,7 @@ class CLIRuntime:
         )
         request.on_progress(f"{request.worker.name}: starting {vendor.name}")
         try:
-            outcome = await run_process(spec, on_line=on_line)
+            outcome = await run_process(spec, on_line=on_line, on_start=request.on_spawn)
         except OSError as exc:
             raise RuntimeUnavailable(
                 f"cannot start the {vendor.name} CLI ({binary}): {exc}", code="spawn_failed"

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +163,17 @@ def _proc_table() -> list[tuple[int, int, int, str]]:
     return rows
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
 def tree_members(root_pid: int, pgid: int) -> set[int]:
     """Live (non-zombie) processes in ``pgid`` or descended from ``root_pid``."""
     if not os.path.isdir("/proc"):
@@ -218,7 +229,7 @@ async def kill_tree(root_pid: int, pgid: int, grace_s: float = KILL_GRACE_S) -> 
 async def run_process(
     spec: ProcessSpec,
     on_line: LineSink | None = None,
-    on_start: Callable[[int], None] | None = None,
+    on_start: Callable[[int], Awaitable[None]] | None = None,
 ) -> ProcessOutcome:
     """Run ``spec`` to its end, its limit or our cancellation; the tree is gone when this returns."""
     started = time.monotonic()
@@ -232,8 +243,6 @@ async def run_process(
         start_new_session=True,
     )
     pid = process.pid
-    if on_start is not None:
-        on_start(pid)
     out = BoundedCapture(spec.capture_bytes)
     err = BoundedCapture(min(spec.capture_bytes, 256 * 1024))
     splitter = LineSplitter(on_line) if on_line else None
@@ -287,6 +296,8 @@ async def run_process(
         await kill_tree(pid, pid)
 
     try:
+        if on_start is not None:
+            await on_start(pid)
         async with anyio.create_task_group() as tg:
             tg.start_soon(feed_stdin)
             tg.start_soon(drain_both)
