@@ -20,7 +20,7 @@ pytestmark = pytest.mark.anyio
 
 TOOLS = {
     "spawn_worker", "list_workers", "remove_worker", "dispatch_task",
-    "list_worker_runs", "get_worker_run", "check_runtimes",
+    "list_worker_runs", "get_worker_run", "check_runtimes", "wait_worker_run", "cancel_worker_run",
 }  # fmt: skip
 
 
@@ -226,7 +226,7 @@ async def test_bad_arguments_are_clear_errors_and_change_nothing(
     assert len((await call(client, "list_worker_runs"))["runs"]) == 1, "the server is still up"
 
 
-async def test_an_unexpected_failure_is_reported_without_a_trace_and_the_server_stays_up(
+async def test_a_bug_in_a_run_fails_that_run_without_a_trace_and_the_server_stays_up(
     client: Client, runtimes: dict[str, ScriptedRuntime], caplog: pytest.LogCaptureFixture
 ) -> None:
     def explode(req: StepRequest) -> Reply:
@@ -234,11 +234,12 @@ async def test_an_unexpected_failure_is_reported_without_a_trace_and_the_server_
 
     runtimes["cli"].respond = explode
     await call(client, "spawn_worker", name="codex-writer", model="codex_cli")
-    text = await error(client, "dispatch_task", task="x")
-    assert "internal error in dispatch_task (KeyError)" in text and "internal detail" not in text
-    assert "internal detail" in caplog.text, "the details go to the server log"
-    [run] = (await call(client, "list_worker_runs"))["runs"]
+    run = await call(client, "dispatch_task", task="x")
     assert run["status"] == "failed" and run["steps"][0]["status"] == "failed"
+    assert "internal error (KeyError)" in run["error"] and "internal detail" not in json.dumps(run)
+    assert "internal detail" in caplog.text, "the details go to the server log"
+    [listed] = (await call(client, "list_worker_runs"))["runs"]
+    assert listed["status"] == "failed"
     runtimes["cli"].respond = echo
     assert (await call(client, "dispatch_task", task="y"))["status"] == "completed"
 

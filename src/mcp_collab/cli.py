@@ -212,11 +212,10 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         fallback_policy=args.fallback_policy,
         working_directory=args.working_directory,
     )
-    orchestrator = WorkerOrchestrator(settings)
-    try:
-        run = await orchestrator.dispatch(request, on_progress=lambda m: print(f"… {m}", file=sys.stderr))
-    finally:
-        await orchestrator.aclose()
+    async with WorkerOrchestrator(settings) as orchestrator, orchestrator.running():
+        run = await orchestrator.start(request)
+        print(f"… run {run.id} {run.status}", file=sys.stderr)
+        run = await orchestrator.wait(run.id, None, on_progress=lambda m: print(f"… {m}", file=sys.stderr))
     if args.json:
         print(run.model_dump_json(by_alias=True, indent=2))
     else:

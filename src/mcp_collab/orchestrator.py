@@ -351,9 +351,11 @@ class WorkerOrchestrator:
             await self._abandon(active, *(active.stop_reason or ("interrupted", "the server stopped")))
             raise
         except Exception as exc:
+            # A bug must cost one run, never the server: record it, log the details, carry on.
             log.exception("run %s failed inside mcp-collab", run.id)
-            await self._abandon(active, "failed", f"internal error: {type(exc).__name__}: {exc}")
-            raise
+            await self._abandon(
+                active, "failed", f"internal error ({type(exc).__name__}); the server log has the details"
+            )
         finally:
             active.done.set()
             self._active.pop(run.id, None)

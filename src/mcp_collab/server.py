@@ -54,6 +54,9 @@ log = logging.getLogger("mcp_collab.server")
 RESULT_BUDGET_BYTES = 8_000
 MIN_PREVIEW_CHARS = 120
 LIST_PREVIEW_CHARS = 160
+# Blocking tools return before a client's request timeout (the TypeScript SDK gives up at 60 s).
+DEFAULT_WAIT_S = 45.0
+MAX_WAIT_S = 55.0
 PROGRESS_BUFFER = 1000
 
 P = ParamSpec("P")
@@ -68,6 +71,12 @@ class AppState:
 
 class WorkerList(WireModel):
     workers: list[Worker]
+
+
+class CancelResult(WireModel):
+    run: Run
+    cancelled: bool = Field(description="False when the run had already ended.")
+    message: str
 
 
 def _clip(text: str, limit: int, uri: str) -> tuple[str, bool]:
@@ -168,11 +177,10 @@ def build_server(
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         resolved = settings or Settings.from_env()
-        orchestrator = WorkerOrchestrator(resolved, runtimes=runtimes)
-        try:
+        # Runs live in the orchestrator's task group, owned by this lifespan: a request that times
+        # out, is cancelled or disconnects does not take its run with it.
+        async with WorkerOrchestrator(resolved, runtimes=runtimes) as orchestrator, orchestrator.running():
             yield AppState(orchestrator=orchestrator, settings=resolved)
-        finally:
-            await orchestrator.aclose()
 
     mcp: MCPServer[AppState] = MCPServer(
         "mcp-collab",
@@ -247,6 +255,9 @@ def build_server(
         ] = None,
         fallbackPolicy: Annotated[FallbackPolicy | None, Field(description="Override: on_error or never.")] = None,
         workingDirectory: Annotated[str | None, Field(description="Absolute directory the workers run in.")] = None,
+        waitSeconds: Annotated[
+            float, Field(ge=0, le=MAX_WAIT_S, description="How long to wait for the run to finish before returning.")
+        ] = DEFAULT_WAIT_S,
     ) -> Run:
         request = DispatchRequest(
             task=task,
@@ -257,8 +268,10 @@ def build_server(
             fallback_policy=fallbackPolicy,
             working_directory=workingDirectory,
         )
+        orchestrator = _state(ctx).orchestrator
+        run = await orchestrator.start(request)
         async with _progress(ctx) as report:
-            run = await _state(ctx).orchestrator.dispatch(request, on_progress=report)
+            run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
         return for_client(run)
 
     @mcp.tool()
@@ -288,6 +301,36 @@ def build_server(
 
     @mcp.tool()
     @tool_errors
+    async def wait_worker_run(
+        ctx: Context,
+        runId: str,
+        timeoutSeconds: Annotated[
+            float, Field(ge=0, le=MAX_WAIT_S, description="Return after this long even if the run goes on.")
+        ] = DEFAULT_WAIT_S,
+    ) -> Run:
+        """Wait for a run started by dispatch_task to finish, up to timeoutSeconds (at most 55 s so no
+        client times out), with progress notifications meanwhile. Returns the run: if its status is still
+        queued or running, call wait_worker_run again. Works from any session of this server."""
+        async with _progress(ctx) as report:
+            run = await _state(ctx).orchestrator.wait(runId, timeoutSeconds, on_progress=report)
+        return for_client(run)
+
+    @mcp.tool()
+    @tool_errors
+    async def cancel_worker_run(ctx: Context, runId: str) -> CancelResult:
+        """Cancel a queued or running run: its CLI processes are killed (the whole process tree), the
+        run and its open step become cancelled, and the output produced so far is kept. Cancelling a
+        run that already ended changes nothing and says so."""
+        run, cancelled = await _state(ctx).orchestrator.cancel(runId)
+        message = (
+            f"run {runId} cancelled; its processes were stopped"
+            if cancelled
+            else f"run {runId} had already ended ({run.status}); nothing to cancel"
+        )
+        return CancelResult(run=for_client(run), cancelled=cancelled, message=message)
+
+    @mcp.tool()
+    @tool_errors
     async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
         """Which runtimes can run here now: CLIs found and their versions, credentials present (never
         their values), SDKs importable, the store writable; each failure with a hint to fix it."""
@@ -310,7 +353,10 @@ def build_server(
 
 def _dispatch_description() -> str:
     return (
-        "Run a task through a collaboration strategy and return the run with its steps.\n"
+        "Run a task through a collaboration strategy and return the run with its steps. Waits up to "
+        "waitSeconds (default 45) for it to finish; a longer run keeps going in the server and comes back "
+        "with status queued or running and its id: follow it with wait_worker_run, stop it with "
+        "cancel_worker_run. Progress notifications report each step and the workers' own events.\n"
         "Strategies:\n" + STRATEGY_GUIDE + "\n"
         "Workers: named ones in role order, else the first registered worker of the model each role needs.\n"
         + RUNTIME_GUIDE

@@ -51,6 +51,12 @@ def main(mode: str) -> None:
     if mode == "hang":
         # A parent that ignores SIGTERM, with children, one of them ignoring SIGTERM too.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        emit(
+            {
+                "type": "item.completed",
+                "item": {"id": "m0", "type": "agent_message", "text": "partial work: step one done"},
+            }
+        )
         sleeper(ignore_term=False)
         sleeper(ignore_term=True)
         emit({"type": "item.started", "item": {"id": "c1", "type": "command_execution", "command": "sleep"}})

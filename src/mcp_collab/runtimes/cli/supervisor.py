@@ -315,6 +315,10 @@ async def run_process(
         with anyio.CancelScope(shield=True):
             if process.returncode is None or tree_members(pid, pid):
                 await kill_tree(pid, pid)
+            if not drained.is_set():
+                # Cancelled: what the CLI printed before it died is still in the pipes; keep it.
+                with anyio.move_on_after(DRAIN_GRACE_S):
+                    await drain_both()
             with anyio.move_on_after(2):
                 await process.wait()
             await process.aclose()
