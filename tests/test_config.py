@@ -25,9 +25,9 @@ def test_malformed_settings_name_the_variable_and_what_is_accepted(env: dict[str
 def test_defaults_and_state_dir() -> None:
     s = Settings.from_env({"HOME": "/home/u"})
     assert (s.default_runtime, s.fallback_policy) == ("cli", "on_error")
-    assert s.store_path == Path("/home/u/.local/state/mcp-collab/store.json")
+    assert s.store_dir == Path("/home/u/.local/state/mcp-collab")
     assert Settings.from_env({"HOME": "/h", "XDG_STATE_HOME": "/x"}).state_dir == Path("/x/mcp-collab")
-    assert Settings.from_env({"HOME": "/h", "MCP_COLLAB_STATE_DIR": "/s"}).store_path == Path("/s/store.json")
+    assert Settings.from_env({"HOME": "/h", "MCP_COLLAB_STATE_DIR": "/s"}).store_dir == Path("/s")
 
 
 def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:

@@ -220,7 +220,7 @@ async def test_after_kill_9_a_new_server_marks_the_run_interrupted_and_no_orphan
             await client.call_tool("list_workers", {}, read_timeout_seconds=5)
     workers = read_pids(pidfile)
     assert any(alive(p) for p in workers), "the CLI's tree outlives the killed server until recovery"
-    store = JsonStore(Settings.from_env(env).store_path)
+    store = JsonStore(Settings.from_env(env).store_dir)
     assert store.get_run(run_id).status == "running"  # type: ignore[union-attr]
 
     async with WorkerOrchestrator(Settings.from_env(env), runtimes={}) as orch, orch.running():

@@ -217,7 +217,7 @@ async def test_bad_arguments_are_clear_errors_and_change_nothing(
 ) -> None:
     await call(client, "spawn_worker", name="existing", model="codex_cli")
     await call(client, "dispatch_task", task="a first run")
-    store = make_settings().store_path
+    store = make_settings().store_dir / "runs.jsonl"
     before = store.read_bytes()
     text = await error(client, tool, **args)
     for fragment in fragments:

@@ -51,7 +51,7 @@ async def test_scenario(scenario: dict[str, Any], make_settings: Any, tmp_path: 
     runtimes: dict[str, Any] = dict(scripted)
     if "fakeCli" in scenario:
         runtimes["cli"] = default_runtimes(settings)["cli"]
-    store = JsonStore(settings.store_path)
+    store = JsonStore(settings.store_dir)
     orchestrator = WorkerOrchestrator(settings, store, runtimes=runtimes)  # type: ignore[arg-type]
     for worker in scenario.get("workers", []):
         await orchestrator.register_worker(WorkerSpec.model_validate(worker))

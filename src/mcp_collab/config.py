@@ -97,8 +97,8 @@ class Settings:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
-    def store_path(self) -> Path:
-        return self.state_dir / "store.json"
+    def store_dir(self) -> Path:
+        return self.state_dir
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

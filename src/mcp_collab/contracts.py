@@ -37,16 +37,49 @@ INPUTS = frozenset({"worker_spec", "dispatch_request"})
 
 
 def store_schema() -> dict[str, Any]:
+    """One line of runs.jsonl: the header first, then one change per line."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "mcp-collab store document (store.json)",
-        "type": "object",
-        "required": ["schemaVersion", "workers", "worker_runs"],
-        "properties": {
-            "schemaVersion": {"type": "integer", "const": STORE_SCHEMA_VERSION},
-            "workers": {"type": "array", "items": {"$ref": "worker.schema.json"}},
-            "worker_runs": {"type": "array", "items": {"$ref": "run.schema.json"}},
-        },
+        "title": "mcp-collab store log line (runs.jsonl)",
+        "oneOf": [
+            {
+                "title": "header (first line)",
+                "type": "object",
+                "required": ["schemaVersion"],
+                "properties": {
+                    "schemaVersion": {"type": "integer", "const": STORE_SCHEMA_VERSION},
+                    "kind": {"const": "mcp-collab-store"},
+                },
+            },
+            {
+                "title": "a run's latest state (step outputs longer than the preview live in outputs/RUN/N.txt)",
+                "type": "object",
+                "required": ["op", "run"],
+                "properties": {
+                    "op": {"const": "run"},
+                    "run": {"$ref": "run.schema.json"},
+                    "outputs": {"type": "array", "items": {"type": "integer"}},
+                },
+            },
+            {
+                "title": "a run pruned",
+                "type": "object",
+                "required": ["op", "id"],
+                "properties": {"op": {"const": "unrun"}, "id": {"type": "string"}},
+            },
+            {
+                "title": "a worker registered",
+                "type": "object",
+                "required": ["op", "worker"],
+                "properties": {"op": {"const": "worker"}, "worker": {"$ref": "worker.schema.json"}},
+            },
+            {
+                "title": "a worker removed",
+                "type": "object",
+                "required": ["op", "name"],
+                "properties": {"op": {"const": "unworker"}, "name": {"type": "string"}},
+            },
+        ],
     }
 
 

@@ -158,7 +158,7 @@ class WorkerOrchestrator:
         runtimes: Mapping[RuntimeMode, WorkerRuntime] | None = None,
     ) -> None:
         self.settings = settings
-        self.store: RunStore = store if store is not None else JsonStore(settings.store_path)
+        self.store: RunStore = store if store is not None else JsonStore(settings.store_dir)
         self.runtimes: dict[RuntimeMode, WorkerRuntime] = (
             dict(runtimes) if runtimes is not None else default_runtimes(settings)
         )

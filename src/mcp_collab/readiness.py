@@ -93,7 +93,7 @@ def _store_check(settings: Settings) -> Check:
             detail=f"{_display(directory)} is not writable: {exc.strerror}",
             hint="set MCP_COLLAB_STATE_DIR to a writable directory",
         )
-    return Check(name="store", ok=True, detail=f"{_display(settings.store_path)} (directory writable)")
+    return Check(name="store", ok=True, detail=f"{_display(settings.store_dir)} (directory writable)")
 
 
 async def check(settings: Settings) -> ReadinessReport:
