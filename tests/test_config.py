@@ -46,3 +46,10 @@ def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:
     env = s.child_env()
     assert env["CODEX_HOME"] == "/c" and env["ANTHROPIC_API_KEY"] == "sk-ant" and env["MY_TOOL_TOKEN"] == "extra"
     assert "AWS_SECRET_ACCESS_KEY" not in env and "DATABASE_URL" not in env
+
+
+def test_retention_limits_default_and_zero_means_none() -> None:
+    s = Settings.from_env({"HOME": "/h"})
+    assert (s.retain_runs, s.retain_days) == (10_000, 90.0)
+    s = Settings.from_env({"HOME": "/h", "MCP_COLLAB_RETAIN_RUNS": "0", "MCP_COLLAB_RETAIN_DAYS": "7"})
+    assert (s.retain_runs, s.retain_days) == (None, 7.0)

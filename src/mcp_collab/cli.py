@@ -43,13 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
     runs = sub.add_parser("runs", help="list recent runs, or `runs show ID`")
-    runs.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    runs.add_argument("action", nargs="?", choices=("list", "show", "prune"), default="list")
     runs.add_argument("run_id", nargs="?")
     runs.add_argument("--status")
     runs.add_argument("--strategy")
     runs.add_argument("--worker")
     runs.add_argument("--limit", type=int, default=20)
     runs.add_argument("--json", action="store_true")
+    runs.add_argument("--max-runs", type=int, help="prune: keep the newest N finished runs (default: settings)")
+    runs.add_argument("--max-age-days", type=float, help="prune: drop finished runs older than D days")
 
     dispatch = sub.add_parser("dispatch", help="run a task from the terminal with live progress")
     dispatch.add_argument("task", help="the task text (use - to read it from stdin)")
@@ -155,6 +157,13 @@ def _step_summary(run: Run) -> str:
 
 async def _runs(settings: Settings, args: argparse.Namespace) -> int:
     orchestrator = WorkerOrchestrator(settings, runtimes={})
+    if args.action == "prune":
+        pruned = await orchestrator.prune(max_runs=args.max_runs, max_age_days=args.max_age_days)
+        print(
+            f"pruned {len(pruned)} runs"
+            + (f": {', '.join(pruned[:10])}" + (" ..." if len(pruned) > 10 else "") if pruned else "")
+        )
+        return 0
     if args.action == "show":
         if not args.run_id:
             print("mcp-collab: runs show needs a run id", file=sys.stderr)

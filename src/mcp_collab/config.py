@@ -23,6 +23,9 @@ DEFAULT_SDK_MAX_RETRIES = 0
 DEFAULT_MAX_CONCURRENT_RUNS = 4
 # A whole run (all its steps) may take this long before it is stopped.
 DEFAULT_RUN_TIMEOUT_S = 4 * 3600.0
+# Retention: finished runs beyond the newest N, or older than D days, are pruned with their outputs.
+DEFAULT_RETAIN_RUNS = 10_000
+DEFAULT_RETAIN_DAYS = 90.0
 DEFAULT_OPENAI_MODEL = "gpt-5-codex"
 DEFAULT_GEMINI_MODEL = "gemini-2.5-pro"
 
@@ -90,6 +93,8 @@ class Settings:
     sdk_max_retries: int = DEFAULT_SDK_MAX_RETRIES
     max_concurrent_runs: int = DEFAULT_MAX_CONCURRENT_RUNS
     run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S
+    retain_runs: int | None = DEFAULT_RETAIN_RUNS
+    retain_days: float | None = DEFAULT_RETAIN_DAYS
     openai_model: str = DEFAULT_OPENAI_MODEL
     gemini_model: str = DEFAULT_GEMINI_MODEL
     cli_bins: Mapping[str, str] = field(default_factory=dict)
@@ -114,6 +119,8 @@ class Settings:
             sdk_max_retries=int(_positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)),
             max_concurrent_runs=int(_positive(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", DEFAULT_MAX_CONCURRENT_RUNS)),
             run_timeout_s=_positive(env, "MCP_COLLAB_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S),
+            retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
+            retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
             openai_model=env.get("MCP_COLLAB_OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
             gemini_model=env.get("MCP_COLLAB_GEMINI_MODEL") or DEFAULT_GEMINI_MODEL,
             cli_bins={
@@ -146,6 +153,17 @@ def _choice(env: Mapping[str, str], name: str, default: str, accepted: tuple[str
     if value not in accepted:
         raise ConfigError(f"{name}={value!r} is not accepted; use one of: {', '.join(accepted)}")
     return value
+
+
+def _optional(env: Mapping[str, str], name: str, default: float) -> float | None:
+    """A positive limit, or 0 for none."""
+    value = _positive(env, name, default, allow_zero=True)
+    return None if value == 0 else value
+
+
+def _optional_int(env: Mapping[str, str], name: str, default: int) -> int | None:
+    value = _optional(env, name, default)
+    return None if value is None else int(value)
 
 
 def _positive(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:

@@ -65,6 +65,8 @@ MAX_PAGE_SIZE = 200
 HEARTBEAT_S = 15.0
 # A cancel kills process trees within half a second; this bounds the wait for the run to settle.
 CANCEL_WAIT_S = 30.0
+# Retention is applied at start and after this many finished runs.
+PRUNE_EVERY = 100
 # How often a wait on a run executed by another server process re-reads the store.
 FOREIGN_POLL_S = 0.5
 
@@ -166,6 +168,7 @@ class WorkerOrchestrator:
         self._active: dict[str, _Active] = {}
         self._limiter = anyio.CapacityLimiter(settings.max_concurrent_runs)
         self._owner = this_process()
+        self._finished = 0
 
     async def __aenter__(self) -> WorkerOrchestrator:
         return self
@@ -234,6 +237,7 @@ class WorkerOrchestrator:
         times out, cancels or disconnects never kills a run. Leaving the block (the server stops)
         interrupts whatever is still running and kills its processes."""
         await self.recover()
+        await self.prune()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             try:
@@ -359,6 +363,9 @@ class WorkerOrchestrator:
         finally:
             active.done.set()
             self._active.pop(run.id, None)
+        self._finished += 1
+        if self._finished % PRUNE_EVERY == 0:
+            await self.prune()
 
     async def _plan(self, request: DispatchRequest, runtime_modes: Mapping[str, RuntimeMode]) -> _Plan:
         strategy = get_strategy(request.strategy)
@@ -519,6 +526,17 @@ class WorkerOrchestrator:
             run.ended_at = now
             await self._save(run)
             active.emit(f"run {run.id} {run.status}: {reason}")
+
+    async def prune(self, *, max_runs: int | None = None, max_age_days: float | None = None) -> list[str]:
+        """Apply the retention limits (the settings' unless given): finished runs only."""
+        runs = max_runs if max_runs is not None else self.settings.retain_runs
+        days = max_age_days if max_age_days is not None else self.settings.retain_days
+        if runs is None and days is None:
+            return []
+        pruned = await anyio.to_thread.run_sync(functools.partial(self.store.prune, max_runs=runs, max_age_days=days))
+        if pruned:
+            log.info("pruned %d runs past the retention limits (%s runs, %s days)", len(pruned), runs, days)
+        return pruned
 
     async def recover(self) -> list[Run]:
         """Runs left queued or running by a server that is gone become interrupted; their processes die."""

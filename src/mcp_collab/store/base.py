@@ -42,5 +42,8 @@ class RunStore(Protocol):
     def unfinished_runs(self) -> list[Run]:
         """Runs still queued or running (by this process or another)."""
 
+    def prune(self, *, max_runs: int | None, max_age_days: float | None) -> list[str]:
+        """Forget finished runs past the limits, with their outputs; returns their ids."""
+
     def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
         """Runs newest first; ``cursor`` is the ``nextCursor`` of the previous page."""

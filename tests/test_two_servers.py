@@ -1,0 +1,55 @@
+"""Two server processes on one store (Claude Desktop and Claude Code both start one)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+
+from tests.conftest import fake_cli
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
+
+
+async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def test_two_servers_share_workers_and_runs_without_losing_an_update(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**base_env, "MCP_COLLAB_CODEX_BIN": fake_cli("ok")}
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=env)
+    async with Client(params) as desktop, Client(params) as code:
+        await call(desktop, "spawn_worker", name="codex-writer", model="codex_cli")
+        assert [w["name"] for w in (await call(code, "list_workers"))["workers"]] == ["codex-writer"]
+        refused = await code.call_tool("spawn_worker", {"name": "codex-writer", "model": "codex_cli"})
+        assert refused.is_error, "the second server knows the name is taken"
+
+        ids: list[str] = []
+
+        async def dispatch_many(client: Client, label: str) -> None:
+            for i in range(8):
+                run = await call(client, "dispatch_task", task=f"{label} task {i}", waitSeconds=30)
+                assert run["status"] == "completed"
+                ids.append(run["id"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatch_many, desktop, "desktop")
+            tg.start_soon(dispatch_many, code, "code")
+
+        for client in (desktop, code):
+            listed = await call(client, "list_worker_runs", limit=50)
+            assert sorted(r["id"] for r in listed["runs"]) == sorted(ids)
+        run_by_code = ids[-1]
+        seen = await call(desktop, "get_worker_run", runId=run_by_code)
+        assert seen["status"] == "completed" and seen["result"] == "fake codex did the task"
+        waited = await call(desktop, "wait_worker_run", runId=run_by_code, timeoutSeconds=1)
+        assert waited["status"] == "completed", "a run of the other server can be awaited"
