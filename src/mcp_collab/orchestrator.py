@@ -168,6 +168,10 @@ class WorkerOrchestrator:
         self._active: dict[str, _Active] = {}
         self._limiter = anyio.CapacityLimiter(settings.max_concurrent_runs)
         self._owner = this_process()
+        # Store writes go one at a time, so a write-behind batch never lands after a newer state.
+        self._write_lock = anyio.Lock()
+        self._pending: dict[str, Run] = {}
+        self._pending_ready = anyio.Event()
         self._finished = 0
 
     async def __aenter__(self) -> WorkerOrchestrator:
@@ -240,6 +244,7 @@ class WorkerOrchestrator:
         await self.prune()
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._write_behind)
             try:
                 yield self
             finally:
@@ -418,8 +423,7 @@ class WorkerOrchestrator:
     async def _execute(self, active: _Active) -> None:
         plan, run = active.plan, active.run
         run.status = "running"
-        run.started_at = datetime.now(UTC)
-        await self._save(run)
+        run.started_at = datetime.now(UTC)  # saved with the first step's start
         diff_text: str | None = None
         for i, (role, worker) in enumerate(zip(plan.strategy.roles, plan.workers, strict=True)):
             step = run.steps[i]
@@ -462,7 +466,7 @@ class WorkerOrchestrator:
         step.status = "running"
         step.started_at = datetime.now(UTC)
         t0 = time.monotonic()
-        await self._save(run)
+        await self._save(run, durable=False)
         progress(f"step {step.index + 1}/{len(run.steps)} started: {step.role} {worker.name} via {mode}")
         timeout = worker.timeout_seconds or self.settings.step_timeout_s
         request = StepRequest(
@@ -505,7 +509,7 @@ class WorkerOrchestrator:
 
     async def _record_process(self, run: Run, step: Step, pid: int) -> None:
         step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
-        await self._save(run)
+        await self._save(run, durable=False)
 
     async def _abandon(self, active: _Active, status: RunStatus, reason: str) -> None:
         """Record a run that stopped abnormally; its open step keeps the output it had produced."""
@@ -563,5 +567,24 @@ class WorkerOrchestrator:
             log.warning("run %s was left %s by a stopped server; marked interrupted", run.id, run.status)
         return recovered
 
-    async def _save(self, run: Run) -> None:
-        await anyio.to_thread.run_sync(self.store.save_run, run)
+    async def _save(self, run: Run, *, durable: bool = True) -> None:
+        """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
+        client, a run's end). Intermediate states (a step started, its process spawned) are written
+        behind, batched with other runs' into one fsync, so they cost the step nothing."""
+        if not durable and self._tg is not None:
+            self._pending[run.id] = run.model_copy(deep=True)
+            self._pending_ready.set()
+            return
+        async with self._write_lock:
+            self._pending.pop(run.id, None)
+            await anyio.to_thread.run_sync(self.store.save_run, run)
+
+    async def _write_behind(self) -> None:
+        while True:
+            await self._pending_ready.wait()
+            self._pending_ready = anyio.Event()
+            async with self._write_lock:
+                batch = list(self._pending.values())
+                self._pending.clear()
+                if batch:
+                    await anyio.to_thread.run_sync(self.store.save_runs, batch)

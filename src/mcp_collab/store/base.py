@@ -37,6 +37,9 @@ class RunStore(Protocol):
     def save_run(self, run: Run) -> None:
         """Insert or replace a run, atomically and durably."""
 
+    def save_runs(self, runs: list[Run]) -> None:
+        """Several runs' new states, atomically and durably, in one write."""
+
     def get_run(self, run_id: str) -> Run | None: ...
 
     def unfinished_runs(self) -> list[Run]:

@@ -133,9 +133,13 @@ class JsonStore:
     # -- runs --------------------------------------------------------------------------------
 
     def save_run(self, run: Run) -> None:
+        self.save_runs([run])
+
+    def save_runs(self, runs: list[Run]) -> None:
+        """Several runs' new states in one append and one fsync."""
+
         def change() -> None:
-            outputs = self._write_outputs(run)
-            self._append([{"op": "run", "run": _record(run), "outputs": outputs}])
+            self._append([{"op": "run", "run": _record(r), "outputs": self._write_outputs(r)} for r in runs])
 
         self._write(change)
 
@@ -317,6 +321,9 @@ class JsonStore:
         if offset == 0:
             self._check_header(record)
             return
+        self._apply_record(record, offset, len(raw))
+
+    def _apply_record(self, record: Any, offset: int, length: int) -> None:
         self._records += 1
         op = record.get("op") if isinstance(record, dict) else None
         try:
@@ -335,7 +342,7 @@ class JsonStore:
                     strategy=run["strategy"],
                     workers=tuple(run.get("workers", ())),
                     offset=offset,
-                    length=len(raw),
+                    length=length,
                     outputs=tuple(record.get("outputs", ())),
                 )
             elif op == "unrun":
@@ -380,9 +387,8 @@ class JsonStore:
 
     def _append(self, records: list[dict[str, Any]]) -> None:
         size = self._prepare_append()
-        payload = b"".join(
-            json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n" for r in records
-        )
+        lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for r in records]
+        payload = b"".join(line + b"\n" for line in lines)
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             _write_all(fd, payload)
@@ -392,9 +398,9 @@ class JsonStore:
         finally:
             os.close(fd)
         position = size
-        for raw in payload.split(b"\n")[:-1]:
-            self._apply(raw, position)
-            position += len(raw) + 1
+        for record, line in zip(records, lines, strict=True):
+            self._apply_record(record, position, len(line))
+            position += len(line) + 1
         self._consumed = position
 
     def _prepare_append(self) -> int:

@@ -111,8 +111,15 @@ class CLIRuntime:
                 exit_code=outcome.exit_code,
                 output=outcome.stdout,
             )
+        text = parsed.text
+        if outcome.stdout_truncated:
+            # The final message is whole, but the run must say that the CLI's stream was not kept.
+            text += (
+                f"\n\n[... mcp-collab kept the first and last {self.settings.capture_bytes} bytes of the "
+                f"{outcome.stdout_bytes} bytes the {vendor.name} CLI printed; the rest was omitted ...]"
+            )
         return RuntimeResult(
-            text=parsed.text,
+            text=text,
             usage=parsed.usage,
             session_id=parsed.session_id,
             exit_code=outcome.exit_code,

@@ -197,6 +197,18 @@ def tree_members(root_pid: int, pgid: int) -> set[int]:
     return found & alive if alive else found
 
 
+def group_alive(pgid: int) -> bool:
+    """Is any process left in the group? One syscall: the cheap check once the leader has exited,
+    when its former children have been re-parented and only the group still finds them."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def signal_tree(root_pid: int, pgid: int, sig: int) -> None:
     members = tree_members(root_pid, pgid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -305,15 +317,16 @@ async def run_process(
                 watch.start_soon(watchdog)
                 await process.wait()
                 watch.cancel_scope.cancel()
-            # The main process is gone; anything it left in its group or below it goes too,
-            # so nobody holds our pipes open and nothing outlives the step.
-            await kill_tree(pid, pid)
+            # The main process is gone; anything it left in its group goes too, so nobody holds
+            # our pipes open and nothing outlives the step.
+            if group_alive(pid):
+                await kill_tree(pid, pid)
             with anyio.move_on_after(DRAIN_GRACE_S):
                 await drained.wait()
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            if process.returncode is None or tree_members(pid, pid):
+            if process.returncode is None or group_alive(pid):
                 await kill_tree(pid, pid)
             if not drained.is_set():
                 # Cancelled: what the CLI printed before it died is still in the pipes; keep it.
