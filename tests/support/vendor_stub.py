@@ -223,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- connection tracking so stop() can close keep-alive / streaming sockets
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in separate writes; without TCP_NODELAY, Nagle holds the body
+        # until the client's delayed ACK (40 ms), which would swamp every latency we measure.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.stub._track(self.connection, add=True)
 
     def finish(self) -> None:
