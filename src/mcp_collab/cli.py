@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -111,7 +112,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
-    app = server.streamable_http_app(host=args.host)
+    from .http import build_http_app
+
+    allowed = [h for h in os.environ.get("MCP_COLLAB_HTTP_ALLOWED_HOSTS", "").replace(",", " ").split() if h]
+    app = build_http_app(
+        server, host=args.host, port=args.port, token=os.environ.get("MCP_COLLAB_HTTP_TOKEN") or None,
+        allowed_hosts=allowed,
+    )  # fmt: skip
     # log_config=None: uvicorn's access log joins ours on stderr instead of printing to stdout.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level.lower())
     uvicorn.Server(config).run()
