@@ -20,12 +20,15 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def base_env(tmp_path: Path) -> dict[str, str]:
-    """A minimal server environment: no vendor keys, a private state dir."""
+    """A minimal server environment: no vendor keys, a private state dir, the test's directory as the
+    only workspace root."""
+    (tmp_path / "home").mkdir(exist_ok=True)
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path / "home"),
         "LANG": "C.UTF-8",
         "MCP_COLLAB_STATE_DIR": str(tmp_path / "state"),
+        "MCP_COLLAB_WORKSPACE_ROOTS": str(tmp_path),
     }
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import get_args
 
 from .errors import ConfigError
-from .models import FallbackPolicy, RuntimeMode
+from .models import Access, FallbackPolicy, RuntimeMode
+from .security import Redactor, default_roots
 
 # Coding steps routinely take many minutes; an hour is a ceiling, not an expectation.
 DEFAULT_STEP_TIMEOUT_S = 3600.0
@@ -26,6 +27,9 @@ DEFAULT_RUN_TIMEOUT_S = 4 * 3600.0
 # Retention: finished runs beyond the newest N, or older than D days, are pruned with their outputs.
 DEFAULT_RETAIN_RUNS = 10_000
 DEFAULT_RETAIN_DAYS = 90.0
+# Caps on what one caller can make us hold: a task's text, and runs waiting for a slot.
+DEFAULT_MAX_TASK_CHARS = 200_000
+DEFAULT_MAX_QUEUED_RUNS = 100
 DEFAULT_OPENAI_MODEL = "gpt-5-codex"
 DEFAULT_GEMINI_MODEL = "gemini-2.5-pro"
 
@@ -93,6 +97,12 @@ class Settings:
     sdk_max_retries: int = DEFAULT_SDK_MAX_RETRIES
     max_concurrent_runs: int = DEFAULT_MAX_CONCURRENT_RUNS
     run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S
+    max_task_chars: int = DEFAULT_MAX_TASK_CHARS
+    max_queued_runs: int = DEFAULT_MAX_QUEUED_RUNS
+    # What writing roles may do: read_only, workspace_write (default), or bypass (the CLIs' own
+    # sandbox and approvals off). Only the operator's environment can choose bypass; no tool can.
+    writer_access: Access = "workspace_write"
+    workspace_roots: tuple[Path, ...] = ()
     retain_runs: int | None = DEFAULT_RETAIN_RUNS
     retain_days: float | None = DEFAULT_RETAIN_DAYS
     openai_model: str = DEFAULT_OPENAI_MODEL
@@ -100,6 +110,7 @@ class Settings:
     cli_bins: Mapping[str, str] = field(default_factory=dict)
     child_env_extra: frozenset[str] = frozenset()
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+    redact: Redactor = field(default_factory=Redactor, repr=False)
 
     @property
     def store_dir(self) -> Path:
@@ -119,6 +130,10 @@ class Settings:
             sdk_max_retries=int(_positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)),
             max_concurrent_runs=int(_positive(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", DEFAULT_MAX_CONCURRENT_RUNS)),
             run_timeout_s=_positive(env, "MCP_COLLAB_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S),
+            max_task_chars=int(_positive(env, "MCP_COLLAB_MAX_TASK_CHARS", DEFAULT_MAX_TASK_CHARS)),
+            max_queued_runs=int(_positive(env, "MCP_COLLAB_MAX_QUEUED_RUNS", DEFAULT_MAX_QUEUED_RUNS)),
+            writer_access=_choice(env, "MCP_COLLAB_WRITER_ACCESS", "workspace_write", get_args(Access)),  # type: ignore[arg-type]
+            workspace_roots=default_roots(env),
             retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
             retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
             openai_model=env.get("MCP_COLLAB_OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
@@ -134,6 +149,7 @@ class Settings:
             },
             child_env_extra=frozenset(n for n in env.get("MCP_COLLAB_CHILD_ENV", "").replace(",", " ").split() if n),
             environ=env,
+            redact=Redactor.from_environ(env),
         )
 
     def child_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:

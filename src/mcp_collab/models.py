@@ -20,7 +20,7 @@ RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "in
 StepStatus = Literal["pending", "running", "completed", "failed", "cancelled", "interrupted", "skipped"]
 AttemptStatus = Literal["completed", "failed", "cancelled"]
 ErrorKind = Literal["unavailable", "transient", "fatal"]
-Access = Literal["read_only", "workspace_write"]
+Access = Literal["read_only", "workspace_write", "bypass"]
 Verdict = Literal["approve", "request_changes", "pass", "fail", "unknown"]
 
 RUNTIME_MODES: tuple[RuntimeMode, ...] = ("cli", "openai_sdk", "google_sdk")
@@ -38,7 +38,8 @@ COMPATIBLE_MODES: dict[WorkerModel, tuple[RuntimeMode, ...]] = {
 # Limits on what a caller may send; each refusal names the limit.
 MAX_NAME_LENGTH = 64
 MAX_INSTRUCTIONS_CHARS = 20_000
-MAX_TASK_CHARS = 200_000
+# The hard ceiling of the schema; the operator's cap (MCP_COLLAB_MAX_TASK_CHARS) is checked below it.
+MAX_TASK_CHARS = 2_000_000
 MAX_TIMEOUT_SECONDS = 24 * 3600
 
 

@@ -45,6 +45,7 @@ from .models import (
 from .runtimes.base import PartialOutput, StepRequest, WorkerRuntime
 from .runtimes.cli.supervisor import kill_tree, process_start_ticks
 from .runtimes.selector import choose_mode, choose_policy, run_with_fallback
+from .security import Redactor, confine
 from .store import JsonStore, RunFilter, RunStore
 from .strategies import (
     MAX_QUOTED_DIFF_CHARS,
@@ -102,6 +103,7 @@ class _Plan:
     modes: list[RuntimeMode]
     policies: list[FallbackPolicy]
     cwd: Path | None
+    task: str  # as the caller wrote it, for the workers; the run record keeps it redacted
 
 
 @dataclass(eq=False)
@@ -114,12 +116,14 @@ class _Active:
     stop_reason: tuple[RunStatus, str] | None = None
     listeners: list[ProgressCallback] = field(default_factory=list)
     partial: PartialOutput = field(default_factory=PartialOutput)
+    redact: Redactor = field(default_factory=Redactor)
 
     @property
     def run(self) -> Run:
         return self.plan.run
 
     def emit(self, message: str) -> None:
+        message = self.redact(message)
         for listener in list(self.listeners):
             listener(message)
 
@@ -192,7 +196,7 @@ class WorkerOrchestrator:
     async def register_worker(self, spec: WorkerSpec) -> Worker:
         worker = Worker(**spec.model_dump())
         if worker.working_directory is not None:
-            self._check_directory(worker.working_directory, "workingDirectory")
+            worker.working_directory = str(confine(worker.working_directory, self.settings.workspace_roots))
         await anyio.to_thread.run_sync(self.store.add_worker, worker)
         return worker
 
@@ -327,10 +331,17 @@ class WorkerOrchestrator:
             on_progress(f"run {run.id} still {run.status}: {_where(run)}, {time.monotonic() - started:.0f}s waited")
 
     async def _admit(self, request: DispatchRequest) -> _Active:
+        queued = sum(1 for a in self._active.values() if a.run.status == "queued")
+        if queued >= self.settings.max_queued_runs:
+            raise InvalidRequestError(
+                f"{queued} runs are already waiting for a slot (the limit is {self.settings.max_queued_runs}, "
+                f"MCP_COLLAB_MAX_QUEUED_RUNS; {self.settings.max_concurrent_runs} run at once, "
+                "MCP_COLLAB_MAX_CONCURRENT_RUNS); wait for some to finish or cancel them"
+            )
         plan = await self._plan(request, request.runtime_modes or {})
         plan.run.owner = self._owner
         await self._save(plan.run)
-        active = _Active(plan=plan)
+        active = _Active(plan=plan, redact=self.settings.redact)
         self._active[plan.run.id] = active
         return active
 
@@ -373,6 +384,11 @@ class WorkerOrchestrator:
             await self.prune()
 
     async def _plan(self, request: DispatchRequest, runtime_modes: Mapping[str, RuntimeMode]) -> _Plan:
+        if len(request.task) > self.settings.max_task_chars:
+            raise InvalidRequestError(
+                f"task is {len(request.task)} characters; the limit is {self.settings.max_task_chars} "
+                "(MCP_COLLAB_MAX_TASK_CHARS). Put long material in a file in the working directory and refer to it."
+            )
         strategy = get_strategy(request.strategy)
         registered = await self.list_workers()
         workers = assign_workers(strategy, registered, request.workers)
@@ -394,13 +410,16 @@ class WorkerOrchestrator:
         policies = [
             choose_policy(w, default=self.settings.fallback_policy, dispatch=request.fallback_policy) for w in workers
         ]
-        directory = request.working_directory
-        if directory is not None:
-            self._check_directory(directory, "workingDirectory")
-        cwd = Path(directory) if directory else None
+        roots = self.settings.workspace_roots
+        cwd = confine(request.working_directory, roots) if request.working_directory else None
+        for worker in workers:
+            if cwd is None and worker.working_directory:
+                confine(worker.working_directory, roots)  # the roots may have narrowed since it registered
+        if cwd is None and not all(w.working_directory for w in workers):
+            cwd = self._default_directory()
         run = Run(
             id=new_run_id(),
-            task=request.task,
+            task=self.settings.redact(request.task),
             strategy=strategy.name,
             status="queued",
             runtime_mode=request.runtime_mode,
@@ -410,15 +429,21 @@ class WorkerOrchestrator:
                 for i, (role, w, mode) in enumerate(zip(strategy.roles, workers, modes, strict=True))
             ],
         )
-        return _Plan(run, strategy, workers, modes, policies, cwd)
+        return _Plan(run, strategy, workers, modes, policies, cwd, task=request.task)
 
-    @staticmethod
-    def _check_directory(directory: str, field: str) -> None:
-        path = Path(directory)
-        if not path.is_absolute():
-            raise InvalidRequestError(f"{field} must be an absolute path, got {directory!r}")
-        if not path.is_dir():
-            raise InvalidRequestError(f"{field} {directory!r} is not an existing directory")
+    def _default_directory(self) -> Path:
+        """Where a step runs when neither the dispatch nor the worker names a directory: the server's
+        own directory when it lies inside a workspace root, else the first root."""
+        roots = self.settings.workspace_roots
+        with contextlib.suppress(InvalidRequestError):
+            return confine(os.getcwd(), roots)
+        for root in roots:
+            with contextlib.suppress(InvalidRequestError):
+                return confine(str(root), roots)
+        raise InvalidRequestError(
+            "no workingDirectory was given and no workspace root exists; set MCP_COLLAB_WORKSPACE_ROOTS "
+            f"(now: {', '.join(map(str, roots)) or 'empty'})"
+        )
 
     async def _execute(self, active: _Active) -> None:
         plan, run = active.plan, active.run
@@ -429,8 +454,10 @@ class WorkerOrchestrator:
             step = run.steps[i]
             step_cwd = plan.cwd or (Path(worker.working_directory) if worker.working_directory else None)
             before = await workspace.snapshot(step_cwd) if plan.strategy.wants_diff and i == 0 else None
-            prompt = role.prompt(PromptContext(task=run.task, previous=run.steps[:i], diff=diff_text))
-            await self._run_step(active, step, worker, plan.modes[i], plan.policies[i], prompt, role.access, step_cwd)
+            prompt = role.prompt(PromptContext(task=plan.task, previous=run.steps[:i], diff=diff_text))
+            # Reviewers stay read-only; writing roles get what the operator allows (never more).
+            access = role.access if role.access == "read_only" else self.settings.writer_access
+            await self._run_step(active, step, worker, plan.modes[i], plan.policies[i], prompt, access, step_cwd)
             if step.status != "completed":
                 for later in run.steps[i + 1 :]:
                     later.status = "skipped"
@@ -484,14 +511,15 @@ class WorkerOrchestrator:
         active.partial.text = ""
         outcome = await run_with_fallback(self.runtimes, request, mode, policy)
         step.process = None
-        step.attempts = outcome.attempts
+        redact = self.settings.redact
+        step.attempts = [a.model_copy(update={"error": redact.optional(a.error)}) for a in outcome.attempts]
         step.runtime_mode = outcome.mode
         step.fallback_from = outcome.fallback_from
         step.ended_at = datetime.now(UTC)
         step.duration_ms = int((time.monotonic() - t0) * 1000)
         if outcome.result is not None:
             result = outcome.result
-            step.output, truncated = cap_text(result.text, self.settings.capture_bytes)
+            step.output, truncated = cap_text(redact(result.text), self.settings.capture_bytes)
             step.output_truncated = truncated or result.truncated
             step.usage = result.usage
             step.session_id = result.session_id
@@ -501,9 +529,11 @@ class WorkerOrchestrator:
             failure = outcome.failure
             assert failure is not None
             step.status = "failed"
-            step.error = f"{failure.kind} error from {outcome.mode}: {failure.message}"
+            step.error = self.settings.redact(f"{failure.kind} error from {outcome.mode}: {failure.message}")
             step.exit_code = failure.exit_code
-            step.output, step.output_truncated = cap_text(failure.output, self.settings.capture_bytes)
+            step.output, step.output_truncated = cap_text(
+                self.settings.redact(failure.output), self.settings.capture_bytes
+            )
         via = f"{step.runtime_mode}" + (f" (fell back from {step.fallback_from})" if step.fallback_from else "")
         progress(f"step {step.index + 1}/{len(run.steps)} {step.status}: {step.role} {worker.name} via {via}")
 
@@ -522,7 +552,9 @@ class WorkerOrchestrator:
                 if step.status == "running":
                     step.status = {"cancelled": "cancelled", "failed": "failed"}.get(status, "interrupted")  # type: ignore[assignment]
                     step.error = step.error or reason
-                    step.output, step.output_truncated = cap_text(active.partial.text, self.settings.capture_bytes)
+                    step.output, step.output_truncated = cap_text(
+                        self.settings.redact(active.partial.text), self.settings.capture_bytes
+                    )
                     step.process = None
                     step.ended_at = now
                 elif step.status == "pending":

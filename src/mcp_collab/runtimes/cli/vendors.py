@@ -77,7 +77,11 @@ def _usage(inp: Any, out: Any, total: Any = None) -> Usage:
 
 # -- codex --------------------------------------------------------------------------------------
 
-_CODEX_SANDBOX: dict[Access, str] = {"read_only": "read-only", "workspace_write": "workspace-write"}
+_CODEX_ACCESS: dict[Access, list[str]] = {
+    "read_only": ["-s", "read-only"],
+    "workspace_write": ["-s", "workspace-write"],
+    "bypass": ["--dangerously-bypass-approvals-and-sandbox"],
+}
 
 
 class CodexParser:
@@ -133,7 +137,7 @@ class Codex:
     package = "@openai/codex"
 
     def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
-        argv = [binary, "exec", "--json", "--skip-git-repo-check", "-s", _CODEX_SANDBOX[request.access]]
+        argv = [binary, "exec", "--json", "--skip-git-repo-check", *_CODEX_ACCESS[request.access]]
         if request.working_directory is not None:
             argv += ["-C", str(request.working_directory)]
         if model:
@@ -146,7 +150,7 @@ class Codex:
 
 # -- gemini -------------------------------------------------------------------------------------
 
-_GEMINI_APPROVAL: dict[Access, str] = {"read_only": "plan", "workspace_write": "auto_edit"}
+_GEMINI_APPROVAL: dict[Access, str] = {"read_only": "plan", "workspace_write": "auto_edit", "bypass": "yolo"}
 
 
 class GeminiParser:
@@ -223,7 +227,11 @@ class Gemini:
 
 # -- claude -------------------------------------------------------------------------------------
 
-_CLAUDE_PERMISSION: dict[Access, str] = {"read_only": "plan", "workspace_write": "acceptEdits"}
+_CLAUDE_PERMISSION: dict[Access, str] = {
+    "read_only": "plan",
+    "workspace_write": "acceptEdits",
+    "bypass": "bypassPermissions",
+}
 
 
 class ClaudeParser:
