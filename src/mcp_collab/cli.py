@@ -22,6 +22,7 @@ from .config import Settings
 from .errors import CollabError
 from .models import RUNTIME_MODES, WORKER_MODELS, DispatchRequest, Run, WorkerSpec, describe_validation_error
 from .orchestrator import WorkerOrchestrator
+from .security import RedactingFilter
 from .strategies import STRATEGIES
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -104,6 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr, level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = Settings.from_env()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter(settings.redact))  # no secret reaches the log
     from .server import build_server
 
     server = build_server(settings)

@@ -195,6 +195,7 @@ class WorkerOrchestrator:
 
     async def register_worker(self, spec: WorkerSpec) -> Worker:
         worker = Worker(**spec.model_dump())
+        worker.instructions = self.settings.redact(worker.instructions)  # credentials belong in the environment
         if worker.working_directory is not None:
             worker.working_directory = str(confine(worker.working_directory, self.settings.workspace_roots))
         await anyio.to_thread.run_sync(self.store.add_worker, worker)

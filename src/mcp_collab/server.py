@@ -21,6 +21,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar, cast
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent
 from pydantic import Field, ValidationError
 
 from . import __version__, readiness
@@ -191,6 +192,7 @@ def build_server(
             "and get_worker_run.\nStrategies:\n" + STRATEGY_GUIDE + "\n" + RUNTIME_GUIDE
         ),
         lifespan=lifespan,
+        middleware=[_StrictArguments(lambda: mcp)],
     )
 
     @mcp.tool()
@@ -349,6 +351,36 @@ def build_server(
         return run.steps[int(index)].output
 
     return mcp
+
+
+class _StrictArguments:
+    """A tools/call naming an argument the tool does not take is refused, naming what it accepts.
+
+    The SDK would drop unknown arguments silently; a client that misspells `runtimeMode`, or tries
+    an option we do not offer, deserves to hear that nothing happened."""
+
+    def __init__(self, server: Callable[[], MCPServer[AppState]]) -> None:
+        self.server = server
+        self.accepted: dict[str, list[str]] | None = None
+
+    async def __call__(self, ctx: Any, call_next: Any) -> Any:
+        params = ctx.params
+        if ctx.method == "tools/call" and isinstance(params, Mapping):
+            if self.accepted is None:
+                self.accepted = {
+                    t.name: list((t.input_schema or {}).get("properties", {})) for t in await self.server().list_tools()
+                }
+            arguments = params.get("arguments")
+            accepted = self.accepted.get(str(params.get("name")))
+            if accepted is not None and isinstance(arguments, Mapping):
+                unknown = sorted(str(k) for k in arguments if k not in accepted)
+                if unknown:
+                    message = (
+                        f"{params.get('name')} does not take {', '.join(map(repr, unknown))}; "
+                        f"its arguments are: {', '.join(accepted) or 'none'}"
+                    )
+                    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+        return await call_next(ctx)
 
 
 def _dispatch_description() -> str:

@@ -94,6 +94,19 @@ def main(mode: str) -> None:
             n += 1
             emit({"type": "item.completed", "item": {"id": f"r{n}", "type": "reasoning", "text": f"step {n}"}})
         finish(f"slow work finished after {seconds:g}s")
+    elif mode == "leak":
+        # A worker that prints what it can see: the keys in its environment, and a key-shaped string.
+        seen = {k: v for k, v in os.environ.items() if "KEY" in k or "TOKEN" in k}
+        sys.stderr.write(f"debug: environment {seen}\n")
+        emit({"type": "item.completed", "item": {"id": "a", "type": "agent_message",
+              "text": f"I found {seen} and sk-proj-ABCDEFGHIJKLMNOPQRSTUV123 in a file"}})  # fmt: skip
+        if os.environ.get("CODEX_FAKE_FAIL"):
+            sys.stderr.write(f"fatal: auth failed with key {os.environ.get('OPENAI_API_KEY')}\n")
+            sys.exit(3)
+        emit({"type": "turn.completed", "usage": {"input_tokens": 1, "output_tokens": 1}})
+    elif mode == "argv":
+        emit({"type": "item.completed", "item": {"id": "a", "type": "agent_message", "text": json.dumps(sys.argv[1:])}})
+        emit({"type": "turn.completed", "usage": {"input_tokens": 1, "output_tokens": 1}})
     elif mode == "ok":
         finish("fake codex did the task")
     else:
