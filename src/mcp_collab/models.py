@@ -58,7 +58,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem, with the field's wire name, without pydantic's links and types."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        where = ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in err.get("loc", ()) if p != "__root__")
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
     return "invalid arguments: " + "; ".join(parts)
