@@ -43,9 +43,12 @@ def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:
             "MCP_COLLAB_CHILD_ENV": "MY_TOOL_TOKEN",
         }
     )
-    env = s.child_env()
-    assert env["CODEX_HOME"] == "/c" and env["ANTHROPIC_API_KEY"] == "sk-ant" and env["MY_TOOL_TOKEN"] == "extra"
-    assert "AWS_SECRET_ACCESS_KEY" not in env and "DATABASE_URL" not in env
+    claude = s.child_env(("ANTHROPIC_", "CLAUDE_"))
+    assert claude["ANTHROPIC_API_KEY"] == "sk-ant" and claude["MY_TOOL_TOKEN"] == "extra" and claude["PATH"] == "/bin"
+    assert "AWS_SECRET_ACCESS_KEY" not in claude and "DATABASE_URL" not in claude
+    assert "CODEX_HOME" not in claude, "a CLI sees only its own vendor's variables"
+    codex = s.child_env(("CODEX_", "OPENAI_"))
+    assert codex["CODEX_HOME"] == "/c" and "ANTHROPIC_API_KEY" not in codex
 
 
 def test_retention_limits_default_and_zero_means_none() -> None:

@@ -257,6 +257,7 @@ class Harness:
     state_dir: Path
     calls: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
+    previous: str = "none"  # the call before this one, for a failure message
 
     def call(self, tool: str, args: dict[str, Any]) -> CallToolResult:
         return self.portal.call(self.client.call_tool, tool, args)
@@ -289,19 +290,27 @@ class Harness:
             assert "Traceback" not in message, f"{tool}({shown!r}): a traceback reached the client: {message[:500]}"
             assert "internal error" not in message, f"{tool}({shown!r}) hit a server bug: {message[:500]}"
             assert specific(message), f"{tool}({shown!r}): an unclear message: {message[:500]}"
-            assert self.store() == before, f"{tool}({shown!r}) was refused but changed the store: {message[:300]}"
+            after = self.store()
+            assert after == before, (
+                f"{tool}({shown!r}) was refused ({message[:300]}) but changed the store: "
+                f"{store_diff(before, after)}; the call before it: {self.previous}"
+            )
         else:
             assert isinstance(result.structured_content, dict), f"{tool}({shown!r}): no structured content"
             self.settle(tool, result.structured_content)
+        self.previous = f"{tool}({shown!r}) -> " + (
+            f"refused: {text_of(result)[:200]}" if result.is_error else f"{short(str(result.structured_content))}"
+        )
         return result
 
     def settle(self, tool: str, content: dict[str, Any]) -> None:
         """Keep the pools current, and let no run go on in the background into the next call's snapshot."""
         if tool == "dispatch_task":
             RUN_IDS.append(content["id"])
-            if content["status"] in ("queued", "running"):
-                run = self.ok("wait_worker_run", runId=content["id"], timeoutSeconds=SETTLE_S)
-                assert run["status"] not in ("queued", "running"), "a scripted run should end within seconds"
+            # Even a run reported finished may still be writing its end (see the known bug below):
+            # waiting on it returns once it is stored.
+            run = self.ok("wait_worker_run", runId=content["id"], timeoutSeconds=SETTLE_S)
+            assert run["status"] not in ("queued", "running"), "a scripted run should end within seconds"
         if tool == "spawn_worker":
             REGISTERED.append(content["name"])
         if tool == "remove_worker":
@@ -315,6 +324,20 @@ class Harness:
     def still_up(self) -> None:
         assert isinstance(self.ok("list_workers")["workers"], list)
         assert isinstance(self.ok("list_worker_runs")["runs"], list)
+
+
+def store_diff(before: dict[str, bytes], after: dict[str, bytes]) -> str:
+    """Which stored files a call changed, and how: what a report of the bug needs."""
+    changes = []
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name), after.get(name)
+        if old == new:
+            continue
+        if old is not None and new is not None and new.startswith(old):
+            changes.append(f"{name}: appended {new[len(old) :][:600]!r}")
+        else:
+            changes.append(f"{name}: {len(old or b'')} -> {len(new or b'')} bytes, now {(new or b'')[-600:]!r}")
+    return "; ".join(changes)
 
 
 def short(value: Any) -> Any:
@@ -414,8 +437,9 @@ def fuzz(tool: str) -> Callable[[Harness], None]:
         run(harness)
         calls, refused = harness.calls.get(tool, 0) - calls, harness.refused.get(tool, 0) - refused
         assert calls >= examples, f"hypothesis ran {calls} {tool} cases, not {examples}"
+        assert refused < calls, f"{tool}: every one of {calls} cases was refused; the fuzz must reach success"
         if takes_arguments:
-            assert 0 < refused < calls, f"{tool}: {refused} of {calls} refused; the fuzz must reach both paths"
+            assert refused > 0, f"{tool}: {refused} of {calls} refused; the fuzz must reach both paths"
         harness.still_up()
 
     test.__name__ = f"test_fuzzed_{tool}_arguments_give_results_or_clear_errors"
@@ -460,12 +484,6 @@ def test_a_refusal_quotes_a_huge_value_in_bounded_form(harness: Harness, tool: s
     assert len(text_of(result)) <= MAX_ERROR_CHARS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug: describe_validation_error promises the wire name but prints the Python one "
-    "(sdk_model, cli_model, working_directory); drop this mark once it names the argument the caller sent",
-)
 @pytest.mark.parametrize(
     ("tool", "args", "wire_name"),
     [
@@ -480,6 +498,23 @@ def test_a_refusal_names_the_argument_as_the_caller_wrote_it(
     result = harness.check(tool, args)
     assert result.is_error
     assert wire_name in text_of(result)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known bug: dispatch_task with a short waitSeconds returns the run's in-memory state, which says "
+    "completed before its end is stored; get_worker_run right after still reads it queued",
+)
+def test_a_run_reported_finished_is_already_stored(harness: Harness) -> None:
+    mismatches = []
+    for _ in range(50):  # the window is a thread hop wide; 50 tries catch it all but surely
+        run = harness.ok("dispatch_task", task="a quick one", workers=["codex-a"], waitSeconds=0)
+        stored = harness.ok("get_worker_run", runId=run["id"])
+        harness.ok("wait_worker_run", runId=run["id"], timeoutSeconds=SETTLE_S)  # settled for the next test
+        if run["status"] in ("completed", "failed") and stored["status"] != run["status"]:
+            mismatches.append((run["status"], stored["status"]))
+    assert not mismatches, f"{len(mismatches)} runs reported finished but stored as: {mismatches[:3]}"
 
 
 def test_the_server_is_still_up_after_the_fuzzing(harness: Harness) -> None:

@@ -68,17 +68,9 @@ CHILD_ENV_NAMES: frozenset[str] = frozenset(
         "GIT_COMMITTER_EMAIL",
     }
 )
-# Each CLI reads its own configuration from variables with these prefixes (CODEX_HOME,
-# GEMINI_API_KEY, ANTHROPIC_BASE_URL, CLAUDE_CONFIG_DIR ...).
-CHILD_ENV_PREFIXES: tuple[str, ...] = (
-    "LC_",
-    "CODEX_",
-    "OPENAI_",
-    "GEMINI_",
-    "GOOGLE_",
-    "ANTHROPIC_",
-    "CLAUDE_",
-)
+# Every child gets the locale; each CLI also gets the variables of its own vendor (see vendors.py),
+# so a gemini worker never sees the OpenAI key.
+CHILD_ENV_PREFIXES: tuple[str, ...] = ("LC_",)
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:
@@ -152,16 +144,15 @@ class Settings:
             redact=Redactor.from_environ(env),
         )
 
-    def child_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment a CLI child gets: the allow-list of the server's environment."""
-        allowed = {
+    def child_env(self, vendor_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+        """The environment a CLI child gets: the allow-list of the server's environment, plus the
+        variables whose names start with its vendor's prefixes."""
+        prefixes = CHILD_ENV_PREFIXES + vendor_prefixes
+        return {
             k: v
             for k, v in self.environ.items()
-            if k in CHILD_ENV_NAMES or k in self.child_env_extra or k.startswith(CHILD_ENV_PREFIXES)
+            if k in CHILD_ENV_NAMES or k in self.child_env_extra or k.startswith(prefixes)
         }
-        if extra:
-            allowed.update(extra)
-        return allowed
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, accepted: tuple[str, ...]) -> str:

@@ -97,14 +97,13 @@ def _store_check(settings: Settings) -> Check:
 
 
 async def check(settings: Settings) -> ReadinessReport:
-    env = settings.child_env()
     checks: list[Check] = []
     cli_ready: dict[str, bool] = {}
     binaries = {model: find_binary(settings, vendor) for model, vendor in VENDORS.items()}
     versions: dict[str, str | None] = {}
 
     async def ask(model: str, binary: str) -> None:
-        versions[model] = await _cli_version(binary, env)
+        versions[model] = await _cli_version(binary, settings.child_env(VENDORS[model].env_prefixes))
 
     async with anyio.create_task_group() as tg:  # gemini alone takes seconds to start
         for model, binary in binaries.items():

@@ -60,7 +60,7 @@ class CLIRuntime:
 
         spec = ProcessSpec(
             argv=argv,
-            env=self.settings.child_env(),
+            env=self.settings.child_env(vendor.env_prefixes),
             cwd=request.working_directory,
             stdin=compose_prompt(request).encode("utf-8"),
             timeout_s=request.timeout_s,

@@ -43,6 +43,7 @@ class OutputParser(Protocol):
 class Vendor(Protocol):
     name: str  # the binary's name: codex, gemini, claude
     package: str  # the npm package that provides it
+    env_prefixes: tuple[str, ...]  # the server variables this CLI reads (its home, keys, endpoints)
 
     def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]: ...
 
@@ -135,6 +136,7 @@ class CodexParser:
 class Codex:
     name = "codex"
     package = "@openai/codex"
+    env_prefixes: tuple[str, ...] = ("CODEX_", "OPENAI_")
 
     def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
         argv = [binary, "exec", "--json", "--skip-git-repo-check", *_CODEX_ACCESS[request.access]]
@@ -205,6 +207,7 @@ class GeminiParser:
 class Gemini:
     name = "gemini"
     package = "@google/gemini-cli"
+    env_prefixes: tuple[str, ...] = ("GEMINI_", "GOOGLE_")
 
     def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
         argv = [
@@ -278,6 +281,7 @@ class ClaudeParser:
 class Claude:
     name = "claude"
     package = "@anthropic-ai/claude-code"
+    env_prefixes: tuple[str, ...] = ("ANTHROPIC_", "CLAUDE_")
 
     def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
         argv = [
