@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,13 @@ from mcp_collab.config import Settings
 from mcp_collab.errors import ConfigError
 from mcp_collab.http import build_http_app
 from mcp_collab.server import build_server
+from tests.support.mcp_helpers import free_port, wait_listening
 
 TOKEN = "t0ken-for-tests-only-" + "x" * 24
 INITIALIZE = json.dumps(
     {"jsonrpc": "2.0", "id": 1, "method": "initialize",
      "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
 )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post(port: int, *, host: str | None = None, token: str | None = None) -> int:
@@ -51,18 +45,6 @@ def post(port: int, *, host: str | None = None, token: str | None = None) -> int
         return conn.getresponse().status
     finally:
         conn.close()
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            assert proc is None or proc.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
 
 
 def serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

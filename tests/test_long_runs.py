@@ -26,6 +26,7 @@ from mcp_collab.server import build_server
 from mcp_collab.store import JsonStore
 from mcp_collab.testing import Reply, ScriptedRuntime
 from tests.conftest import alive, fake_cli, read_pids
+from tests.support.mcp_helpers import call, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -62,13 +63,6 @@ async def client_for() -> AsyncIterator[Callable[[dict[str, str]], Any]]:
         yield open_client
         for release in opened:
             release.set()
-
-
-async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 async def test_a_long_run_returns_running_and_wait_brings_its_result(
@@ -229,12 +223,6 @@ async def test_after_kill_9_a_new_server_marks_the_run_interrupted_and_no_orphan
     assert f"pid {server_pid}" in (run.error or "")
     assert run.steps[0].status == "interrupted" and run.steps[0].process is None
     assert [p for p in workers if alive(p)] == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_over_http_a_run_started_in_one_session_is_awaited_and_cancelled_from_others(

@@ -15,6 +15,7 @@ from mcp_collab.errors import RuntimeUnavailable
 from mcp_collab.runtimes.base import StepRequest
 from mcp_collab.server import build_server
 from mcp_collab.testing import Reply, ScriptedRuntime
+from tests.support.mcp_helpers import call
 
 pytestmark = pytest.mark.anyio
 
@@ -51,13 +52,6 @@ WIRE_CAP = 20_480  # what one tool result may weigh on the wire, text and struct
 def wire_size(result: Any) -> int:
     text = sum(len(getattr(c, "text", "")) for c in result.content)
     return text + len(json.dumps(result.structured_content, separators=(",", ":")))
-
-
-async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 async def error(client: Client, tool: str, **args: Any) -> str:

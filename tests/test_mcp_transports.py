@@ -15,6 +15,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
+from tests.support.mcp_helpers import call, free_port
 from tests.support.vendor_stub import StubReply, StubRequest, VendorStub
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -22,13 +23,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 
 def server_params(env: dict[str, str]) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=env)
-
-
-async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 def verdicts(req: StubRequest) -> StubReply:
@@ -112,12 +106,6 @@ async def test_nothing_but_json_rpc_reaches_stdout(base_env: dict[str, str]) -> 
     assert "model" in by_id[3]["result"]["content"][0]["text"]
     assert by_id[4]["result"]["structuredContent"]["checks"]
     assert stderr, "logs go to stderr"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_streamable_http_serves_the_same_tools_on_loopback(base_env: dict[str, str], tmp_path: Path) -> None:

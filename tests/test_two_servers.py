@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
 from tests.conftest import fake_cli
+from tests.support.mcp_helpers import call
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
-
-
-async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 async def test_two_servers_share_workers_and_runs_without_losing_an_update(
