@@ -20,6 +20,7 @@ edge of the runtime that met them, with ``raise ... from exc``::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 ErrorKind = Literal["unavailable", "transient", "fatal"]
@@ -84,6 +85,30 @@ class RuntimeTransient(RuntimeFailure):
 
 class RuntimeFatal(RuntimeFailure):
     kind: ErrorKind = "fatal"
+
+
+# A refusal quotes what the caller sent, but never at length: a 300 KB argument must not come back
+# as a 300 KB error (tool results are capped near 20 KB).
+QUOTE_CHARS = 80
+LIST_ITEMS = 20
+
+
+def shown(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length said."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[: limit - 1]}…{length}"
+
+
+def listing(names: Iterable[str], *, empty: str = "none") -> str:
+    """A comma list of at most ``LIST_ITEMS`` names, saying how many more there are."""
+    items = list(names)
+    if not items:
+        return empty
+    head = ", ".join(shown(n) if len(n) > QUOTE_CHARS else n for n in items[:LIST_ITEMS])
+    return head + (f" and {len(items) - LIST_ITEMS} more" if len(items) > LIST_ITEMS else "")
 
 
 def failure_for_kind(kind: ErrorKind) -> type[RuntimeFailure]:

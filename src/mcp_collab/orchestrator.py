@@ -26,7 +26,7 @@ import anyio.to_thread
 
 from . import workspace
 from .config import Settings
-from .errors import InvalidRequestError, UnknownRunError, UnknownWorkerError
+from .errors import InvalidRequestError, UnknownRunError, UnknownWorkerError, listing, shown
 from .models import (
     TERMINAL_RUN_STATUSES,
     Access,
@@ -211,15 +211,15 @@ class WorkerOrchestrator:
         return removed
 
     async def _unknown_worker(self, name: str) -> UnknownWorkerError:
-        known = ", ".join(sorted(w.name for w in await self.list_workers())) or "none registered"
-        return UnknownWorkerError(f"unknown worker {name!r}; registered workers: {known}")
+        known = listing(sorted(w.name for w in await self.list_workers()), empty="none registered")
+        return UnknownWorkerError(f"unknown worker {shown(name)}; registered workers: {known}")
 
     # -- runs --------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> Run:
         run = await anyio.to_thread.run_sync(self.store.get_run, run_id)
         if run is None:
-            raise UnknownRunError(f"unknown run {run_id!r}; list_worker_runs shows the runs this server knows")
+            raise UnknownRunError(f"unknown run {shown(run_id)}; list_worker_runs shows the runs this server knows")
         return run
 
     async def list_runs(
@@ -293,7 +293,11 @@ class WorkerOrchestrator:
         finally:
             if on_progress is not None:
                 active.listeners.remove(on_progress)
-        return active.run.model_copy(deep=True)
+        if active.done.is_set():
+            return active.run.model_copy(deep=True)
+        # Still going: report what is on disk, never a state (say, "completed") whose save has not
+        # landed yet; a crash now would make the store, not our memory, the truth.
+        return await self.get_run(run_id)
 
     async def cancel(self, run_id: str) -> tuple[Run, bool]:
         """Stop a run: kill its processes, mark it and its open step cancelled, keep partial output.
@@ -396,7 +400,7 @@ class WorkerOrchestrator:
         unknown = sorted(set(runtime_modes) - {w.name for w in workers})
         if unknown:
             raise InvalidRequestError(
-                f"runtimeModes names {', '.join(map(repr, unknown))}, which take no step in this run; "
+                f"runtimeModes names {listing(map(shown, unknown))}, which take no step in this run; "
                 f"its workers are: {', '.join(w.name for w in workers)}"
             )
         modes = [

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, shown
 
 REDACTED = "[REDACTED]"
 # Variables whose values are credentials, by name.
@@ -94,15 +94,15 @@ def confine(directory: str, roots: Sequence[Path], field: str = "workingDirector
     allowed = ", ".join(str(r) for r in roots) or "(none configured)"
     path = Path(directory)
     if not path.is_absolute():
-        raise InvalidRequestError(f"{field} must be an absolute path, got {directory!r}")
+        raise InvalidRequestError(f"{field} must be an absolute path, got {shown(directory)}")
     if ".." in path.parts:
-        raise InvalidRequestError(f"{field} must not contain '..' components, got {directory!r}")
+        raise InvalidRequestError(f"{field} must not contain '..' components, got {shown(directory)}")
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise InvalidRequestError(f"{field} {directory!r} is not an existing directory") from None
+        raise InvalidRequestError(f"{field} {shown(directory)} is not an existing directory") from None
     if not real.is_dir():
-        raise InvalidRequestError(f"{field} {directory!r} is not an existing directory")
+        raise InvalidRequestError(f"{field} {shown(directory)} is not an existing directory")
     for root in roots:
         try:
             real_root = root.resolve(strict=True)
@@ -112,6 +112,6 @@ def confine(directory: str, roots: Sequence[Path], field: str = "workingDirector
             return real
     via = f" (it resolves to {real})" if str(real) != str(path) else ""
     raise InvalidRequestError(
-        f"{field} {directory!r}{via} is outside the workspace roots: {allowed}. "
+        f"{field} {shown(directory)}{via} is outside the workspace roots: {allowed}. "
         "The operator can widen them with MCP_COLLAB_WORKSPACE_ROOTS."
     )

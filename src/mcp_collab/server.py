@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError
 
 from . import __version__, readiness
 from .config import Settings
-from .errors import CollabError
+from .errors import CollabError, listing, shown
 from .models import (
     DispatchRequest,
     FallbackPolicy,
@@ -59,6 +59,7 @@ LIST_PREVIEW_CHARS = 160
 DEFAULT_WAIT_S = 45.0
 MAX_WAIT_S = 55.0
 PROGRESS_BUFFER = 1000
+MAX_ERROR_CHARS = 4_000
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,6 +118,11 @@ def page_for_client(page: RunPage, cursor_after: Callable[[Run], str]) -> RunSum
     return RunSummaryPage(runs=runs[:kept], next_cursor=cursor_after(page.runs[kept - 1]))
 
 
+def _bounded(message: str) -> str:
+    """The last guard on an error's size: messages quote inputs briefly, but never trust that."""
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "… (message cut)"
+
+
 def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Refusals become clear tool errors; anything else is logged and reported without a trace."""
 
@@ -130,7 +136,7 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except ToolError:
             raise
         except CollabError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(_bounded(str(exc))) from None
         except ValidationError as exc:
             raise ToolError(describe_validation_error(exc)) from None
         except Exception as exc:
@@ -347,7 +353,7 @@ def build_server(
     async def step_output(run_id: str, index: str, ctx: Context) -> str:
         run = await _state(ctx).orchestrator.get_run(run_id)
         if not index.isdigit() or int(index) >= len(run.steps):
-            raise ToolError(f"run {run_id} has steps 0 to {len(run.steps) - 1}; got {index!r}")
+            raise ToolError(f"run {run_id} has steps 0 to {len(run.steps) - 1}; got {shown(index)}")
         return run.steps[int(index)].output
 
     return mcp
@@ -373,10 +379,10 @@ class _StrictArguments:
             arguments = params.get("arguments")
             accepted = self.accepted.get(str(params.get("name")))
             if accepted is not None and isinstance(arguments, Mapping):
-                unknown = sorted(str(k) for k in arguments if k not in accepted)
+                unknown = sorted(shown(str(k)) for k in arguments if k not in accepted)
                 if unknown:
                     message = (
-                        f"{params.get('name')} does not take {', '.join(map(repr, unknown))}; "
+                        f"{params.get('name')} does not take {listing(unknown)}; "
                         f"its arguments are: {', '.join(accepted) or 'none'}"
                     )
                     return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)

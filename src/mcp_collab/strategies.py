@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, listing, shown
 from .models import Access, Step, Verdict, Worker, WorkerModel
 
 # How much of a previous step's output and of a diff goes into the next prompt.
@@ -132,7 +132,7 @@ STRATEGIES: dict[str, Strategy] = {
 def get_strategy(name: str) -> Strategy:
     strategy = STRATEGIES.get(name)
     if strategy is None:
-        raise InvalidRequestError(f"unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}")
+        raise InvalidRequestError(f"unknown strategy {shown(name)}; accepted: {', '.join(STRATEGIES)}")
     return strategy
 
 
@@ -151,8 +151,8 @@ def assign_workers(strategy: Strategy, registered: Sequence[Worker], named: Sequ
         if i < len(named):
             worker = by_name.get(named[i])
             if worker is None:
-                known = ", ".join(sorted(by_name)) or "none registered"
-                raise InvalidRequestError(f"unknown worker {named[i]!r}; registered workers: {known}")
+                known = listing(sorted(by_name), empty="none registered")
+                raise InvalidRequestError(f"unknown worker {shown(named[i])}; registered workers: {known}")
             if role.models is not None and worker.model not in role.models:
                 raise InvalidRequestError(
                     f"worker {worker.name!r} is a {worker.model} worker, but the {role.name} role of "
