@@ -259,3 +259,23 @@ async def test_over_http_a_run_started_in_one_session_is_awaited_and_cancelled_f
         server.wait(timeout=10)
         log.close()
     assert json.loads(json.dumps(cancelled))["run"]["steps"][0]["status"] == "cancelled"
+
+
+async def test_a_run_whose_server_died_is_recovered_by_a_live_server_on_wait(
+    fake_env: Callable[..., dict[str, str]], pidfile: Path
+) -> None:
+    env = fake_env("hang")
+    async with WorkerOrchestrator(Settings.from_env(env), runtimes={}) as survivor, survivor.running():
+        params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=env)
+        with pytest.raises(BaseException):  # noqa: B017 - the connection dies with the server
+            async with Client(params) as client:
+                await call(client, "spawn_worker", name="codex-writer", model="codex_cli")
+                run = await call(client, "dispatch_task", task="never ends", waitSeconds=0.2)
+                with anyio.fail_after(10):
+                    while len(read_pids(pidfile)) < 3:
+                        await anyio.sleep(0.02)
+                os.kill(run["owner"]["pid"], signal.SIGKILL)
+                await client.call_tool("list_workers", {}, read_timeout_seconds=5)
+        seen = await survivor.wait(run["id"], 5)
+    assert seen.status == "interrupted", "the live server noticed the dead owner without a restart"
+    assert [p for p in read_pids(pidfile) if alive(p)] == []

@@ -305,7 +305,7 @@ class WorkerOrchestrator:
         Returns the run and whether this call cancelled it (False: it had already ended)."""
         active = self._active.get(run_id)
         if active is None:
-            run = await self.get_run(run_id)
+            run = await self._orphan_checked(await self.get_run(run_id))
             if run.status in TERMINAL_RUN_STATUSES:
                 return run, False
             owner = f" (pid {run.owner.pid} on {run.owner.host})" if run.owner else ""
@@ -321,12 +321,20 @@ class WorkerOrchestrator:
 
     async def _wait_elsewhere(self, run_id: str, timeout_s: float | None) -> Run:
         """A run this process is not executing: another server on the same store may be."""
-        run = await self.get_run(run_id)
+        run = await self._orphan_checked(await self.get_run(run_id))
         with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
             while run.status not in TERMINAL_RUN_STATUSES:
                 await anyio.sleep(FOREIGN_POLL_S)
-                run = await self.get_run(run_id)
+                run = await self._orphan_checked(await self.get_run(run_id))
         return run
+
+    async def _orphan_checked(self, run: Run) -> Run:
+        """A run still open in the store whose server died after we started is recovered now,
+        instead of waiting for the next restart."""
+        if run.status in TERMINAL_RUN_STATUSES or run.id in self._active or owner_alive(run.owner):
+            return run
+        await self.recover()
+        return await self.get_run(run.id)
 
     async def _heartbeat(self, active: _Active, on_progress: ProgressCallback) -> None:
         started = time.monotonic()
