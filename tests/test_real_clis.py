@@ -82,10 +82,14 @@ async def test_each_real_cli_completes_a_step_against_the_stub(
 ) -> None:
     orchestrator = await orchestrator_for(real_env)
     task = "--version; echo $(whoami) && rm -rf ~"  # hostile text must stay data
+    progress: list[str] = []
     run = await orchestrator.dispatch(
-        DispatchRequest(task=task, workers=[worker], runtime_mode="cli", working_directory=str(tmp_path))
+        DispatchRequest(task=task, workers=[worker], runtime_mode="cli", working_directory=str(tmp_path)),
+        on_progress=progress.append,
     )
     assert run.status == "completed", run.error
+    vendor = family.removesuffix("-cli")
+    assert f"{worker}: {vendor}: session started" in progress, "the CLI's own events become progress"
     [step] = run.steps
     assert step.runtime_mode == "cli" and step.fallback_from is None and step.exit_code == 0
     assert step.output.endswith(task[:80]) and "stub reply from" in step.output
