@@ -145,33 +145,29 @@ class LineSplitter:
 # -- process tree -----------------------------------------------------------------------------
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat from the state field (the 3rd) on; the command name may hold spaces and ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2 :].split()
+
+
 def _proc_table() -> list[tuple[int, int, int, str]]:
     """(pid, ppid, pgrp, state) of every process we can see (Linux /proc)."""
     rows = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                raw = fh.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        # The command name is in parentheses and may hold spaces; fields resume after the last ')'.
-        fields = raw[raw.rfind(")") + 2 :].split()
-        if len(fields) >= 3:
+        if entry.isdigit() and (fields := _stat_fields(entry)) is not None and len(fields) >= 3:
             rows.append((int(entry), int(fields[1]), int(fields[2]), fields[0]))
     return rows
 
 
 def process_start_ticks(pid: int) -> int | None:
     """When ``pid`` started (clock ticks since boot): with the pid, it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields and len(fields) > 19 and fields[19].isdigit() else None
 
 
 def tree_members(root_pid: int, pgid: int) -> set[int]:
