@@ -173,11 +173,8 @@ async def test_escapes_from_the_workspace_are_refused(
     before = len((await orchestrator.list_runs()).runs)
     with pytest.raises(InvalidRequestError, match=message) as caught:
         await orchestrator.dispatch(DispatchRequest(task="t", working_directory=path))
-    assert str(tmp_path / "workspace") in str(caught.value) or message in (
-        "absolute path",
-        "not an existing directory",
-        "must not contain '..'",
-    )
+    if message in ("outside the workspace roots", "resolves to"):
+        assert str(tmp_path / "workspace") in str(caught.value), "the refusal names the roots"
     with pytest.raises(InvalidRequestError, match=message):
         await orchestrator.register_worker(WorkerSpec(name="x", model="codex_cli", working_directory=path))
     assert len((await orchestrator.list_runs()).runs) == before
