@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from mcp_collab.server import build_server
 from mcp_collab.store import JsonStore
 from mcp_collab.testing import Reply, ScriptedRuntime
 from tests.conftest import alive, fake_cli, read_pids
-from tests.support.mcp_helpers import call, free_port
+from tests.support.mcp_helpers import call, free_port, until_listening
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -236,14 +235,7 @@ async def test_over_http_a_run_started_in_one_session_is_awaited_and_cancelled_f
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/mcp"
     try:
-        with anyio.fail_after(30):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    assert server.poll() is None, (tmp_path / "server.log").read_text()
-                    await anyio.sleep(0.1)
+        await until_listening(port, server, tmp_path / "server.log")
         async with Client(url) as first:
             await call(first, "spawn_worker", name="codex-writer", model="codex_cli")
             run = await call(first, "dispatch_task", task="never ends", waitSeconds=0.2)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from tests.support.mcp_helpers import call, free_port
+from tests.support.mcp_helpers import call, free_port, until_listening
 from tests.support.vendor_stub import StubReply, StubRequest, VendorStub
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -119,15 +117,7 @@ async def test_streamable_http_serves_the_same_tools_on_loopback(base_env: dict[
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()
-                assert time.monotonic() < deadline, "the HTTP server did not start"
-                await anyio.sleep(0.1)
+        await until_listening(port, server, tmp_path / "server.log")
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
             tools = {t.name for t in (await client.list_tools()).tools}
             assert {"spawn_worker", "dispatch_task", "list_worker_runs"} <= tools

@@ -25,8 +25,6 @@ from .orchestrator import WorkerOrchestrator
 from .security import RedactingFilter
 from .strategies import STRATEGIES
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
+import anyio
 from mcp import Client
 
 START_TIMEOUT_S = 30.0
@@ -38,3 +40,15 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None) -> No
             assert proc is None or proc.poll() is None, "the server exited"
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
+
+
+async def until_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """The async form of ``wait_listening``, for tests that start a server subprocess."""
+    with anyio.fail_after(START_TIMEOUT_S):
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                assert proc.poll() is None, log.read_text(errors="replace")
+                await anyio.sleep(0.1)

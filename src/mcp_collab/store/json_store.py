@@ -181,9 +181,6 @@ class JsonStore:
 
         return self._read(everything)
 
-    def count_runs(self) -> int:
-        return self._read(lambda: len(self._index))
-
     def prune(self, *, max_runs: int | None, max_age_days: float | None, now: datetime | None = None) -> list[str]:
         """Forget finished runs beyond the newest ``max_runs`` or older than ``max_age_days``, with
         their outputs. Runs still queued or running are never pruned. Returns the pruned ids."""
