@@ -92,7 +92,7 @@ def test_kill_9_at_random_moments_never_loses_an_acknowledged_run(tmp_path: Path
             later = {digest(run_state(r, i, s)) for s in range(state, len(STATES))}
             assert digest(stored) in later, f"round {round_}: run {r}-{i} is not intact"
     assert len(acked) > ROUNDS, "the writer got work done between kills"
-    assert not list(tmp_path.glob("runs.jsonl.corrupt-*")), "no kill ever corrupted the log"
+    assert not list(tmp_path.glob("runs.jsonl.damaged-*")), "no kill ever damaged the log"
     lines = (tmp_path / "runs.jsonl").read_bytes().count(b"\n")
     assert lines < 6 * len(acked) + 100, "compaction kept the log bounded"
     json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])

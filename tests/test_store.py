@@ -96,26 +96,6 @@ def test_a_store_from_a_newer_version_is_refused_and_left_untouched(tmp_path: Pa
     assert log.read_bytes() == before
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        '{"schemaVersion": 2}\n{"op": "run", "ru\n{"op":"worker"}\n',
-        "not json at all\n",
-        '{"schemaVersion": 2}\n{"op": "explode"}\n',
-    ],
-)
-def test_a_corrupt_log_is_moved_aside_with_a_message_and_never_overwritten(
-    tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    (tmp_path / "runs.jsonl").write_text(content)
-    store = JsonStore(tmp_path)
-    [aside] = list(tmp_path.glob("runs.jsonl.corrupt-*"))
-    assert aside.read_text() == content
-    assert "moved aside" in caplog.text and aside.name in store.notices[0]
-    store.save_run(a_run(1))
-    assert [r.id for r in store.all_runs()] == ["run-00001"]
-
-
 def test_a_torn_tail_is_ignored_and_cut_off_by_the_next_writer(tmp_path: Path) -> None:
     store = JsonStore(tmp_path)
     store.save_run(a_run(1))

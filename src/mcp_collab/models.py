@@ -8,9 +8,9 @@ one of these models; ``contracts/`` holds their JSON Schema (``python -m mcp_col
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
 
 RuntimeMode = Literal["cli", "openai_sdk", "google_sdk"]
@@ -77,8 +77,15 @@ def _no_control_chars(value: str) -> str:
 SafeText = Annotated[str, AfterValidator(_no_control_chars)]
 
 
+# The validation context of records read back from a store (``Run.model_validate(data, context=STORED)``).
+STORED: dict[str, bool] = {"stored": True}
+
+
 class WireModel(BaseModel):
-    """Base for every model on the wire: camelCase aliases, unknown fields refused."""
+    """Base for every model on the wire: camelCase aliases, unknown fields refused.
+
+    Refused from callers, that is: a record a newer mcp-collab stored may carry fields this version
+    does not know, and is read without them (validated with the ``STORED`` context)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -86,6 +93,14 @@ class WireModel(BaseModel):
         extra="forbid",
         ser_json_timedelta="float",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tolerate_newer_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(info.context, dict) and info.context.get("stored"):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            return {k: v for k, v in data.items() if k in known}
+        return data
 
 
 class WorkerSpec(WireModel):

@@ -1,12 +1,14 @@
 """Readiness probes: what this machine can run right now, and how to fix what it cannot.
 
 Non-destructive: it looks for binaries and asks their version, checks that credentials are
-present (never reads out a value), imports the SDKs, and writes one temp file beside the store.
+present (never reads out a value), imports the SDKs, writes one temp file beside the store, and
+reports damaged logs the store repaired and kept aside.
 Used by the ``check_runtimes`` tool, ``mcp-collab doctor`` and ``probes/run_probes.py``.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import os
 import subprocess
@@ -19,6 +21,7 @@ from .config import Settings
 from .models import RuntimeMode, WireModel
 from .runtimes.cli import find_binary
 from .runtimes.cli.vendors import VENDORS
+from .store.json_store import CORRUPT_MARK, DAMAGED_MARK, LOG_NAME, PROBE_BYTES
 
 VERSION_TIMEOUT_S = 20.0
 
@@ -78,22 +81,47 @@ def _package_version(dist: str, module: str) -> str | None:
         return "unknown version"
 
 
-def _store_check(settings: Settings) -> Check:
+def _store_checks(settings: Settings) -> list[Check]:
+    """Can a run be stored (room for a page, a writable directory, a log that is a file), and was
+    damage found and repaired (its original kept aside for the operator to read)?"""
     directory = settings.state_dir
+    log_path = directory / LOG_NAME
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-", delete=True) as fh:
-            fh.write(b"ok")
+            fh.write(b"\0" * PROBE_BYTES)
             fh.flush()
             os.fsync(fh.fileno())
+        if log_path.exists() and not log_path.is_file():
+            raise IsADirectoryError(errno.EISDIR, "the log is not a regular file", str(log_path))
+        if log_path.exists() and not os.access(log_path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(log_path))
     except OSError as exc:
-        return Check(
-            name="store",
-            ok=False,
-            detail=f"{_display(directory)} is not writable: {exc.strerror}",
-            hint="set MCP_COLLAB_STATE_DIR to a writable directory",
+        where = _display(exc.filename or directory)
+        checks = [
+            Check(
+                name="store",
+                ok=False,
+                detail=f"{where}: {exc.strerror or exc}",
+                hint="free space, fix the permissions, or set MCP_COLLAB_STATE_DIR to a writable directory",
+            )
+        ]
+    else:
+        checks = [Check(name="store", ok=True, detail=f"{_display(directory)} (writable)")]
+    damaged = sorted(p.name for marker in (DAMAGED_MARK, CORRUPT_MARK) for p in directory.glob(f"{LOG_NAME}{marker}*"))
+    if damaged:
+        shown_names = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        checks.append(
+            Check(
+                name="store:damage",
+                ok=False,
+                required=False,
+                detail=f"the run log was found damaged and repaired; the damaged original(s) kept: {shown_names}",
+                hint=f"runs in those lines were lost from the history; inspect the files in {_display(directory)} "
+                "and delete them once reviewed",
+            )
         )
-    return Check(name="store", ok=True, detail=f"{_display(settings.store_dir)} (directory writable)")
+    return checks
 
 
 async def check(settings: Settings) -> ReadinessReport:
@@ -170,7 +198,7 @@ async def check(settings: Settings) -> ReadinessReport:
                 hint=None if version else "pip install mcp-collab (its dependencies include the SDK)",
             )
         )
-    checks.append(_store_check(settings))
+    checks.extend(_store_checks(settings))
     base_urls = [v for v in ("OPENAI_BASE_URL", "GOOGLE_GEMINI_BASE_URL", "ANTHROPIC_BASE_URL") if environ.get(v)]
     if base_urls:
         checks.append(Check(name="endpoints", ok=True, detail=f"custom endpoints set: {', '.join(base_urls)}"))

@@ -25,6 +25,9 @@ class RunFilter:
 class RunStore(Protocol):
     """Blocking calls: the orchestrator runs them off the event loop."""
 
+    def check_writable(self) -> None:
+        """Raise StoreError (naming the path and the cause) if nothing could be stored now."""
+
     def list_workers(self) -> list[Worker]: ...
 
     def get_worker(self, name: str) -> Worker | None: ...

@@ -21,8 +21,17 @@ update and each sees the other's workers and runs.
 When superseded records outnumber live ones, the log is compacted: live records are copied to a
 temp file that replaces the log atomically (fsync, ``os.replace``, fsync of the directory).
 
-A log from a newer schema is refused untouched. A log whose complete lines do not parse is moved
-aside (``runs.jsonl.corrupt-TIMESTAMP``) with a clear message, and a new history starts.
+A log from a newer schema is refused untouched. Damage is found before it can spread: every
+operation checks that the log is not shorter than what was committed and that the last record it
+knows still sits where it was written (bytes inserted, cut or overwritten before it move or change
+it), and every line read must parse. Damage costs the damaged lines, never the history: the damaged
+file is kept aside untouched (``runs.jsonl.damaged-TIMESTAMP``), every intact record before and
+after the bad lines is carried into a new log that replaces the old one atomically, and the operator
+is told (the server log, ``doctor``, ``check_runtimes``). A log is never grown back, padded or
+rewritten in place.
+
+Every failure of the file system (a full disk, a read-only or unwritable directory) fails the one
+operation with a ``StoreError`` naming the path and the cause; nothing half-written stays behind.
 """
 
 from __future__ import annotations
@@ -30,22 +39,25 @@ from __future__ import annotations
 import base64
 import bisect
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import stat
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from ..errors import InvalidRequestError, StoreError
-from ..models import TERMINAL_RUN_STATUSES, Run, RunPage, Worker
+from ..models import STORED, TERMINAL_RUN_STATUSES, Run, RunPage, Worker
 from .base import RunFilter
 
 log = logging.getLogger("mcp_collab.store")
@@ -55,6 +67,9 @@ LOG_NAME = "runs.jsonl"
 LOCK_NAME = "store.lock"
 OUTPUTS_DIR = "outputs"
 V1_NAME = "store.json"
+DAMAGED_MARK = ".damaged-"
+# Earlier versions moved an unreadable log aside under this name; doctor still reports them.
+CORRUPT_MARK = ".corrupt-"
 _TMP_MARK = ".tmp-"
 # The log record of a step keeps this much of its output; the full text lives in outputs/.
 PREVIEW_CHARS = 2_000
@@ -63,6 +78,9 @@ PREVIEW_CHARS = 2_000
 COMPACT_FACTOR = 2
 COMPACT_FLOOR = 1_000
 _READ_CHUNK = 4 << 20
+# The start-up write check writes this much: a disk with less room than one page cannot hold a run.
+PROBE_BYTES = 4096
+_HEADER = {"schemaVersion": STORE_SCHEMA_VERSION, "kind": "mcp-collab-store"}
 
 T = TypeVar("T")
 
@@ -80,6 +98,32 @@ class _Entry:
     outputs: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class _Line:
+    """Where the last line we applied sits, and a checksum of it: if it moved or changed, the log
+    was altered under us."""
+
+    offset: int
+    length: int
+    crc: int
+
+
+class _Damaged(Exception):
+    """The log is not what was committed; ``problem`` says how. Repaired under the write lock."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+def _os_problem(action: str, path: object, exc: OSError) -> StoreError:
+    """One line that names the path and the cause (a full disk, a read-only file system ...)."""
+    where = exc.filename if exc.filename else path
+    cause = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or 0)
+    return StoreError(f"cannot {action} the run store at {where}: {cause}" + (f" ({code})" if code else ""))
+
+
 class JsonStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -92,16 +136,51 @@ class JsonStore:
         self._order: list[tuple[str, str]] = []  # (created, id), oldest first
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the log we indexed
         self._consumed = 0  # bytes of the log applied to the index
+        self._last: _Line | None = None  # the last complete line applied
         self._records = 0  # records in the log (live and superseded)
-        self.notices: list[str] = []  # what a user should hear about (a log moved aside)
+        self.notices: list[str] = []  # what a user should hear about (damage repaired)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create the store directory {directory}: {exc.strerror}") from exc
+            raise _os_problem("create", directory, exc) from exc
+        if not directory.is_dir():
+            raise StoreError(
+                f"the run store directory {directory} is not a directory; point MCP_COLLAB_STATE_DIR at one"
+            )
+        self._guarded(self._open)
+
+    def _open(self) -> None:
         with self._locked():
             self._remove_stray_temps()
             self._migrate_v1()
-            self._catch_up()
+            self._catch_up(repair=True)
+
+    def check_writable(self) -> None:
+        """Fail now, with the cause, if a run could not be stored here (a full disk, a read-only or
+        unwritable directory): better a clear refusal to start than a server that cannot keep runs."""
+
+        def probe() -> None:
+            with self._locked():
+                path = self.directory / f"store.probe{_TMP_MARK}{os.getpid()}"
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    try:
+                        _write_all(fd, b"\0" * PROBE_BYTES)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                if self.log_path.exists() and not os.access(self.log_path, os.W_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.log_path))
+
+        self._guarded(probe, action="write")
+
+    def damage_reports(self) -> list[Path]:
+        """Damaged logs kept aside for inspection, oldest first."""
+        found = [*self.directory.glob(f"{LOG_NAME}{DAMAGED_MARK}*"), *self.directory.glob(f"{LOG_NAME}{CORRUPT_MARK}*")]
+        return sorted(p for p in found if _TMP_MARK not in p.name)
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -159,15 +238,20 @@ class JsonStore:
                     if len(picked) > limit:
                         break
             more = len(picked) > limit
-            runs = [r for r in self._load_runs(picked[:limit], full=False) if r is not None]
-            return RunPage(runs=runs, next_cursor=cursor_after(runs[-1]) if more and runs else None)
+            loaded = self._load_runs(picked[:limit], full=False, skip_unreadable=True)
+            runs = [r for r in loaded if r is not None]
+            last = picked[min(limit, len(picked)) - 1] if picked else None
+            next_cursor = _cursor(self._index[last].created, last) if more and last is not None else None
+            return RunPage(runs=runs, next_cursor=next_cursor)
 
         return self._read(page)
 
     def unfinished_runs(self) -> list[Run]:
         def unfinished() -> list[Run]:
             ids = [i for i, e in self._index.items() if e.status not in TERMINAL_RUN_STATUSES]
-            return [r for r in self._load_runs(ids, full=False) if r is not None] if ids else []
+            if not ids:
+                return []
+            return [r for r in self._load_runs(ids, full=False, skip_unreadable=True) if r is not None]
 
         return self._read(unfinished)
 
@@ -216,21 +300,47 @@ class JsonStore:
         [run] = self._load_runs([run_id], full=full)
         return run
 
-    def _load_runs(self, run_ids: list[str], *, full: bool) -> list[Run | None]:
+    def _load_runs(self, run_ids: list[str], *, full: bool, skip_unreadable: bool = False) -> list[Run | None]:
+        runs: list[Run | None] = []
         with open(self.log_path, "rb") as fh:
-            return [self._read_run(fh, run_id, full=full) for run_id in run_ids]
+            for run_id in run_ids:
+                try:
+                    runs.append(self._read_run(fh, run_id, full=full))
+                except StoreError as exc:
+                    if not skip_unreadable:
+                        raise
+                    log.warning("%s; left out of the list", exc)
+        return runs
 
     def _read_run(self, fh: Any, run_id: str, *, full: bool) -> Run | None:
         entry = self._index.get(run_id)
         if entry is None:
             return None
         fh.seek(entry.offset)
-        run = Run.model_validate(json.loads(fh.read(entry.length))["run"])
+        raw = fh.read(entry.length)
+        try:
+            record = json.loads(raw)
+            data = record["run"]
+            if data["id"] != run_id:
+                raise ValueError(f"it holds run {data['id']!r}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise _Damaged(
+                f"the record of run {run_id} at byte {entry.offset} changed under the server ({exc})"
+            ) from None
+        try:
+            run = Run.model_validate(data, context=STORED)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise StoreError(
+                f"run {run_id} in the store {self.log_path} cannot be read by this version of mcp-collab "
+                f"({problems}); it may have been written by a newer version. It was left untouched."
+            ) from None
         if full:
             for index in entry.outputs:
                 path = self.outputs_path / run_id / f"{index}.txt"
-                with contextlib.suppress(OSError):
-                    run.steps[index].output = path.read_text(encoding="utf-8")
+                if index < len(run.steps):
+                    with contextlib.suppress(OSError):
+                        run.steps[index].output = path.read_text(encoding="utf-8")
         return run
 
     def _write_outputs(self, run: Run) -> list[int]:
@@ -250,166 +360,305 @@ class JsonStore:
 
     # -- the log -----------------------------------------------------------------------------
 
-    def _read(self, fn: Callable[[], T]) -> T:
-        with self._locked(shared=True):
-            self._catch_up()
+    def _guarded(self, fn: Callable[[], T], *, action: str = "use") -> T:
+        """Every file-system failure becomes one StoreError naming the path and the cause."""
+        try:
             return fn()
+        except OSError as exc:
+            raise _os_problem(action, self.directory, exc) from exc
+
+    def _read(self, fn: Callable[[], T]) -> T:
+        def shared() -> T:
+            with self._locked(shared=True):
+                self._catch_up()
+                return fn()
+
+        def exclusive() -> T:
+            # Damage was found under the shared lock: repair it under the write lock, then read.
+            with self._locked():
+                self._catch_up(repair=True)
+                return self._repairing(fn)
+
+        try:
+            return self._guarded(shared, action="read")
+        except _Damaged:
+            pass
+        try:
+            return self._guarded(exclusive, action="read")
+        except _Damaged as damage:
+            raise StoreError(
+                f"the store {self.log_path} is damaged and could not be repaired: {damage.problem}"
+            ) from None
 
     def _write(self, fn: Callable[[], T]) -> T:
-        with self._locked():
-            self._catch_up()
-            result = fn()
-            if self._records > COMPACT_FLOOR and self._records > COMPACT_FACTOR * (
-                len(self._index) + len(self._workers)
-            ):
-                self._compact()
-            return result
+        def change() -> T:
+            with self._locked():
+                self._catch_up(repair=True)
+                result = self._repairing(fn)
+                if self._records > COMPACT_FLOOR and self._records > COMPACT_FACTOR * (
+                    len(self._index) + len(self._workers)
+                ):
+                    self._compact()
+                return result
+
+        try:
+            return self._guarded(change, action="write")
+        except _Damaged as damage:
+            raise StoreError(
+                f"the store {self.log_path} is damaged and could not be repaired: {damage.problem}"
+            ) from None
+
+    def _repairing(self, fn: Callable[[], T]) -> T:
+        """Under the write lock: a record found damaged while ``fn`` read it is repaired, then ``fn``
+        runs again on the repaired log."""
+        try:
+            return fn()
+        except _Damaged as damage:
+            self._salvage(damage.problem)
+            return fn()
 
     @contextlib.contextmanager
     def _locked(self, *, shared: bool = False) -> Iterator[None]:
         with self._mutex:
+            fd = self._open_lock()
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as exc:
-                raise StoreError(f"cannot open the store lock {self.lock_path}: {exc.strerror}") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                 yield
             finally:
-                os.close(fd)  # closing releases the flock
+                if fd is not None:
+                    os.close(fd)  # closing releases the flock
 
-    def _catch_up(self) -> None:
-        """Apply what was appended since we last looked; reload if the log was replaced."""
+    def _open_lock(self) -> int | None:
+        try:
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # A read-only store can still be read: a lock held read-only works the same, and
+            # without a lock file nobody can be writing a store no one can write.
+            try:
+                return os.open(self.lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+
+    def _catch_up(self, *, repair: bool = False) -> None:
+        """Apply what was appended since we last looked; reload if the log was replaced; find
+        damage (and, under the write lock, repair it)."""
+        try:
+            self._scan()
+        except _Damaged as damage:
+            if not repair:
+                raise
+            self._salvage(damage.problem)
+
+    def _scan(self) -> None:
         try:
             st = os.stat(self.log_path)
         except FileNotFoundError:
             self._reset()
             self._identity = None
             return
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(
+                f"the run store log {self.log_path} is not a regular file; move it away, or point "
+                "MCP_COLLAB_STATE_DIR elsewhere"
+            )
         identity = (st.st_dev, st.st_ino)
         if identity != self._identity:
             self._reset()
             self._identity = identity
-        if st.st_size == self._consumed:
-            return
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(self._consumed)
-                position, carry = self._consumed, b""
-                while chunk := fh.read(_READ_CHUNK):
-                    lines = (carry + chunk).split(b"\n")
-                    carry = lines.pop()  # no newline yet: maybe a torn tail, maybe the next chunk's start
-                    for raw in lines:
-                        self._apply(raw, position)
-                        position += len(raw) + 1
-                self._consumed = position
-        except _MovedAside:
-            return
+        with open(self.log_path, "rb") as fh:
+            if st.st_size < self._consumed:
+                raise _Damaged(
+                    f"it is {st.st_size} bytes long, shorter than the {self._consumed} bytes already committed "
+                    "(it was cut while in use)"
+                )
+            last = self._last
+            if last is not None:
+                fh.seek(last.offset)
+                line = fh.read(last.length + 1)
+                if len(line) != last.length + 1 or line[-1:] != b"\n" or zlib.crc32(line[:-1]) != last.crc:
+                    raise _Damaged(
+                        f"the record at byte {last.offset} moved or changed (bytes were inserted, removed or "
+                        "overwritten before it)"
+                    )
+            if st.st_size == self._consumed:
+                return
+            fh.seek(self._consumed)
+            position, carry = self._consumed, b""
+            while chunk := fh.read(_READ_CHUNK):
+                lines = (carry + chunk).split(b"\n")
+                carry = lines.pop()  # no newline yet: maybe a torn tail, maybe the next chunk's start
+                for raw in lines:
+                    self._apply(raw, position)
+                    position += len(raw) + 1
+                    self._consumed = position
 
     def _reset(self) -> None:
         self._workers, self._index, self._order = {}, {}, []
         self._consumed = self._records = 0
+        self._last = None
 
     def _apply(self, raw: bytes, offset: int) -> None:
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            self._corrupt(f"line at byte {offset} is not JSON")
+            raise _Damaged(f"the line at byte {offset} is not JSON") from None
         if offset == 0:
+            if _header_version(record) is None:
+                raise _Damaged("the first line is not a store header")
             self._check_header(record)
-            return
-        self._apply_record(record, offset, len(raw))
+        else:
+            self._apply_record(record, offset, len(raw))
+        self._last = _Line(offset, len(raw), zlib.crc32(raw))
 
     def _apply_record(self, record: Any, offset: int, length: int) -> None:
+        op, value = _parse_record(record, offset)
         self._records += 1
-        op = record.get("op") if isinstance(record, dict) else None
-        try:
-            if op == "run":
-                run = record["run"]
-                run_id, created = run["id"], _sort_key(run["createdAt"])
-                previous = self._index.get(run_id)
-                if previous is None:
-                    bisect.insort(self._order, (created, run_id))
-                elif previous.created != created:
-                    self._order.remove((previous.created, run_id))
-                    bisect.insort(self._order, (created, run_id))
-                self._index[run_id] = _Entry(
-                    created=created,
-                    status=run["status"],
-                    strategy=run["strategy"],
-                    workers=tuple(run.get("workers", ())),
-                    offset=offset,
-                    length=length,
-                    outputs=tuple(record.get("outputs", ())),
-                )
-            elif op == "unrun":
-                entry = self._index.pop(record["id"], None)
-                if entry is not None:
-                    self._order.remove((entry.created, record["id"]))
-            elif op == "worker":
-                worker = Worker.model_validate(record["worker"])
-                self._workers[worker.name] = worker
-            elif op == "unworker":
-                self._workers.pop(record["name"], None)
-            else:
-                self._corrupt(f"line at byte {offset} has an unknown operation {op!r}")
-        except (KeyError, TypeError, ValueError) as exc:
-            self._corrupt(f"line at byte {offset} is not a valid {op} record ({exc})")
+        if op == "run":
+            assert isinstance(value, _Entry)
+            run_id = record["run"]["id"]
+            entry = _Entry(
+                created=value.created,
+                status=value.status,
+                strategy=value.strategy,
+                workers=value.workers,
+                offset=offset,
+                length=length,
+                outputs=value.outputs,
+            )
+            previous = self._index.get(run_id)
+            if previous is None:
+                bisect.insort(self._order, (entry.created, run_id))
+            elif previous.created != entry.created:
+                self._order.remove((previous.created, run_id))
+                bisect.insort(self._order, (entry.created, run_id))
+            self._index[run_id] = entry
+        elif op == "unrun":
+            assert isinstance(value, str)
+            gone = self._index.pop(value, None)
+            if gone is not None:
+                self._order.remove((gone.created, value))
+        elif op == "worker":
+            assert isinstance(value, Worker)
+            self._workers[value.name] = value
+        else:
+            assert isinstance(value, str)
+            self._workers.pop(value, None)
 
     def _check_header(self, record: Any) -> None:
-        version = record.get("schemaVersion") if isinstance(record, dict) else None
-        if not isinstance(version, int):
-            self._corrupt("the first line is not a store header")
-        if version > STORE_SCHEMA_VERSION:
+        version = _header_version(record)
+        if version is not None and version > STORE_SCHEMA_VERSION:
             raise StoreError(
                 f"the store {self.log_path} was written by a newer mcp-collab (schema {version}; this version "
                 f"reads up to {STORE_SCHEMA_VERSION}); it was left untouched. Upgrade mcp-collab, or point "
                 "MCP_COLLAB_STATE_DIR elsewhere."
             )
 
-    def _corrupt(self, problem: str) -> NoReturn:
-        """Move the unreadable log aside (never overwrite it) and start a new history."""
-        aside = self.log_path.with_name(f"{LOG_NAME}.corrupt-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}")
-        os.replace(self.log_path, aside)
-        _fsync_dir(self.directory)
+    def _salvage(self, problem: str) -> None:
+        """Under the write lock: keep the damaged log aside untouched and carry every intact record
+        into a new log that replaces it atomically. The log is never rewritten in place."""
+        stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+        aside = self.log_path.with_name(f"{LOG_NAME}{DAMAGED_MARK}{stamp}")
+        tmp = self.log_path.with_name(f"{LOG_NAME}{_TMP_MARK}{os.getpid()}")
+        kept = dropped = 0
+        first_bad: list[int] = []
+        try:
+            with open(self.log_path, "rb") as src, open(tmp, "wb") as out:
+                out.write(_line(_HEADER))
+                position, carry = 0, b""
+                while True:
+                    chunk = src.read(_READ_CHUNK)
+                    lines = (carry + chunk).split(b"\n")
+                    carry = lines.pop() if chunk else b""
+                    for raw in lines:
+                        verdict = self._salvageable(raw, position)
+                        if verdict is True:
+                            out.write(raw + b"\n")
+                            kept += 1
+                        elif verdict is False:
+                            dropped += 1
+                            if len(first_bad) < 5:
+                                first_bad.append(position)
+                        position += len(raw) + 1
+                    if not chunk:
+                        break
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(self.log_path, aside)  # the original, byte for byte, for inspection
+            except OSError:
+                shutil.copyfile(self.log_path, aside)
+            os.replace(tmp, self.log_path)
+            _fsync_dir(self.directory)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         self._reset()
         self._identity = None
+        where = f" (the first at byte {', '.join(map(str, first_bad))})" if first_bad else ""
         message = (
-            f"the store {self.log_path} could not be read ({problem}); it was moved aside to {aside.name} "
-            "untouched and a new history was started. Its runs can be recovered from that file."
+            f"the store {self.log_path} was damaged: {problem}. {dropped} unreadable line(s) were dropped{where} "
+            f"and {kept} intact record(s) kept; the damaged file is kept untouched as {aside.name} for inspection"
         )
         log.error("%s", message)
         self.notices.append(message)
-        raise _MovedAside(message)
+        self._scan()
+
+    def _salvageable(self, raw: bytes, offset: int) -> bool | None:
+        """True: an intact record to keep; False: a damaged line; None: nothing to carry (the
+        header, or an empty line)."""
+        if not raw.strip():
+            return None
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        if _header_version(record) is not None:
+            self._check_header(record)
+            return None
+        try:
+            _parse_record(record, offset)
+        except _Damaged:
+            return False
+        return True
 
     def _append(self, records: list[dict[str, Any]]) -> None:
         size = self._prepare_append()
-        lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for r in records]
+        lines = [_line(r)[:-1] for r in records]
         payload = b"".join(line + b"\n" for line in lines)
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise _os_problem("write", self.log_path, exc) from exc
         try:
             _write_all(fd, payload)
             os.fdatasync(fd)
         except OSError as exc:
-            raise StoreError(f"cannot write the store {self.log_path}: {exc.strerror}") from exc
+            # Nothing half-written stays: a failed append is cut back to the last committed byte.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise _os_problem("write", self.log_path, exc) from exc
         finally:
             os.close(fd)
         position = size
         for record, line in zip(records, lines, strict=True):
             self._apply_record(record, position, len(line))
+            self._last = _Line(position, len(line), zlib.crc32(line))
             position += len(line) + 1
         self._consumed = position
 
     def _prepare_append(self) -> int:
         """Under the write lock: create the log if needed, cut off a torn tail; return its size."""
         if not self.log_path.exists():
-            header = json.dumps({"schemaVersion": STORE_SCHEMA_VERSION, "kind": "mcp-collab-store"}) + "\n"
-            _atomic_write(self.log_path, header.encode("utf-8"))
-            self._catch_up()
+            _atomic_write(self.log_path, _line(_HEADER))
+            self._scan()
         size = os.path.getsize(self.log_path)
-        if size != self._consumed:
+        if size > self._consumed:
             # We hold the write lock and have read every complete line: the rest is the torn tail
-            # of a writer that died mid-append.
+            # of a writer that died mid-append, never acknowledged. (A log shorter than what we
+            # read is damage, found by the catch-up before we get here: never grown back.)
             with open(self.log_path, "r+b") as fh:
                 fh.truncate(self._consumed)
                 os.fsync(fh.fileno())
@@ -419,12 +668,10 @@ class JsonStore:
 
     def _compact(self) -> None:
         tmp = self.log_path.with_name(f"{LOG_NAME}{_TMP_MARK}{os.getpid()}")
-        header = json.dumps({"schemaVersion": STORE_SCHEMA_VERSION, "kind": "mcp-collab-store"}) + "\n"
         with open(self.log_path, "rb") as src, open(tmp, "wb") as out:
-            out.write(header.encode("utf-8"))
+            out.write(_line(_HEADER))
             for worker in self._workers.values():
-                line = {"op": "worker", "worker": worker.model_dump(mode="json", by_alias=True)}
-                out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
+                out.write(_line({"op": "worker", "worker": worker.model_dump(mode="json", by_alias=True)}))
             for _, run_id in self._order:
                 entry = self._index[run_id]
                 src.seek(entry.offset)
@@ -434,7 +681,7 @@ class JsonStore:
         os.replace(tmp, self.log_path)
         _fsync_dir(self.directory)
         self._identity = None
-        self._catch_up()
+        self._scan()
 
     def _migrate_v1(self) -> None:
         """A schema-1 store (one JSON document) becomes the log, once; the old file is kept."""
@@ -446,8 +693,8 @@ class JsonStore:
             version = doc.get("schemaVersion") if isinstance(doc, dict) else None
             if version != 1:
                 raise ValueError(f"schemaVersion {version!r}")
-            workers = [Worker.model_validate(w) for w in doc.get("workers", [])]
-            runs = [Run.model_validate(r) for r in doc.get("worker_runs", [])]
+            workers = [Worker.model_validate(w, context=STORED) for w in doc.get("workers", [])]
+            runs = [Run.model_validate(r, context=STORED) for r in doc.get("worker_runs", [])]
         except (OSError, ValueError, ValidationError) as exc:
             raise StoreError(
                 f"cannot migrate the old store {old}: {exc}; it was left untouched. Move it aside to start "
@@ -471,8 +718,45 @@ class JsonStore:
                 tmp.unlink()
 
 
-class _MovedAside(Exception):
-    """Unwinds a catch-up whose log was just moved aside; the operation goes on with a new log."""
+def _header_version(record: Any) -> int | None:
+    if isinstance(record, dict) and record.get("kind") == "mcp-collab-store":
+        version = record.get("schemaVersion")
+        return version if isinstance(version, int) else None
+    if isinstance(record, dict) and "op" not in record and isinstance(record.get("schemaVersion"), int):
+        return int(record["schemaVersion"])
+    return None
+
+
+def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]:
+    """What a log line says, checked for shape; ``_Damaged`` when it cannot be a record."""
+    op = record.get("op") if isinstance(record, dict) else None
+    try:
+        if op == "run":
+            run = record["run"]
+            if not isinstance(run["id"], str) or not isinstance(run["status"], str):
+                raise TypeError("id and status must be strings")
+            workers = run.get("workers", ())
+            outputs = record.get("outputs", ())
+            if not all(isinstance(w, str) for w in workers) or not all(isinstance(i, int) for i in outputs):
+                raise TypeError("workers and outputs must be lists of names and indexes")
+            return op, _Entry(
+                created=_sort_key(run["createdAt"]),
+                status=run["status"],
+                strategy=str(run["strategy"]),
+                workers=tuple(workers),
+                offset=offset,
+                length=0,
+                outputs=tuple(outputs),
+            )
+        if op == "unrun" and isinstance(record["id"], str):
+            return op, record["id"]
+        if op == "worker":
+            return op, Worker.model_validate(record["worker"], context=STORED)
+        if op == "unworker" and isinstance(record["name"], str):
+            return op, record["name"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _Damaged(f"the line at byte {offset} is not a valid {op} record ({type(exc).__name__})") from None
+    raise _Damaged(f"the line at byte {offset} is not a record this version knows (op {str(op)[:40]!r})")
 
 
 def _record(run: Run) -> dict[str, Any]:
@@ -481,6 +765,10 @@ def _record(run: Run) -> dict[str, Any]:
         if len(step["output"]) > PREVIEW_CHARS:
             step["output"] = step["output"][:PREVIEW_CHARS]
     return record
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -502,7 +790,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+        raise _os_problem("write", path, exc) from exc
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -527,8 +815,11 @@ def _timestamp(key: str) -> float:
 
 def cursor_after(run: Run) -> str:
     """The cursor of the page that starts just after ``run``."""
-    created = run.created_at.astimezone(UTC).strftime(_KEY_FORMAT)
-    return base64.urlsafe_b64encode(f"{created}|{run.id}".encode()).decode().rstrip("=")
+    return _cursor(run.created_at.astimezone(UTC).strftime(_KEY_FORMAT), run.id)
+
+
+def _cursor(created: str, run_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created}|{run_id}".encode()).decode().rstrip("=")
 
 
 def _decode_cursor(cursor: str) -> tuple[str, str]:
