@@ -250,3 +250,27 @@ async def test_check_runtimes_reports_without_leaking_secrets(
     assert checks["credential:OPENAI_API_KEY"]["ok"] is True
     assert checks["cli:codex"]["ok"] is False and "npm install -g @openai/codex" in checks["cli:codex"]["hint"]
     assert checks["store"]["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("runs://run-nope", "unknown run 'run-nope'"),
+        ("runs://run-nope/steps/0/output", "unknown run 'run-nope'"),
+        ("runs://{run}/steps/7/output", "has steps 0 to 0; got step '7'"),
+        ("runs://{run}/steps/x/output", "has steps 0 to 0; got step 'x'"),
+        ("runs://{run}/steps/-1/output", "has steps 0 to 0; got step '-1'"),
+    ],
+)
+async def test_a_resource_that_does_not_exist_is_refused_saying_what_does(
+    client: Client, uri: str, expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mcp import MCPError
+
+    await call(client, "spawn_worker", name="w1", model="codex_cli")
+    run = await call(client, "dispatch_task", task="one step")
+    with pytest.raises(MCPError) as refused:
+        await client.read_resource(uri.format(run=run["id"]))
+    assert expected in refused.value.message
+    assert refused.value.code == -32602, "not found is the caller's mistake, not an internal error"
+    assert "Traceback" not in caplog.text

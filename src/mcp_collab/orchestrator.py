@@ -26,7 +26,7 @@ import anyio.to_thread
 
 from . import workspace
 from .config import Settings
-from .errors import InvalidRequestError, UnknownRunError, UnknownWorkerError, listing, shown
+from .errors import InvalidRequestError, StoreError, UnknownRunError, UnknownWorkerError, listing, shown
 from .models import (
     TERMINAL_RUN_STATUSES,
     Access,
@@ -177,6 +177,10 @@ class WorkerOrchestrator:
         self._pending: dict[str, Run] = {}
         self._pending_ready = anyio.Event()
         self._finished = 0
+        # Dispatches between the queue check and their run's entry in _active: counted with the
+        # queued runs, so the cap holds however many dispatches arrive at once.
+        self._admitting = 0
+        self._last_store_error: str | None = None
 
     async def __aenter__(self) -> WorkerOrchestrator:
         return self
@@ -245,6 +249,7 @@ class WorkerOrchestrator:
         Runs started with ``start`` live here, not in the request that started them: a client that
         times out, cancels or disconnects never kills a run. Leaving the block (the server stops)
         interrupts whatever is still running and kills its processes."""
+        await anyio.to_thread.run_sync(self.store.check_writable)
         await self.recover()
         await self.prune()
         async with anyio.create_task_group() as tg:
@@ -344,18 +349,24 @@ class WorkerOrchestrator:
             on_progress(f"run {run.id} still {run.status}: {_where(run)}, {time.monotonic() - started:.0f}s waited")
 
     async def _admit(self, request: DispatchRequest) -> _Active:
-        queued = sum(1 for a in self._active.values() if a.run.status == "queued")
-        if queued >= self.settings.max_queued_runs:
+        # Checked and claimed with no await in between: the event loop runs nothing else here, so
+        # no number of concurrent dispatches can slip past the cap together.
+        waiting = self._admitting + sum(1 for a in self._active.values() if a.run.status == "queued")
+        if waiting >= self.settings.max_queued_runs:
             raise InvalidRequestError(
-                f"{queued} runs are already waiting for a slot (the limit is {self.settings.max_queued_runs}, "
+                f"{waiting} runs are already waiting for a slot (the limit is {self.settings.max_queued_runs}, "
                 f"MCP_COLLAB_MAX_QUEUED_RUNS; {self.settings.max_concurrent_runs} run at once, "
                 "MCP_COLLAB_MAX_CONCURRENT_RUNS); wait for some to finish or cancel them"
             )
-        plan = await self._plan(request, request.runtime_modes or {})
-        plan.run.owner = self._owner
-        await self._save(plan.run)
-        active = _Active(plan=plan, redact=self.settings.redact)
-        self._active[plan.run.id] = active
+        self._admitting += 1
+        try:
+            plan = await self._plan(request, request.runtime_modes or {})
+            plan.run.owner = self._owner
+            await self._save(plan.run)
+            active = _Active(plan=plan, redact=self.settings.redact)
+            self._active[plan.run.id] = active
+        finally:
+            self._admitting -= 1
         return active
 
     async def _background(self, active: _Active) -> None:
@@ -380,6 +391,11 @@ class WorkerOrchestrator:
                         raise
             if active.stop_reason is not None and run.status not in TERMINAL_RUN_STATUSES:
                 await self._abandon(active, *active.stop_reason)  # cancelled while still queued
+        except StoreError as exc:
+            # The disk is full, read-only or gone: this run fails with the cause; the server and
+            # every other run go on.
+            log.error("run %s: %s", run.id, exc)
+            await self._abandon(active, "failed", str(exc), overwrite=True)
         except anyio.get_cancelled_exc_class():
             await self._abandon(active, *(active.stop_reason or ("interrupted", "the server stopped")))
             raise
@@ -394,7 +410,10 @@ class WorkerOrchestrator:
             self._active.pop(run.id, None)
         self._finished += 1
         if self._finished % PRUNE_EVERY == 0:
-            await self.prune()
+            try:
+                await self.prune()
+            except StoreError as exc:
+                log.error("retention was not applied: %s", exc)
 
     async def _plan(self, request: DispatchRequest, runtime_modes: Mapping[str, RuntimeMode]) -> _Plan:
         if len(request.task) > self.settings.max_task_chars:
@@ -554,12 +573,12 @@ class WorkerOrchestrator:
         step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
         await self._save(run, durable=False)
 
-    async def _abandon(self, active: _Active, status: RunStatus, reason: str) -> None:
+    async def _abandon(self, active: _Active, status: RunStatus, reason: str, *, overwrite: bool = False) -> None:
         """Record a run that stopped abnormally; its open step keeps the output it had produced."""
         run = active.run
         with anyio.CancelScope(shield=True):
             run.status = status
-            run.error = run.error or reason
+            run.error = reason if overwrite else (run.error or reason)
             now = datetime.now(UTC)
             for step in run.steps:
                 if step.status == "running":
@@ -573,8 +592,15 @@ class WorkerOrchestrator:
                 elif step.status == "pending":
                     step.status = "skipped"
             run.ended_at = now
-            await self._save(run)
-            active.emit(f"run {run.id} {run.status}: {reason}")
+            try:
+                await self._save(run)
+            except StoreError as exc:
+                # Those who wait on the run still hear how it ended; the store keeps its last
+                # state, and the next start marks it interrupted.
+                if str(exc) not in (run.error or ""):
+                    run.error = f"{run.error}; its end could not be stored: {exc}"
+                log.error("run %s ended %s but could not be stored: %s", run.id, run.status, exc)
+            active.emit(f"run {run.id} {run.status}: {run.error or reason}")
 
     async def prune(self, *, max_runs: int | None = None, max_age_days: float | None = None) -> list[str]:
         """Apply the retention limits (the settings' unless given): finished runs only."""
@@ -631,5 +657,15 @@ class WorkerOrchestrator:
             async with self._write_lock:
                 batch = list(self._pending.values())
                 self._pending.clear()
-                if batch:
+                if not batch:
+                    continue
+                try:
                     await anyio.to_thread.run_sync(self.store.save_runs, batch)
+                except StoreError as exc:
+                    # Intermediate states only: each run's next durable save carries its whole
+                    # state (or fails that run). Said once per distinct cause, not per batch.
+                    if str(exc) != self._last_store_error:
+                        log.error("intermediate run states were not stored: %s", exc)
+                    self._last_store_error = str(exc)
+                else:
+                    self._last_store_error = None

@@ -20,13 +20,13 @@ from typing import Annotated, Any, ParamSpec, TypeVar, cast
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field, ValidationError
 
 from . import __version__, readiness
 from .config import Settings
-from .errors import CollabError, listing, shown
+from .errors import CollabError, StoreError, UnknownRunError, listing, shown
 from .models import (
     DispatchRequest,
     FallbackPolicy,
@@ -44,7 +44,7 @@ from .models import (
 )
 from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
 from .runtimes.base import WorkerRuntime
-from .store import cursor_after
+from .store import RunStore, cursor_after
 from .strategies import STRATEGIES
 
 log = logging.getLogger("mcp_collab.server")
@@ -149,6 +149,22 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+def resource_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """A resource read that cannot be answered says why: an unknown run or step is "not found"
+    (-32602) naming what exists, a store problem its cause; never a bare internal error."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except UnknownRunError as exc:
+            raise ResourceNotFoundError(_bounded(str(exc))) from None
+        except CollabError as exc:
+            raise ResourceError(_bounded(str(exc))) from None
+
+    return wrapper
+
+
 def _sole_error(group: BaseExceptionGroup[Any]) -> BaseException:
     """A task group wraps the one error that ended it; tools report that error, not the group."""
     leaves = [e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())]
@@ -178,15 +194,19 @@ RUNTIME_GUIDE = (
 def build_server(
     settings: Settings | None = None,
     runtimes: Mapping[RuntimeMode, WorkerRuntime] | None = None,
+    store: RunStore | None = None,
 ) -> MCPServer[AppState]:
-    """The MCP server. ``settings`` default to the environment; ``runtimes`` to the real ones."""
+    """The MCP server. ``settings`` default to the environment; ``runtimes`` to the real ones;
+    ``store`` to the JSON store in the state directory (``serve`` opens it first, so a broken
+    state directory is one clear line before any client connects)."""
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         resolved = settings or Settings.from_env()
         # Runs live in the orchestrator's task group, owned by this lifespan: a request that times
         # out, is cancelled or disconnects does not take its run with it.
-        async with WorkerOrchestrator(resolved, runtimes=runtimes) as orchestrator, orchestrator.running():
+        orchestrator = WorkerOrchestrator(resolved, store=store, runtimes=runtimes)
+        async with orchestrator, orchestrator.running():
             yield AppState(orchestrator=orchestrator, settings=resolved)
 
     mcp: MCPServer[AppState] = MCPServer(
@@ -342,18 +362,28 @@ def build_server(
     async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
         """Which runtimes can run here now: CLIs found and their versions, credentials present (never
         their values), SDKs importable, the store writable; each failure with a hint to fix it."""
-        return await readiness.check(_state(ctx).settings)
+        state = _state(ctx)
+        # Reading the store first finds (and repairs, keeping the original aside) damage done to
+        # it since the last call, so the report below lists it.
+        with contextlib.suppress(StoreError):
+            await state.orchestrator.list_workers()
+        return await readiness.check(state.settings)
 
     @mcp.resource("runs://{run_id}", mime_type="application/json", description="A whole run, full outputs.")
+    @resource_errors
     async def run_resource(run_id: str, ctx: Context) -> str:
         run = await _state(ctx).orchestrator.get_run(run_id)
         return json.dumps(run.model_dump(mode="json", by_alias=True), ensure_ascii=False, indent=1)
 
     @mcp.resource("runs://{run_id}/steps/{index}/output", mime_type="text/plain", description="A step's full output.")
+    @resource_errors
     async def step_output(run_id: str, index: str, ctx: Context) -> str:
         run = await _state(ctx).orchestrator.get_run(run_id)
         if not index.isdigit() or int(index) >= len(run.steps):
-            raise ToolError(f"run {run_id} has steps 0 to {len(run.steps) - 1}; got {shown(index)}")
+            steps = f"steps 0 to {len(run.steps) - 1}" if run.steps else "no steps"
+            raise ResourceNotFoundError(
+                f"run {run_id} has {steps}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/output"
+            )
         return run.steps[int(index)].output
 
     return mcp
