@@ -29,7 +29,7 @@ import signal
 import stat
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +45,9 @@ log = logging.getLogger("mcp_collab.workspace")
 GIT_TIMEOUT_S = 30.0
 # Bytes read from small repository files (HEAD, a ref, a .git file); real ones are under 200 bytes.
 SMALL_FILE_BYTES = 4096
-# Bytes read from an ignore file (info/exclude, the user's global excludes); beyond this it is cut.
-EXCLUDE_FILE_BYTES = 1 << 20
+# Bytes read from a repository data file (config, packed-refs, info/exclude, the user's global
+# excludes); real ones are far smaller, and past this the rest is simply not seen.
+DATA_FILE_BYTES = 8 << 20
 # Bytes of git's stderr kept for the log line that says why a snapshot failed.
 STDERR_BYTES = 4096
 # Symbolic refs followed from HEAD before giving up (git itself stops at 5).
@@ -97,7 +98,7 @@ class _Repo:
     common_dir: Path  # shared git directory (objects, branches, packed-refs, info/exclude)
 
 
-def git_env(environ: dict[str, str] | os._Environ[str], scratch: Path) -> dict[str, str]:
+def git_env(environ: Mapping[str, str], scratch: Path) -> dict[str, str]:
     """The allow-listed environment of a git child working through the scratch repository."""
     env = {k: v for k, v in environ.items() if k in GIT_ENV_NAMES or k.startswith(GIT_ENV_PREFIXES)}
     env.update(_GIT_ENV_FIXED)
@@ -193,7 +194,7 @@ def _head_commit(repo: _Repo) -> str | None:
 
 
 def _packed_ref(repo: _Repo, name: str) -> str | None:
-    text = _read_small(repo.common_dir / "packed-refs", limit=EXCLUDE_FILE_BYTES)
+    text = _read_small(repo.common_dir / "packed-refs", limit=DATA_FILE_BYTES)
     for line in (text or "").splitlines():
         oid, _, ref = line.partition(" ")
         if ref == name and _HEX_ID.fullmatch(oid):
@@ -217,8 +218,10 @@ class _Scratch:
         (self.git_dir / "config").write_text("", encoding="utf-8")
         # The object format is the one setting of the repository that must carry over: sha1 objects
         # written into a sha256 store would be garbage. `git config --file` only parses the file.
-        config = str(self.repo.common_dir / "config")
-        fmt = await self.git("config", "--file", config, "--default", "sha1", "--get", "extensions.objectformat")
+        # git parses a bounded copy, never the file itself: a FIFO there would hold git until the deadline.
+        copy = self.base / "repository.config"
+        copy.write_text(_read_small(self.repo.common_dir / "config", DATA_FILE_BYTES) or "", encoding="utf-8")
+        fmt = await self.git("config", "--file", str(copy), "--default", "sha1", "--get", "extensions.objectformat")
         fmt = (fmt or "").strip()
         if fmt not in ("sha1", "sha256"):
             log.warning("no diff: %s uses object format %r, not sha1 or sha256", self.repo.top, fmt)
@@ -230,9 +233,9 @@ class _Scratch:
         )
         # Ignore patterns are data, never programs: keep the repository's own and the user's global
         # ones, so the snapshot skips what `git status` would skip (build output, virtualenvs).
-        excludes = [_read_small(self.repo.common_dir / "info" / "exclude", EXCLUDE_FILE_BYTES) or ""]
+        excludes = [_read_small(self.repo.common_dir / "info" / "exclude", DATA_FILE_BYTES) or ""]
         if (global_file := _global_excludes_file()) is not None:
-            excludes.append(_read_small(global_file, EXCLUDE_FILE_BYTES) or "")
+            excludes.append(_read_small(global_file, DATA_FILE_BYTES) or "")
         (self.git_dir / "info" / "exclude").write_text("\n".join(excludes), encoding="utf-8")
         return True
 
