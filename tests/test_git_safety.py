@@ -422,3 +422,19 @@ async def test_a_flood_of_diff_is_cut_to_the_limit(lab: Lab) -> None:
         text = await workspace.diff(lab.repo, (lab.tmp,), before, after, 10_000)
     assert text is not None and text.endswith("[... diff truncated ...]\n")
     assert "+line 0\n" in text and len(text) < 10_100
+
+
+@pytest.mark.anyio
+async def test_a_sha256_repository_is_snapshotted_in_its_own_object_format(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    assert git(tmp_path, "init", "-q", "--object-format=sha256", str(repo)).returncode == 0
+    (repo / "a.txt").write_text("old\n", encoding="utf-8")
+    assert git(repo, "add", ".").returncode == 0 and git(repo, "commit", "-qm", "init").returncode == 0
+    with anyio.fail_after(DEADLINE_S):
+        before = await workspace.snapshot(repo, (tmp_path,))
+        (repo / "a.txt").write_text("new\n", encoding="utf-8")
+        after = await workspace.snapshot(repo, (tmp_path,))
+        assert before is not None and after is not None and len(after) == 64
+        text = await workspace.diff(repo, (tmp_path,), before, after, 10_000)
+    assert text is not None and "-old\n+new\n" in text
+    assert git(repo, "fsck", "--no-progress").returncode == 0, "the repository's object store is sound"
