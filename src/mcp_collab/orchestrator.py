@@ -485,7 +485,11 @@ class WorkerOrchestrator:
         for i, (role, worker) in enumerate(zip(plan.strategy.roles, plan.workers, strict=True)):
             step = run.steps[i]
             step_cwd = plan.cwd or (Path(worker.working_directory) if worker.working_directory else None)
-            before = await workspace.snapshot(step_cwd) if plan.strategy.wants_diff and i == 0 else None
+            before = (
+                await workspace.snapshot(step_cwd, self.settings.workspace_roots)
+                if plan.strategy.wants_diff and i == 0
+                else None
+            )
             prompt = role.prompt(PromptContext(task=plan.task, previous=run.steps[:i], diff=diff_text))
             # Reviewers stay read-only; writing roles get what the operator allows (never more).
             access = role.access if role.access == "read_only" else self.settings.writer_access
@@ -500,9 +504,11 @@ class WorkerOrchestrator:
                 step.verdict, step.findings = parse_verdict(step.output)
                 run.verdict, run.findings = step.verdict, list(step.findings)
             if before is not None:
-                after = await workspace.snapshot(step_cwd)
+                after = await workspace.snapshot(step_cwd, self.settings.workspace_roots)
                 if after is not None and after != before:
-                    diff_text = await workspace.diff(step_cwd, before, after, MAX_QUOTED_DIFF_CHARS)
+                    diff_text = await workspace.diff(
+                        step_cwd, self.settings.workspace_roots, before, after, MAX_QUOTED_DIFF_CHARS
+                    )
         else:
             run.status = "completed"
             run.result = run.steps[-1].output

@@ -1,59 +1,353 @@
-"""What a writer changed in a git working tree, without touching the user's index or stash.
+"""What a writer changed in a git working tree, without touching the user's index or stash, and
+without ever running a program the repository names.
 
 ``snapshot`` writes the whole working tree (tracked and untracked, minus ignored files) as a git
 tree object through a throwaway index file; the diff between the snapshot before and after the
 writer's step is exactly what the writer left, whatever state the tree was in before.
+
+Why git runs in a scratch repository: the working tree, its ``.git/config``, ``.gitattributes`` and
+hooks are all in the hands of the writer (and of whoever wrote the repository). Git config can name
+programs in many places (``core.fsmonitor``, hooks, ``diff.external``, textconv, clean/smudge/process
+filters, pagers, ssh and askpass commands, credential helpers, ``include.path`` pulling in more), and
+new versions add more. Rather than chase each key, git here never reads the repository's config at
+all: every command runs with ``GIT_DIR`` set to a scratch directory this module writes (its config is
+ours alone, it has no hooks), with the repository's object store borrowed through
+``GIT_OBJECT_DIRECTORY`` and its working tree through ``GIT_WORK_TREE``. System and global config are
+off (``GIT_CONFIG_NOSYSTEM``, ``GIT_CONFIG_GLOBAL=/dev/null``), so the only config git sees is the
+scratch file plus the ``-c`` overrides below. A ``filter=x`` or ``diff=x`` attribute in
+``.gitattributes`` then names a driver no config defines, which git treats as no driver at all.
+The repository's ``HEAD`` is resolved here, in Python, by reading its ref files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import signal
+import stat
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
+from .errors import InvalidRequestError
+from .security import confine
+
+log = logging.getLogger("mcp_collab.workspace")
+
+# A snapshot of a big tree hashes every changed file; past this the diff is given up, not the run.
 GIT_TIMEOUT_S = 30.0
+# Bytes read from small repository files (HEAD, a ref, a .git file); real ones are under 200 bytes.
+SMALL_FILE_BYTES = 4096
+# Bytes read from a repository data file (config, packed-refs, info/exclude, the user's global
+# excludes); real ones are far smaller, and past this the rest is simply not seen.
+DATA_FILE_BYTES = 8 << 20
+# Bytes of git's stderr kept for the log line that says why a snapshot failed.
+STDERR_BYTES = 4096
+# Symbolic refs followed from HEAD before giving up (git itself stops at 5).
+MAX_SYMREF_DEPTH = 5
+
+# Belt and braces on top of the scratch config: each names the key's "run nothing" value, so even a
+# config that slipped in (an environment we did not foresee) cannot name a program for these. No
+# `include.path` here: git refuses it on the command line, and no config git reads here includes any.
+_NEUTRALIZE: tuple[str, ...] = (
+    "-c", "core.fsmonitor=false",
+    "-c", "core.hooksPath=/dev/null",
+    "-c", "core.untrackedCache=false",
+    "-c", "core.pager=cat",
+    "-c", "core.sshCommand=false",
+    "-c", "core.askPass=",
+    "-c", "credential.helper=",
+    "-c", "diff.external=",
+    "-c", "protocol.allow=never",
+    "-c", "core.alternateRefsCommand=",
+    "-c", "uploadpack.packObjectsHook=",
+)  # fmt: skip
+
+# The environment of every git child, whatever the server's holds. Kept: PATH (to find git), the
+# locale (git's messages and path quoting), TMPDIR. Not kept: HOME and XDG_* (they lead to the user's
+# global config and attributes; HOME points at the scratch directory instead), every vendor key and
+# token, and every GIT_* variable of the server (GIT_EXTERNAL_DIFF, GIT_SSH_COMMAND, GIT_ASKPASS,
+# GIT_CONFIG_PARAMETERS, GIT_DIR...), which could redirect or extend what git runs.
+GIT_ENV_NAMES: frozenset[str] = frozenset({"PATH", "LANG", "LANGUAGE", "TMPDIR"})
+GIT_ENV_PREFIXES: tuple[str, ...] = ("LC_",)
+_GIT_ENV_FIXED: dict[str, str] = {
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_ATTR_NOSYSTEM": "1",
+    "GIT_OPTIONAL_LOCKS": "0",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_NO_REPLACE_OBJECTS": "1",
+    "GIT_PROTOCOL_FROM_USER": "0",
+}
+
+_HEX_ID = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+_REF_NAME = re.compile(r"refs/[A-Za-z0-9._/+@-]+")
 
 
-async def _git(cwd: Path, *args: str, index: str | None = None, max_bytes: int = 1 << 20) -> str | None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env["GIT_OPTIONAL_LOCKS"] = "0"
-    if index:
-        env["GIT_INDEX_FILE"] = index
+@dataclass(frozen=True)
+class _Repo:
+    top: Path  # the working tree
+    git_dir: Path  # per-worktree git directory (HEAD lives here)
+    common_dir: Path  # shared git directory (objects, branches, packed-refs, info/exclude)
+
+
+def git_env(environ: Mapping[str, str], scratch: Path) -> dict[str, str]:
+    """The allow-listed environment of a git child working through the scratch repository."""
+    env = {k: v for k, v in environ.items() if k in GIT_ENV_NAMES or k.startswith(GIT_ENV_PREFIXES)}
+    env.update(_GIT_ENV_FIXED)
+    env["HOME"] = str(scratch)
+    env["GIT_DIR"] = str(scratch / "git")
+    return env
+
+
+def _read_small(path: Path, limit: int = SMALL_FILE_BYTES) -> str | None:
+    """The start of a regular file, or None. Non-blocking and type-checked, because a writer can put
+    a FIFO or a device where a ref file should be and the server must not hang on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _is_git_dir(path: Path) -> bool:
+    return (path / "HEAD").is_file() and ((path / "objects").is_dir() or (path / "commondir").is_file())
+
+
+def _locate(cwd: Path, roots: Sequence[Path]) -> _Repo | None:
+    """The repository whose working tree holds ``cwd``, found the way git finds it, or None.
+
+    A ``.git`` file (``gitdir: /somewhere``) is followed, because linked worktrees and submodules are
+    made of them, but only when the git directory it names (and its shared directory) lies inside the
+    workspace roots: the snapshot writes objects there, and the server writes nowhere a worker could
+    not. A bare repository, or a directory inside a ``.git``, has no working tree: no diff."""
+    try:
+        start = cwd.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    for top in (start, *start.parents):
+        dotgit = top / ".git"
+        if dotgit.is_dir():
+            git_dir = dotgit
+            break
+        if dotgit.exists():
+            text = _read_small(dotgit)
+            if text is None or not text.startswith("gitdir:"):
+                log.warning("no diff: %s is neither a git directory nor a 'gitdir:' file", dotgit)
+                return None
+            git_dir = top / text[len("gitdir:") :].strip()
+            break
+        if _is_git_dir(top):
+            return None
+    else:
+        return None
+    common = git_dir
+    if (pointer := _read_small(git_dir / "commondir")) is not None:
+        common = git_dir / pointer.strip()
+    try:
+        for what, path in (("working tree", top), ("git directory", git_dir), ("git common directory", common)):
+            confine(str(path.resolve()), roots, field=f"the {what}")
+    except InvalidRequestError as exc:
+        log.warning("no diff: %s", exc)
+        return None
+    git_dir, common = git_dir.resolve(), common.resolve()
+    if not (git_dir / "HEAD").is_file() or not (common / "objects").is_dir():
+        log.warning("no diff: %s is not a git directory (no HEAD or objects)", git_dir)
+        return None
+    return _Repo(top=top, git_dir=git_dir, common_dir=common)
+
+
+def _head_commit(repo: _Repo) -> str | None:
+    """The commit HEAD names, read from the ref files (loose, then packed-refs), or None when the
+    branch is unborn or the refs are in a form not read here (a reftable): the snapshot then starts
+    from an empty index, which changes only whether files tracked but ignored are included."""
+    name = "HEAD"
+    for _ in range(MAX_SYMREF_DEPTH):
+        text = _read_small(repo.git_dir / name)
+        if text is None and name != "HEAD":
+            text = _read_small(repo.common_dir / name)
+        if text is None:
+            return _packed_ref(repo, name)
+        text = text.strip()
+        if text.startswith("ref:"):
+            name = text[len("ref:") :].strip()
+            # A ref name from the repository is used as a path below: refs/... and nothing that climbs.
+            if not _REF_NAME.fullmatch(name) or ".." in name:
+                return None
+            continue
+        return text if _HEX_ID.fullmatch(text) else None
+    return None
+
+
+def _packed_ref(repo: _Repo, name: str) -> str | None:
+    text = _read_small(repo.common_dir / "packed-refs", limit=DATA_FILE_BYTES)
+    for line in (text or "").splitlines():
+        oid, _, ref = line.partition(" ")
+        if ref == name and _HEX_ID.fullmatch(oid):
+            return oid
+    return None
+
+
+class _Scratch:
+    """A scratch git directory that borrows one repository's objects and working tree."""
+
+    def __init__(self, repo: _Repo, base: Path) -> None:
+        self.repo = repo
+        self.base = base
+        self.git_dir = base / "git"
+        self.index = str(base / "index")
+
+    async def prepare(self) -> bool:
+        for sub in ("refs", "objects", "info"):
+            (self.git_dir / sub).mkdir(parents=True)
+        (self.git_dir / "HEAD").write_text("ref: refs/heads/snapshot\n", encoding="utf-8")
+        (self.git_dir / "config").write_text("", encoding="utf-8")
+        # The object format is the one setting of the repository that must carry over: sha1 objects
+        # written into a sha256 store would be garbage. `git config --file` only parses the file.
+        # git parses a bounded copy, never the file itself: a FIFO there would hold git until the deadline.
+        copy = self.base / "repository.config"
+        copy.write_text(_read_small(self.repo.common_dir / "config", DATA_FILE_BYTES) or "", encoding="utf-8")
+        fmt = await self.git("config", "--file", str(copy), "--default", "sha1", "--get", "extensions.objectformat")
+        fmt = (fmt or "").strip()
+        if fmt not in ("sha1", "sha256"):
+            log.warning("no diff: %s uses object format %r, not sha1 or sha256", self.repo.top, fmt)
+            return False
+        version = "0" if fmt == "sha1" else "1"
+        extensions = "" if fmt == "sha1" else f"[extensions]\n\tobjectFormat = {fmt}\n"
+        (self.git_dir / "config").write_text(
+            f"[core]\n\trepositoryformatversion = {version}\n\tbare = false\n{extensions}", encoding="utf-8"
+        )
+        # Ignore patterns are data, never programs: keep the repository's own and the user's global
+        # ones, so the snapshot skips what `git status` would skip (build output, virtualenvs).
+        excludes = [_read_small(self.repo.common_dir / "info" / "exclude", DATA_FILE_BYTES) or ""]
+        if (global_file := _global_excludes_file()) is not None:
+            excludes.append(_read_small(global_file, DATA_FILE_BYTES) or "")
+        (self.git_dir / "info" / "exclude").write_text("\n".join(excludes), encoding="utf-8")
+        return True
+
+    async def git(self, *args: str, index: bool = False, max_bytes: int = SMALL_FILE_BYTES) -> str | None:
+        env = git_env(os.environ, self.base)
+        env["GIT_WORK_TREE"] = str(self.repo.top)
+        env["GIT_OBJECT_DIRECTORY"] = str(self.repo.common_dir / "objects")
+        if index:
+            env["GIT_INDEX_FILE"] = self.index
+        return await _run_git([*_NEUTRALIZE, *args], cwd=self.repo.top, env=env, max_bytes=max_bytes)
+
+
+def _global_excludes_file() -> Path | None:
+    """The user's global ignore file at git's default place. Only the default place: the global
+    config that could name another is not read (a writer whose workspace holds the home directory
+    could write it)."""
+    xdg = os.environ.get("XDG_CONFIG_HOME") or (
+        str(Path(os.environ["HOME"]) / ".config") if os.environ.get("HOME") else ""
+    )
+    return Path(xdg) / "git" / "ignore" if xdg else None
+
+
+def _kill_group(proc: anyio.abc.Process | None) -> None:
+    if proc is not None and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _run_git(args: list[str], *, cwd: Path, env: dict[str, str], max_bytes: int) -> str | None:
+    """git's stdout (at most ``max_bytes + 1`` bytes kept), or None when it failed, timed out or
+    could not start. Own process group, killed whole on the deadline."""
+    out = bytearray()
+    err = bytearray()
+    proc: anyio.abc.Process | None = None
+
+    async def drain(stream: anyio.abc.ByteReceiveStream | None, into: bytearray, cap: int) -> None:
+        if stream is None:
+            return
+        async for chunk in stream:
+            into.extend(chunk[: max(0, cap - len(into))])
+            if len(into) >= cap and into is out:
+                # Enough of stdout: stop git rather than read (and wait for) the rest of a flood.
+                _kill_group(proc)
+                return
+
     try:
         with anyio.fail_after(GIT_TIMEOUT_S):
-            done = await anyio.run_process(["git", *args], cwd=cwd, env=env, check=False, stdin=subprocess.DEVNULL)
-    except (OSError, TimeoutError):
+            proc = await anyio.open_process(
+                ["git", *args],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            async with proc, anyio.create_task_group() as tg:
+                tg.start_soon(drain, proc.stderr, err, STDERR_BYTES)
+                await drain(proc.stdout, out, max_bytes + 1)
+            code = proc.returncode
+    except (OSError, TimeoutError) as exc:
+        log.warning("no diff: git %s in %s did not finish: %s", args[len(_NEUTRALIZE)], cwd, exc or "timed out")
         return None
-    if done.returncode != 0:
+    finally:
+        _kill_group(proc)
+    if len(out) > max_bytes:
+        return out.decode("utf-8", "replace")  # cut short on purpose; the exit status is our kill's
+    if code != 0:
+        log.warning(
+            "no diff: git %s in %s failed (%s): %s",
+            args[len(_NEUTRALIZE)],
+            cwd,
+            code,
+            err.decode("utf-8", "replace").strip(),
+        )
         return None
-    return done.stdout[:max_bytes].decode("utf-8", "replace")
+    return out.decode("utf-8", "replace")
 
 
-async def snapshot(cwd: Path | None) -> str | None:
-    """A tree id for the working tree at ``cwd``, or None when it is not a git working tree."""
-    if cwd is None:
-        cwd = Path.cwd()
-    top = await _git(cwd, "rev-parse", "--show-toplevel")
-    if not top:
+async def snapshot(cwd: Path | None, roots: Sequence[Path]) -> str | None:
+    """A tree id for the working tree at ``cwd``, or None when it is not a git working tree inside
+    ``roots`` (or git could not write the snapshot)."""
+    repo = _locate(cwd or Path.cwd(), roots)
+    if repo is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="mcp-collab-index-") as tmp:
-        index = str(Path(tmp) / "index")
-        head_ok = await _git(cwd, "rev-parse", "--verify", "-q", "HEAD")
-        if head_ok:
-            await _git(cwd, "read-tree", "HEAD", index=index)
-        if await _git(cwd, "add", "-A", ":/", index=index) is None:
+    with tempfile.TemporaryDirectory(prefix="mcp-collab-git-") as tmp:
+        scratch = _Scratch(repo, Path(tmp))
+        if not await scratch.prepare():
             return None
-        tree = await _git(cwd, "write-tree", index=index)
-    return tree.strip() if tree else None
+        if (head := _head_commit(repo)) is not None:
+            # A HEAD whose objects are missing (a partial clone) only loses the tracked-but-ignored
+            # files; the scratch repository has no remote, so nothing is fetched.
+            await scratch.git("read-tree", head, index=True)
+        if await scratch.git("add", "-A", "--", ".", index=True) is None:
+            return None
+        tree = await scratch.git("write-tree", index=True)
+    tree = (tree or "").strip()
+    return tree if _HEX_ID.fullmatch(tree) else None
 
 
-async def diff(cwd: Path | None, before: str, after: str, max_bytes: int) -> str | None:
-    if cwd is None:
-        cwd = Path.cwd()
-    text = await _git(cwd, "diff", "--no-color", "--no-ext-diff", before, after, max_bytes=max_bytes + 1)
+async def diff(cwd: Path | None, roots: Sequence[Path], before: str, after: str, max_bytes: int) -> str | None:
+    """The diff between two snapshots of the working tree at ``cwd``, cut to ``max_bytes``."""
+    if not (_HEX_ID.fullmatch(before) and _HEX_ID.fullmatch(after)):
+        return None
+    repo = _locate(cwd or Path.cwd(), roots)
+    if repo is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="mcp-collab-git-") as tmp:
+        scratch = _Scratch(repo, Path(tmp))
+        if not await scratch.prepare():
+            return None
+        text = await scratch.git(
+            "diff", "--no-color", "--no-ext-diff", "--no-textconv", before, after, max_bytes=max_bytes
+        )
     if text is not None and len(text) > max_bytes:
         text = text[:max_bytes] + "\n[... diff truncated ...]\n"
     return text
