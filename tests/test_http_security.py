@@ -242,6 +242,22 @@ async def test_every_loopback_spelling_refuses_a_rebinding_page_and_serves_local
         assert await status(mine, origin=f"http://{mine}") == 200
 
 
+@pytest.mark.anyio
+async def test_the_operator_can_allow_a_reverse_proxy_name_on_a_loopback_bind(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    app = build_http_app(
+        build_server(settings), host="127.0.0.1", port=BUILT_PORT, token=None, allowed_hosts=["mcp.example:443"],
+        max_sessions=settings.http_max_sessions, session_idle_s=settings.http_session_idle_s,
+    )  # fmt: skip
+    async with app.session_manager.run(), httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app)) as http:
+        url = f"http://127.0.0.1:{BUILT_PORT}/mcp"
+        proxied = await http.post(url, content=INITIALIZE, headers={**MCP_HEADERS, "Host": "mcp.example:443"})
+        foreign = await http.post(url, content=INITIALIZE, headers={**MCP_HEADERS, "Host": "evil.example:443"})
+    assert (proxied.status_code, foreign.status_code) == (200, 421)
+
+
 def test_a_loopback_alias_bound_for_real_refuses_a_foreign_host(
     make_settings: Callable[..., Settings], in_process_server: Start
 ) -> None:
