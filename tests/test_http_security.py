@@ -194,6 +194,14 @@ def test_build_refuses_an_exposed_bind_without_a_token(make_settings: Callable[.
         http_app(make_settings(), host, 1)
 
 
+@pytest.mark.parametrize("host", ["", " ", "[]"])
+def test_an_empty_host_is_refused_not_read_as_every_interface(
+    make_settings: Callable[..., Settings], host: str
+) -> None:
+    with pytest.raises(ConfigError, match="--host is empty; give an address to bind"):
+        http_app(make_settings(), host, 1, token=TOKEN)
+
+
 # Every spelling of a loopback bind, and a Host a legitimate local client sends for it.
 LOOPBACK_SPELLINGS = [
     ("127.0.0.1", "127.0.0.1"),

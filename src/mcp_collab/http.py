@@ -71,6 +71,9 @@ def parse_bind(host: str) -> BindAddress:
     given = host.strip()
     if given.startswith("[") and given.endswith("]"):
         given = given[1:-1]
+    if not given:
+        # The socket layer reads an empty host as every interface; nobody means that by accident.
+        raise ConfigError("--host is empty; give an address to bind, such as 127.0.0.1 (or 0.0.0.0 with a token)")
     address = _numeric(given)
     if address is None:
         name = given.lower().removesuffix(".")
