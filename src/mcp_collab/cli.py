@@ -122,10 +122,12 @@ def _serve(args: argparse.Namespace) -> int:
     allowed = [h for h in os.environ.get("MCP_COLLAB_HTTP_ALLOWED_HOSTS", "").replace(",", " ").split() if h]
     app = build_http_app(
         server, host=args.host, port=args.port, token=os.environ.get("MCP_COLLAB_HTTP_TOKEN") or None,
-        allowed_hosts=allowed,
+        allowed_hosts=allowed, max_sessions=settings.http_max_sessions,
+        session_idle_s=settings.http_session_idle_s,
     )  # fmt: skip
     # log_config=None: uvicorn's access log joins ours on stderr instead of printing to stdout.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level.lower())
+    # app.bind.host: the address as the socket layer takes it ("[::1]" and "localhost." would not bind).
+    config = uvicorn.Config(app, host=app.bind.host, port=args.port, log_config=None, log_level=args.log_level.lower())
     uvicorn.Server(config).run()
     return 0
 

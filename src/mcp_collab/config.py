@@ -30,6 +30,12 @@ DEFAULT_RETAIN_DAYS = 90.0
 # Caps on what one caller can make us hold: a task's text, and runs waiting for a slot.
 DEFAULT_MAX_TASK_CHARS = 200_000
 DEFAULT_MAX_QUEUED_RUNS = 100
+# Streamable HTTP sessions open at once. Each holds a transport and a server task until the client
+# ends it; a handful of clients need a few each, and the cap keeps a careless or hostile local client
+# from holding memory without bound.
+DEFAULT_HTTP_MAX_SESSIONS = 64
+# An HTTP session with no request in flight for this long is closed (its client re-initializes).
+DEFAULT_HTTP_SESSION_IDLE_S = 30 * 60.0
 DEFAULT_OPENAI_MODEL = "gpt-5-codex"
 DEFAULT_GEMINI_MODEL = "gemini-2.5-pro"
 
@@ -91,6 +97,8 @@ class Settings:
     run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S
     max_task_chars: int = DEFAULT_MAX_TASK_CHARS
     max_queued_runs: int = DEFAULT_MAX_QUEUED_RUNS
+    http_max_sessions: int = DEFAULT_HTTP_MAX_SESSIONS
+    http_session_idle_s: float = DEFAULT_HTTP_SESSION_IDLE_S
     # What writing roles may do: read_only, workspace_write (default), or bypass (the CLIs' own
     # sandbox and approvals off). Only the operator's environment can choose bypass; no tool can.
     writer_access: Access = "workspace_write"
@@ -124,6 +132,8 @@ class Settings:
             run_timeout_s=_positive(env, "MCP_COLLAB_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S),
             max_task_chars=int(_positive(env, "MCP_COLLAB_MAX_TASK_CHARS", DEFAULT_MAX_TASK_CHARS)),
             max_queued_runs=int(_positive(env, "MCP_COLLAB_MAX_QUEUED_RUNS", DEFAULT_MAX_QUEUED_RUNS)),
+            http_max_sessions=int(_positive(env, "MCP_COLLAB_HTTP_MAX_SESSIONS", DEFAULT_HTTP_MAX_SESSIONS)),
+            http_session_idle_s=_positive(env, "MCP_COLLAB_HTTP_SESSION_IDLE_S", DEFAULT_HTTP_SESSION_IDLE_S),
             writer_access=_choice(env, "MCP_COLLAB_WRITER_ACCESS", "workspace_write", get_args(Access)),  # type: ignore[arg-type]
             workspace_roots=default_roots(env),
             retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
