@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -363,6 +365,115 @@ def test_the_redactor_hides_known_values_and_key_shapes() -> None:
     ):
         assert secret not in cleaned
     assert "path=/usr/bin" in cleaned and "short" in cleaned and cleaned.count("[REDACTED]") == 5
+
+
+# A key read from a file (trailing newline), with the characters JSON and URLs escape.
+SPECIAL_SECRET = 'tok/en"with\\special chars+&=€-0123'
+
+
+def encodings(secret: str) -> list[str]:
+    """How a key can appear in text: raw, JSON-escaped (also nested, and with '/' escaped), in a URL."""
+    quoted = json.dumps(secret)[1:-1]
+    return [
+        secret, quoted, json.dumps(secret, ensure_ascii=False)[1:-1], quoted.replace("/", "\\/"),
+        json.dumps(quoted)[1:-1], urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret),
+        urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe="").lower(),
+    ]  # fmt: skip
+
+
+def test_a_key_is_hidden_however_it_was_set_and_however_it_appears() -> None:
+    redact = Redactor.from_environ(
+        {"MY_SERVICE_TOKEN": SPECIAL_SECRET + "\n", "OPENAI_API_KEY": f"  {OPENAI_SECRET} \n"}
+    )
+    for secret in (SPECIAL_SECRET, OPENAI_SECRET):
+        for form in encodings(secret):
+            cleaned = redact(f'{{"text": "before {form} after"}}')
+            assert form not in cleaned and "before [REDACTED] after" in cleaned, form
+        url = f"https://user:{urllib.parse.quote(secret, safe='')}@host/v1?key={urllib.parse.quote_plus(secret)}&x=1"
+        assert redact(url) == "https://user:[REDACTED]@host/v1?key=[REDACTED]&x=1"
+        for user in ("u", "us", "user"):  # the three alignments of the key inside the base64
+            header = base64.b64encode(f"{user}:{secret}".encode()).decode()
+            cleaned = redact(f"Authorization: Basic {header}")
+            assert "[REDACTED]" in cleaned
+            head, tail = cleaned.removeprefix("Authorization: Basic ").split("[REDACTED]")
+            # What remains is the user name with at most two bytes of the key, and the last group.
+            assert len(base64.b64decode(head)) <= len(user) + 1 + 2 and len(tail) <= 4
+    assert redact("a/b \\ c+d & e=f") == "a/b \\ c+d & e=f", "ordinary text is left alone"
+
+
+@pytest.mark.timeout(120)
+async def test_a_key_in_any_field_or_argument_never_comes_back_nor_is_stored_or_logged(
+    base_env: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "workspace"
+    (root / OPENAI_SECRET).mkdir(parents=True)
+    env = {
+        **base_env, "MCP_COLLAB_WORKSPACE_ROOTS": str(root),
+        "OPENAI_API_KEY": OPENAI_SECRET + "\n", "MY_SERVICE_TOKEN": f" {SPECIAL_SECRET}\n",
+    }  # fmt: skip
+    settings = Settings.from_env(env)
+    caplog.handler.addFilter(RedactingFilter(settings.redact))
+    caplog.set_level(logging.DEBUG)
+    leaky = (
+        f"found {json.dumps({'key': SPECIAL_SECRET})} and "
+        f"https://api.example/v1?key={urllib.parse.quote_plus(SPECIAL_SECRET)} and "
+        f"Basic {base64.b64encode(f'me:{OPENAI_SECRET}'.encode()).decode()}"
+    )
+    cli = ScriptedRuntime("cli", respond=lambda r: Reply(leaky, session_id=f"s-{OPENAI_SECRET}"))
+    results: list[str] = []
+    refusals: list[str] = []
+    async with Client(build_server(settings, {"cli": cli})) as c:
+        is_error, _, text = await call(
+            c, "spawn_worker", name="w", model="codex_cli", instructions=f"use {SPECIAL_SECRET}"
+        )
+        assert not is_error, text
+        for secret in (OPENAI_SECRET, SPECIAL_SECRET):
+            for tool, args in [
+                ("spawn_worker", {"name": secret, "model": "codex_cli"}),
+                ("spawn_worker", {"name": "x", "model": secret}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "sdkModel": secret}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "cliModel": secret}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "workingDirectory": str(root / secret)}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "runtimeMode": secret}),
+                ("remove_worker", {"name": secret}),
+                ("dispatch_task", {"task": "t", "strategy": secret}),
+                ("dispatch_task", {"task": "t", "workers": [secret]}),
+                ("dispatch_task", {"task": "t", "runtimeModes": {secret: "cli"}}),
+                ("dispatch_task", {"task": "t", "runtimeModes": {secret: "bogus"}}),
+                ("dispatch_task", {"task": "t", "workingDirectory": f"/nowhere/{secret}"}),
+                ("dispatch_task", {"task": "t", "fallbackPolicy": secret}),
+                ("get_worker_run", {"runId": secret}),
+                ("wait_worker_run", {"runId": secret, "timeoutSeconds": 0}),
+                ("cancel_worker_run", {"runId": secret}),
+                ("list_worker_runs", {"cursor": secret}),
+                ("list_worker_runs", {"status": secret}),
+                ("list_workers", {secret: 1}),
+            ]:
+                is_error, structured, text = await call(c, tool, **args)
+                assert is_error, f"{tool} {args} was accepted"
+                refusals.append(text)
+                results.append(json.dumps(structured) + text)
+        is_error, run, text = await call(c, "dispatch_task", task=f"deploy with {OPENAI_SECRET} and {SPECIAL_SECRET}")
+        assert not is_error and run is not None and run["status"] == "completed", text
+        results.append(json.dumps(run) + text)
+        for tool, args in [("get_worker_run", {"runId": run["id"]}), ("list_worker_runs", {}), ("list_workers", {})]:
+            _, structured, text = await call(c, tool, **args)
+            results.append(json.dumps(structured) + text)
+        results.append((await c.read_resource(f"runs://{run['id']}")).contents[0].text)  # type: ignore[union-attr]
+        with pytest.raises(Exception) as caught:
+            await c.read_resource(f"runs://{OPENAI_SECRET}")
+        results.append(str(caught.value))
+    # A key-shaped name, sdkModel, cliModel or workingDirectory is refused as a credential; the key
+    # with spaces fails the name and model rules first, and only its directory reaches that check.
+    assert sum("holds a credential" in r and "it is not repeated here" in r for r in refusals) == 5
+    stored = "".join(
+        p.read_text(encoding="utf-8", errors="replace") for p in (tmp_path / "state").rglob("*") if p.is_file()
+    )
+    assert "[REDACTED]" in stored, "the leaks were there to be redacted"
+    everything = "\n".join([*results, stored, caplog.text])
+    for secret in (OPENAI_SECRET, SPECIAL_SECRET):
+        for form in encodings(secret):
+            assert form not in everything, f"{form!r} leaked"
 
 
 @pytest.mark.timeout(120)

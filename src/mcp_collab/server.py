@@ -403,11 +403,15 @@ def _redactor(ctx: Any) -> Redactor:
 def _redacted(ctx: Any, result: Any) -> Any:
     """A refusal never echoes a credential: every error a tool returns passes the redactor here,
     ours (which quote the caller's input) and the SDK's own (argument validation quotes the values)."""
+    redact = _redactor(ctx)
     if isinstance(result, CallToolResult) and result.is_error:
-        redact = _redactor(ctx)
         for content in result.content:
             if isinstance(content, TextContent):
                 content.text = redact(content.text)
+    elif isinstance(result, dict) and result.get("isError"):  # what the SDK's chain hands back: the wire form
+        for item in result.get("content") or ():
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                item["text"] = redact(item["text"])
     return result
 
 
