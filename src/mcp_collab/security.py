@@ -34,6 +34,9 @@ REDACTED = "[REDACTED]"
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE)", re.I)
 # Shorter values are too likely to be ordinary words to replace everywhere.
 MIN_SECRET_CHARS = 8
+# Characters of text a scrub remembers as clean, so a run's outputs (up to a MiB each, saved again at
+# every later state change) are scanned once; past this it forgets and starts over (bounded memory).
+CLEAN_MEMORY_CHARS = 8 << 20
 # Key shapes worth hiding even when we were never told the value.
 SECRET_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(p)
@@ -100,6 +103,8 @@ class Redactor:
         forms |= {re.escape(core) for v in values for core in _base64_cores(v)}
         ordered = sorted(forms, key=len, reverse=True)  # longest first: a key that contains another
         self._known = re.compile("|".join(ordered)) if ordered else None
+        self._clean: set[str] = set()
+        self._clean_chars = 0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Redactor:
@@ -133,7 +138,14 @@ class Redactor:
 
     def _scrubbed(self, value: Any) -> Any:
         if isinstance(value, str):
+            if value in self._clean:  # a run is saved at every step; its earlier outputs were read once
+                return value
             cleaned = self(value)
+            if self._clean_chars + len(cleaned) > CLEAN_MEMORY_CHARS:
+                self._clean.clear()
+                self._clean_chars = 0
+            self._clean.add(cleaned)
+            self._clean_chars += len(cleaned)
             return value if cleaned == value else cleaned
         if isinstance(value, BaseModel):
             self.scrub(value)
