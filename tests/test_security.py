@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -18,6 +21,7 @@ from mcp_collab.errors import InvalidRequestError
 from mcp_collab.models import DispatchRequest, Worker, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import StepRequest
+from mcp_collab.runtimes.cli import CLIRuntime
 from mcp_collab.runtimes.cli.vendors import VENDORS
 from mcp_collab.security import RedactingFilter, Redactor
 from mcp_collab.server import build_server
@@ -180,6 +184,126 @@ async def test_escapes_from_the_workspace_are_refused(
     assert len((await orchestrator.list_runs()).runs) == before
 
 
+# -- what was checked is what is used -----------------------------------------------------------
+
+
+def swap_for_symlink(directory: Path, target: Path) -> None:
+    """Replace ``directory`` by a symlink to ``target``, as a hostile process could at any moment."""
+    directory.rename(directory.with_name(directory.name + "-moved"))
+    directory.symlink_to(target)
+
+
+class Gate(ScriptedRuntime):
+    """An SDK runtime whose step holds the only run slot until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__("openai_sdk", respond=lambda r: Reply("first run done"))
+        self.started = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def run(self, request: StepRequest) -> Any:
+        self.started.set()
+        await self.gate.wait()
+        return await super().run(request)
+
+
+@pytest.mark.parametrize("whose", ["dispatch", "worker"])
+@pytest.mark.parametrize(("target", "cause"), [("/", "leaves the workspace roots"), ("outside", "leaves the workspace roots"),
+                                               ("workspace/other", "a link is never followed")])  # fmt: skip
+async def test_a_directory_swapped_for_a_symlink_while_the_run_was_queued_fails_the_step_and_nothing_runs_elsewhere(
+    base_env: dict[str, str], tmp_path: Path, whose: str, target: str, cause: str
+) -> None:
+    root = tmp_path / "workspace"
+    for d in (root / "project", root / "other", tmp_path / "outside"):
+        d.mkdir(parents=True)
+    cwds = tmp_path / "cwds.txt"
+    settings = Settings.from_env({
+        **base_env, "MCP_COLLAB_WORKSPACE_ROOTS": str(root), "MCP_COLLAB_MAX_CONCURRENT_RUNS": "1",
+        "MCP_COLLAB_CODEX_BIN": fake_cli("pwd"), "CODEX_FAKE_CWDFILE": str(cwds),
+    })  # fmt: skip
+    sdk = Gate()
+    async with WorkerOrchestrator(settings, runtimes={"cli": CLIRuntime(settings), "openai_sdk": sdk}) as orch:
+        async with orch.running():
+            project = root / "project"
+            await orch.register_worker(WorkerSpec(name="blocker", model="codex_cli", runtime_mode="openai_sdk"))
+            own_dir = str(project) if whose == "worker" else None
+            await orch.register_worker(WorkerSpec(name="w", model="codex_cli", working_directory=own_dir))
+            first = await orch.start(DispatchRequest(task="hold the slot", workers=["blocker"]))
+            with anyio.fail_after(10):
+                await sdk.started.wait()
+            queued = await orch.start(
+                DispatchRequest(task="t", workers=["w"], working_directory=None if own_dir else str(project))
+            )
+            assert queued.status == "queued"
+            swap_for_symlink(project, Path(target) if target == "/" else tmp_path / target)
+            sdk.gate.set()
+            run = await orch.wait(queued.id, 10)
+            assert (await orch.wait(first.id, 10)).status == "completed"
+    step = run.steps[0]
+    assert run.status == "failed" and step.status == "failed"
+    assert step.error is not None and str(project) in step.error, "the refusal names the directory"
+    assert "changed since the run was dispatched" in step.error and "is now a symbolic link" in step.error
+    assert cause in step.error and "the step was not started" in step.error
+    assert not cwds.exists(), "no worker process ever started"
+
+
+async def test_a_cli_starts_in_exactly_the_directory_that_was_checked(base_env: dict[str, str], tmp_path: Path) -> None:
+    """The control for the swap tests: the fake CLI does record where it runs, and that is the real path."""
+    project = tmp_path / "workspace" / "project"
+    project.mkdir(parents=True)
+    (tmp_path / "workspace" / "link").symlink_to(project)
+    cwds = tmp_path / "cwds.txt"
+    settings = Settings.from_env({
+        **base_env, "MCP_COLLAB_CODEX_BIN": fake_cli("pwd"), "CODEX_FAKE_CWDFILE": str(cwds),
+    })  # fmt: skip
+    async with WorkerOrchestrator(settings, runtimes={"cli": CLIRuntime(settings)}) as orch:
+        await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
+        run = await orch.dispatch(DispatchRequest(task="t", working_directory=str(tmp_path / "workspace" / "link")))
+    assert run.status == "completed", run.error
+    assert cwds.read_text(encoding="utf-8").splitlines() == [str(project.resolve())]
+    assert run.result == f"ran in {project.resolve()}"
+
+
+async def test_a_directory_swapped_between_steps_fails_the_next_step_before_it_runs(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    project = tmp_path / "workspace" / "project"
+    project.mkdir(parents=True)
+
+    def writer_then_review(request: StepRequest) -> Reply:
+        if request.access != "read_only":  # the writer, hostile or fooled, swaps its directory for /
+            swap_for_symlink(project, Path("/"))
+        return Reply("VERDICT: APPROVE")
+
+    cli = ScriptedRuntime("cli", respond=writer_then_review)
+    settings = make_settings(MCP_COLLAB_WORKSPACE_ROOTS=str(tmp_path / "workspace"))
+    async with WorkerOrchestrator(settings, runtimes={"cli": cli}) as orch:
+        await orch.register_worker(WorkerSpec(name="c", model="codex_cli"))
+        await orch.register_worker(WorkerSpec(name="g", model="gemini_cli"))
+        run = await orch.dispatch(
+            DispatchRequest(task="t", strategy="codex_writes_gemini_reviews", working_directory=str(project))
+        )
+    assert [s.status for s in run.steps] == ["completed", "failed"]
+    assert len(cli.requests) == 1, "the reviewer never ran"
+    error = run.steps[1].error or ""
+    assert f"{project} changed since the run was dispatched" in error and "symbolic link to /" in error
+    assert run.error is not None and "step 2" in run.error and "leaves the workspace roots" in run.error
+
+
+@pytest.mark.parametrize("tool", ["spawn_worker", "dispatch_task"])
+async def test_a_nul_in_a_path_is_a_clear_refusal(make_settings: Callable[..., Settings], tool: str) -> None:
+    async with Client(
+        build_server(make_settings(), {"cli": ScriptedRuntime("cli", respond=lambda r: Reply("ok"))})
+    ) as c:
+        await call(c, "spawn_worker", name="w", model="codex_cli")
+        args = {"name": "x", "model": "codex_cli"} if tool == "spawn_worker" else {"task": "t"}
+        is_error, _, text = await call(c, tool, workingDirectory="/tmp/a\x00b", **args)
+        assert is_error and "internal error" not in text
+        assert "workingDirectory must not contain NUL" in text and "absolute path of an existing directory" in text
+        is_error, _, _ = await call(c, "list_workers")
+        assert not is_error, "the server is still up"
+
+
 # -- hostile input and caps ---------------------------------------------------------------------
 
 
@@ -241,6 +365,115 @@ def test_the_redactor_hides_known_values_and_key_shapes() -> None:
     ):
         assert secret not in cleaned
     assert "path=/usr/bin" in cleaned and "short" in cleaned and cleaned.count("[REDACTED]") == 5
+
+
+# A key read from a file (trailing newline), with the characters JSON and URLs escape.
+SPECIAL_SECRET = 'tok/en"with\\special chars+&=€-0123'
+
+
+def encodings(secret: str) -> list[str]:
+    """How a key can appear in text: raw, JSON-escaped (also nested, and with '/' escaped), in a URL."""
+    quoted = json.dumps(secret)[1:-1]
+    return [
+        secret, quoted, json.dumps(secret, ensure_ascii=False)[1:-1], quoted.replace("/", "\\/"),
+        json.dumps(quoted)[1:-1], urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret),
+        urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe="").lower(),
+    ]  # fmt: skip
+
+
+def test_a_key_is_hidden_however_it_was_set_and_however_it_appears() -> None:
+    redact = Redactor.from_environ(
+        {"MY_SERVICE_TOKEN": SPECIAL_SECRET + "\n", "OPENAI_API_KEY": f"  {OPENAI_SECRET} \n"}
+    )
+    for secret in (SPECIAL_SECRET, OPENAI_SECRET):
+        for form in encodings(secret):
+            cleaned = redact(f'{{"text": "before {form} after"}}')
+            assert form not in cleaned and "before [REDACTED] after" in cleaned, form
+        url = f"https://user:{urllib.parse.quote(secret, safe='')}@host/v1?key={urllib.parse.quote_plus(secret)}&x=1"
+        assert redact(url) == "https://user:[REDACTED]@host/v1?key=[REDACTED]&x=1"
+        for user in ("u", "us", "user"):  # the three alignments of the key inside the base64
+            header = base64.b64encode(f"{user}:{secret}".encode()).decode()
+            cleaned = redact(f"Authorization: Basic {header}")
+            assert "[REDACTED]" in cleaned
+            head, tail = cleaned.removeprefix("Authorization: Basic ").split("[REDACTED]")
+            # What remains is the user name with at most two bytes of the key, and the last group.
+            assert len(base64.b64decode(head)) <= len(user) + 1 + 2 and len(tail) <= 4
+    assert redact("a/b \\ c+d & e=f") == "a/b \\ c+d & e=f", "ordinary text is left alone"
+
+
+@pytest.mark.timeout(120)
+async def test_a_key_in_any_field_or_argument_never_comes_back_nor_is_stored_or_logged(
+    base_env: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "workspace"
+    (root / OPENAI_SECRET).mkdir(parents=True)
+    env = {
+        **base_env, "MCP_COLLAB_WORKSPACE_ROOTS": str(root),
+        "OPENAI_API_KEY": OPENAI_SECRET + "\n", "MY_SERVICE_TOKEN": f" {SPECIAL_SECRET}\n",
+    }  # fmt: skip
+    settings = Settings.from_env(env)
+    caplog.handler.addFilter(RedactingFilter(settings.redact))
+    caplog.set_level(logging.DEBUG)
+    leaky = (
+        f"found {json.dumps({'key': SPECIAL_SECRET})} and "
+        f"https://api.example/v1?key={urllib.parse.quote_plus(SPECIAL_SECRET)} and "
+        f"Basic {base64.b64encode(f'me:{OPENAI_SECRET}'.encode()).decode()}"
+    )
+    cli = ScriptedRuntime("cli", respond=lambda r: Reply(leaky, session_id=f"s-{OPENAI_SECRET}"))
+    results: list[str] = []
+    refusals: list[str] = []
+    async with Client(build_server(settings, {"cli": cli})) as c:
+        is_error, _, text = await call(
+            c, "spawn_worker", name="w", model="codex_cli", instructions=f"use {SPECIAL_SECRET}"
+        )
+        assert not is_error, text
+        for secret in (OPENAI_SECRET, SPECIAL_SECRET):
+            for tool, args in [
+                ("spawn_worker", {"name": secret, "model": "codex_cli"}),
+                ("spawn_worker", {"name": "x", "model": secret}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "sdkModel": secret}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "cliModel": secret}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "workingDirectory": str(root / secret)}),
+                ("spawn_worker", {"name": "x", "model": "codex_cli", "runtimeMode": secret}),
+                ("remove_worker", {"name": secret}),
+                ("dispatch_task", {"task": "t", "strategy": secret}),
+                ("dispatch_task", {"task": "t", "workers": [secret]}),
+                ("dispatch_task", {"task": "t", "runtimeModes": {secret: "cli"}}),
+                ("dispatch_task", {"task": "t", "runtimeModes": {secret: "bogus"}}),
+                ("dispatch_task", {"task": "t", "workingDirectory": f"/nowhere/{secret}"}),
+                ("dispatch_task", {"task": "t", "fallbackPolicy": secret}),
+                ("get_worker_run", {"runId": secret}),
+                ("wait_worker_run", {"runId": secret, "timeoutSeconds": 0}),
+                ("cancel_worker_run", {"runId": secret}),
+                ("list_worker_runs", {"cursor": secret}),
+                ("list_worker_runs", {"status": secret}),
+                ("list_workers", {secret: 1}),
+            ]:
+                is_error, structured, text = await call(c, tool, **args)
+                assert is_error, f"{tool} {args} was accepted"
+                refusals.append(text)
+                results.append(json.dumps(structured) + text)
+        is_error, run, text = await call(c, "dispatch_task", task=f"deploy with {OPENAI_SECRET} and {SPECIAL_SECRET}")
+        assert not is_error and run is not None and run["status"] == "completed", text
+        results.append(json.dumps(run) + text)
+        for tool, args in [("get_worker_run", {"runId": run["id"]}), ("list_worker_runs", {}), ("list_workers", {})]:
+            _, structured, text = await call(c, tool, **args)
+            results.append(json.dumps(structured) + text)
+        results.append((await c.read_resource(f"runs://{run['id']}")).contents[0].text)  # type: ignore[union-attr]
+        with pytest.raises(Exception) as caught:
+            await c.read_resource(f"runs://{OPENAI_SECRET}")
+        results.append(str(caught.value))
+    # A key-shaped name, sdkModel, cliModel or workingDirectory is refused as a credential; the key
+    # with spaces fails the name and model rules first, and only its directory reaches that check.
+    assert sum("holds a credential" in r and "it is not repeated here" in r for r in refusals) == 5
+    stored = "".join(
+        p.read_text(encoding="utf-8", errors="replace") for p in (tmp_path / "state").rglob("*") if p.is_file()
+    )
+    assert "[REDACTED]" in stored, "the leaks were there to be redacted"
+    everything = "\n".join([*results, stored, caplog.text])
+    for secret in (OPENAI_SECRET, SPECIAL_SECRET):
+        for form in encodings(secret):
+            assert form not in everything, f"{form!r} leaked"
 
 
 @pytest.mark.timeout(120)

@@ -94,8 +94,12 @@ LIST_ITEMS = 20
 
 
 def shown(value: object, limit: int = QUOTE_CHARS) -> str:
-    """``repr(value)``, cut to ``limit`` characters with the full length said."""
-    text = repr(value)
+    """``repr(value)``, cut to ``limit`` characters with the full length said, with anything shaped
+    like a key masked: a caller who pastes a key where a name belongs must not get it back in a
+    refusal (the MCP edge also redacts the server's own credential values from every error)."""
+    from .security import Redactor  # security builds on this module
+
+    text = Redactor()(repr(value))
     if len(text) <= limit:
         return text
     length = f" ({len(value)} characters)" if isinstance(value, str) else ""

@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
 
+from .errors import QUOTE_CHARS, shown
+from .security import Redactor
+
 RuntimeMode = Literal["cli", "openai_sdk", "google_sdk"]
 WorkerModel = Literal["codex_cli", "gemini_cli", "claude_cli"]
 FallbackPolicy = Literal["on_error", "never"]
@@ -55,13 +58,19 @@ def compatibility_error(model: WorkerModel, mode: RuntimeMode) -> str | None:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, with the field's wire name, without pydantic's links and types."""
+    """One line per problem, with the field's wire name, without pydantic's links, types or the
+    values sent. A location can hold a caller's text (a key of runtimeModes): it is quoted briefly
+    and anything shaped like a key is masked (the MCP edge also redacts known credential values)."""
     parts = []
     for err in exc.errors():
-        where = ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in err.get("loc", ()) if p != "__root__")
+        where = ".".join(
+            (to_camel(p) if len(p) <= QUOTE_CHARS else shown(p)) if isinstance(p, str) else str(p)
+            for p in err.get("loc", ())
+            if p != "__root__"
+        )
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
-    return "invalid arguments: " + "; ".join(parts)
+    return Redactor()("invalid arguments: " + "; ".join(parts))
 
 
 def utcnow() -> datetime:

@@ -45,7 +45,7 @@ from .models import (
 from .runtimes.base import PartialOutput, StepRequest, WorkerRuntime
 from .runtimes.cli.supervisor import kill_tree, process_start_ticks
 from .runtimes.selector import choose_mode, choose_policy, run_with_fallback
-from .security import Redactor, confine
+from .security import PinnedDirectory, Redactor, confine, pin
 from .store import JsonStore, RunFilter, RunStore
 from .strategies import (
     MAX_QUOTED_DIFF_CHARS,
@@ -61,6 +61,13 @@ ProgressCallback = Callable[[str], None]
 log = logging.getLogger("mcp_collab.orchestrator")
 
 MAX_PAGE_SIZE = 200
+# Worker fields that name or locate something; a credential in one is refused, never redacted.
+IDENTITY_FIELDS = (
+    ("name", "name"),
+    ("sdk_model", "sdkModel"),
+    ("cli_model", "cliModel"),
+    ("working_directory", "workingDirectory"),
+)
 # A waiting client hears from us at least this often (clients give up on silent calls; 25 s is the
 # most a user should wait without a sign of life).
 HEARTBEAT_S = 15.0
@@ -199,9 +206,18 @@ class WorkerOrchestrator:
 
     async def register_worker(self, spec: WorkerSpec) -> Worker:
         worker = Worker(**spec.model_dump())
-        worker.instructions = self.settings.redact(worker.instructions)  # credentials belong in the environment
+        # A name, model or directory is used to find or run something: a redacted one would not be
+        # what the caller meant (and two would collide), so one holding a credential is refused.
+        for attr, wire in IDENTITY_FIELDS:
+            value = getattr(worker, attr)
+            if value is not None and self.settings.redact.finds(value):
+                raise InvalidRequestError(
+                    f"{wire} holds a credential (a value of the server's key variables, or a key's shape); "
+                    f"it is not repeated here. Credentials belong in the environment: choose another {wire}"
+                )
         if worker.working_directory is not None:
             worker.working_directory = str(confine(worker.working_directory, self.settings.workspace_roots))
+        self.settings.redact.scrub(worker)  # free text (instructions, and any field added later)
         await anyio.to_thread.run_sync(self.store.add_worker, worker)
         return worker
 
@@ -484,37 +500,59 @@ class WorkerOrchestrator:
         diff_text: str | None = None
         for i, (role, worker) in enumerate(zip(plan.strategy.roles, plan.workers, strict=True)):
             step = run.steps[i]
-            step_cwd = plan.cwd or (Path(worker.working_directory) if worker.working_directory else None)
-            before = (
-                await workspace.snapshot(step_cwd, self.settings.workspace_roots)
-                if plan.strategy.wants_diff and i == 0
-                else None
-            )
-            prompt = role.prompt(PromptContext(task=plan.task, previous=run.steps[:i], diff=diff_text))
-            # Reviewers stay read-only; writing roles get what the operator allows (never more).
-            access = role.access if role.access == "read_only" else self.settings.writer_access
-            await self._run_step(active, step, worker, plan.modes[i], plan.policies[i], prompt, access, step_cwd)
-            if step.status != "completed":
-                for later in run.steps[i + 1 :]:
-                    later.status = "skipped"
-                run.status = "failed"
-                run.error = f"step {i + 1} ({step.role}, worker {step.worker_name}) failed: {step.error}"
-                break
-            if role.judges:
-                step.verdict, step.findings = parse_verdict(step.output)
-                run.verdict, run.findings = step.verdict, list(step.findings)
-            if before is not None:
-                after = await workspace.snapshot(step_cwd, self.settings.workspace_roots)
-                if after is not None and after != before:
-                    diff_text = await workspace.diff(
-                        step_cwd, self.settings.workspace_roots, before, after, MAX_QUOTED_DIFF_CHARS
+            step_dir = plan.cwd or (Path(worker.working_directory) if worker.working_directory else None)
+            with contextlib.ExitStack() as held:
+                # Confined at dispatch, but a queued run or a later step starts after that: the
+                # directory is opened again now, and everything of this step runs in what was opened.
+                pinned = self._pin(step, step_dir)
+                step_cwd = held.enter_context(pinned).cwd if pinned is not None else None
+                before = None
+                if step.status == "pending":
+                    before = (
+                        await workspace.snapshot(step_cwd, self.settings.workspace_roots)
+                        if plan.strategy.wants_diff and i == 0
+                        else None
                     )
+                    prompt = role.prompt(PromptContext(task=plan.task, previous=run.steps[:i], diff=diff_text))
+                    # Reviewers stay read-only; writing roles get what the operator allows (never more).
+                    access = role.access if role.access == "read_only" else self.settings.writer_access
+                    await self._run_step(
+                        active, step, worker, plan.modes[i], plan.policies[i], prompt, access, step_dir, step_cwd
+                    )
+                if step.status != "completed":
+                    for later in run.steps[i + 1 :]:
+                        later.status = "skipped"
+                    run.status = "failed"
+                    run.error = f"step {i + 1} ({step.role}, worker {step.worker_name}) failed: {step.error}"
+                    break
+                if role.judges:
+                    step.verdict, step.findings = parse_verdict(step.output)
+                    run.verdict, run.findings = step.verdict, list(step.findings)
+                if before is not None:
+                    after = await workspace.snapshot(step_cwd, self.settings.workspace_roots)
+                    if after is not None and after != before:
+                        diff_text = await workspace.diff(
+                            step_cwd, self.settings.workspace_roots, before, after, MAX_QUOTED_DIFF_CHARS
+                        )
         else:
             run.status = "completed"
             run.result = run.steps[-1].output
         run.ended_at = datetime.now(UTC)
         await self._save(run)
         active.emit(f"run {run.id} {run.status}")
+
+    def _pin(self, step: Step, directory: Path | None) -> PinnedDirectory | None:
+        """The step's directory, opened and confined again; a step whose directory changed fails
+        here, before anything runs."""
+        if directory is None:
+            return None
+        try:
+            return pin(directory, self.settings.workspace_roots)
+        except InvalidRequestError as exc:
+            step.status = "failed"
+            step.error = str(exc)
+            step.started_at = step.ended_at = datetime.now(UTC)
+            return None
 
     async def _run_step(
         self,
@@ -526,6 +564,7 @@ class WorkerOrchestrator:
         prompt: str,
         access: Access,
         cwd: Path | None,
+        child_cwd: Path | None,
     ) -> None:
         run, progress = active.run, active.emit
         step.status = "running"
@@ -542,6 +581,7 @@ class WorkerOrchestrator:
             timeout_s=timeout,
             idle_timeout_s=min(self.settings.idle_timeout_s, timeout),
             working_directory=cwd,
+            child_cwd=child_cwd,
             on_progress=progress,
             on_spawn=functools.partial(self._record_process, run, step),
             partial=active.partial,
@@ -647,7 +687,11 @@ class WorkerOrchestrator:
     async def _save(self, run: Run, *, durable: bool = True) -> None:
         """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
         client, a run's end). Intermediate states (a step started, its process spawned) are written
-        behind, batched with other runs' into one fsync, so they cost the step nothing."""
+        behind, batched with other runs' into one fsync, so they cost the step nothing.
+
+        Every string of the run passes the redactor here, the one door to the store and, through the
+        run kept in memory, to every caller."""
+        self.settings.redact.scrub(run)
         if not durable and self._tg is not None:
             self._pending[run.id] = run.model_copy(deep=True)
             self._pending_ready.set()

@@ -5,18 +5,27 @@ Workers run code on the user's machine on the word of a model, so:
 - a worker's working directory must resolve (symlinks followed) inside one of the configured
   workspace roots (``MCP_COLLAB_WORKSPACE_ROOTS``, default: the user's home directory); a path with
   ``..`` in it, or one whose symlinks lead outside, is refused with the roots named;
+- what was checked is what is used: when a step starts, its directory is opened again component by
+  component without following any symlink (``pin``), checked against the roots, and the child starts
+  in exactly that open directory; a directory swapped for a symlink after dispatch fails the step;
 - secrets never reach the store, a log, a tool result or an error message: the values of the
-  server's credential variables and common key shapes are replaced by ``[REDACTED]`` wherever text
-  from a worker, a vendor API or a caller enters a run.
+  server's credential variables (stripped of surrounding whitespace, and in their JSON-escaped,
+  percent-encoded and base64 forms) and common key shapes are replaced by ``[REDACTED]``.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from .errors import InvalidRequestError, shown
 
@@ -25,6 +34,9 @@ REDACTED = "[REDACTED]"
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE)", re.I)
 # Shorter values are too likely to be ordinary words to replace everywhere.
 MIN_SECRET_CHARS = 8
+# Characters of text a scrub remembers as clean, so a run's outputs (up to a MiB each, saved again at
+# every later state change) are scanned once; past this it forgets and starts over (bounded memory).
+CLEAN_MEMORY_CHARS = 8 << 20
 # Key shapes worth hiding even when we were never told the value.
 SECRET_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(p)
@@ -41,10 +53,58 @@ SECRET_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
 )
 
 
+# JSON escapes these with a backslash ('/' only optionally: PHP and some encoders do); JSON inside
+# a JSON string (a CLI event quoting a command's JSON output) doubles the backslashes, so any number
+# of them is accepted.
+_JSON_ESCAPED = frozenset('"\\/')
+
+
+def _char_forms(char: str) -> str:
+    """A regex for one character of a secret as it may appear in text: itself, JSON-escaped
+    (``\\"``, ``\\/``, ``\\u20ac``, at any depth), or percent-encoded (either case of hex, ``+``
+    for a space)."""
+    if char.isascii() and char.isalnum():
+        return re.escape(char)
+    forms = [r"\\*" + re.escape(char) if char in _JSON_ESCAPED else re.escape(char)]
+    if len(char.encode("utf-16-be")) == 2:
+        forms.append(rf"\\+u(?i:{ord(char):04x})")
+    forms.append("".join(f"%(?i:{b:02x})" for b in char.encode("utf-8")))
+    if char == " ":
+        forms.append(r"\+")
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _base64_cores(value: str) -> set[str]:
+    """The part of the base64 of ``value`` that does not depend on what surrounds it, for each of
+    the three alignments it can have in an encoded blob (``user:KEY`` in a Basic auth header)."""
+    raw = value.encode("utf-8")
+    cores = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw)
+        first = -(-offset // 3) * 4  # the first 4-char group made of the value's bytes only
+        last = (offset + len(raw)) // 3 * 4  # the end of the last such group
+        core = encoded[first:last].decode("ascii")
+        if len(core) >= MIN_SECRET_CHARS:
+            cores.update({core, core.replace("+", "-").replace("/", "_")})
+    return cores
+
+
 class Redactor:
+    """Replaces credentials in text by ``[REDACTED]``.
+
+    A known value is matched however it was set (surrounding whitespace, as keys read from files
+    often carry a trailing newline, is stripped) and however it appears: raw, JSON-escaped,
+    percent-encoded in a URL, or inside base64."""
+
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        values = sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True)
-        self._known = re.compile("|".join(re.escape(v) for v in values)) if values else None
+        values = {s.strip() for s in secrets}
+        values = {v for v in values if len(v) >= MIN_SECRET_CHARS}
+        forms = {"".join(_char_forms(c) for c in v) for v in values}
+        forms |= {re.escape(core) for v in values for core in _base64_cores(v)}
+        ordered = sorted(forms, key=len, reverse=True)  # longest first: a key that contains another
+        self._known = re.compile("|".join(ordered)) if ordered else None
+        self._clean: set[str] = set()
+        self._clean_chars = 0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Redactor:
@@ -61,6 +121,45 @@ class Redactor:
 
     def optional(self, text: str | None) -> str | None:
         return None if text is None else self(text)
+
+    def finds(self, text: str) -> bool:
+        """Does ``text`` hold a credential?"""
+        return self(text) != text
+
+    def scrub(self, model: BaseModel) -> None:
+        """Redact, in place, every string a model holds (nested models, lists and dicts included):
+        the one pass every record goes through before the store or a caller sees it, so a field
+        added later cannot be forgotten."""
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            cleaned = self._scrubbed(value)
+            if cleaned is not value:
+                setattr(model, name, cleaned)
+
+    def _scrubbed(self, value: Any) -> Any:
+        if isinstance(value, str):
+            if value in self._clean:  # a run is saved at every step; its earlier outputs were read once
+                return value
+            cleaned = self(value)
+            if self._clean_chars + len(cleaned) > CLEAN_MEMORY_CHARS:
+                self._clean.clear()
+                self._clean_chars = 0
+            self._clean.add(cleaned)
+            self._clean_chars += len(cleaned)
+            return value if cleaned == value else cleaned
+        if isinstance(value, BaseModel):
+            self.scrub(value)
+            return value
+        if isinstance(value, list):
+            items = [self._scrubbed(v) for v in value]
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        if isinstance(value, dict):
+            pairs = {self._scrubbed(k): self._scrubbed(v) for k, v in value.items()}
+            unchanged = all(a is b for a, b in zip(pairs, value, strict=True)) and all(
+                pairs[k] is value[k] for k in value
+            )
+            return value if unchanged else pairs
+        return value
 
 
 class RedactingFilter(logging.Filter):
@@ -91,7 +190,13 @@ def default_roots(environ: Mapping[str, str]) -> tuple[Path, ...]:
 
 def confine(directory: str, roots: Sequence[Path], field: str = "workingDirectory") -> Path:
     """The real path of ``directory`` if it lies inside a workspace root; a clear refusal otherwise."""
-    allowed = ", ".join(str(r) for r in roots) or "(none configured)"
+    allowed = _roots_text(roots)
+    if any(ord(c) < 32 or c == "\x7f" for c in directory):
+        # The OS cannot take such a path at all (NUL ends a C string); say so instead of failing deep inside.
+        raise InvalidRequestError(
+            f"{field} must not contain NUL or other control characters; send the absolute path of an "
+            f"existing directory inside the workspace roots: {allowed}"
+        )
     path = Path(directory)
     if not path.is_absolute():
         raise InvalidRequestError(f"{field} must be an absolute path, got {shown(directory)}")
@@ -99,19 +204,123 @@ def confine(directory: str, roots: Sequence[Path], field: str = "workingDirector
         raise InvalidRequestError(f"{field} must not contain '..' components, got {shown(directory)}")
     try:
         real = path.resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
         raise InvalidRequestError(f"{field} {shown(directory)} is not an existing directory") from None
     if not real.is_dir():
         raise InvalidRequestError(f"{field} {shown(directory)} is not an existing directory")
+    if _inside(real, roots):
+        return real
+    via = f" (it resolves to {real})" if str(real) != str(path) else ""
+    raise InvalidRequestError(
+        f"{field} {shown(directory)}{via} is outside the workspace roots: {allowed}. "
+        "The operator can widen them with MCP_COLLAB_WORKSPACE_ROOTS."
+    )
+
+
+# A child is started in the directory we hold open through this link (Linux): CPython's subprocess
+# chdir()s in the child after fork and before it closes descriptors or execs (Modules/
+# _posixsubprocess.c, child_exec), so the child lands in the open directory itself whatever became
+# of its path, and the descriptor (O_CLOEXEC, not in pass_fds) never reaches the CLI. os.fchdir is
+# no alternative: it moves the whole server, with every concurrent run and thread, at once.
+_FD_LINKS = Path("/proc/self/fd")
+_OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class PinnedDirectory:
+    """A step's directory, opened and checked when the step starts, held open until it ends."""
+
+    path: Path  # the real path, as checked
+    fd: int
+
+    @property
+    def cwd(self) -> Path:
+        """What to start a child (a CLI, git) in: exactly the open directory."""
+        return _FD_LINKS / str(self.fd) if _FD_LINKS.is_dir() else self.path
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> PinnedDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pin(directory: Path, roots: Sequence[Path], field: str = "workingDirectory") -> PinnedDirectory:
+    """Open ``directory`` (a real path that ``confine`` accepted earlier) one component at a time
+    from ``/`` without following any symlink, and check it still lies inside a workspace root.
+
+    Between dispatch and the step (a queued run, a second step) any component may have been
+    replaced by a symlink; following it would run the worker wherever it points. Such a change
+    is a refusal naming the directory and what changed; the step never runs elsewhere."""
+    if not directory.is_absolute() or ".." in directory.parts:
+        raise InvalidRequestError(f"{field} {directory} is not an absolute real path; it cannot be pinned")
+    fd = os.open("/", _OPEN_DIRECTORY)
+    try:
+        walked = Path("/")
+        for part in directory.parts[1:]:
+            try:
+                child = os.open(part, _OPEN_DIRECTORY, dir_fd=fd)
+            except OSError as exc:
+                raise _changed(directory, walked / part, part, fd, exc, roots, field) from None
+            os.close(fd)
+            fd = child
+            walked /= part
+        # The kernel's name for what we hold: a component renamed during the walk shows here.
+        held = Path(os.readlink(_FD_LINKS / str(fd))) if _FD_LINKS.is_dir() else directory
+        if held != directory:
+            raise InvalidRequestError(
+                f"{field} {directory} changed since the run was dispatched: it was moved to {held} while "
+                "the step was starting; the step was not started"
+            )
+        if not _inside(directory, roots):
+            raise InvalidRequestError(
+                f"{field} {directory} now leaves the workspace roots: {_roots_text(roots)}; "
+                "a workspace root changed since the run was dispatched, and the step was not started"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return PinnedDirectory(directory, fd)
+
+
+def _changed(
+    directory: Path, at: Path, part: str, parent_fd: int, exc: OSError, roots: Sequence[Path], field: str
+) -> InvalidRequestError:
+    """The refusal for a component that cannot be opened as a plain directory any more."""
+    prefix = f"{field} {directory} changed since the run was dispatched:"
+    tail = "; the step was not started"
+    try:
+        target: str | None = os.readlink(part, dir_fd=parent_fd)
+    except OSError:
+        target = None
+    if target is not None:
+        leads = (at.parent / target).resolve()
+        where = (
+            f"which leaves the workspace roots ({_roots_text(roots)})"
+            if not _inside(leads, roots)
+            else "(a link is never followed once the directory was checked)"
+        )
+        return InvalidRequestError(f"{prefix} {at} is now a symbolic link to {target} {where}{tail}")
+    if exc.errno == errno.ENOENT:
+        return InvalidRequestError(f"{prefix} {at} no longer exists{tail}")
+    if exc.errno == errno.ENOTDIR:
+        return InvalidRequestError(f"{prefix} {at} is no longer a directory{tail}")
+    return InvalidRequestError(f"{prefix} {at} cannot be opened ({exc.strerror}){tail}")
+
+
+def _roots_text(roots: Sequence[Path]) -> str:
+    return ", ".join(str(r) for r in roots) or "(none configured)"
+
+
+def _inside(real: Path, roots: Sequence[Path]) -> bool:
     for root in roots:
         try:
             real_root = root.resolve(strict=True)
         except (OSError, RuntimeError):
             continue
         if real == real_root or real.is_relative_to(real_root):
-            return real
-    via = f" (it resolves to {real})" if str(real) != str(path) else ""
-    raise InvalidRequestError(
-        f"{field} {shown(directory)}{via} is outside the workspace roots: {allowed}. "
-        "The operator can widen them with MCP_COLLAB_WORKSPACE_ROOTS."
-    )
+            return True
+    return False

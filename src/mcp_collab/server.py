@@ -21,6 +21,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar, cast
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field, ValidationError
 
@@ -44,6 +45,7 @@ from .models import (
 )
 from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
 from .runtimes.base import WorkerRuntime
+from .security import Redactor
 from .store import RunStore, cursor_after
 from .strategies import STRATEGIES
 
@@ -415,8 +417,32 @@ class _StrictArguments:
                         f"{params.get('name')} does not take {listing(unknown)}; "
                         f"its arguments are: {', '.join(accepted) or 'none'}"
                     )
-                    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
-        return await call_next(ctx)
+                    refusal = CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+                    return _redacted(ctx, refusal)
+        try:
+            return _redacted(ctx, await call_next(ctx))
+        except MCPError as exc:  # a resource read refused (unknown run) quotes the caller's id
+            raise MCPError(exc.code, _redactor(ctx)(exc.message), exc.data) from None
+
+
+def _redactor(ctx: Any) -> Redactor:
+    state = getattr(ctx, "lifespan_context", None)
+    return state.settings.redact if isinstance(state, AppState) else Redactor()
+
+
+def _redacted(ctx: Any, result: Any) -> Any:
+    """A refusal never echoes a credential: every error a tool returns passes the redactor here,
+    ours (which quote the caller's input) and the SDK's own (argument validation quotes the values)."""
+    redact = _redactor(ctx)
+    if isinstance(result, CallToolResult) and result.is_error:
+        for content in result.content:
+            if isinstance(content, TextContent):
+                content.text = redact(content.text)
+    elif isinstance(result, dict) and result.get("isError"):  # what the SDK's chain hands back: the wire form
+        for item in result.get("content") or ():
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                item["text"] = redact(item["text"])
+    return result
 
 
 def _dispatch_description() -> str:

@@ -35,6 +35,9 @@ class StepRequest:
     timeout_s: float
     idle_timeout_s: float
     working_directory: Path | None = None
+    # Where a child process starts: the step's directory as opened and checked when the step
+    # started (security.pin), so a path swapped since cannot send it elsewhere. Unset: the path.
+    child_cwd: Path | None = None
     on_progress: ProgressSink = field(default=_ignore, compare=False)
     on_spawn: SpawnSink | None = field(default=None, compare=False)  # told the pid of a CLI it starts
     partial: PartialOutput = field(default_factory=PartialOutput, compare=False)

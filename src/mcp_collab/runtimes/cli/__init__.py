@@ -61,7 +61,7 @@ class CLIRuntime:
         spec = ProcessSpec(
             argv=argv,
             env=self.settings.child_env(vendor.env_prefixes),
-            cwd=request.working_directory,
+            cwd=request.child_cwd or request.working_directory,
             stdin=compose_prompt(request).encode("utf-8"),
             timeout_s=request.timeout_s,
             idle_timeout_s=request.idle_timeout_s,
