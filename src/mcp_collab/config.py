@@ -18,6 +18,10 @@ DEFAULT_STEP_TIMEOUT_S = 3600.0
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 # Bytes of a CLI's stdout/stderr kept in memory: the head and the tail, each this size.
 DEFAULT_CAPTURE_BYTES = 1 << 20
+# The largest answer kept whole: a step's final text, and any one line of a CLI's event stream (the
+# answer is often one JSON line). Far above any model's answer (128k output tokens are under 1 MiB),
+# small enough to hold a few times over while it is parsed; beyond it the step fails and says so.
+DEFAULT_MAX_ANSWER_BYTES = 64 << 20
 # The SDK clients' own retries: off by default so a failure reaches our fallback policy quickly.
 DEFAULT_SDK_MAX_RETRIES = 0
 # Runs executing at once; more wait as `queued`. Each CLI worker is a heavy process tree.
@@ -92,6 +96,7 @@ class Settings:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     capture_bytes: int = DEFAULT_CAPTURE_BYTES
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     sdk_max_retries: int = DEFAULT_SDK_MAX_RETRIES
     max_concurrent_runs: int = DEFAULT_MAX_CONCURRENT_RUNS
     run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S
@@ -127,6 +132,7 @@ class Settings:
             step_timeout_s=_positive(env, "MCP_COLLAB_STEP_TIMEOUT", DEFAULT_STEP_TIMEOUT_S),
             idle_timeout_s=_positive(env, "MCP_COLLAB_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
             capture_bytes=int(_positive(env, "MCP_COLLAB_CAPTURE_BYTES", DEFAULT_CAPTURE_BYTES)),
+            max_answer_bytes=int(_positive(env, "MCP_COLLAB_MAX_ANSWER_BYTES", DEFAULT_MAX_ANSWER_BYTES)),
             sdk_max_retries=int(_positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)),
             max_concurrent_runs=int(_positive(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", DEFAULT_MAX_CONCURRENT_RUNS)),
             run_timeout_s=_positive(env, "MCP_COLLAB_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S),

@@ -156,6 +156,11 @@ def default_runtimes(settings: Settings) -> dict[RuntimeMode, WorkerRuntime]:
     }
 
 
+def answer_bytes(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (the common case)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def cap_text(text: str, limit: int) -> tuple[str, bool]:
     if len(text) <= limit:
         return text, False
@@ -595,10 +600,23 @@ class WorkerOrchestrator:
         step.fallback_from = outcome.fallback_from
         step.ended_at = datetime.now(UTC)
         step.duration_ms = int((time.monotonic() - t0) * 1000)
-        if outcome.result is not None:
+        # The answer is kept whole (the store puts a long one in its own file; tools clip what they
+        # return), up to MCP_COLLAB_MAX_ANSWER_BYTES; a bigger one fails the step rather than be cut.
+        cap = self.settings.max_answer_bytes
+        if outcome.result is not None and (size := answer_bytes(outcome.result.text)) > cap:
             result = outcome.result
-            step.output, truncated = cap_text(redact(result.text), self.settings.capture_bytes)
-            step.output_truncated = truncated or result.truncated
+            step.status = "failed"
+            step.error = (
+                f"fatal error from {outcome.mode}: the answer is {size} bytes, over the {cap}-byte cap on an answer "
+                "(MCP_COLLAB_MAX_ANSWER_BYTES); its start and end are kept as the output. Raise "
+                "MCP_COLLAB_MAX_ANSWER_BYTES to keep it whole"
+            )
+            step.exit_code = result.exit_code
+            step.output, step.output_truncated = cap_text(redact(result.text), self.settings.capture_bytes)
+        elif outcome.result is not None:
+            result = outcome.result
+            step.output = redact(result.text)
+            step.output_truncated = result.truncated
             step.usage = result.usage
             step.session_id = result.session_id
             step.exit_code = result.exit_code
@@ -609,9 +627,8 @@ class WorkerOrchestrator:
             step.status = "failed"
             step.error = self.settings.redact(f"{failure.kind} error from {outcome.mode}: {failure.message}")
             step.exit_code = failure.exit_code
-            step.output, step.output_truncated = cap_text(
-                self.settings.redact(failure.output), self.settings.capture_bytes
-            )
+            # What a failed step had produced is kept as whole as an answer would be.
+            step.output, step.output_truncated = cap_text(self.settings.redact(failure.output), cap)
         via = f"{step.runtime_mode}" + (f" (fell back from {step.fallback_from})" if step.fallback_from else "")
         progress(f"step {step.index + 1}/{len(run.steps)} {step.status}: {step.role} {worker.name} via {via}")
 

@@ -9,7 +9,7 @@ from ...config import Settings
 from ...errors import RuntimeFatal, RuntimeUnavailable
 from ...models import RuntimeMode
 from ..base import RuntimeResult, StepRequest
-from .supervisor import ProcessOutcome, ProcessSpec, run_process
+from .supervisor import SPOOL_AFTER_BYTES, ProcessOutcome, ProcessSpec, run_process
 from .vendors import VENDORS, Parsed, Vendor
 
 __all__ = ["CLIRuntime", "find_binary"]
@@ -49,7 +49,7 @@ class CLIRuntime:
                 code="missing_binary",
             )
         argv = vendor.argv(binary, request, request.worker.cli_model)
-        parser = vendor.parser()
+        parser = vendor.parser(self.settings.max_answer_bytes)
 
         def on_line(line: str) -> None:
             message = parser.feed(line)
@@ -66,6 +66,7 @@ class CLIRuntime:
             timeout_s=request.timeout_s,
             idle_timeout_s=request.idle_timeout_s,
             capture_bytes=self.settings.capture_bytes,
+            max_line_bytes=self.settings.max_answer_bytes,
         )
         request.on_progress(f"{request.worker.name}: starting {vendor.name}")
         try:
@@ -74,6 +75,10 @@ class CLIRuntime:
             raise RuntimeUnavailable(
                 f"cannot start the {vendor.name} CLI ({binary}): {exc}", code="spawn_failed"
             ) from exc
+        finally:
+            # Also when cancelled: the partial output a cancel keeps is all that was read.
+            parser.close()
+            request.partial.text = parser.parsed.text or "\n\n".join(parser.parsed.messages)
         return self._result(vendor, request, outcome, parser.parsed)
 
     def _result(self, vendor: Vendor, request: StepRequest, outcome: ProcessOutcome, parsed: Parsed) -> RuntimeResult:
@@ -102,6 +107,7 @@ class CLIRuntime:
                 exit_code=outcome.exit_code,
                 output=partial,
             )
+        self._check_size(vendor, outcome, parsed, partial)
         if not parsed.finished:
             raise RuntimeFatal(
                 f"the {vendor.name} CLI exited 0 but printed no final event this version of mcp-collab "
@@ -111,21 +117,42 @@ class CLIRuntime:
                 exit_code=outcome.exit_code,
                 output=outcome.stdout,
             )
-        text = parsed.text
-        if outcome.stdout_truncated:
-            # The final message is whole, but the run must say that the CLI's stream was not kept.
-            text += (
-                f"\n\n[... mcp-collab kept the first and last {self.settings.capture_bytes} bytes of the "
-                f"{outcome.stdout_bytes} bytes the {vendor.name} CLI printed; the rest was omitted ...]"
-            )
+        # The answer is whole: every line reached the parser. Only the raw stream kept for a failure
+        # (stdout's head and tail) is bounded, and a completed step does not store it.
         return RuntimeResult(
-            text=text,
+            text=parsed.text,
             usage=parsed.usage,
             session_id=parsed.session_id,
             exit_code=outcome.exit_code,
             duration_ms=outcome.duration_ms,
-            truncated=outcome.stdout_truncated,
         )
+
+    def _check_size(self, vendor: Vendor, outcome: ProcessOutcome, parsed: Parsed, partial: str) -> None:
+        """A stream the parser did not read whole cannot be trusted to hold the answer: fail, and say
+        which cap (and which variable) it hit, rather than complete with an answer missing or cut."""
+        cap = self.settings.max_answer_bytes
+        raise_it = "; raise MCP_COLLAB_MAX_ANSWER_BYTES to keep it"
+        if outcome.spool_error is not None:
+            message = (
+                f"the {vendor.name} CLI printed a line of {outcome.longest_dropped_line} bytes that could not be "
+                f"kept ({outcome.spool_error}); the answer may have been in it. Lines over "
+                f"{SPOOL_AFTER_BYTES} bytes are held in a temporary file in TMPDIR: point TMPDIR at a "
+                "writable directory with room"
+            )
+        elif outcome.dropped_lines:
+            message = (
+                f"the {vendor.name} CLI printed a line of {outcome.longest_dropped_line} bytes, over the "
+                f"{cap}-byte cap on one line of its output (MCP_COLLAB_MAX_ANSWER_BYTES); the answer may have "
+                f"been in it, so it was not read{raise_it}"
+            )
+        elif parsed.oversize_answer:
+            message = (
+                f"the {vendor.name} CLI streamed an answer of at least {parsed.oversize_answer} bytes, over the "
+                f"{cap}-byte cap on an answer (MCP_COLLAB_MAX_ANSWER_BYTES){raise_it}"
+            )
+        else:
+            return
+        raise RuntimeFatal(message, code="output_too_large", exit_code=outcome.exit_code, output=partial)
 
 
 def _tail(text: str) -> str:

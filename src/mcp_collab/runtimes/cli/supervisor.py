@@ -9,6 +9,10 @@ What a coding CLI needs from us, and what goes wrong without it:
   relaunches a child and ignores SIGTERM in the parent, and tools leave grandchildren behind.
 - stdout and stderr drained concurrently (a full pipe blocks the child), with a bounded head and
   tail kept in memory, so a worker printing a gigabyte costs us a few MB.
+- every stdout line reaches the parser whole, however long: the final answer is often one JSON
+  line of many MB. A line that outgrows memory is spooled to an unnamed temporary file while it
+  arrives; only a line over ``max_line_bytes`` (MCP_COLLAB_MAX_ANSWER_BYTES) is dropped, and the
+  outcome says so, so the step fails with that reason instead of completing without its answer.
 """
 
 from __future__ import annotations
@@ -19,22 +23,27 @@ import math
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 import anyio.abc
+
+from ...config import DEFAULT_MAX_ANSWER_BYTES
 
 # Between SIGTERM and SIGKILL: long enough for a CLI to flush its session file, short enough that
 # a cancel leaves nothing running within half a second.
 KILL_GRACE_S = 0.25
 # After the main process exits, leftovers that still hold our pipes get this long after the kill.
 DRAIN_GRACE_S = 1.0
-# A single line longer than this (say, a flood without newlines) is not handed to the parser.
-MAX_LINE_BYTES = 4 << 20
+# A line longer than this moves from memory to a temporary file while it arrives, so a flood
+# without newlines costs disk up to the line cap, never memory.
+SPOOL_AFTER_BYTES = 1 << 20
 _READ_CHUNK = 64 * 1024
 _POLL_S = 0.02
 
@@ -50,6 +59,10 @@ class ProcessSpec:
     timeout_s: float
     idle_timeout_s: float
     capture_bytes: int
+    # The longest stdout line handed to the parser; a longer one is dropped and reported.
+    max_line_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    # Where a long line is spooled while it arrives (None: the system's TMPDIR).
+    spool_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,11 @@ class ProcessOutcome:
     limit_hit: str | None  # "timeout" | "idle" | None
     duration_ms: int
     pid: int
+    # stdout lines the parser never saw, because they were over ``max_line_bytes`` or could not be
+    # spooled: the answer may have been one of them.
+    dropped_lines: int = 0
+    longest_dropped_line: int = 0  # its size in bytes
+    spool_error: str | None = None
 
 
 class BoundedCapture:
@@ -104,40 +122,110 @@ class BoundedCapture:
 
 
 class LineSplitter:
-    """Turns chunks into complete lines; drops (and counts) lines longer than ``MAX_LINE_BYTES``."""
+    """Turns chunks into complete lines, each handed to ``sink`` whole, however long it is.
 
-    def __init__(self, sink: LineSink) -> None:
+    A line is held in memory up to ``spool_after`` bytes, then in an unnamed temporary file, and read
+    back once its newline (or the end of the stream) arrives; memory is bounded by ``spool_after``
+    while a line arrives and by ``max_line_bytes`` when it is handed over. A line longer than
+    ``max_line_bytes``, or one the spool could not hold, is dropped and counted: the caller must
+    not treat a stream with a dropped line as complete.
+    """
+
+    def __init__(
+        self,
+        sink: LineSink,
+        max_line_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        *,
+        spool_after: int = SPOOL_AFTER_BYTES,
+        spool_dir: Path | None = None,
+    ) -> None:
         self.sink = sink
+        self.max_line_bytes = max(1, max_line_bytes)
+        self.spool_after = min(spool_after, self.max_line_bytes)
+        self.spool_dir = spool_dir
         self.buffer = bytearray()
+        self.spool: BinaryIO | None = None
+        self.line_bytes = 0  # the current line's size so far, kept or not
         self.skipping = False
         self.dropped = 0
+        self.longest_dropped = 0
+        self.spool_error: str | None = None
 
     def feed(self, data: bytes) -> None:
+        view = memoryview(data)
         start = 0
         while True:
             nl = data.find(b"\n", start)
+            self._add(view[start : len(data) if nl < 0 else nl])
             if nl < 0:
-                if not self.skipping:
-                    self.buffer += data[start:]
-                    if len(self.buffer) > MAX_LINE_BYTES:
-                        self.buffer.clear()
-                        self.skipping = True
-                        self.dropped += 1
                 return
-            if not self.skipping:
-                self.buffer += data[start:nl]
-                self._emit()
-            self.skipping = False
-            self.buffer.clear()
+            self._end_line()
             start = nl + 1
 
     def close(self) -> None:
-        if self.buffer and not self.skipping:
-            self._emit()
-        self.buffer.clear()
+        if self.line_bytes:
+            self._end_line()
 
-    def _emit(self) -> None:
-        line = self.buffer.decode("utf-8", "replace").strip()
+    def _add(self, piece: memoryview) -> None:
+        if not piece:
+            return
+        self.line_bytes += len(piece)
+        if self.skipping:
+            return
+        if self.line_bytes > self.max_line_bytes:
+            self._drop()
+            return
+        try:
+            if self.spool is not None:
+                # A plain blocking write: it lands in the page cache, as fast as the pipe read.
+                self.spool.write(piece)
+                return
+            self.buffer += piece
+            if len(self.buffer) > self.spool_after:
+                self.spool = tempfile.TemporaryFile(dir=self.spool_dir)
+                self.spool.write(self.buffer)
+                self.buffer = bytearray()  # a new object: clear() would keep the allocation
+        except OSError as exc:
+            self.spool_error = f"cannot spool a long line to {self.spool_dir or tempfile.gettempdir()}: {exc}"
+            self._drop()
+
+    def _drop(self) -> None:
+        self.skipping = True
+        self._release()
+
+    def _release(self) -> None:
+        self.buffer.clear()  # its allocation, at most ``spool_after`` and a chunk, is reused
+        if self.spool is not None:
+            with contextlib.suppress(OSError):
+                self.spool.close()
+            self.spool = None
+
+    def _end_line(self) -> None:
+        try:
+            if self.skipping:
+                self.dropped += 1
+                self.longest_dropped = max(self.longest_dropped, self.line_bytes)
+            elif self.spool is not None:
+                try:
+                    self.spool.seek(0)
+                    raw = self.spool.read()
+                except OSError as exc:
+                    self.spool_error = f"cannot read back a spooled line: {exc}"
+                    self.dropped += 1
+                    self.longest_dropped = max(self.longest_dropped, self.line_bytes)
+                else:
+                    self._release()
+                    self._emit(raw)
+            else:
+                self._emit(self.buffer)
+        finally:
+            self._release()
+            self.skipping = False
+            self.line_bytes = 0
+
+    def _emit(self, raw: bytes | bytearray) -> None:
+        # Invalid UTF-8 becomes U+FFFD: the store keeps text, and one bad byte must not lose a line.
+        line = raw.decode("utf-8", "replace").strip()
         if line:
             self.sink(line)
 
@@ -253,7 +341,7 @@ async def run_process(
     pid = process.pid
     out = BoundedCapture(spec.capture_bytes)
     err = BoundedCapture(min(spec.capture_bytes, 256 * 1024))
-    splitter = LineSplitter(on_line) if on_line else None
+    splitter = LineSplitter(on_line, spec.max_line_bytes, spool_dir=spec.spool_dir) if on_line else None
     last_output = [time.monotonic()]
     limit_hit: list[str] = []
     drained = anyio.Event()
@@ -340,4 +428,7 @@ async def run_process(
         limit_hit=limit_hit[0] if limit_hit else None,
         duration_ms=math.ceil((time.monotonic() - started) * 1000),
         pid=pid,
+        dropped_lines=splitter.dropped if splitter else 0,
+        longest_dropped_line=splitter.longest_dropped if splitter else 0,
+        spool_error=splitter.spool_error if splitter else None,
     )

@@ -5,6 +5,8 @@ Each CLI runs in a line-oriented streaming format (codex ``--json``, gemini and 
 the output can be bounded without losing the answer, and events become progress messages.
 Formats change between versions: parsers ignore events they do not know, and a run that
 produced no recognizable final event fails with a message that says so.
+An answer may be one line of tens of MB: nothing here copies a line more than a few times, and
+what a parser accumulates (messages, streamed pieces) is bounded by the answer cap.
 Recorded real outputs per version live in ``fixtures/cli_outputs/``.
 """
 
@@ -14,10 +16,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ...config import DEFAULT_MAX_ANSWER_BYTES
 from ...models import Access, Usage
 from ..base import StepRequest
 
 MAX_PROGRESS_CHARS = 160
+# A streamed answer (gemini's pieces) is joined into ``Parsed.text`` every time while it is this
+# small; past it, once it has grown by an eighth, so joining costs a few times the answer, not its
+# square, and the partial text a cancel keeps lags the stream by at most an eighth.
+JOIN_ALWAYS_BYTES = 64 * 1024
+JOIN_GROWTH_DIVISOR = 8
 
 
 @dataclass
@@ -31,6 +39,18 @@ class Parsed:
     finished: bool = False  # a final event (turn.completed / result) was seen
     events: int = 0
     messages: list[str] = field(default_factory=list)
+    # The size of an answer that outgrew the cap and was not kept (0: none did).
+    oversize_answer: int = 0
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    _messages_bytes: int = field(default=0, init=False, repr=False)
+
+    def add_message(self, text: str) -> None:
+        """Keep ``text`` among the messages (the partial output of a run that ends without a final
+        answer); the oldest go once they would hold more than the answer cap."""
+        self.messages.append(text)
+        self._messages_bytes += utf8_len(text)
+        while len(self.messages) > 1 and self._messages_bytes > self.max_answer_bytes:
+            self._messages_bytes -= utf8_len(self.messages.pop(0))
 
 
 class OutputParser(Protocol):
@@ -38,6 +58,9 @@ class OutputParser(Protocol):
 
     def feed(self, line: str) -> str | None:
         """Read one stdout line; return a short progress message, or None."""
+
+    def close(self) -> None:
+        """The stream ended (or was cut short): bring ``parsed`` up to date with all that was read."""
 
 
 class Vendor(Protocol):
@@ -47,11 +70,17 @@ class Vendor(Protocol):
 
     def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]: ...
 
-    def parser(self) -> OutputParser: ...
+    def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser: ...
+
+
+def utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (the common case)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _short(text: str) -> str:
-    text = " ".join(text.split())
+    # Only the start is looked at: splitting a 20 MB answer into words would cost hundreds of MB.
+    text = " ".join(text[: MAX_PROGRESS_CHARS * 4].split())
     return text if len(text) <= MAX_PROGRESS_CHARS else text[: MAX_PROGRESS_CHARS - 1] + "…"
 
 
@@ -59,7 +88,8 @@ def _json(line: str) -> dict[str, Any] | None:
     if not line.startswith("{"):
         return None
     try:
-        value = json.loads(line)
+        # strict=False: a raw control character (a NUL) inside a string must not lose the event.
+        value = json.loads(line, strict=False)
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
@@ -88,9 +118,12 @@ _CODEX_ACCESS: dict[Access, list[str]] = {
 class CodexParser:
     """``codex exec --json``: thread.started, item.*, turn.completed{usage}, turn.failed, error."""
 
-    def __init__(self) -> None:
-        self.parsed = Parsed()
+    def __init__(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
+        self.parsed = Parsed(max_answer_bytes=max_answer_bytes)
         self._in = self._out = 0
+
+    def close(self) -> None:
+        return None
 
     def feed(self, line: str) -> str | None:
         event = _json(line)
@@ -121,7 +154,7 @@ class CodexParser:
         item_type = item.get("type")
         if kind == "item.completed" and item_type == "agent_message":
             self.parsed.text = str(item.get("text", ""))
-            self.parsed.messages.append(self.parsed.text)
+            self.parsed.add_message(self.parsed.text)
             return _short(f"codex: {self.parsed.text}")
         if kind == "item.started" and item_type == "command_execution":
             return _short(f"codex: running {item.get('command', '')}")
@@ -146,8 +179,8 @@ class Codex:
             argv += ["-m", model]
         return [*argv, "-"]  # the prompt comes on stdin: it can never be taken for a flag
 
-    def parser(self) -> OutputParser:
-        return CodexParser()
+    def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser:
+        return CodexParser(max_answer_bytes)
 
 
 # -- gemini -------------------------------------------------------------------------------------
@@ -158,9 +191,38 @@ _GEMINI_APPROVAL: dict[Access, str] = {"read_only": "plan", "workspace_write": "
 class GeminiParser:
     """``gemini -o stream-json``: init, message (assistant deltas), tool_use, tool_result, error, result."""
 
-    def __init__(self) -> None:
-        self.parsed = Parsed()
+    def __init__(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
+        self.parsed = Parsed(max_answer_bytes=max_answer_bytes)
         self._chunks: list[str] = []
+        self._size = 0  # bytes in _chunks
+        self._joined = 0  # of which are in parsed.text
+
+    def close(self) -> None:
+        self._join()
+
+    def _join(self) -> None:
+        if self._joined != self._size:
+            self.parsed.text = "".join(self._chunks)
+            self._chunks = [self.parsed.text]
+            self._joined = self._size
+
+    def _take(self, content: str, *, delta: bool) -> None:
+        if not delta:  # a whole message: it replaces whatever came before
+            self.parsed.oversize_answer = 0
+            self._chunks, self._size, self._joined = [], 0, -1
+        elif self.parsed.oversize_answer:
+            self.parsed.oversize_answer += utf8_len(content)
+            return
+        self._chunks.append(content)
+        self._size += utf8_len(content)
+        if self._size > self.parsed.max_answer_bytes:
+            # Too big to keep: let go of it now, and remember how big it grew for the failure.
+            self.parsed.oversize_answer = self._size
+            self._chunks, self._size, self._joined = [], 0, 0
+            self.parsed.text = ""
+            return
+        if self._size <= JOIN_ALWAYS_BYTES or self._size - self._joined >= self._joined // JOIN_GROWTH_DIVISOR:
+            self._join()
 
     def feed(self, line: str) -> str | None:
         event = _json(line)
@@ -174,11 +236,7 @@ class GeminiParser:
         if kind == "message" and event.get("role") == "assistant":
             content = event.get("content")
             if isinstance(content, str):
-                if event.get("delta"):
-                    self._chunks.append(content)
-                else:
-                    self._chunks = [content]
-                self.parsed.text = "".join(self._chunks)
+                self._take(content, delta=bool(event.get("delta")))
             return None
         if kind == "tool_use":
             return _short(f"gemini: using {event.get('tool_name', 'a tool')}")
@@ -186,6 +244,7 @@ class GeminiParser:
             self.parsed.error = str(event.get("message", "error"))
             return _short(f"gemini: {self.parsed.error}")
         if kind == "result":
+            self._join()
             self.parsed.finished = True
             if event.get("status") not in (None, "success"):
                 err = event.get("error")
@@ -199,7 +258,7 @@ class GeminiParser:
                     stats.get("total_tokens"),
                 )
             if self.parsed.text:
-                self.parsed.messages.append(self.parsed.text)
+                self.parsed.add_message(self.parsed.text)
             return None
         return None
 
@@ -224,8 +283,8 @@ class Gemini:
         # so a task beginning with "--" stays text.
         return [*argv, "-p", ""]
 
-    def parser(self) -> OutputParser:
-        return GeminiParser()
+    def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser:
+        return GeminiParser(max_answer_bytes)
 
 
 # -- claude -------------------------------------------------------------------------------------
@@ -240,8 +299,11 @@ _CLAUDE_PERMISSION: dict[Access, str] = {
 class ClaudeParser:
     """``claude -p --output-format stream-json --verbose``: system/init, assistant, user, result."""
 
-    def __init__(self) -> None:
-        self.parsed = Parsed()
+    def __init__(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
+        self.parsed = Parsed(max_answer_bytes=max_answer_bytes)
+
+    def close(self) -> None:
+        return None
 
     def feed(self, line: str) -> str | None:
         event = _json(line)
@@ -258,7 +320,7 @@ class ClaudeParser:
                 if not isinstance(block, dict):
                     continue
                 if block.get("type") == "text" and block.get("text"):
-                    self.parsed.messages.append(str(block["text"]))
+                    self.parsed.add_message(str(block["text"]))
                     return _short(f"claude: {block['text']}")
                 if block.get("type") == "tool_use":
                     return _short(f"claude: using {block.get('name', 'a tool')}")
@@ -297,8 +359,8 @@ class Claude:
             argv += ["--model", model]
         return argv  # the prompt comes on stdin
 
-    def parser(self) -> OutputParser:
-        return ClaudeParser()
+    def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser:
+        return ClaudeParser(max_answer_bytes)
 
 
 VENDORS: dict[str, Vendor] = {"codex_cli": Codex(), "gemini_cli": Gemini(), "claude_cli": Claude()}
