@@ -119,12 +119,9 @@ def test_bounded_capture_keeps_head_and_tail() -> None:
     assert cap.text() == "0123456789\n[... 16 bytes omitted ...]\nQRSTuvwxyz"
 
 
-def test_line_splitter_drops_overlong_lines_and_keeps_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mcp_collab.runtimes.cli.supervisor as sup
-
-    monkeypatch.setattr(sup, "MAX_LINE_BYTES", 8)
+def test_line_splitter_drops_overlong_lines_and_keeps_the_rest() -> None:
     got: list[str] = []
-    splitter = LineSplitter(got.append)
+    splitter = LineSplitter(got.append, 8)
     splitter.feed(b"short\nthis line is far too long")
     splitter.feed(b" and goes on\nok\npartial")
     splitter.close()

@@ -43,7 +43,82 @@ def sleeper(ignore_term: bool) -> subprocess.Popen:
     return child
 
 
+# One unit of a long answer: quotes, a backslash, a newline and characters of two to four UTF-8 bytes,
+# so the answer is escaped in JSON and its size in bytes differs from its length.
+ANSWER_UNIT = 'answer "quoted" \\ ünïcödé → ✓ 🙂 ok\n'
+
+
+def answer_text(size: int) -> str:
+    """The long answer the size modes print: ``size`` characters, the same for the fake and a test."""
+    return (ANSWER_UNIT * (size // len(ANSWER_UNIT) + 1))[:size]
+
+
+def plain_text(size: int) -> str:
+    """The answer text as one line: what ``size_plain`` prints, with no newline anywhere."""
+    return answer_text(size).replace("\n", " ")
+
+
+def write_raw(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def emit_bytes(event: dict, *, newline: bool = True) -> None:
+    """An event written in one go (a line of tens of MB is one write, as a real CLI does)."""
+    write_raw(json.dumps(event, ensure_ascii=False).encode("utf-8") + (b"\n" if newline else b""))
+
+
+def size_mode(mode: str) -> bool:
+    """The answers of every size and shape (the ``size_*`` modes); False for any other mode.
+
+    Sizes come in <VENDOR>_FAKE_ANSWER_CHARS, since each CLI child only sees its own vendor's variables.
+    """
+    if not mode.startswith("size_"):
+        return False
+    sys.stdin.read()
+    record_pid(os.getpid())
+    if mode == "size_gemini":
+        # gemini -o stream-json: the answer as many small deltas, the way gemini streams it.
+        text = answer_text(int(os.environ.get("GEMINI_FAKE_ANSWER_CHARS", str(5 << 20))))
+        piece = int(os.environ.get("GEMINI_FAKE_PIECE_CHARS", "256"))
+        emit_bytes({"type": "init", "session_id": "fake-gemini-session", "model": "gemini-fake"})
+        for i in range(0, len(text), piece):
+            emit_bytes({"type": "message", "role": "assistant", "content": text[i : i + piece], "delta": True})
+        emit_bytes({"type": "result", "status": "success", "stats": {"input_tokens": 3, "output_tokens": 2}})
+        return True
+    if mode == "size_claude":
+        # claude stream-json: the answer in the assistant event and again in the result, which ends
+        # the output with no newline at all.
+        text = answer_text(int(os.environ.get("CLAUDE_FAKE_ANSWER_CHARS", str(5 << 20))))
+        emit_bytes({"type": "system", "subtype": "init", "session_id": "fake-claude-session"})
+        emit_bytes({"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}})
+        result = {"type": "result", "subtype": "success", "is_error": False, "result": text,
+                  "session_id": "fake-claude-session", "usage": {"input_tokens": 3, "output_tokens": 2}}  # fmt: skip
+        emit_bytes(result, newline=False)
+        return True
+    chars = int(os.environ.get("CODEX_FAKE_ANSWER_CHARS", str(5 << 20)))
+    if mode == "size_plain":
+        # Not an event stream at all: one plain line with no newline.
+        write_raw(plain_text(chars).encode("utf-8"))
+        return True
+    emit({"type": "thread.started", "thread_id": f"fake-{mode}"})
+    noise = int(os.environ.get("CODEX_FAKE_NOISE_BYTES", "0"))
+    if noise:
+        write_raw(b"warning: " + b"n" * noise + b"\n")  # a huge line that is not an event
+    if mode == "size_codex":
+        emit_bytes({"type": "item.completed", "item": {"id": "m", "type": "agent_message", "text": answer_text(chars)}})
+    else:
+        # Raw bytes inside the JSON string: invalid UTF-8, a NUL, then an escaped NUL.
+        head = json.dumps({"type": "item.completed", "item": {"id": "m", "type": "agent_message", "text": "@"}})
+        before, after = head.encode("utf-8").split(b"@")
+        write_raw(before + b"bad \xff\xfe bytes, a raw \x00 NUL and an escaped \\u0000 one" + after + b"\n")
+    emit({"type": "turn.completed", "usage": {"input_tokens": 3, "output_tokens": 2}})
+    return True
+
+
 def main(mode: str) -> None:
+    if size_mode(mode):
+        return
     sys.stdin.read()  # like codex: wait for the prompt's end of file
     record_pid(os.getpid())
     emit({"type": "thread.started", "thread_id": f"fake-{mode}"})
@@ -68,7 +143,9 @@ def main(mode: str) -> None:
         time.sleep(3600)
     elif mode == "flood":
         total = int(os.environ.get("CODEX_FAKE_FLOOD_BYTES", str(64 << 20)))
-        line = ("x" * 1023 + "\n").encode()
+        # CODEX_FAKE_FLOOD_NO_NEWLINE: the whole flood is one line, with the final events glued on.
+        end = "x" if os.environ.get("CODEX_FAKE_FLOOD_NO_NEWLINE") else "\n"
+        line = ("x" * 1023 + end).encode()
         out = sys.stdout.buffer
         written = 0
         while written < total:
