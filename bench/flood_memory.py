@@ -7,9 +7,11 @@ Figure: growth of this process's peak resident memory (VmHWM minus VmRSS at the 
 phase; the peak is reset by writing "5" to /proc/self/clear_refs before each phase) during the run.
 Baseline (same process): the growth while the same 1 GiB is drained from a raw subprocess into
 /dev/null with a plain os.read loop.
-Target: growth of at most 64 MB, and the run's step records that its output was truncated
-(step.output_truncated); what the step's output text shows of it is printed, and a missing visible
-marker is reported as a finding.
+Target: growth of at most 64 MB, and the run completes with its answer whole (the flood is noise
+around the answer: the answer is stored as printed, nothing appended, outputTruncated false).
+Second phase: the same 1 GiB with no newline at all, one line, which is spooled to a temporary file
+up to MCP_COLLAB_MAX_ANSWER_BYTES and then dropped: growth of at most 64 MB again, and the step fails
+naming that cap rather than completing without its answer.
 
 Run: .venv/bin/python bench/flood_memory.py
 """
@@ -40,7 +42,7 @@ FLOOD = str(FAKE_CLIS / "flood")
 _READ_CHUNK = 64 * 1024
 # The cross-check sampler's period: coarse, so it costs the measured process next to nothing.
 SAMPLE_S = 0.005
-OMITTED = re.compile(r"\[\.\.\. [^\]]*omitted \.\.\.\]")
+CAP_NAMED = re.compile(r"over the \d+-byte cap .*MCP_COLLAB_MAX_ANSWER_BYTES")
 
 
 def reset_peak() -> bool:
@@ -136,10 +138,14 @@ def main() -> None:
         control = measure(lambda: anyio.run(orchestrated, small, small_runs))
         runs: list[Run] = []
         orch = measure(lambda: anyio.run(orchestrated, settings, runs))
+        one_line = Settings.from_env({**env, "CODEX_FAKE_FLOOD_NO_NEWLINE": "1"})
+        line_runs: list[Run] = []
+        line = measure(lambda: anyio.run(orchestrated, one_line, line_runs))
 
     run = runs[0]
     step = run.steps[0]
-    marker = OMITTED.search(step.output)
+    line_step = line_runs[0].steps[0]
+    expected = f"flooded {FLOOD_BYTES} bytes"
     how = "VmHWM (reset via /proc/self/clear_refs)" if orch.hwm_reset else "sampled VmRSS peak (HWM reset refused)"
     print(f"flood_memory: a worker prints {FLOOD_BYTES / (1 << 30):g} GiB to stdout; growth = {how} - VmRSS before")
     print(
@@ -163,19 +169,17 @@ def main() -> None:
     shown = step.output if len(step.output) <= 160 else step.output[:80] + " ... " + step.output[-80:]
     print(f"  step output ({len(step.output)} chars): {shown!r}")
     print(f"  run result: {run.result!r}")
-    if marker:
-        print(f"  the step output carries a visible truncation marker: {marker.group(0)!r}")
-    else:
-        print(
-            "  FINDING: the step's output text carries no visible truncation marker: outputTruncated is the only "
-            "sign, and the record holds no count of the bytes dropped (the capture's '[... N bytes omitted ...]' "
-            "text is not kept on a successful step)"
-        )
-    ok = run.status == "completed" and step.output_truncated and orch.growth_kb <= TARGET_GROWTH_KB
+    print(
+        f"  the same 1 GiB as one line (no newline): +{mb(line.growth_kb)} (sampled peak +{mb(line.sampled_kb)}), "
+        f"{line.seconds:.1f} s; step {line_step.status}: {line_step.error!r}"
+    )
+    whole = run.status == "completed" and step.output == expected and not step.output_truncated
+    refused = line_step.status == "failed" and CAP_NAMED.search(line_step.error or "") is not None
+    ok = whole and refused and max(orch.growth_kb, line.growth_kb) <= TARGET_GROWTH_KB
     verdict(
         ok,
-        f"server grew {mb(orch.growth_kb)} while a worker printed 1 GiB (target <= {mb(TARGET_GROWTH_KB)}), "
-        f"outputTruncated={step.output_truncated}",
+        f"server grew {mb(orch.growth_kb)} while a worker printed 1 GiB in lines, {mb(line.growth_kb)} as one line "
+        f"(target <= {mb(TARGET_GROWTH_KB)}); answer whole: {whole}; one-line flood failed naming the cap: {refused}",
     )
 
 
