@@ -194,7 +194,8 @@ def test_a_refusal_is_one_line_and_exit_code_2(
 def test_an_unusable_store_is_a_one_line_refusal(env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("", encoding="utf-8")
     broken = {**env, "MCP_COLLAB_STATE_DIR": str(tmp_path / "a-file" / "state")}
-    assert "cannot create the store directory" in one_line_refusal(mc(broken, "dispatch", "x"))
+    refusal = one_line_refusal(mc(broken, "dispatch", "x"))
+    assert "cannot create the" in refusal and "a-file/state" in refusal, "it names the store it cannot use"
 
 
 def test_an_unknown_worker_filter_is_an_empty_answer_for_a_removed_worker_keeps_its_runs(env: dict[str, str]) -> None:
