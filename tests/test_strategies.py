@@ -7,33 +7,76 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from mcp import Client
 
 from mcp_collab.config import Settings
-from mcp_collab.errors import InvalidRequestError
-from mcp_collab.models import DispatchRequest, Worker, WorkerSpec
+from mcp_collab.errors import InvalidRequestError, NoFittingWorkerError, UnknownRunError
+from mcp_collab.models import DispatchRequest, Verdict, Worker, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import StepRequest
+from mcp_collab.server import build_server
 from mcp_collab.strategies import STRATEGIES, assign_workers, parse_verdict
 from mcp_collab.testing import Reply, ScriptedRuntime
+
+REVIEWER = STRATEGIES["codex_writes_gemini_reviews"].roles[1]
+REDTEAM = STRATEGIES["security_redteam_pass"].roles[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [
+        ("Looks good.\nVERDICT: APPROVE", "approve"),
+        ("**Verdict:** request changes\nmissing tests", "request_changes"),
+        ("VERDICT: APPROVE\n...on second thought\nVERDICT: REQUEST_CHANGES", "request_changes"),
+        ("I think it is fine", "unknown"),
+        ("VERDICT: PASS", "unknown"),
+        ("VERDICT: FAIL", "unknown"),
+        ("VERDICT: LGTM", "unknown"),
+        ("VERDICT: APPROVE\nwait, no.\nVERDICT: maybe", "unknown"),
+        ("VERDICT: NOT APPROVE", "unknown"),
+        ("VERDICT: APPROVED", "unknown"),
+    ],
+)
+def test_a_reviewer_approves_or_requests_changes_and_anything_else_is_unknown(text: str, verdict: str) -> None:
+    assert REVIEWER.verdicts == ("approve", "request_changes")
+    assert parse_verdict(text, REVIEWER.verdicts) == (verdict, [])
 
 
 @pytest.mark.parametrize(
     ("text", "verdict", "findings"),
     [
-        ("Looks good.\nVERDICT: APPROVE", "approve", []),
-        ("**Verdict:** request changes\nmissing tests", "request_changes", []),
-        ("VERDICT: APPROVE\n...on second thought\nVERDICT: REQUEST_CHANGES", "request_changes", []),
         (
             "FINDING: high: SQL injection in /login\n- finding: low: verbose errors\nVERDICT: FAIL",
             "fail",
             ["high: SQL injection in /login", "low: verbose errors"],
         ),
         ("nothing exploitable\n`VERDICT: PASS`", "pass", []),
-        ("I think it is fine", "unknown", []),
+        ("VERDICT: APPROVE", "unknown", []),
+        ("VERDICT: REQUEST_CHANGES", "unknown", []),
+        ("FINDING: low: chatty logs", "unknown", ["low: chatty logs"]),
     ],
 )
-def test_verdicts_and_findings_are_read_from_the_judges_output(text: str, verdict: str, findings: list[str]) -> None:
-    assert parse_verdict(text) == (verdict, findings)
+def test_a_red_teamer_passes_or_fails_and_anything_else_is_unknown(
+    text: str, verdict: str, findings: list[str]
+) -> None:
+    assert REDTEAM.verdicts == ("pass", "fail")
+    assert parse_verdict(text, REDTEAM.verdicts) == (verdict, findings)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("said", "verdict"), [("VERDICT: PASS", "unknown"), ("VERDICT: REQUEST CHANGES", "request_changes")]
+)
+async def test_the_run_records_the_reviewers_verdict_only_in_the_reviewers_words(
+    make_settings: Callable[..., Settings], said: str, verdict: Verdict
+) -> None:
+    cli = ScriptedRuntime("cli", respond=lambda r: Reply(said if "reviewer" in r.prompt else "done"))
+    async with WorkerOrchestrator(make_settings(), runtimes={"cli": cli}) as orch:
+        await orch.register_worker(WorkerSpec(name="c", model="codex_cli"))
+        await orch.register_worker(WorkerSpec(name="g", model="gemini_cli"))
+        run = await orch.dispatch(DispatchRequest(task="t", strategy="codex_writes_gemini_reviews"))
+        stored = await orch.get_run(run.id)
+    assert run.status == "completed" and stored.verdict == verdict and stored.steps[1].verdict == verdict
 
 
 def test_worker_choice_is_deterministic_and_named_workers_come_first() -> None:
@@ -114,3 +157,29 @@ async def test_outside_a_git_repository_the_review_says_there_is_no_diff(
             DispatchRequest(task="t", strategy="codex_writes_gemini_reviews", working_directory=str(tmp_path))
         )
     assert "no changes in a git working tree were found" in cli.requests[1].prompt
+
+
+@pytest.mark.anyio
+async def test_core_refusals_name_no_tool_and_the_mcp_server_adds_its_own_hint(
+    make_settings: Callable[..., Settings],
+) -> None:
+    cli = ScriptedRuntime("cli", respond=lambda r: Reply("done"))
+    async with WorkerOrchestrator(make_settings(), runtimes={"cli": cli}) as orch:
+        with pytest.raises(NoFittingWorkerError) as no_worker:
+            await orch.dispatch(DispatchRequest(task="t"))
+        await orch.register_worker(WorkerSpec(name="c", model="codex_cli"))
+        with pytest.raises(UnknownRunError) as unknown_run:
+            await orch.get_run("run-nope")
+        with pytest.raises(InvalidRequestError, match="unknown strategy 'bogus'; accepted: single_worker"):
+            await orch.list_runs(strategy="bogus")
+    for refusal in (unknown_run.value, no_worker.value):
+        assert not any(tool in str(refusal) for tool in ("list_worker_runs", "spawn_worker", "mcp-collab"))
+
+    async with Client(build_server(make_settings(), {"cli": cli})) as client:  # type: ignore[arg-type]
+        unfit = await client.call_tool("dispatch_task", {"task": "t", "strategy": "codex_writes_gemini_reviews"})
+        missing = await client.call_tool("get_worker_run", {"runId": "run-nope"})
+        bogus = await client.call_tool("list_worker_runs", {"strategy": "bogus"})
+    assert missing.is_error and "unknown run 'run-nope'; list_worker_runs shows" in str(missing.content)
+    assert unfit.is_error and "register one with spawn_worker" in str(unfit.content)
+    assert bogus.is_error and "unknown strategy 'bogus'" in str(bogus.content)
+    assert "codex_writes_gemini_reviews, security_redteam_pass" in str(bogus.content)

@@ -2,35 +2,134 @@
 
 Only ``serve`` speaks MCP; the other commands drive the same orchestrator and store directly,
 with the same semantics as the tools. Under ``serve`` nothing but JSON-RPC reaches stdout.
+
+Everything shown to a person goes through ``terminal_safe``: workers' output, tasks, errors and
+CLI version strings are text from outside, and a terminal acts on control sequences instead of
+showing them. It applies whether or not stdout is a terminal, because piped output usually ends up
+on one anyway (``| less -R``, ``| tee log`` then ``cat log``) and the user cannot tell the difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import codecs
 import json
 import logging
 import os
+import re
+import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+import traceback
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, cast, get_args
 
 import anyio
 from pydantic import ValidationError
 
 from . import __version__
 from .config import Settings
-from .errors import CollabError
-from .models import RUNTIME_MODES, WORKER_MODELS, DispatchRequest, Run, WorkerSpec, describe_validation_error
+from .errors import CollabError, NoFittingWorkerError, UnknownRunError
+from .models import (
+    RUNTIME_MODES,
+    WORKER_MODELS,
+    DispatchRequest,
+    Run,
+    RunStatus,
+    WorkerSpec,
+    describe_validation_error,
+)
 from .orchestrator import WorkerOrchestrator
-from .security import RedactingFilter
-from .strategies import STRATEGIES
+from .security import RedactingFilter, Redactor
+from .strategies import PASSING_VERDICTS, STRATEGIES
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
+
+# Exit codes, so a script or CI job can tell the outcomes apart.
+EXIT_OK = 0
+EXIT_FAILED = 1  # the run failed, was cancelled elsewhere or interrupted; doctor: a required check failed
+EXIT_REFUSED = 2  # nothing was done: the request, a setting or the store was refused
+EXIT_VERDICT = 3  # the run completed, but its reviewer or red-teamer did not approve or pass it
+EXIT_INTERNAL = 70  # a bug in mcp-collab (EX_SOFTWARE)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    the run completed (and its verdict, if any, is approve or pass)
+  {EXIT_FAILED}    the run failed, or was cancelled or interrupted elsewhere
+  {EXIT_REFUSED}    refused before anything ran (unknown worker or strategy, invalid arguments, settings, store)
+  {EXIT_VERDICT}    the run completed, but its verdict is request_changes, fail or unknown
+  {EXIT_INTERNAL}   internal error in mcp-collab (run with --debug for the traceback)
+  {EXIT_INTERRUPTED}  Ctrl-C: the run is recorded as cancelled"""
+
+SERVE_ON_A_TERMINAL = (
+    "mcp-collab serve: waiting for an MCP client on stdin (JSON-RPC); MCP clients such as Claude Desktop "
+    "start this command themselves. Press Ctrl-C or Ctrl-D to stop."
+)
+
+# The core's messages name no surface; here a person at the terminal hears which command helps next.
+COMMAND_HINTS: dict[type[CollabError], str] = {
+    UnknownRunError: "`mcp-collab runs` lists the runs",
+    NoFittingWorkerError: "register one with `mcp-collab workers add NAME --model MODEL`, or name one with --worker",
+}
+
+# What a terminal would act on instead of showing: C0 controls but newline and tab (ESC starts every
+# CSI and OSC sequence: colours, screen clears, window titles, OSC 52 clipboard writes), DEL, C1
+# controls (0x9b is a one-byte CSI), the bidi embeddings, overrides, isolates and marks that reorder
+# what is shown ("Trojan Source"), and lone surrogates, which cannot even be encoded.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# JSON escapes C0 itself; these are the rest, escaped the JSON way so the document means the same.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# An unexpected error is named in one line, never at length.
+MAX_ERROR_LINE_CHARS = 300
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"<U+{code:04X}>"
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control sequence and bidi control shown as a visible escape (``\\x1b``,
+    ``<U+202E>``); newlines and tabs stay. Windows line ends become plain newlines first."""
+    return _UNSAFE.sub(_visible, text.replace("\r\n", "\n"))
+
+
+def json_safe(text: str) -> str:
+    """A JSON document with C1 and bidi controls escaped (``\\u009b``): JSON leaves them raw."""
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _say(text: str = "") -> None:
+    print(terminal_safe(text))
+
+
+def _tell(text: str) -> None:
+    """A line on stderr: progress, a refusal, a verdict."""
+    print(terminal_safe(text), file=sys.stderr)
+
+
+def _print_json(text: str) -> None:
+    print(json_safe(text))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr (the usage block is a --help away), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_REFUSED, _one_line(terminal_safe(f"{self.prog}: {message}; see `{self.prog} --help`")) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mcp-collab", description="An MCP server that puts several AI coding agents to work together."
     )
     parser.add_argument("--version", action="version", version=f"mcp-collab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the MCP server (stdio by default)")
@@ -45,15 +144,29 @@ def _parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list recent runs, or `runs show ID`")
     runs.add_argument("action", nargs="?", choices=("list", "show", "prune"), default="list")
     runs.add_argument("run_id", nargs="?")
-    runs.add_argument("--status")
-    runs.add_argument("--strategy")
-    runs.add_argument("--worker")
+    runs.add_argument("--status", choices=get_args(RunStatus))
+    runs.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES)}")
+    runs.add_argument("--worker", help="runs in which this worker took a step (removed workers' too)")
     runs.add_argument("--limit", type=int, default=20)
     runs.add_argument("--json", action="store_true")
-    runs.add_argument("--max-runs", type=int, help="prune: keep the newest N finished runs (default: settings)")
-    runs.add_argument("--max-age-days", type=float, help="prune: drop finished runs older than D days")
+    limits = runs.add_mutually_exclusive_group()
+    limits.add_argument(
+        "--max-runs", type=_limit(int), help="prune: keep the newest N finished runs; 0: no limit (default: settings)"
+    )
+    runs.add_argument(
+        "--max-age-days", type=_limit(float), help="prune: drop finished runs older than D days; 0: no limit"
+    )
+    limits.add_argument(
+        "--all", action="store_true", help="prune: forget every finished run (queued and running runs stay)"
+    )
 
-    dispatch = sub.add_parser("dispatch", help="run a task from the terminal with live progress")
+    dispatch = sub.add_parser(
+        "dispatch",
+        help="run a task from the terminal with live progress",
+        description="Run a task with live progress on stderr and the finished run on stdout. Ctrl-C cancels it.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     dispatch.add_argument("task", help="the task text (use - to read it from stdin)")
     dispatch.add_argument("--strategy", default="single_worker", choices=tuple(STRATEGIES))
     dispatch.add_argument("--worker", action="append", dest="workers", help="worker name, in role order")
@@ -73,7 +186,23 @@ def _parser() -> argparse.ArgumentParser:
     workers.add_argument("--cli-model")
     workers.add_argument("--timeout-seconds", type=float)
     workers.add_argument("--working-directory")
+    for command in (serve, doctor, runs, dispatch, workers):
+        # Also after the command name; SUPPRESS keeps an absent one from undoing `mcp-collab --debug CMD`.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _limit(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; accepted: 0 (no limit) or more") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is negative; accepted: 0 (no limit) or more")
+        return value
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,14 +217,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         handler = {"doctor": _doctor, "runs": _runs, "dispatch": _dispatch, "workers": _workers}[args.command]
         return anyio.run(handler, settings, args)
-    except CollabError as exc:
-        print(f"mcp-collab: {exc}", file=sys.stderr)
-        return 1
-    except ValidationError as exc:
-        print(f"mcp-collab: {describe_validation_error(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:  # the top-level handler
+        return _failed(exc, debug=args.debug)
+
+
+def _failed(exc: BaseException, *, debug: bool) -> int:
+    """One line on stderr and an exit code for whatever ended the command.
+
+    A task group (the orchestrator's, anyio's) wraps the error that ended it in an exception group;
+    the error inside is what the user needs to hear."""
+    leaves = [e for e in _leaves(exc) if not isinstance(e, asyncio.CancelledError)]
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        return EXIT_INTERRUPTED
+    if debug:
+        traceback.print_exception(exc)
+    error = leaves[0] if len(leaves) == 1 else exc
+    if isinstance(error, CollabError):
+        hint = next((h for cls, h in COMMAND_HINTS.items() if isinstance(error, cls)), None)
+        _tell(_one_line(f"mcp-collab: {error}" + (f"; {hint}" if hint else "")))
+        return EXIT_REFUSED
+    if isinstance(error, ValidationError):
+        _tell(_one_line(f"mcp-collab: {describe_validation_error(error)}"))
+        return EXIT_REFUSED
+    # A bug: name it in one line (its message may quote the environment, so it is redacted).
+    detail = Redactor.from_environ(os.environ)(str(error)).strip().splitlines()
+    named = type(error).__name__ + (f": {detail[0][:MAX_ERROR_LINE_CHARS]}" if detail else "")
+    _tell(f"mcp-collab: internal error ({named})" + ("" if debug else "; run with --debug for the traceback"))
+    return EXIT_INTERNAL
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -113,7 +267,11 @@ def _serve(args: argparse.Namespace) -> int:
     store.check_writable()
     server = build_server(settings, store=store)
     if args.transport == "stdio":
-        server.run("stdio")
+        if sys.stdin.isatty():
+            print(SERVE_ON_A_TERMINAL, file=sys.stderr)  # someone typed it: say it is not hung
+            anyio.run(_serve_terminal, server)
+        else:
+            server.run("stdio")
         return 0
     import uvicorn
 
@@ -132,7 +290,43 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: object) -> str:
+    return terminal_safe(str(value)).replace("\n", " ").replace("\t", " ")
+
+
+# One read from a terminal: a typed line is far shorter.
+TERMINAL_READ_BYTES = 65_536
+
+
+async def _terminal_lines(fd: int) -> AsyncIterator[str]:
+    """Lines typed on a terminal, waited for in the event loop. The SDK reads stdin in a worker
+    thread that nothing can interrupt, so Ctrl-C would wait for the next Enter before exiting."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    while True:
+        await anyio.wait_readable(fd)
+        chunk = os.read(fd, TERMINAL_READ_BYTES)
+        pending += decoder.decode(chunk, final=not chunk)
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line + "\n"
+        if not chunk:  # Ctrl-D
+            if pending:
+                yield pending
+            return
+
+
+async def _serve_terminal(server: MCPServer[Any]) -> None:
+    from mcp.server.stdio import stdio_server
+
+    async with stdio_server(stdin=cast(anyio.AsyncFile[str], _terminal_lines(sys.stdin.fileno()))) as (read, write):
+        # MCPServer.run_stdio_async, with a stdin that Ctrl-C can interrupt.
+        lowlevel = server._lowlevel_server
+        await lowlevel.run(read, write, lowlevel.create_initialization_options())
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
+    rows = [[_cell(c) for c in row] for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
@@ -148,15 +342,15 @@ async def _doctor(settings: Settings, args: argparse.Namespace) -> int:
 
     report = await readiness.check(settings)
     if args.json:
-        print(report.model_dump_json(by_alias=True, indent=2))
-        return 0 if report.ok else 1
+        _print_json(report.model_dump_json(by_alias=True, indent=2))
+        return EXIT_OK if report.ok else EXIT_FAILED
     rows = [[_mark(c.ok, c.required), c.name, c.detail, c.hint or ""] for c in report.checks]
-    print(_table(rows, ["", "check", "detail", "how to fix"]))
-    print()
-    print(f"default runtime: {report.default_runtime}   fallback policy: {report.fallback_policy}")
+    _say(_table(rows, ["", "check", "detail", "how to fix"]))
+    _say()
+    _say(f"default runtime: {report.default_runtime}   fallback policy: {report.fallback_policy}")
     for r in report.runtimes:
-        print(f"  {'ready' if r.ready else 'not ready':9}  {r.mode:10}  {r.worker_model:10}  {r.reason}")
-    return 0 if report.ok else 1
+        _say(f"  {'ready' if r.ready else 'not ready':9}  {r.mode:10}  {r.worker_model:10}  {_cell(r.reason)}")
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _step_summary(run: Run) -> str:
@@ -171,58 +365,78 @@ def _step_summary(run: Run) -> str:
 
 async def _runs(settings: Settings, args: argparse.Namespace) -> int:
     orchestrator = WorkerOrchestrator(settings, runtimes={})
+    prune_options = [o for o, v in (("--max-runs", args.max_runs), ("--max-age-days", args.max_age_days),
+                                     ("--all", args.all or None)) if v is not None]  # fmt: skip
+    if prune_options and args.action != "prune":
+        _tell(f"mcp-collab: {', '.join(prune_options)} only apply to `mcp-collab runs prune`")
+        return EXIT_REFUSED
     if args.action == "prune":
-        pruned = await orchestrator.prune(max_runs=args.max_runs, max_age_days=args.max_age_days)
-        print(
+        pruned = await orchestrator.prune(max_runs=args.max_runs, max_age_days=args.max_age_days, everything=args.all)
+        _say(
             f"pruned {len(pruned)} runs"
             + (f": {', '.join(pruned[:10])}" + (" ..." if len(pruned) > 10 else "") if pruned else "")
         )
-        return 0
+        return EXIT_OK
     if args.action == "show":
         if not args.run_id:
-            print("mcp-collab: runs show needs a run id", file=sys.stderr)
-            return 2
+            _tell("mcp-collab: runs show needs a run id; `mcp-collab runs` lists the runs")
+            return EXIT_REFUSED
         run = await orchestrator.get_run(args.run_id)
         if args.json:
-            print(run.model_dump_json(by_alias=True, indent=2))
+            _print_json(run.model_dump_json(by_alias=True, indent=2))
         else:
             _print_run(run)
-        return 0
+        return EXIT_OK
     page = await orchestrator.list_runs(
         status=args.status, strategy=args.strategy, worker=args.worker, limit=args.limit
     )
     if args.json:
-        print(page.model_dump_json(by_alias=True, indent=2))
-        return 0
+        _print_json(page.model_dump_json(by_alias=True, indent=2))
+        return EXIT_OK
     if not page.runs:
-        print("no runs yet")
-        return 0
+        filtered = args.status or args.strategy or args.worker
+        _say("no runs match these filters" if filtered else "no runs yet")
+        return EXIT_OK
     rows = [
-        [r.id, r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.strategy, r.status, _step_summary(r)] for r in page.runs
+        [r.id, r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.strategy, r.status, r.verdict or "", _step_summary(r)]
+        for r in page.runs
     ]
-    print(_table(rows, ["run", "created (UTC)", "strategy", "status", "steps"]))
-    return 0
+    _say(_table(rows, ["run", "created (UTC)", "strategy", "status", "verdict", "steps"]))
+    return EXIT_OK
+
+
+def _verdict_line(run: Run) -> str | None:
+    """The verdict as the run records it; an unknown one says what the judge should have said."""
+    if run.verdict is None:
+        return None
+    if run.verdict != "unknown":
+        return run.verdict
+    strategy = STRATEGIES.get(run.strategy)
+    judge = next((r for r in strategy.roles if r.judges), None) if strategy else None
+    expected = f" (the {judge.name} gave no VERDICT line of {' or '.join(judge.verdicts)})" if judge else ""
+    return f"unknown{expected}"
 
 
 def _print_run(run: Run) -> None:
-    print(f"run       {run.id}")
-    print(f"strategy  {run.strategy}")
-    print(f"status    {run.status}" + (f"  ({run.error})" if run.error else ""))
-    if run.verdict:
-        print(f"verdict   {run.verdict}")
+    _say(f"run       {run.id}")
+    _say(f"strategy  {run.strategy}")
+    _say(f"status    {run.status}" + (f"  ({_cell(run.error)})" if run.error else ""))
+    verdict = _verdict_line(run)
+    if verdict:
+        _say(f"verdict   {verdict}")
     for finding in run.findings:
-        print(f"finding   {finding}")
-    print(f"task      {run.task[:500]}")
+        _say(f"finding   {_cell(finding)}")
+    _say(f"task      {run.task[:500]}")
     for s in run.steps:
         fell = f" (fell back from {s.fallback_from})" if s.fallback_from else ""
-        print(f"\n--- step {s.index + 1}: {s.role} {s.worker_name} via {s.runtime_mode}{fell}: {s.status}")
+        _say(f"\n--- step {s.index + 1}: {s.role} {s.worker_name} via {s.runtime_mode}{fell}: {s.status}")
         for a in s.attempts:
-            err = f" {a.error_kind}: {a.error}" if a.error else ""
-            print(f"    attempt {a.runtime_mode}: {a.status} in {a.duration_ms} ms{err}")
+            err = f" {a.error_kind}: {_cell(a.error)}" if a.error else ""
+            _say(f"    attempt {a.runtime_mode}: {a.status} in {a.duration_ms} ms{err}")
         if s.usage:
-            print(f"    tokens in/out: {s.usage.input_tokens}/{s.usage.output_tokens}")
+            _say(f"    tokens in/out: {s.usage.input_tokens}/{s.usage.output_tokens}")
         if s.output:
-            print(s.output)
+            _say(s.output)
 
 
 async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
@@ -235,15 +449,38 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         fallback_policy=args.fallback_policy,
         working_directory=args.working_directory,
     )
-    async with WorkerOrchestrator(settings) as orchestrator, orchestrator.running():
-        run = await orchestrator.start(request)
-        print(f"… run {run.id} {run.status}", file=sys.stderr)
-        run = await orchestrator.wait(run.id, None, on_progress=lambda m: print(f"… {m}", file=sys.stderr))
+    interrupted = False
+    # Ctrl-C cancels the run (recorded as cancelled, its processes killed) instead of tearing the
+    # orchestrator down under it, which would record it interrupted as if the server had died.
+    with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        async with WorkerOrchestrator(settings) as orchestrator, orchestrator.running():
+            run = await orchestrator.start(request)
+            _tell(f"… run {run.id} {run.status} (Ctrl-C cancels it)")
+
+            async def cancel_on_ctrl_c(run_id: str) -> None:
+                nonlocal interrupted
+                async for _ in signals:
+                    interrupted = True
+                    _tell(f"… cancelling run {run_id}")
+                    await orchestrator.cancel(run_id, reason="cancelled from the terminal")
+                    return
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_on_ctrl_c, run.id)
+                run = await orchestrator.wait(run.id, None, on_progress=lambda m: _tell(f"… {m}"))
+                tg.cancel_scope.cancel()
     if args.json:
-        print(run.model_dump_json(by_alias=True, indent=2))
+        _print_json(run.model_dump_json(by_alias=True, indent=2))
     else:
         _print_run(run)
-    return 0 if run.status == "completed" else 1
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if run.status != "completed":
+        return EXIT_FAILED
+    if run.verdict is not None and run.verdict not in PASSING_VERDICTS:
+        _tell(f"mcp-collab: run {run.id} completed, but its verdict is {run.verdict} (exit {EXIT_VERDICT})")
+        return EXIT_VERDICT
+    return EXIT_OK
 
 
 async def _workers(settings: Settings, args: argparse.Namespace) -> int:
@@ -251,18 +488,18 @@ async def _workers(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "list":
         workers = await orchestrator.list_workers()
         if not workers:
-            print("no workers registered; add one with `mcp-collab workers add NAME --model codex_cli`")
-            return 0
+            _say("no workers registered; add one with `mcp-collab workers add NAME --model codex_cli`")
+            return EXIT_OK
         rows = [[w.name, w.model, w.runtime_mode or "(default)", w.fallback_policy or "(default)"] for w in workers]
-        print(_table(rows, ["name", "model", "runtime", "fallback"]))
-        return 0
+        _say(_table(rows, ["name", "model", "runtime", "fallback"]))
+        return EXIT_OK
     if not args.name:
-        print(f"mcp-collab: workers {args.action} needs a NAME", file=sys.stderr)
-        return 2
+        _tell(f"mcp-collab: workers {args.action} needs a NAME")
+        return EXIT_REFUSED
     if args.action == "remove":
         await orchestrator.remove_worker(args.name)
-        print(f"removed {args.name}")
-        return 0
+        _say(f"removed {args.name}")
+        return EXIT_OK
     fields: dict[str, Any] = {
         "name": args.name,
         "model": args.model,
@@ -275,8 +512,8 @@ async def _workers(settings: Settings, args: argparse.Namespace) -> int:
         "working_directory": args.working_directory,
     }
     worker = await orchestrator.register_worker(WorkerSpec(**fields))
-    print(json.dumps(worker.model_dump(mode="json", by_alias=True)))
-    return 0
+    print(json.dumps(worker.model_dump(mode="json", by_alias=True)))  # ASCII-only: json escapes the rest
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ edge of the runtime that met them, with ``raise ... from exc``::
     ├── ConfigError             a setting from the environment is malformed
     ├── InvalidRequestError     the caller asked for something we refuse (message says what is accepted)
     │   ├── UnknownWorkerError
+    │   ├── NoFittingWorkerError  no registered worker fits a strategy's role
     │   └── UnknownRunError
     ├── StoreError              the run store cannot be used (newer schema, unreadable, unwritable)
     └── RuntimeFailure          a step's runtime failed; ``kind`` drives the fallback policy
@@ -40,6 +41,10 @@ class InvalidRequestError(CollabError):
 
 class UnknownWorkerError(InvalidRequestError):
     pass
+
+
+class NoFittingWorkerError(InvalidRequestError):
+    """No registered worker can take a role; each surface says how to register or name one."""
 
 
 class UnknownRunError(InvalidRequestError):

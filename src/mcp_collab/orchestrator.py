@@ -244,7 +244,7 @@ class WorkerOrchestrator:
     async def get_run(self, run_id: str) -> Run:
         run = await anyio.to_thread.run_sync(self.store.get_run, run_id)
         if run is None:
-            raise UnknownRunError(f"unknown run {shown(run_id)}; list_worker_runs shows the runs this server knows")
+            raise UnknownRunError(f"unknown run {shown(run_id)}")  # each surface says where runs are listed
         return run
 
     async def list_runs(
@@ -258,6 +258,8 @@ class WorkerOrchestrator:
     ) -> RunPage:
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise InvalidRequestError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+        if strategy is not None:
+            get_strategy(strategy)  # an unknown name is refused with the accepted ones, not answered with nothing
         run_filter = RunFilter(status=status, strategy=strategy, worker=worker)
         return await anyio.to_thread.run_sync(self.store.list_runs, run_filter, limit, cursor)
 
@@ -325,7 +327,7 @@ class WorkerOrchestrator:
         # landed yet; a crash now would make the store, not our memory, the truth.
         return await self.get_run(run_id)
 
-    async def cancel(self, run_id: str) -> tuple[Run, bool]:
+    async def cancel(self, run_id: str, *, reason: str = "cancelled on request") -> tuple[Run, bool]:
         """Stop a run: kill its processes, mark it and its open step cancelled, keep partial output.
 
         Returns the run and whether this call cancelled it (False: it had already ended)."""
@@ -339,7 +341,7 @@ class WorkerOrchestrator:
                 f"run {run_id} is {run.status} in another mcp-collab server process{owner}; cancel it there"
             )
         if active.stop_reason is None:
-            active.stop_reason = ("cancelled", "cancelled on request")
+            active.stop_reason = ("cancelled", reason)
         active.scope.cancel()
         with anyio.fail_after(CANCEL_WAIT_S):
             await active.done.wait()
@@ -531,7 +533,7 @@ class WorkerOrchestrator:
                     run.error = f"step {i + 1} ({step.role}, worker {step.worker_name}) failed: {step.error}"
                     break
                 if role.judges:
-                    step.verdict, step.findings = parse_verdict(step.output)
+                    step.verdict, step.findings = parse_verdict(step.output, role.verdicts)
                     run.verdict, run.findings = step.verdict, list(step.findings)
                 if before is not None:
                     after = await workspace.snapshot(step_cwd, self.settings.workspace_roots)
@@ -665,10 +667,18 @@ class WorkerOrchestrator:
                 log.error("run %s ended %s but could not be stored: %s", run.id, run.status, exc)
             active.emit(f"run {run.id} {run.status}: {run.error or reason}")
 
-    async def prune(self, *, max_runs: int | None = None, max_age_days: float | None = None) -> list[str]:
-        """Apply the retention limits (the settings' unless given): finished runs only."""
-        runs = max_runs if max_runs is not None else self.settings.retain_runs
-        days = max_age_days if max_age_days is not None else self.settings.retain_days
+    async def prune(
+        self, *, max_runs: int | None = None, max_age_days: float | None = None, everything: bool = False
+    ) -> list[str]:
+        """Apply the retention limits (the settings' unless given; 0 is no limit, as in the settings):
+        finished runs only. ``everything`` forgets every finished run."""
+        runs: int | None
+        days: float | None
+        if everything:
+            runs, days = 0, None  # the store's own 0: keep none
+        else:
+            runs = self.settings.retain_runs if max_runs is None else (max_runs or None)
+            days = self.settings.retain_days if max_age_days is None else (max_age_days or None)
         if runs is None and days is None:
             return []
         pruned = await anyio.to_thread.run_sync(functools.partial(self.store.prune, max_runs=runs, max_age_days=days))

@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError
 
 from . import __version__, readiness
 from .config import Settings
-from .errors import CollabError, StoreError, UnknownRunError, listing, shown
+from .errors import CollabError, NoFittingWorkerError, StoreError, UnknownRunError, listing, shown
 from .models import (
     DispatchRequest,
     FallbackPolicy,
@@ -138,7 +138,7 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except ToolError:
             raise
         except CollabError as exc:
-            raise ToolError(_bounded(str(exc))) from None
+            raise ToolError(_bounded(with_hint(exc))) from None
         except ValidationError as exc:
             raise ToolError(describe_validation_error(exc)) from None
         except Exception as exc:
@@ -160,11 +160,23 @@ def resource_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         try:
             return await fn(*args, **kwargs)
         except UnknownRunError as exc:
-            raise ResourceNotFoundError(_bounded(str(exc))) from None
+            raise ResourceNotFoundError(_bounded(with_hint(exc))) from None
         except CollabError as exc:
             raise ResourceError(_bounded(str(exc))) from None
 
     return wrapper
+
+
+# The core's messages name no tool; here the client hears which tool to call next.
+TOOL_HINTS: dict[type[CollabError], str] = {
+    UnknownRunError: "list_worker_runs shows the runs this server knows",
+    NoFittingWorkerError: "register one with spawn_worker, or name one per role in dispatch_task's workers",
+}
+
+
+def with_hint(exc: CollabError) -> str:
+    hint = next((h for cls, h in TOOL_HINTS.items() if isinstance(exc, cls)), None)
+    return f"{exc}; {hint}" if hint else str(exc)
 
 
 def _sole_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError, listing, shown
+from .errors import InvalidRequestError, NoFittingWorkerError, UnknownWorkerError, listing, shown
 from .models import Access, Step, Verdict, Worker, WorkerModel
 
 # How much of a previous step's output and of a diff goes into the next prompt.
@@ -32,8 +32,14 @@ class Role:
     models: tuple[WorkerModel, ...] | None  # None: any worker
     access: Access
     prompt: Callable[[PromptContext], str]
-    judges: bool = False  # its output carries a verdict
+    # The verdicts a judging role may give, passing one first; empty: the role does not judge.
+    verdicts: tuple[Verdict, ...] = ()
     distinct_from_previous: bool = False  # prefer a worker other than the previous role's
+
+    @property
+    def judges(self) -> bool:
+        """Its output carries a verdict."""
+        return bool(self.verdicts)
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,9 @@ STRATEGIES: dict[str, Strategy] = {
             "deserve a second pair of eyes.",
             roles=(
                 Role("writer", ("codex_cli",), "workspace_write", _writer_prompt),
-                Role("reviewer", ("gemini_cli",), "read_only", _reviewer_prompt, judges=True),
+                Role(
+                    "reviewer", ("gemini_cli",), "read_only", _reviewer_prompt, verdicts=("approve", "request_changes")
+                ),
             ),
             wants_diff=True,
         ),
@@ -121,7 +129,14 @@ STRATEGIES: dict[str, Strategy] = {
             "touching input handling, auth, secrets, files or processes.",
             roles=(
                 Role("worker", None, "workspace_write", _task_prompt),
-                Role("redteam", None, "read_only", _redteam_prompt, judges=True, distinct_from_previous=True),
+                Role(
+                    "redteam",
+                    None,
+                    "read_only",
+                    _redteam_prompt,
+                    verdicts=("pass", "fail"),
+                    distinct_from_previous=True,
+                ),
             ),
             wants_diff=True,
         ),
@@ -152,7 +167,7 @@ def assign_workers(strategy: Strategy, registered: Sequence[Worker], named: Sequ
             worker = by_name.get(named[i])
             if worker is None:
                 known = listing(sorted(by_name), empty="none registered")
-                raise InvalidRequestError(f"unknown worker {shown(named[i])}; registered workers: {known}")
+                raise UnknownWorkerError(f"unknown worker {shown(named[i])}; registered workers: {known}")
             if role.models is not None and worker.model not in role.models:
                 raise InvalidRequestError(
                     f"worker {worker.name!r} is a {worker.model} worker, but the {role.name} role of "
@@ -165,24 +180,36 @@ def assign_workers(strategy: Strategy, registered: Sequence[Worker], named: Sequ
             others = [w for w in candidates if w.name != chosen[-1].name]
             candidates = others or candidates
         if not candidates:
-            raise InvalidRequestError(
-                f"no registered worker can take the {role.name} role of {strategy.name!r} (needs {fits}); "
-                "register one with spawn_worker or name one in workers"
+            # How to register or name one is the surface's to say (a tool, or a command option).
+            raise NoFittingWorkerError(
+                f"no registered worker can take the {role.name} role of {strategy.name!r} (needs {fits})"
             )
         chosen.append(candidates[0])
     return chosen
 
 
-_VERDICT = re.compile(r"^[\W_]*verdict[\W_]*[:=-][\W_]*(approve|request[ _-]?changes|pass|fail)\b", re.I | re.M)
+# A verdict line: "VERDICT: APPROVE", "**Verdict:** request changes", "`VERDICT: PASS`". The words after
+# the separator are kept whole, so the last verdict line decides even when it says something else.
+_VERDICT = re.compile(r"^[\W_]*verdict[\W_]*[:=-][\W_]*(.*)$", re.I | re.M)
+_VERDICT_WORD = re.compile(r"(approve|request[ _-]?changes|pass|fail)(?![\w-])", re.I)
 _FINDING = re.compile(r"^[\W_]*finding[\W_]*:\s*(.+?)\s*$", re.I | re.M)
+# The verdicts that let work through; any other (a failing one, or unknown) should stop it.
+PASSING_VERDICTS: frozenset[Verdict] = frozenset({"approve", "pass"})
 
 
-def parse_verdict(text: str) -> tuple[Verdict, list[str]]:
-    """The last VERDICT line and every FINDING line of a judging step's output."""
-    matches = _VERDICT.findall(text)
+def parse_verdict(text: str, accepted: Sequence[Verdict]) -> tuple[Verdict, list[str]]:
+    """The verdict of the last VERDICT line and every FINDING line of a judging step's output.
+
+    Only the verdicts the role may give count (a reviewer approves or requests changes; a red-teamer
+    passes or fails): a reviewer saying PASS, a line with another word, or no verdict line at all is
+    ``unknown``, never read as a verdict the judge did not give."""
+    lines = _VERDICT.findall(text)
     verdict: Verdict = "unknown"
-    if matches:
-        word = re.sub(r"[ _-]", "", matches[-1].lower())
-        verdict = {"approve": "approve", "requestchanges": "request_changes", "pass": "pass", "fail": "fail"}[word]  # type: ignore[assignment]
+    if lines:
+        word = _VERDICT_WORD.match(lines[-1].strip())
+        if word is not None:
+            said = re.sub(r"[ -]", "_", word.group(1).lower()).replace("requestchanges", "request_changes")
+            if said in accepted:
+                verdict = said  # type: ignore[assignment]  # checked against the role's Verdict values
     findings = [f.strip("`* ") for f in _FINDING.findall(text)]
     return verdict, findings
