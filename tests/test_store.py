@@ -197,3 +197,9 @@ def test_an_unreadable_schema_1_store_is_refused_untouched(tmp_path: Path) -> No
         JsonStore(tmp_path)
     assert (tmp_path / "store.json").read_text() == '{"schemaVersion": 1, "workers": [{"name": 3}]'
     assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_an_unknown_run_on_a_new_store_is_simply_unknown(tmp_path: Path) -> None:
+    store = JsonStore(tmp_path / "new")
+    assert store.get_run("run-nope") is None
+    assert store.list_runs(RunFilter(), limit=5, cursor=None).runs == []

@@ -302,6 +302,8 @@ class JsonStore:
 
     def _load_runs(self, run_ids: list[str], *, full: bool, skip_unreadable: bool = False) -> list[Run | None]:
         runs: list[Run | None] = []
+        if not any(run_id in self._index for run_id in run_ids):
+            return [None] * len(run_ids)  # nothing to read (and maybe no log yet)
         with open(self.log_path, "rb") as fh:
             for run_id in run_ids:
                 try:
