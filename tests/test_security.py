@@ -542,13 +542,14 @@ async def test_the_served_server_logs_no_secret_even_at_debug(base_env: dict[str
     await process.stdin.send("".join(json.dumps(m) + "\n" for m in messages).encode())
     out = b""
     with anyio.fail_after(60):
-        while out.count(b"\n") < 3:
+        while b'"id":3' not in out.replace(b" ", b"") or not out.endswith(b"\n"):
             out += await process.stdout.receive()
         await process.stdin.aclose()
         await process.wait()
         err = b"".join([chunk async for chunk in process.stderr])
     replies = [json.loads(line) for line in out.decode().splitlines()]
-    run = replies[-1]["result"]["structuredContent"]
+    [dispatched] = [r for r in replies if r.get("id") == 3]
+    run = dispatched["result"]["structuredContent"]
     assert run["status"] == "failed" and "[REDACTED]" in run["error"], "the CLI's failure quoted the key"
     assert OPENAI_SECRET not in out.decode() and OPENAI_SECRET not in err.decode()
     assert b"DEBUG" in err, "the log was at debug level"
