@@ -67,7 +67,7 @@ def test_workers_dispatch_and_runs_from_the_terminal(env: dict[str, str]) -> Non
     assert refused.returncode == 2 and "accepted for gemini_cli: 'cli', 'google_sdk'" in refused.stderr
     done = mc(env, "dispatch", "write the parser")
     assert done.returncode == 0
-    assert "step 1/1 started: worker w via cli" in done.stderr
+    assert "step 1 started: worker w via cli" in done.stderr
     assert "w: codex: thinking: step 1" in done.stderr, "the CLI's own events are shown live"
     assert "slow work finished after 0.5s" in done.stdout
     from_stdin = mc(env, "dispatch", "-", "--json", stdin="--version; rm -rf /")
@@ -163,7 +163,7 @@ def test_prune_takes_0_as_no_limit_and_forgets_everything_only_when_told(env: di
     ("args", "stdin", "fragments"),
     [
         (["dispatch", "x", "--worker", "ghost"], None, ["unknown worker 'ghost'", "registered workers: w"]),
-        (["dispatch", "x", "--worker", "w", "--worker", "w"], None, ["has 1 role(s)"]),
+        (["dispatch", "x", "--worker", "w", "--worker", "w"], None, ["takes at most 1 worker(s)"]),
         (
             ["dispatch", "x", "--strategy", "codex_writes_gemini_reviews"],
             None,
@@ -251,7 +251,7 @@ async def test_ctrl_c_during_dispatch_cancels_the_run_and_its_processes(env: dic
     mc(hanging, "workers", "add", "w", "--model", "codex_cli")
     seen: list[str] = []
     async with await anyio.open_process([sys.executable, "-m", "mcp_collab", "dispatch", "wait"], env=hanging) as proc:
-        await read_until(proc, "step 1/1 started", seen)
+        await read_until(proc, "step 1 started", seen)
         await read_until(proc, "partial work: step one done", seen)  # the CLI is running
         pruned = mc(hanging, "runs", "prune", "--all")
         assert pruned.stdout.startswith("pruned 0 runs"), "a running run is never pruned"

@@ -16,8 +16,8 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from mcp_collab import orchestrator as orchestrator_module
 from mcp_collab.config import Settings
+from mcp_collab.engine import lifecycle as lifecycle_module
 from mcp_collab.models import DispatchRequest, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import StepRequest
@@ -82,7 +82,7 @@ async def test_a_long_run_returns_running_and_wait_brings_its_result(
     done = result.structured_content or {}
     assert done["status"] == "completed" and done["result"] == "slow work finished after 2s"
     assert any(m.startswith("codex-writer: codex: thinking: step") for m in messages), messages
-    assert any(m.startswith("step 1/1 completed: worker codex-writer via cli") for m in messages)
+    assert any(m.startswith("step 1 completed: worker codex-writer via cli") for m in messages)
 
 
 async def test_a_client_timeout_does_not_kill_the_run(fake_env: Callable[..., dict[str, str]], client_for: Any) -> None:
@@ -145,7 +145,7 @@ async def test_a_silent_cli_fails_naming_the_idle_limit(
 async def test_heartbeats_reach_a_waiting_client(
     fake_env: Callable[..., dict[str, str]], client_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(orchestrator_module, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(lifecycle_module, "HEARTBEAT_S", 0.2)
     client = await client_for(fake_env("silent"))
     await call(client, "spawn_worker", name="codex-writer", model="codex_cli")
     messages: list[str] = []
@@ -156,7 +156,7 @@ async def test_heartbeats_reach_a_waiting_client(
     result = await client.call_tool("dispatch_task", {"task": "x", "waitSeconds": 1.5}, progress_callback=on_progress)
     run = result.structured_content or {}
     assert run["status"] == "running"
-    beats = [m for m in messages if "still running: step 1/1 worker codex-writer via cli" in m]
+    beats = [m for m in messages if "still running: step 1 worker codex-writer via cli" in m]
     assert len(beats) >= 3
     await call(client, "cancel_worker_run", runId=run["id"])
 

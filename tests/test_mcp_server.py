@@ -122,9 +122,9 @@ async def test_progress_notifications_name_the_worker_and_runtime(client: Client
 
     result = await client.call_tool("dispatch_task", {"task": "x"}, progress_callback=on_progress)
     assert not result.is_error
-    assert messages[0] == "step 1/1 started: worker codex-writer via cli"
+    assert messages[0] == "step 1 started: worker codex-writer via cli"
     assert "thinking" in messages and "editing files" in messages
-    assert "step 1/1 completed: worker codex-writer via cli" in messages
+    assert "step 1 completed: worker codex-writer via cli" in messages
 
 
 async def test_inline_results_are_capped_and_full_outputs_are_resources(

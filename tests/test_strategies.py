@@ -93,7 +93,9 @@ def test_worker_choice_is_deterministic_and_named_workers_come_first() -> None:
     )
     assert [w.name for w in assign_workers(redteam, registered, ["a1"])] == ["a1", "g1"]
     assert [w.name for w in assign_workers(redteam, [registered[0]], None)] == ["g1", "g1"], "one worker may do both"
-    with pytest.raises(InvalidRequestError, match="has 1 role"):
+    with pytest.raises(
+        InvalidRequestError, match=r"takes at most 1 worker\(s\) \(worker: any model\) but 2 were named"
+    ):
         assign_workers(STRATEGIES["single_worker"], registered, ["c1", "c2"])
 
 

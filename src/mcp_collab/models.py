@@ -212,8 +212,10 @@ class RunOwner(WireModel):
 
 
 class Step(WireModel):
-    index: int
+    index: int = Field(description="Order in which the step started (0 first); steps are appended as they happen.")
     role: str = Field(description="The step's part in the strategy: worker, writer, reviewer, redteam.")
+    round: int | None = Field(default=None, description="The round of a strategy that loops (1 first).")
+    branch: str | None = Field(default=None, description="The parallel branch the step belongs to.")
     worker_name: str
     worker_model: WorkerModel
     runtime_mode: RuntimeMode | None = Field(
@@ -297,6 +299,8 @@ def preview(text: str, limit: int) -> str:
 class StepSummary(WireModel):
     index: int
     role: str
+    round: int | None = None
+    branch: str | None = None
     worker_name: str
     runtime_mode: RuntimeMode | None
     fallback_from: RuntimeMode | None
@@ -332,6 +336,8 @@ class RunSummary(WireModel):
                 StepSummary(
                     index=s.index,
                     role=s.role,
+                    round=s.round,
+                    branch=s.branch,
                     worker_name=s.worker_name,
                     runtime_mode=s.runtime_mode,
                     fallback_from=s.fallback_from,

@@ -1,0 +1,297 @@
+"""Steps: one worker, one prompt, one runtime (and its fallback), recorded as it happens.
+
+``StepExecutor`` runs a step: it appends the step to the run, opens and confines its directory
+again (what was checked at dispatch is what is used), chooses the runtime, falls back under the
+policy, and records attempts, output, usage and the process it started. ``EngineContext`` is what a
+strategy's program sees (``strategies.base.RunContext``): steps one at a time or in parallel,
+spaces to write in, and how the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import anyio
+
+from .. import workspace
+from ..config import Settings
+from ..errors import InvalidRequestError
+from ..models import ProcessRef, Run, RuntimeMode, Step, Worker
+from ..runtimes.base import PartialOutput, StepRequest, WorkerRuntime
+from ..runtimes.cli.supervisor import process_start_ticks
+from ..runtimes.selector import run_with_fallback
+from ..security import pin
+from ..strategies import MAX_QUOTED_DIFF_CHARS, Role, Space, parse_verdict
+from .plan import ActiveRun
+from .recorder import RunRecorder
+
+T = TypeVar("T")
+
+
+def answer_bytes(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (the common case)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def cap_text(text: str, limit: int) -> tuple[str, bool]:
+    if len(text) <= limit:
+        return text, False
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters omitted ...]\n{text[-half:]}", True
+
+
+def step_label(step: Step) -> str:
+    """How progress and listings name a step: its number, and its round and branch when it has them."""
+    tags = [f"round {step.round}" if step.round else "", f"branch {step.branch}" if step.branch else ""]
+    extra = ", ".join(t for t in tags if t)
+    return f"step {step.index + 1}" + (f" ({extra})" if extra else "")
+
+
+class StepFailed(Exception):
+    """Ends a run as failed: a step the strategy required did not complete, or the strategy said so."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StepExecutor:
+    def __init__(self, settings: Settings, runtimes: Mapping[RuntimeMode, WorkerRuntime], recorder: RunRecorder):
+        self.settings = settings
+        self.runtimes = runtimes
+        self.recorder = recorder
+
+    async def run(
+        self,
+        active: ActiveRun,
+        worker: Worker,
+        role: Role,
+        prompt: str,
+        *,
+        directory: Path | None,
+        round: int | None = None,
+        branch: str | None = None,
+    ) -> Step:
+        run, plan = active.run, active.plan
+        step = Step(
+            index=len(run.steps),
+            role=role.name,
+            round=round,
+            branch=branch,
+            worker_name=worker.name,
+            worker_model=worker.model,
+            runtime_mode=plan.modes[worker.name],
+            status="running",
+            started_at=datetime.now(UTC),
+        )
+        run.steps.append(step)
+        with contextlib.ExitStack() as held:
+            child_cwd = None
+            if directory is not None:
+                # Confined at dispatch, but a queued run or a later step starts after that: the
+                # directory is opened again now, and everything of this step runs in what was opened.
+                try:
+                    child_cwd = held.enter_context(pin(directory, self.settings.workspace_roots)).cwd
+                except InvalidRequestError as exc:
+                    step.status = "failed"
+                    step.error = str(exc)
+                    step.ended_at = datetime.now(UTC)
+                    await self.recorder.save(run, durable=False)
+                    active.emit(f"{step_label(step)} failed before it started: {exc}")
+                    return step
+            # Reviewers stay read-only; writing roles get what the operator allows (never more).
+            access = role.access if role.access == "read_only" else self.settings.writer_access
+            await self._execute(active, step, worker, prompt, access, directory, child_cwd)
+        if role.judges and step.status == "completed":
+            step.verdict, step.findings = parse_verdict(step.output, role.verdicts)
+        return step
+
+    async def _execute(
+        self,
+        active: ActiveRun,
+        step: Step,
+        worker: Worker,
+        prompt: str,
+        access: str,
+        cwd: Path | None,
+        child_cwd: Path | None,
+    ) -> None:
+        run, progress = active.run, active.emit
+        mode = step.runtime_mode
+        assert mode is not None
+        t0 = time.monotonic()
+        await self.recorder.save(run, durable=False)
+        progress(f"{step_label(step)} started: {step.role} {worker.name} via {mode}")
+        timeout = worker.timeout_seconds or self.settings.step_timeout_s
+        partial = active.partials[step.index] = PartialOutput()
+        request = StepRequest(
+            worker=worker,
+            prompt=prompt,
+            instructions=worker.instructions,
+            access=access,  # type: ignore[arg-type]
+            timeout_s=timeout,
+            idle_timeout_s=min(self.settings.idle_timeout_s, timeout),
+            working_directory=cwd,
+            child_cwd=child_cwd,
+            on_progress=progress,
+            on_spawn=functools.partial(self._record_process, run, step),
+            partial=partial,
+        )
+        outcome = await run_with_fallback(self.runtimes, request, mode, active.plan.policies[worker.name])
+        active.partials.pop(step.index, None)
+        step.process = None
+        redact = self.settings.redact
+        step.attempts = [a.model_copy(update={"error": redact.optional(a.error)}) for a in outcome.attempts]
+        step.runtime_mode = outcome.mode
+        step.fallback_from = outcome.fallback_from
+        step.ended_at = datetime.now(UTC)
+        step.duration_ms = int((time.monotonic() - t0) * 1000)
+        # The answer is kept whole (the store puts a long one in its own file; tools clip what they
+        # return), up to MCP_COLLAB_MAX_ANSWER_BYTES; a bigger one fails the step rather than be cut.
+        cap = self.settings.max_answer_bytes
+        if outcome.result is not None and (size := answer_bytes(outcome.result.text)) > cap:
+            result = outcome.result
+            step.status = "failed"
+            step.error = (
+                f"fatal error from {outcome.mode}: the answer is {size} bytes, over the {cap}-byte cap on an answer "
+                "(MCP_COLLAB_MAX_ANSWER_BYTES); its start and end are kept as the output. Raise "
+                "MCP_COLLAB_MAX_ANSWER_BYTES to keep it whole"
+            )
+            step.exit_code = result.exit_code
+            step.output, step.output_truncated = cap_text(redact(result.text), self.settings.capture_bytes)
+        elif outcome.result is not None:
+            result = outcome.result
+            step.output = redact(result.text)
+            step.output_truncated = result.truncated
+            step.usage = result.usage
+            step.session_id = result.session_id
+            step.exit_code = result.exit_code
+            step.status = "completed"
+        else:
+            failure = outcome.failure
+            assert failure is not None
+            step.status = "failed"
+            step.error = redact(f"{failure.kind} error from {outcome.mode}: {failure.message}")
+            step.exit_code = failure.exit_code
+            # What a failed step had produced is kept as whole as an answer would be.
+            step.output, step.output_truncated = cap_text(redact(failure.output), cap)
+        via = f"{step.runtime_mode}" + (f" (fell back from {step.fallback_from})" if step.fallback_from else "")
+        progress(f"{step_label(step)} {step.status}: {step.role} {worker.name} via {via}")
+
+    async def _record_process(self, run: Run, step: Step, pid: int) -> None:
+        step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
+        await self.recorder.save(run, durable=False)
+
+
+class InPlaceSpace:
+    """The run's own working directory (no worktree): the diff is what changed in its git working
+    tree between the space's creation and now, whatever state the tree was in before."""
+
+    def __init__(self, directory: Path | None, roots: Sequence[Path]) -> None:
+        self._directory = directory
+        self._roots = roots
+        self._before: str | None = None
+
+    @property
+    def directory(self) -> Path | None:
+        return self._directory
+
+    async def begin(self) -> None:
+        with self._pinned() as cwd:
+            self._before = await workspace.snapshot(cwd, self._roots) if cwd is not None else None
+
+    async def diff(self) -> str | None:
+        if self._before is None:
+            return None
+        with self._pinned() as cwd:
+            if cwd is None:
+                return None
+            after = await workspace.snapshot(cwd, self._roots)
+            if after is None or after == self._before:
+                return None
+            return await workspace.diff(cwd, self._roots, self._before, after, MAX_QUOTED_DIFF_CHARS)
+
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[Path | None]:
+        if self._directory is None:
+            yield None
+            return
+        try:
+            with pin(self._directory, self._roots) as pinned:
+                yield pinned.cwd
+        except InvalidRequestError:
+            yield None  # the step that runs here fails with the reason; the diff is just absent
+
+
+class EngineContext:
+    """The engine as a strategy's program sees it (``strategies.base.RunContext``)."""
+
+    def __init__(self, active: ActiveRun, executor: StepExecutor, settings: Settings) -> None:
+        self.active = active
+        self.executor = executor
+        self.settings = settings
+        self.result: str | None = None
+        self.verdict_of: Step | None = None
+
+    @property
+    def task(self) -> str:
+        return self.active.plan.task
+
+    def cast(self, role: Role) -> list[Worker]:
+        return [w for r, w in self.active.plan.cast if r.name == role.name]
+
+    async def space(self, label: str | None = None) -> Space:
+        # One place today: the run's directory (or the first cast worker's own directory).
+        plan = self.active.plan
+        directory = plan.cwd or (plan.directory_of(plan.cast[0][1]) if plan.cast else None)
+        space = InPlaceSpace(directory, self.settings.workspace_roots)
+        await space.begin()
+        return space
+
+    async def step(
+        self,
+        worker: Worker,
+        role: Role,
+        prompt: str,
+        *,
+        space: Space | None = None,
+        round: int | None = None,
+        branch: str | None = None,
+    ) -> Step:
+        directory = space.directory if space is not None and space.directory is not None else None
+        if directory is None:
+            directory = self.active.plan.directory_of(worker)
+        return await self.executor.run(
+            self.active, worker, role, prompt, directory=directory, round=round, branch=branch
+        )
+
+    async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+        results: list[T | None] = [None] * len(branches)
+
+        async def one(i: int, branch: Callable[[], Awaitable[T]]) -> None:
+            results[i] = await branch()
+
+        async with anyio.create_task_group() as tg:
+            for i, branch in enumerate(branches):
+                tg.start_soon(one, i, branch)
+        return results  # type: ignore[return-value]  # every slot was filled
+
+    def require(self, step: Step) -> Step:
+        if step.status != "completed":
+            raise StepFailed(f"{step_label(step)} ({step.role}, worker {step.worker_name}) failed: {step.error}")
+        return step
+
+    def fail(self, reason: str) -> NoReturn:
+        raise StepFailed(reason)
+
+    def finish(self, *, result: str | None = None, verdict_of: Step | None = None) -> None:
+        if result is not None:
+            self.result = result
+        if verdict_of is not None:
+            self.verdict_of = verdict_of

@@ -1,0 +1,373 @@
+"""The run lifecycle: admission, a task group that outlives requests, waiting, cancelling,
+recovering runs a dead server left, retention.
+
+Runs live in a task group owned by ``running()``, not in the request that started them: a client
+that times out, cancels or disconnects never kills a run. A run's program (its strategy) runs
+inside the run's own cancel scope, so a cancel or the run's wall-clock limit stops every branch
+and, through the supervisor, kills every process tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from ..config import Settings
+from ..errors import InvalidRequestError, StoreError, UnknownRunError, shown
+from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker
+from ..runtimes.cli.supervisor import kill_tree, process_start_ticks
+from ..store import RunStore
+from .executor import EngineContext, StepExecutor, StepFailed, cap_text, step_label
+from .plan import ActiveRun, ProgressCallback, make_plan
+from .recorder import RunRecorder
+
+log = logging.getLogger("mcp_collab.engine")
+
+# A waiting client hears from us at least this often (clients give up on silent calls; 25 s is the
+# most a user should wait without a sign of life).
+HEARTBEAT_S = 15.0
+# A cancel kills process trees within half a second; this bounds the wait for the run to settle.
+CANCEL_WAIT_S = 30.0
+# Retention is applied at start and after this many finished runs.
+PRUNE_EVERY = 100
+# How often a wait on a run executed by another server process re-reads the store.
+FOREIGN_POLL_S = 0.5
+
+
+def this_process() -> RunOwner:
+    return RunOwner(host=socket.gethostname(), pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()))
+
+
+def owner_alive(owner: RunOwner | None) -> bool:
+    """Is the server process that owns a run still running (on this host, and the same process)?"""
+    if owner is None:
+        return False
+    if owner.host != socket.gethostname():
+        return True  # not ours to judge: a store shared across hosts is the other host's business
+    ticks = process_start_ticks(owner.pid)
+    return ticks is not None and (owner.start_ticks is None or ticks == owner.start_ticks)
+
+
+def where(run: Run) -> str:
+    """Where a run stands, for heartbeats: its running steps, or why it waits."""
+    current = [s for s in run.steps if s.status == "running"]
+    if current:
+        return "; ".join(f"{step_label(s)} {s.role} {s.worker_name} via {s.runtime_mode}" for s in current)
+    return "waiting for a free slot" if run.status == "queued" else run.status
+
+
+class RunLifecycle:
+    def __init__(
+        self,
+        settings: Settings,
+        store: RunStore,
+        recorder: RunRecorder,
+        executor: StepExecutor,
+        workers: Callable[[], Awaitable[list[Worker]]],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.recorder = recorder
+        self.executor = executor
+        self._workers = workers  # the registered workers, when a dispatch is planned
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._active: dict[str, ActiveRun] = {}
+        self._limiter = anyio.CapacityLimiter(settings.max_concurrent_runs)
+        self._owner = this_process()
+        self._finished = 0
+        # Dispatches between the queue check and their run's entry in _active: counted with the
+        # queued runs, so the cap holds however many dispatches arrive at once.
+        self._admitting = 0
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> Run:
+        run = await anyio.to_thread.run_sync(self.store.get_run, run_id)
+        if run is None:
+            # How to list runs is the surface's to say (a tool, or a command).
+            raise UnknownRunError(f"unknown run {shown(run_id)}")
+        return run
+
+    # -- the task group ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Own a task group for background runs; recover runs a dead server left behind.
+
+        Leaving the block (the server stops) interrupts whatever is still running and kills its
+        processes."""
+        await anyio.to_thread.run_sync(self.store.check_writable)
+        await self.recover()
+        await self.prune()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self.recorder.write_behind)
+            try:
+                yield
+            finally:
+                self._tg = None
+                tg.cancel_scope.cancel()
+
+    async def dispatch(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
+        """Plan the run (refusing anything wrong before it starts) and run it to its end."""
+        active = await self._admit(request)
+        if on_progress is not None:
+            active.listeners.append(on_progress)
+        if self._tg is not None:
+            self._tg.start_soon(self._background, active)
+            await active.done.wait()
+        else:
+            await self._background(active)
+        return active.run.model_copy(deep=True)
+
+    async def start(self, request: DispatchRequest) -> Run:
+        """Plan the run and start it in the background (inside ``running``); returns it queued."""
+        if self._tg is None:
+            raise RuntimeError("start() needs the orchestrator's task group: use `async with orchestrator.running()`")
+        active = await self._admit(request)
+        self._tg.start_soon(self._background, active)
+        return active.run.model_copy(deep=True)
+
+    async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
+        """The run when it ends, or as it stands after ``timeout_s``; progress and heartbeats meanwhile."""
+        active = self._active.get(run_id)
+        if active is None:
+            return await self._wait_elsewhere(run_id, timeout_s)
+        if on_progress is not None:
+            active.listeners.append(on_progress)
+        try:
+            with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+                async with anyio.create_task_group() as tg:
+                    if on_progress is not None:
+                        tg.start_soon(self._heartbeat, active, on_progress)
+                    await active.done.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            if on_progress is not None:
+                active.listeners.remove(on_progress)
+        if active.done.is_set():
+            return active.run.model_copy(deep=True)
+        # Still going: report what is on disk, never a state (say, "completed") whose save has not
+        # landed yet; a crash now would make the store, not our memory, the truth.
+        return await self.get_run(run_id)
+
+    async def cancel(self, run_id: str, *, reason: str = "cancelled on request") -> tuple[Run, bool]:
+        """Stop a run: kill its processes, mark it and its open steps cancelled, keep partial output.
+
+        Returns the run and whether this call cancelled it (False: it had already ended)."""
+        active = self._active.get(run_id)
+        if active is None:
+            run = await self._orphan_checked(await self.get_run(run_id))
+            if run.status in TERMINAL_RUN_STATUSES:
+                return run, False
+            owner = f" (pid {run.owner.pid} on {run.owner.host})" if run.owner else ""
+            raise InvalidRequestError(
+                f"run {run_id} is {run.status} in another mcp-collab server process{owner}; cancel it there"
+            )
+        if active.stop_reason is None:
+            active.stop_reason = ("cancelled", reason)
+        active.scope.cancel()
+        with anyio.fail_after(CANCEL_WAIT_S):
+            await active.done.wait()
+        return active.run.model_copy(deep=True), True
+
+    async def _wait_elsewhere(self, run_id: str, timeout_s: float | None) -> Run:
+        """A run this process is not executing: another server on the same store may be."""
+        run = await self._orphan_checked(await self.get_run(run_id))
+        with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+            while run.status not in TERMINAL_RUN_STATUSES:
+                await anyio.sleep(FOREIGN_POLL_S)
+                run = await self._orphan_checked(await self.get_run(run_id))
+        return run
+
+    async def _orphan_checked(self, run: Run) -> Run:
+        """A run still open in the store whose server died after we started is recovered now,
+        instead of waiting for the next restart."""
+        if run.status in TERMINAL_RUN_STATUSES or run.id in self._active or owner_alive(run.owner):
+            return run
+        await self.recover()
+        return await self.get_run(run.id)
+
+    async def _heartbeat(self, active: ActiveRun, on_progress: ProgressCallback) -> None:
+        started = time.monotonic()
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            run = active.run
+            on_progress(f"run {run.id} still {run.status}: {where(run)}, {time.monotonic() - started:.0f}s waited")
+
+    # -- a run from admission to its end -------------------------------------------------------
+
+    async def _admit(self, request: DispatchRequest) -> ActiveRun:
+        # Checked and claimed with no await in between: the event loop runs nothing else here, so
+        # no number of concurrent dispatches can slip past the cap together.
+        waiting = self._admitting + sum(1 for a in self._active.values() if a.run.status == "queued")
+        if waiting >= self.settings.max_queued_runs:
+            raise InvalidRequestError(
+                f"{waiting} runs are already waiting for a slot (the limit is {self.settings.max_queued_runs}, "
+                f"MCP_COLLAB_MAX_QUEUED_RUNS; {self.settings.max_concurrent_runs} run at once, "
+                "MCP_COLLAB_MAX_CONCURRENT_RUNS); wait for some to finish or cancel them"
+            )
+        self._admitting += 1
+        try:
+            registered = await self._workers()
+            plan = make_plan(self.settings, request, registered)
+            plan.run.owner = self._owner
+            await self.recorder.save(plan.run)
+            active = ActiveRun(plan=plan, redact=self.settings.redact)
+            self._active[plan.run.id] = active
+        finally:
+            self._admitting -= 1
+        return active
+
+    async def _background(self, active: ActiveRun) -> None:
+        run = active.run
+        try:
+            with active.scope:
+                async with self._limiter:  # beyond the limit, runs wait here as `queued`
+                    deadline = anyio.current_time() + self.settings.run_timeout_s
+                    active.scope.deadline = deadline
+                    try:
+                        await self._execute(active)
+                    except anyio.get_cancelled_exc_class():
+                        if active.stop_reason is None:
+                            if anyio.current_time() >= deadline:
+                                active.stop_reason = (
+                                    "failed",
+                                    f"the run hit its wall-clock limit of {self.settings.run_timeout_s:g}s "
+                                    "(MCP_COLLAB_RUN_TIMEOUT); its processes were killed",
+                                )
+                            else:
+                                active.stop_reason = ("interrupted", "the server stopped while the run was in progress")
+                        raise
+            if active.stop_reason is not None and run.status not in TERMINAL_RUN_STATUSES:
+                await self._abandon(active, *active.stop_reason)  # cancelled while still queued
+        except StoreError as exc:
+            # The disk is full, read-only or gone: this run fails with the cause; the server and
+            # every other run go on.
+            log.error("run %s: %s", run.id, exc)
+            await self._abandon(active, "failed", str(exc), overwrite=True)
+        except anyio.get_cancelled_exc_class():
+            await self._abandon(active, *(active.stop_reason or ("interrupted", "the server stopped")))
+            raise
+        except Exception as exc:
+            # A bug must cost one run, never the server: record it, log the details, carry on.
+            log.exception("run %s failed inside mcp-collab", run.id)
+            await self._abandon(
+                active, "failed", f"internal error ({type(exc).__name__}); the server log has the details"
+            )
+        finally:
+            active.done.set()
+            self._active.pop(run.id, None)
+        self._finished += 1
+        if self._finished % PRUNE_EVERY == 0:
+            try:
+                await self.prune()
+            except StoreError as exc:
+                log.error("retention was not applied: %s", exc)
+
+    async def _execute(self, active: ActiveRun) -> None:
+        """Run the strategy's program; the run ends completed unless a step it required failed."""
+        run = active.run
+        run.status = "running"
+        run.started_at = datetime.now(UTC)  # saved with the first step's start
+        context = EngineContext(active, self.executor, self.settings)
+        try:
+            await active.plan.strategy.run(context)
+        except StepFailed as stop:
+            run.status = "failed"
+            run.error = self.settings.redact(stop.reason)
+        else:
+            run.status = "completed"
+            done = [s for s in run.steps if s.status == "completed"]
+            run.result = context.result if context.result is not None else (done[-1].output if done else None)
+        judged = context.verdict_of or next((s for s in reversed(run.steps) if s.verdict is not None), None)
+        if judged is not None and judged.verdict is not None:
+            run.verdict, run.findings = judged.verdict, list(judged.findings)
+        run.ended_at = datetime.now(UTC)
+        await self.recorder.save(run)
+        active.emit(f"run {run.id} {run.status}")
+
+    async def _abandon(self, active: ActiveRun, status: RunStatus, reason: str, *, overwrite: bool = False) -> None:
+        """Record a run that stopped abnormally; its open steps keep the output they had produced."""
+        run = active.run
+        with anyio.CancelScope(shield=True):
+            run.status = status
+            run.error = reason if overwrite else (run.error or reason)
+            now = datetime.now(UTC)
+            for step in run.steps:
+                if step.status == "running":
+                    step.status = {"cancelled": "cancelled", "failed": "failed"}.get(status, "interrupted")  # type: ignore[assignment]
+                    step.error = step.error or reason
+                    partial = active.partials.get(step.index)
+                    step.output, step.output_truncated = cap_text(
+                        self.settings.redact(partial.text if partial else ""), self.settings.capture_bytes
+                    )
+                    step.process = None
+                    step.ended_at = now
+                elif step.status == "pending":
+                    step.status = "skipped"
+            run.ended_at = now
+            try:
+                await self.recorder.save(run)
+            except StoreError as exc:
+                # Those who wait on the run still hear how it ended; the store keeps its last
+                # state, and the next start marks it interrupted.
+                if str(exc) not in (run.error or ""):
+                    run.error = f"{run.error}; its end could not be stored: {exc}"
+                log.error("run %s ended %s but could not be stored: %s", run.id, run.status, exc)
+            active.emit(f"run {run.id} {run.status}: {run.error or reason}")
+
+    async def prune(
+        self, *, max_runs: int | None = None, max_age_days: float | None = None, everything: bool = False
+    ) -> list[str]:
+        """Apply the retention limits (the settings' unless given; 0 is no limit, as in the settings):
+        finished runs only. ``everything`` forgets every finished run."""
+        runs: int | None
+        days: float | None
+        if everything:
+            runs, days = 0, None  # the store's own 0: keep none
+        else:
+            runs = self.settings.retain_runs if max_runs is None else (max_runs or None)
+            days = self.settings.retain_days if max_age_days is None else (max_age_days or None)
+        if runs is None and days is None:
+            return []
+        pruned = await anyio.to_thread.run_sync(functools.partial(self.store.prune, max_runs=runs, max_age_days=days))
+        if pruned:
+            log.info("pruned %d runs past the retention limits (%s runs, %s days)", len(pruned), runs, days)
+        return pruned
+
+    async def recover(self) -> list[Run]:
+        """Runs left queued or running by a server that is gone become interrupted; their processes die."""
+        recovered = []
+        for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
+            if run.id in self._active or owner_alive(run.owner):
+                continue
+            for step in run.steps:
+                if step.process is not None and process_start_ticks(step.process.pid) == step.process.start_ticks:
+                    await kill_tree(step.process.pid, step.process.pgid)
+                if step.status == "running":
+                    step.status = "interrupted"
+                    step.error = "the server running this step stopped"
+                    step.process = None
+                    step.ended_at = datetime.now(UTC)
+                elif step.status == "pending":
+                    step.status = "skipped"
+            who = f"pid {run.owner.pid}" if run.owner else "unknown"
+            run.status = "interrupted"
+            run.error = f"interrupted: the server that ran it ({who}) stopped before it finished; found at restart"
+            run.ended_at = datetime.now(UTC)
+            await self.recorder.save(run)
+            recovered.append(run)
+            log.warning("run %s was left %s by a stopped server; marked interrupted", run.id, run.status)
+        return recovered

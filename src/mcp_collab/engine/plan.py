@@ -1,0 +1,125 @@
+"""A run before it starts: its strategy, the workers cast into its roles, their runtimes, where
+they work. Everything a dispatch can get wrong is refused here, before anything is stored."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+
+from ..config import Settings
+from ..errors import InvalidRequestError, listing, shown
+from ..models import DispatchRequest, FallbackPolicy, Run, RunStatus, RuntimeMode, Worker
+from ..runtimes.base import PartialOutput
+from ..runtimes.selector import choose_mode, choose_policy
+from ..security import Redactor, confine
+from ..strategies import Role, Strategy, cast_workers, get_strategy
+
+ProgressCallback = Callable[[str], None]
+
+
+def new_run_id() -> str:
+    # Sortable by creation time at a glance, unique across processes.
+    return f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Plan:
+    run: Run
+    strategy: Strategy
+    cast: list[tuple[Role, Worker]]
+    modes: dict[str, RuntimeMode]  # by worker name
+    policies: dict[str, FallbackPolicy]
+    cwd: Path | None  # the dispatch's directory; None: each worker's own, else the default
+    default_cwd: Path | None
+    task: str  # as the caller wrote it, for the workers; the run record keeps it redacted
+
+    def directory_of(self, worker: Worker) -> Path | None:
+        if self.cwd is not None:
+            return self.cwd
+        return Path(worker.working_directory) if worker.working_directory else self.default_cwd
+
+
+@dataclass(eq=False)
+class ActiveRun:
+    """A run this process is executing: its plan, how to stop it, and who is listening."""
+
+    plan: Plan
+    done: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stop_reason: tuple[RunStatus, str] | None = None
+    listeners: list[ProgressCallback] = field(default_factory=list)
+    partials: dict[int, PartialOutput] = field(default_factory=dict)  # by step index, while it runs
+    redact: Redactor = field(default_factory=Redactor)
+
+    @property
+    def run(self) -> Run:
+        return self.plan.run
+
+    def emit(self, message: str) -> None:
+        message = self.redact(message)
+        for listener in list(self.listeners):
+            listener(message)
+
+
+def make_plan(settings: Settings, request: DispatchRequest, registered: list[Worker]) -> Plan:
+    if len(request.task) > settings.max_task_chars:
+        raise InvalidRequestError(
+            f"task is {len(request.task)} characters; the limit is {settings.max_task_chars} "
+            "(MCP_COLLAB_MAX_TASK_CHARS). Put long material in a file in the working directory and refer to it."
+        )
+    strategy = get_strategy(request.strategy)
+    cast = cast_workers(strategy, registered, request.workers)
+    workers = list({w.name: w for _, w in cast}.values())
+    runtime_modes = request.runtime_modes or {}
+    unknown = sorted(set(runtime_modes) - {w.name for w in workers})
+    if unknown:
+        raise InvalidRequestError(
+            f"runtimeModes names {listing(map(shown, unknown))}, which take no step in this run; "
+            f"its workers are: {', '.join(w.name for w in workers)}"
+        )
+    modes = {
+        w.name: choose_mode(
+            w, default=settings.default_runtime, dispatch_mode=request.runtime_mode, per_worker=runtime_modes
+        )
+        for w in workers
+    }
+    policies = {
+        w.name: choose_policy(w, default=settings.fallback_policy, dispatch=request.fallback_policy) for w in workers
+    }
+    roots = settings.workspace_roots
+    cwd = confine(request.working_directory, roots) if request.working_directory else None
+    for worker in workers:
+        if cwd is None and worker.working_directory:
+            confine(worker.working_directory, roots)  # the roots may have narrowed since it registered
+    default_cwd = None if cwd is not None or all(w.working_directory for w in workers) else default_directory(settings)
+    run = Run(
+        id=new_run_id(),
+        task=settings.redact(request.task),
+        strategy=strategy.name,
+        status="queued",
+        runtime_mode=request.runtime_mode,
+        workers=[w.name for _, w in cast],
+    )
+    return Plan(run, strategy, cast, modes, policies, cwd, default_cwd, task=request.task)
+
+
+def default_directory(settings: Settings) -> Path:
+    """Where a step runs when neither the dispatch nor the worker names a directory: the server's
+    own directory when it lies inside a workspace root, else the first root."""
+    roots = settings.workspace_roots
+    with contextlib.suppress(InvalidRequestError):
+        return confine(os.getcwd(), roots)
+    for root in roots:
+        with contextlib.suppress(InvalidRequestError):
+            return confine(str(root), roots)
+    raise InvalidRequestError(
+        "no workingDirectory was given and no workspace root exists; set MCP_COLLAB_WORKSPACE_ROOTS "
+        f"(now: {', '.join(map(str, roots)) or 'empty'})"
+    )

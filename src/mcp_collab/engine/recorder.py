@@ -1,0 +1,71 @@
+"""Persistence of run states: durable when a caller must be able to rely on it, written behind
+(batched into one fsync across runs) when it is only an intermediate state."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.to_thread
+
+from ..errors import StoreError
+from ..models import Run
+from ..security import Redactor
+from ..store import RunStore
+
+log = logging.getLogger("mcp_collab.engine")
+
+
+class RunRecorder:
+    def __init__(self, store: RunStore, redact: Redactor) -> None:
+        self.store = store
+        self.redact = redact
+        # Store writes go one at a time, so a write-behind batch never lands after a newer state.
+        self._write_lock = anyio.Lock()
+        self._pending: dict[str, Run] = {}
+        self._pending_ready = anyio.Event()
+        self._behind = False  # a write-behind task is running
+        self._last_error: str | None = None
+
+    async def save(self, run: Run, *, durable: bool = True) -> None:
+        """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
+        client, a run's end). Intermediate states (a step started, its process spawned) are written
+        behind, batched with other runs' into one fsync, so they cost the step nothing.
+
+        Every string of the run passes the redactor here, the one door to the store and, through the
+        run kept in memory, to every caller."""
+        self.redact.scrub(run)
+        if not durable and self._behind:
+            self._pending[run.id] = run.model_copy(deep=True)
+            self._pending_ready.set()
+            return
+        async with self._write_lock:
+            self._pending.pop(run.id, None)
+            await anyio.to_thread.run_sync(self.store.save_run, run)
+
+    async def write_behind(self) -> None:
+        """The task that writes intermediate states; runs until cancelled."""
+        self._behind = True
+        try:
+            while True:
+                await self._pending_ready.wait()
+                self._pending_ready = anyio.Event()
+                async with self._write_lock:
+                    batch = list(self._pending.values())
+                    self._pending.clear()
+                    if batch:
+                        await self._write_batch(batch)
+        finally:
+            self._behind = False
+
+    async def _write_batch(self, batch: list[Run]) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.store.save_runs, batch)
+        except StoreError as exc:
+            # Intermediate states only: each run's next durable save carries its whole state (or
+            # fails that run). Said once per distinct cause, not per batch.
+            if str(exc) != self._last_error:
+                log.error("intermediate run states were not stored: %s", exc)
+            self._last_error = str(exc)
+        else:
+            self._last_error = None

@@ -1,0 +1,56 @@
+"""The prompts each role gets. Plain functions of what came before; the task is quoted, not mixed in."""
+
+from __future__ import annotations
+
+from ..models import Step
+
+# How much of a previous step's output and of a diff goes into the next prompt.
+MAX_QUOTED_OUTPUT_CHARS = 60_000
+MAX_QUOTED_DIFF_CHARS = 120_000
+
+
+def quote(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit} characters omitted ...]"
+
+
+def diff_block(diff: str | None, *, missing: str | None = "(no changes in a git working tree were found)") -> str:
+    if diff:
+        return f"<diff>\n{quote(diff, MAX_QUOTED_DIFF_CHARS)}\n</diff>"
+    return f"<diff>{missing}</diff>" if missing else ""
+
+
+def writer(task: str) -> str:
+    return (
+        "You are the writer in a write-then-review collaboration. Carry out the task below in the "
+        "working directory. Finish with a short summary of what you changed and why; a reviewer "
+        "will read it together with your diff.\n\n"
+        f"<task>\n{task}\n</task>"
+    )
+
+
+def reviewer(task: str, wrote: Step, diff: str | None) -> str:
+    return (
+        "You are the reviewer in a write-then-review collaboration. Do not modify any file. Review "
+        f"the work of {wrote.worker_name} on the task below for correctness, completeness, tests and "
+        "risk. Point to specific lines. End with exactly one line, either `VERDICT: APPROVE` or "
+        "`VERDICT: REQUEST_CHANGES`.\n\n"
+        f"<task>\n{task}\n</task>\n\n"
+        f"<writer_output>\n{quote(wrote.output, MAX_QUOTED_OUTPUT_CHARS)}\n</writer_output>\n\n{diff_block(diff)}"
+    )
+
+
+def redteam(task: str, done: Step, diff: str | None) -> str:
+    block = diff_block(diff, missing=None)
+    return (
+        "You are a security red-teamer. Do not modify any file. Attack the result below as an "
+        "adversary would: injection, authentication and authorization flaws, secrets, unsafe "
+        "deserialization, path traversal, command execution, denial of service, supply chain. "
+        "Report each vulnerability on its own line as `FINDING: <severity>: <description>` "
+        "(severity: critical, high, medium or low). End with exactly one line, either "
+        "`VERDICT: PASS` (nothing exploitable found) or `VERDICT: FAIL`.\n\n"
+        f"<task>\n{task}\n</task>\n\n"
+        f'<result author="{done.worker_name}">\n{quote(done.output, MAX_QUOTED_OUTPUT_CHARS)}\n</result>'
+        + (f"\n\n{block}" if block else "")
+    )
