@@ -43,7 +43,7 @@ from .models import (
     WorkerSpec,
 )
 from .runtimes.base import PartialOutput, StepRequest, WorkerRuntime
-from .runtimes.cli.supervisor import kill_tree, process_start_ticks
+from .runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_start_ticks, spawned
 from .runtimes.selector import choose_mode, choose_policy, run_with_fallback
 from .security import PinnedDirectory, Redactor, confine, pin
 from .store import JsonStore, RunFilter, RunStore
@@ -635,7 +635,11 @@ class WorkerOrchestrator:
         progress(f"step {step.index + 1}/{len(run.steps)} {step.status}: {step.role} {worker.name} via {via}")
 
     async def _record_process(self, run: Run, step: Step, pid: int) -> None:
-        step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
+        tree = spawned(pid)
+        if tree is None:  # not a supervised spawn (a runtime of a test's): the pid is all we know
+            step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
+        else:
+            step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=tree.start_ticks, marker=tree.marker)
         await self._save(run, durable=False)
 
     async def _abandon(self, active: _Active, status: RunStatus, reason: str, *, overwrite: bool = False) -> None:
@@ -692,9 +696,8 @@ class WorkerOrchestrator:
         for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
             if run.id in self._active or owner_alive(run.owner):
                 continue
+            await self._kill_leftovers(run)
             for step in run.steps:
-                if step.process is not None and process_start_ticks(step.process.pid) == step.process.start_ticks:
-                    await kill_tree(step.process.pid, step.process.pgid)
                 if step.status == "running":
                     step.status = "interrupted"
                     step.error = "the server running this step stopped"
@@ -710,6 +713,24 @@ class WorkerOrchestrator:
             recovered.append(run)
             log.warning("run %s was left %s by a stopped server; marked interrupted", run.id, run.status)
         return recovered
+
+    async def _kill_leftovers(self, run: Run) -> None:
+        """Every process a dead server started for ``run``: each recorded step's tree (its leader
+        and group while the leader is verified by start time, everything carrying its marker), and
+        everything carrying a marker of that server, which covers a spawn whose record never reached
+        the store before the crash. A dead server served only this store, so all of it is ours."""
+        trees = [
+            ProcessTree(p.pid, p.pgid, start_ticks=p.start_ticks, marker=p.marker, live=False)
+            for p in (step.process for step in run.steps)
+            if p is not None
+        ]
+        owner = run.owner
+        if owner is not None and owner.host == socket.gethostname():
+            tag = owner_tag(owner.pid, owner.start_ticks)
+            if tag is not None:
+                trees.append(ProcessTree(None, None, live=False, server_tag=tag, since_ticks=owner.start_ticks))
+        for tree in trees:
+            await kill_tree(tree)
 
     async def _save(self, run: Run, *, durable: bool = True) -> None:
         """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
