@@ -257,13 +257,20 @@ class LineSplitter:
 # -- process tree -----------------------------------------------------------------------------
 
 
-def _read_proc(pid: int | str, name: str) -> bytes | None:
-    """One /proc/PID file, read with plain syscalls (the scans below read hundreds per step)."""
+# /proc/PID/stat is one line of well under this; one read() takes it whole.
+_STAT_BYTES = 4096
+
+
+def _read_proc(pid: int | str, name: str, *, whole: bool = True) -> bytes | None:
+    """One /proc/PID file, read with plain syscalls (the scans below read a hundred or more per
+    step); ``whole=False``: a single read, enough for ``stat``."""
     try:
         fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
     except OSError:
         return None
     try:
+        if not whole:
+            return os.read(fd, _STAT_BYTES)
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
@@ -276,7 +283,7 @@ def _read_proc(pid: int | str, name: str) -> bytes | None:
 
 def _stat_fields(pid: int | str) -> list[str] | None:
     """/proc/PID/stat from the state field (the 3rd) on; the command name may hold spaces and ')'."""
-    raw = _read_proc(pid, "stat")
+    raw = _read_proc(pid, "stat", whole=False)
     if raw is None:
         return None
     return raw[raw.rfind(b")") + 2 :].decode("ascii", "replace").split()
