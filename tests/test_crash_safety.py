@@ -18,9 +18,13 @@ import json
 import multiprocessing
 import os
 import random
+import secrets
 import signal
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,8 +33,10 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 import mcp_collab.store.json_store as js
-from mcp_collab.models import Run, Step
-from mcp_collab.runtimes.cli.supervisor import MARKER_VAR
+from mcp_collab.config import Settings
+from mcp_collab.models import ProcessRef, Run, RunOwner, Step
+from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.runtimes.cli.supervisor import MARKER_VAR, process_start_ticks
 from mcp_collab.store import JsonStore
 from tests.conftest import alive, fake_cli, read_pids
 from tests.support.mcp_helpers import call
@@ -182,3 +188,32 @@ async def test_kill_9_of_the_server_mid_step_leaves_no_process_of_the_step_alive
     survivors += [p for p in started if alive(p)] + marked_by(killed)
     assert len(started) > SERVER_ROUNDS, "most kills landed after the CLI had started its daemon"
     assert sorted(set(survivors)) == [], f"{len(set(survivors))} processes survived {SERVER_ROUNDS} kill -9 rounds"
+
+
+@pytest.mark.anyio
+async def test_recovery_kills_what_carries_the_steps_marker_and_spares_a_process_that_reused_its_pid(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    marker = f"{os.getpid()}-1-{secrets.token_hex(16)}"
+    sleep = [sys.executable, "-c", "import time; time.sleep(3600)"]
+    ours = subprocess.Popen(sleep, env={**os.environ, MARKER_VAR: marker}, start_new_session=True)
+    stranger = subprocess.Popen(sleep, start_new_session=True)  # holds the pid the step recorded
+    try:
+        settings = make_settings()
+        run = run_state(0, 0, 1).model_copy(update={"created_at": datetime.now(UTC)})  # within retention
+        run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), start_ticks=1)  # a server long gone
+        ticks = process_start_ticks(stranger.pid)
+        assert ticks is not None
+        run.steps[0].process = ProcessRef(pid=stranger.pid, pgid=stranger.pid, start_ticks=ticks - 1, marker=marker)
+        JsonStore(settings.store_dir).save_run(run)
+        async with WorkerOrchestrator(settings, runtimes={}) as orch, orch.running():
+            recovered = await orch.get_run(run.id)
+        assert recovered.status == "interrupted"
+        with anyio.fail_after(GONE_WITHIN_S):
+            while alive(ours.pid):
+                await anyio.sleep(0.02)
+        assert alive(stranger.pid), "a process that merely reuses a recorded pid is not ours"
+    finally:
+        for process in (ours, stranger):
+            process.kill()
+            process.wait()
