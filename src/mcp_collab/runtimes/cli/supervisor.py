@@ -358,7 +358,10 @@ class ProcessTree:
 
 def _carries(pid: int, needles: Sequence[bytes]) -> bool:
     environ = _read_proc(pid, "environ")
-    return environ is not None and any(needle in b"\0" + environ for needle in needles)
+    if environ is None:
+        return False
+    environ = b"\0" + environ  # so the first variable, too, starts after a NUL
+    return any(needle in environ for needle in needles)
 
 
 def tree_members(tree: ProcessTree) -> set[int]:
