@@ -4,6 +4,11 @@ After each kill the store must load; every run the writer had been told was save
 there, in that state or a later one, and intact; a torn tail must be ignored; stray temp files must
 be gone. The writer forks from this process (no interpreter start-up per round) and compacts often,
 so kills land in appends, output writes and compactions alike.
+
+And the processes: a real `mcp-collab serve` running a CLI that double-forks a `setsid` daemon is
+killed with SIGKILL mid-step, round after round on one store; the next server must leave nothing
+of the dead one's steps alive. MCP_COLLAB_KILL9_SERVER_ROUNDS sets the rounds (200 is the
+acceptance figure; the suite runs fewer, since each round starts a server).
 """
 
 from __future__ import annotations
@@ -13,18 +18,36 @@ import json
 import multiprocessing
 import os
 import random
+import secrets
 import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import pytest
+from mcp import Client, StdioServerParameters
 
 import mcp_collab.store.json_store as js
-from mcp_collab.models import Run, Step
+from mcp_collab.config import Settings
+from mcp_collab.models import ProcessRef, Run, RunOwner, Step
+from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.runtimes.cli.supervisor import MARKER_VAR, process_start_ticks
 from mcp_collab.store import JsonStore
+from tests.conftest import alive, fake_cli, read_pids
+from tests.support.mcp_helpers import call
 
 ROUNDS = 200
+SERVER_ROUNDS = int(os.environ.get("MCP_COLLAB_KILL9_SERVER_ROUNDS", "20"))
+# The kill lands this long (at random) after the run was handed back: from before the CLI starts
+# to well after its daemon is running.
+KILL_WITHIN_S = 0.6
+# A recovered tree is gone well within this; anything alive after it is counted as a survivor.
+GONE_WITHIN_S = 5.0
 STATES = ("queued", "running", "completed")
 
 
@@ -105,3 +128,92 @@ def test_a_torn_tail_of_any_shape_is_ignored(tmp_path: Path, garbage: bytes) -> 
     with open(tmp_path / "runs.jsonl", "ab") as fh:
         fh.write(garbage)
     assert [r.id for r in JsonStore(tmp_path).all_runs()] == ["run-000-0000"]
+
+
+def marked_by(tags: set[str]) -> list[int]:
+    """Live processes whose environment carries a step marker handed out by one of the servers ``tags``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and alive(int(entry)):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    environ = fh.read().split(b"\0")
+            except OSError:
+                continue
+            values = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(f"{MARKER_VAR}=".encode())]
+            if any(v.rsplit("-", 1)[0] in tags for v in values):
+                found.append(int(entry))
+    return found
+
+
+async def survivors_of(pids: list[int]) -> list[int]:
+    with anyio.move_on_after(GONE_WITHIN_S):
+        while any(alive(p) for p in pids):
+            await anyio.sleep(0.02)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60 + 10 * SERVER_ROUNDS)
+async def test_kill_9_of_the_server_mid_step_leaves_no_process_of_the_step_alive(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    rng = random.Random(20261130)
+    env = {**base_env, "MCP_COLLAB_CODEX_BIN": fake_cli("daemon")}
+    pidfiles: list[Path] = []
+    killed: set[str] = set()  # the dead servers, as the marker tags they handed out
+    survivors: list[int] = []
+
+    def server(pidfile: Path) -> StdioServerParameters:
+        pidfiles.append(pidfile)
+        env["CODEX_FAKE_PIDFILE"] = str(pidfile)
+        return StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=dict(env))
+
+    for round_ in range(SERVER_ROUNDS):
+        with pytest.raises(BaseException):  # noqa: B017 - the connection dies with the server
+            async with Client(server(tmp_path / f"pids-{round_}.txt")) as client:
+                # This server recovered the store as it started: the last one's steps are dead.
+                if round_ > 0:
+                    survivors += await survivors_of(read_pids(pidfiles[-2]) + marked_by(killed))
+                if round_ == 0:
+                    await call(client, "spawn_worker", name="codex-writer", model="codex_cli")
+                run = await call(client, "dispatch_task", task="start a daemon", waitSeconds=0)
+                killed.add(f"{run['owner']['pid']}-{run['owner']['startTicks']}")
+                await anyio.sleep(rng.uniform(0, KILL_WITHIN_S))  # a random moment of the step, not a wait
+                os.kill(run["owner"]["pid"], signal.SIGKILL)
+                await client.call_tool("list_workers", {}, read_timeout_seconds=5)
+    async with Client(server(tmp_path / "pids-last.txt")):
+        survivors += await survivors_of(read_pids(pidfiles[-2]) + marked_by(killed))
+    started = [p for f in pidfiles for p in read_pids(f)]
+    survivors += [p for p in started if alive(p)] + marked_by(killed)
+    assert len(started) > SERVER_ROUNDS, "most kills landed after the CLI had started its daemon"
+    assert sorted(set(survivors)) == [], f"{len(set(survivors))} processes survived {SERVER_ROUNDS} kill -9 rounds"
+
+
+@pytest.mark.anyio
+async def test_recovery_kills_what_carries_the_steps_marker_and_spares_a_process_that_reused_its_pid(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    marker = f"{os.getpid()}-1-{secrets.token_hex(16)}"
+    sleep = [sys.executable, "-c", "import time; time.sleep(3600)"]
+    ours = subprocess.Popen(sleep, env={**os.environ, MARKER_VAR: marker}, start_new_session=True)
+    stranger = subprocess.Popen(sleep, start_new_session=True)  # holds the pid the step recorded
+    try:
+        settings = make_settings()
+        run = run_state(0, 0, 1).model_copy(update={"created_at": datetime.now(UTC)})  # within retention
+        run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), start_ticks=1)  # a server long gone
+        ticks = process_start_ticks(stranger.pid)
+        assert ticks is not None
+        run.steps[0].process = ProcessRef(pid=stranger.pid, pgid=stranger.pid, start_ticks=ticks - 1, marker=marker)
+        JsonStore(settings.store_dir).save_run(run)
+        async with WorkerOrchestrator(settings, runtimes={}) as orch, orch.running():
+            recovered = await orch.get_run(run.id)
+        assert recovered.status == "interrupted"
+        with anyio.fail_after(GONE_WITHIN_S):
+            while alive(ours.pid):
+                await anyio.sleep(0.02)
+        assert alive(stranger.pid), "a process that merely reuses a recorded pid is not ours"
+    finally:
+        for process in (ours, stranger):
+            process.kill()
+            process.wait()

@@ -93,6 +93,59 @@ async def test_cancelling_the_caller_kills_the_whole_tree(pidfile: Path) -> None
     assert [p for p in pids if alive(p)] == []
 
 
+async def until_gone(pids: list[int]) -> list[int]:
+    """The pids still alive once all are gone or 5 s have passed (a kill takes well under that)."""
+    with anyio.move_on_after(5):
+        while any(alive(p) for p in pids):
+            await anyio.sleep(0.02)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.parametrize("ending", ["normal exit", "cancel", "step timeout", "idle timeout"])
+async def test_a_setsid_daemon_started_by_a_step_dies_with_it(pidfile: Path, ending: str) -> None:
+    seconds = {"normal exit": "0"}.get(ending, "inf")
+    timeout, idle = {"step timeout": (2.0, 60.0), "idle timeout": (60.0, 1.0)}.get(ending, (60.0, 60.0))
+    job = spec("daemon", pidfile, timeout=timeout, idle=idle, CODEX_FAKE_SECONDS=seconds)
+    outcomes = []
+    async with anyio.create_task_group() as tg:
+
+        async def step() -> None:
+            outcomes.append(await run_process(job))
+
+        tg.start_soon(step)
+        leader, daemon = await wait_for_pids(pidfile, 2)
+        if ending == "cancel":
+            tg.cancel_scope.cancel()
+    if ending != "cancel":
+        assert outcomes[0].limit_hit == {"step timeout": "timeout", "idle timeout": "idle"}.get(ending)
+    if ending == "normal exit":
+        assert outcomes[0].exit_code == 0
+    assert await until_gone([leader, daemon]) == []
+
+
+async def test_children_whose_leader_exited_at_once_die_with_the_step(pidfile: Path) -> None:
+    outcome = await run_process(spec("abandon", pidfile))
+    assert outcome.exit_code == 0 and "left my children behind" in outcome.stdout
+    pids = read_pids(pidfile)
+    assert len(pids) == 4, "the leader, a child in a group of its own, its grandchild, a sleeper"
+    assert await until_gone(pids) == []
+
+
+async def test_ending_one_step_leaves_a_concurrent_steps_daemon_alive(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.pids", tmp_path / "second.pids"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_process, spec("daemon", first, CODEX_FAKE_SECONDS="inf"))
+        first_leader, first_daemon = await wait_for_pids(first, 2)
+        assert os.getsid(first_daemon) != os.getsid(first_leader), "the daemon left the session and group"
+        assert os.getpgid(first_daemon) != first_leader
+        outcome = await run_process(spec("daemon", second, CODEX_FAKE_SECONDS="0"))
+        assert outcome.exit_code == 0
+        assert await until_gone(read_pids(second)) == []
+        assert alive(first_daemon), "another step's daemon is not this step's to kill"
+        tg.cancel_scope.cancel()
+    assert await until_gone(read_pids(first)) == []
+
+
 async def test_stdin_reaches_end_of_file_and_the_prompt_is_data(tmp_path: Path) -> None:
     script = "import sys; data = sys.stdin.read(); print(repr(data))"
     outcome = await run_process(

@@ -196,11 +196,16 @@ class Attempt(WireModel):
 
 
 class ProcessRef(WireModel):
-    """Enough to find a step's process group again after a crash, and not mistake a reused pid for it."""
+    """Enough to find a step's process tree again after a crash, and not mistake a reused pid for it."""
 
     pid: int
     pgid: int
     start_ticks: int | None = Field(default=None, description="The process's start time in clock ticks since boot.")
+    marker: str | None = Field(
+        default=None,
+        description="The MCP_COLLAB_STEP value in the environment of every process the step started, "
+        "detached daemons included; unique to the spawn.",
+    )
 
 
 class RunOwner(WireModel):

@@ -116,6 +116,42 @@ def size_mode(mode: str) -> bool:
     return True
 
 
+def daemonize() -> None:
+    """The classic double fork: the grandchild leaves our session and group (``setsid``), is
+    re-parented to init when its parent exits, holds none of our pipes, records its pid and
+    sleeps for good."""
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        if os.fork() == 0:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            record_pid(os.getpid())
+            os.write(ready_w, b"x")
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(3600)
+        os._exit(0)
+    os.waitpid(child, 0)
+    os.read(ready_r, 1)  # the daemon's pid is on record before we go on
+    os.close(ready_r)
+    os.close(ready_w)
+
+
+# The abandoned child of ``abandon``: leaves the leader's group, starts a grandchild, records both.
+ABANDONED = """
+import os, subprocess, sys, time
+os.setpgid(0, 0)
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], stdin=subprocess.DEVNULL)
+with open(os.environ["CODEX_FAKE_PIDFILE"], "a", encoding="utf-8") as fh:
+    fh.write(f"{os.getpid()}\\n{grandchild.pid}\\n")
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
 def main(mode: str) -> None:
     if size_mode(mode):
         return
@@ -162,6 +198,26 @@ def main(mode: str) -> None:
         # The child outlives its parent: the parent reports success and exits at once.
         sleeper(ignore_term=True)
         finish("done, but I left a child behind")
+    elif mode == "daemon":
+        # Starts a detached daemon, then works until told to stop (CODEX_FAKE_SECONDS, default
+        # forever) and exits 0: the daemon must not outlive the step either way.
+        daemonize()
+        emit({"type": "item.completed", "item": {"id": "d", "type": "agent_message", "text": "daemon started"}})
+        seconds = float(os.environ.get("CODEX_FAKE_SECONDS", "inf"))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        finish("done; my daemon keeps running")
+    elif mode == "abandon":
+        # The leader exits at once and leaves children: one in its group holding our pipes, one
+        # that moved to a group of its own with a grandchild. Their ppid links to the leader die
+        # with it.
+        child = subprocess.Popen([sys.executable, "-c", ABANDONED], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert child.stdout is not None
+        child.stdout.readline()  # its grandchild is started and on record
+        sleeper(ignore_term=True)
+        finish("left my children behind")
+        os._exit(0)
     elif mode == "slow":
         seconds = float(os.environ.get("CODEX_FAKE_SECONDS", "1"))
         deadline = time.monotonic() + seconds

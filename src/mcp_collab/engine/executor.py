@@ -24,7 +24,7 @@ from ..config import Settings
 from ..errors import InvalidRequestError
 from ..models import ProcessRef, Run, RuntimeMode, Step, Worker
 from ..runtimes.base import PartialOutput, StepRequest, WorkerRuntime
-from ..runtimes.cli.supervisor import process_start_ticks
+from ..runtimes.cli.supervisor import process_start_ticks, spawned
 from ..runtimes.selector import run_with_fallback
 from ..security import pin
 from ..strategies import MAX_QUOTED_DIFF_CHARS, Role, Space, parse_verdict
@@ -185,7 +185,11 @@ class StepExecutor:
         progress(f"{step_label(step)} {step.status}: {step.role} {worker.name} via {via}")
 
     async def _record_process(self, run: Run, step: Step, pid: int) -> None:
-        step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
+        tree = spawned(pid)
+        if tree is None:  # not a supervised spawn (a runtime of a test's): the pid is all we know
+            step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
+        else:
+            step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=tree.start_ticks, marker=tree.marker)
         await self.recorder.save(run, durable=False)
 
 

@@ -26,7 +26,7 @@ import anyio.to_thread
 from ..config import Settings
 from ..errors import InvalidRequestError, StoreError, UnknownRunError, shown
 from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker
-from ..runtimes.cli.supervisor import kill_tree, process_start_ticks
+from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_start_ticks
 from ..store import RunStore
 from .executor import EngineContext, StepExecutor, StepFailed, cap_text, step_label
 from .plan import ActiveRun, ProgressCallback, make_plan
@@ -353,9 +353,8 @@ class RunLifecycle:
         for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
             if run.id in self._active or owner_alive(run.owner):
                 continue
+            await self._kill_leftovers(run)
             for step in run.steps:
-                if step.process is not None and process_start_ticks(step.process.pid) == step.process.start_ticks:
-                    await kill_tree(step.process.pid, step.process.pgid)
                 if step.status == "running":
                     step.status = "interrupted"
                     step.error = "the server running this step stopped"
@@ -371,3 +370,21 @@ class RunLifecycle:
             recovered.append(run)
             log.warning("run %s was left %s by a stopped server; marked interrupted", run.id, run.status)
         return recovered
+
+    async def _kill_leftovers(self, run: Run) -> None:
+        """Every process a dead server started for ``run``: each recorded step's tree (its leader
+        and group while the leader is verified by start time, everything carrying its marker), and
+        everything carrying a marker of that server, which covers a spawn whose record never reached
+        the store before the crash. A dead server served only this store, so all of it is ours."""
+        trees = [
+            ProcessTree(p.pid, p.pgid, start_ticks=p.start_ticks, marker=p.marker, live=False)
+            for p in (step.process for step in run.steps)
+            if p is not None
+        ]
+        owner = run.owner
+        if owner is not None and owner.host == socket.gethostname():
+            tag = owner_tag(owner.pid, owner.start_ticks)
+            if tag is not None:
+                trees.append(ProcessTree(None, None, live=False, server_tag=tag, since_ticks=owner.start_ticks))
+        for tree in trees:
+            await kill_tree(tree)

@@ -5,14 +5,37 @@ What a coding CLI needs from us, and what goes wrong without it:
 - argv only, never a shell; stdin gets the prompt and then end-of-file (codex waits for EOF even
   when the prompt is an argument; the server's own stdin is the MCP wire and must never leak).
 - its own process group (``start_new_session``), and on a deadline, an idle watchdog, a cancel or
-  a normal exit, the whole group and every descendant we can see are signalled: gemini's launcher
-  relaunches a child and ignores SIGTERM in the parent, and tools leave grandchildren behind.
+  a normal exit, its whole tree is killed: gemini's launcher relaunches a child and ignores SIGTERM
+  in the parent, tools leave grandchildren behind, and a daemon double-forks out of the group.
 - stdout and stderr drained concurrently (a full pipe blocks the child), with a bounded head and
   tail kept in memory, so a worker printing a gigabyte costs us a few MB.
 - every stdout line reaches the parser whole, however long: the final answer is often one JSON
   line of many MB. A line that outgrows memory is spooled to an unnamed temporary file while it
   arrives; only a line over ``max_line_bytes`` (MCP_COLLAB_MAX_ANSWER_BYTES) is dropped, and the
   outcome says so, so the step fails with that reason instead of completing without its answer.
+
+How we find a step's tree. The process group and ppid links miss two cases: a ``setsid``
+double-fork (new session and group, re-parented to init) and the children of a leader that has
+already died (their ppid link is gone). So every child gets ``MCP_COLLAB_STEP=<marker>`` in its
+environment, a value unique to the spawn: this server's ``pid-startticks`` and 128 random bits.
+The environment is inherited through fork, exec and ``setsid`` and it outlives our own death, so
+a scan of ``/proc/*/environ`` (readable for our own uid) finds the whole tree during the step and,
+from the marker recorded on the step (``ProcessRef``), again after a ``kill -9`` of the server.
+When a step ends, one pass over ``/proc/*/environ`` (a few microseconds per process: a fraction
+of a millisecond at a hundred processes) says whether anything is left; only then, and while a
+kill is in progress, the full scan reads every ``stat`` too, and the environment only of processes
+started no earlier than the leader. The random part means no process carries a
+step's marker unless the step's own tree handed it down, and the leader's pid counts only with its
+recorded start time, so a reused pid is never killed. Recovery also takes every process carrying
+the dead server's ``pid-startticks`` tag: a dead server served only this store, and the tag covers
+a spawn whose record had not reached the store when the server died.
+
+Chosen over the alternatives: a child subreaper (``PR_SET_CHILD_SUBREAPER``) only helps while the
+server lives, is process-wide (git's orphans would become ours to reap, racing the event loop's own
+child watcher) and cannot tell which of several concurrent steps an orphan came from; a cgroup v2
+per step needs a writable delegated hierarchy, which neither this kind of machine nor a CI runner
+promises. The limit: a process that clears its environment *and* leaves the group *and* whose
+parent dies escapes; the group, ppid links and marker together catch everything short of that.
 """
 
 from __future__ import annotations
@@ -21,6 +44,7 @@ import contextlib
 import functools
 import math
 import os
+import secrets
 import signal
 import subprocess
 import tempfile
@@ -44,6 +68,10 @@ DRAIN_GRACE_S = 1.0
 # A line longer than this moves from memory to a temporary file while it arrives, so a flood
 # without newlines costs disk up to the line cap, never memory.
 SPOOL_AFTER_BYTES = 1 << 20
+# After SIGKILL, how long to keep re-scanning and re-killing until the kernel has taken every member.
+KILL_WAIT_S = 1.0
+# The variable every child inherits; its value names the spawn (see the module docstring).
+MARKER_VAR = "MCP_COLLAB_STEP"
 _READ_CHUNK = 64 * 1024
 _POLL_S = 0.02
 
@@ -233,22 +261,52 @@ class LineSplitter:
 # -- process tree -----------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int | str) -> list[str] | None:
-    """/proc/PID/stat from the state field (the 3rd) on; the command name may hold spaces and ')'."""
+# /proc/PID/stat is one line of well under this; one read() takes it whole.
+_STAT_BYTES = 4096
+
+
+def _read_proc(pid: int | str, name: str, *, whole: bool = True) -> bytes | None:
+    """One /proc/PID file, read with plain syscalls (the scans below read a hundred or more per
+    step); ``whole=False``: a single read, enough for ``stat``."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode("utf-8", "replace")
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
     except OSError:
         return None
-    return raw[raw.rfind(")") + 2 :].split()
+    try:
+        if not whole:
+            return os.read(fd, _STAT_BYTES)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
-def _proc_table() -> list[tuple[int, int, int, str]]:
-    """(pid, ppid, pgrp, state) of every process we can see (Linux /proc)."""
-    rows = []
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat from the state field (the 3rd) on; the command name may hold spaces and ')'."""
+    raw = _read_proc(pid, "stat", whole=False)
+    if raw is None:
+        return None
+    return raw[raw.rfind(b")") + 2 :].decode("ascii", "replace").split()
+
+
+@dataclass(frozen=True)
+class _ProcRow:
+    ppid: int
+    pgrp: int
+    zombie: bool
+    start_ticks: int
+
+
+def _proc_table() -> dict[int, _ProcRow]:
+    """Every process we can see (Linux /proc), by pid."""
+    rows = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat_fields(entry)) is not None and len(fields) >= 3:
-            rows.append((int(entry), int(fields[1]), int(fields[2]), fields[0]))
+        if entry.isdigit() and (fields := _stat_fields(entry)) is not None and len(fields) > 19:
+            rows[int(entry)] = _ProcRow(int(fields[1]), int(fields[2]), fields[0] in "ZX", int(fields[19]))
     return rows
 
 
@@ -258,32 +316,113 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 and fields[19].isdigit() else None
 
 
-def tree_members(root_pid: int, pgid: int) -> set[int]:
-    """Live (non-zombie) processes in ``pgid`` or descended from ``root_pid``."""
+@functools.cache
+def _server_tag(pid: int) -> str:
+    return f"{pid}-{process_start_ticks(pid)}"
+
+
+def server_tag() -> str:
+    """This server process as ``pid-startticks``: the prefix of every marker it hands out, so a
+    later server can find what this one left behind even where no step recorded its process."""
+    return _server_tag(os.getpid())  # keyed by pid: a forked child is another server
+
+
+def owner_tag(pid: int, start_ticks: int | None) -> str | None:
+    """The marker prefix of the server process ``pid`` started at ``start_ticks`` (None: unknown)."""
+    return None if start_ticks is None else f"{pid}-{start_ticks}"
+
+
+def new_marker() -> str:
+    """A marker for one spawn: this server's tag, then 128 random bits nobody can guess."""
+    return f"{server_tag()}-{secrets.token_hex(16)}"
+
+
+@dataclass(frozen=True)
+class ProcessTree:
+    """Everything one step started, and how to find it again.
+
+    ``pid``/``start_ticks`` name the leader; ``pgid`` its group; ``marker`` the ``MARKER_VAR``
+    value every descendant inherits. ``live`` is True in the supervisor that spawned the leader
+    (the group is ours for as long as any member lives); in recovery the group and the leader's
+    ppid links count only while the leader itself is verified by its start time, because the
+    numbers may since have been reused. ``server_tag`` (recovery only) also takes every process
+    carrying a marker handed out by that (dead) server."""
+
+    pid: int | None
+    pgid: int | None
+    start_ticks: int | None = None
+    marker: str | None = None
+    live: bool = True
+    server_tag: str | None = None
+    since_ticks: int | None = None  # nothing of ours started earlier: the marker scan skips it
+
+
+def _carries(pid: int | str, needles: Sequence[bytes]) -> bool:
+    environ = _read_proc(pid, "environ")
+    if environ is None:
+        return False
+    environ = b"\0" + environ  # so the first variable, too, starts after a NUL
+    return any(needle in environ for needle in needles)
+
+
+def tree_members(tree: ProcessTree) -> set[int]:
+    """The live (non-zombie) processes of ``tree``: its leader, its group, everything carrying its
+    marker, and every descendant (by ppid link) of those."""
     if not os.path.isdir("/proc"):
-        try:
-            os.killpg(pgid, 0)
-        except OSError:
-            return set()
-        return {pgid}
+        return {tree.pgid} if tree.pgid is not None and group_alive(tree.pgid) else set()
     table = _proc_table()
+    me = os.getpid()
+    leader = table.get(tree.pid) if tree.pid is not None else None
+    leader_ours = leader is not None and not leader.zombie and tree.start_ticks in (None, leader.start_ticks)
+    found: set[int] = set()
+    if leader_ours and tree.pid is not None:
+        found.add(tree.pid)
+    if tree.pgid is not None and (tree.live or leader_ours):
+        found |= {pid for pid, row in table.items() if row.pgrp == tree.pgid and not row.zombie}
+    needles = []
+    if tree.marker:
+        needles.append(f"\0{MARKER_VAR}={tree.marker}\0".encode())
+    if tree.server_tag:
+        needles.append(f"\0{MARKER_VAR}={tree.server_tag}-".encode())
+    if needles:
+        since = tree.since_ticks if tree.since_ticks is not None else tree.start_ticks or 0
+        for pid, row in table.items():
+            # A descendant starts no earlier than what it descends from: older processes are skipped
+            # without reading their environment, which keeps the scan cheap on a busy machine.
+            if row.start_ticks >= since and not row.zombie and pid not in found and pid != me:
+                if _carries(pid, needles):
+                    found.add(pid)
     children: dict[int, list[int]] = {}
-    for pid, ppid, _, _ in table:
-        children.setdefault(ppid, []).append(pid)
-    found = {pid for pid, _, pgrp, state in table if pgrp == pgid and state != "Z"}
-    stack = [root_pid]
-    alive = {pid for pid, _, _, state in table if state != "Z"}
+    for pid, row in table.items():
+        if not row.zombie:
+            children.setdefault(row.ppid, []).append(pid)
+    stack = list(found)
     while stack:
         for child in children.get(stack.pop(), ()):
-            if child not in found and child in alive:
+            if child not in found:
                 found.add(child)
-            stack.append(child)
-    return found & alive if alive else found
+                stack.append(child)
+    found.discard(me)
+    return found
+
+
+def tree_left(tree: ProcessTree) -> bool:
+    """Is anything of a live ``tree`` still running once its leader has exited? The cheap check
+    every step makes: one syscall for the group, then each process's environment for the marker
+    (2-3x cheaper than the ``stat`` table ``tree_members`` builds). It sees what ``tree_members``
+    sees: with the leader gone, anything else is in the group, carries the marker, or descends
+    from something that does (and then that one is still here)."""
+    if tree.pgid is not None and group_alive(tree.pgid):
+        return True
+    if not tree.marker or not os.path.isdir("/proc"):
+        return False
+    me = str(os.getpid())
+    needles = (f"\0{MARKER_VAR}={tree.marker}\0".encode(),)
+    return any(entry.isdigit() and entry != me and _carries(entry, needles) for entry in os.listdir("/proc"))
 
 
 def group_alive(pgid: int) -> bool:
-    """Is any process left in the group? One syscall: the cheap check once the leader has exited,
-    when its former children have been re-parented and only the group still finds them."""
+    """Is any process left in the group? One syscall (the fallback where there is no /proc)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -293,30 +432,41 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def signal_tree(root_pid: int, pgid: int, sig: int) -> None:
-    members = tree_members(root_pid, pgid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def signal_tree(tree: ProcessTree, sig: int) -> set[int]:
+    members = tree_members(tree)
+    if tree.pgid is not None and (tree.live or (tree.pid is not None and tree.pid in members)):
+        # The group in one call also reaches a member forked after the scan.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(tree.pgid, sig)
     for pid in members:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+    return members
 
 
-async def kill_tree(root_pid: int, pgid: int, grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM the group and its descendants, then SIGKILL whatever is left after ``grace_s``."""
-    if not tree_members(root_pid, pgid):
+async def kill_tree(tree: ProcessTree, grace_s: float = KILL_GRACE_S) -> None:
+    """SIGTERM the whole tree, then SIGKILL whatever is left after ``grace_s``, again and again
+    until nothing is left (a member may fork between a scan and the signal)."""
+    if not signal_tree(tree, signal.SIGTERM):
         return
-    signal_tree(root_pid, pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         await anyio.sleep(_POLL_S)
-        if not tree_members(root_pid, pgid):
+        if not tree_members(tree):
             return
-    signal_tree(root_pid, pgid, signal.SIGKILL)
-    # SIGKILL cannot be ignored; wait (briefly) until the kernel has taken them all down.
-    deadline = time.monotonic() + 1.0
-    while tree_members(root_pid, pgid) and time.monotonic() < deadline:
+    # SIGKILL cannot be ignored; wait (bounded) until the kernel has taken them all down.
+    deadline = time.monotonic() + KILL_WAIT_S
+    while signal_tree(tree, signal.SIGKILL) and time.monotonic() < deadline:
         await anyio.sleep(_POLL_S)
+
+
+# Live spawns by leader pid, so the orchestrator can record how to find a step's tree again.
+_spawned: dict[int, ProcessTree] = {}
+
+
+def spawned(pid: int) -> ProcessTree | None:
+    """The tree of a CLI ``run_process`` started and is still supervising."""
+    return _spawned.get(pid)
 
 
 # -- supervision ------------------------------------------------------------------------------
@@ -329,16 +479,20 @@ async def run_process(
 ) -> ProcessOutcome:
     """Run ``spec`` to its end, its limit or our cancellation; the tree is gone when this returns."""
     started = time.monotonic()
+    marker = new_marker()
     process = await anyio.open_process(
         list(spec.argv),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=spec.cwd,
-        env=dict(spec.env),
+        env={**spec.env, MARKER_VAR: marker},
         start_new_session=True,
     )
     pid = process.pid
+    tree = ProcessTree(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid), marker=marker)
+    _spawned[pid] = tree
+    settled = False  # the tree was found empty after the leader exited
     out = BoundedCapture(spec.capture_bytes)
     err = BoundedCapture(min(spec.capture_bytes, 256 * 1024))
     splitter = LineSplitter(on_line, spec.max_line_bytes, spool_dir=spec.spool_dir) if on_line else None
@@ -389,7 +543,7 @@ async def run_process(
                 limit_hit.append("idle")
                 break
             await anyio.sleep(max(_POLL_S, min(wall_deadline, idle_deadline) - now))
-        await kill_tree(pid, pid)
+        await kill_tree(tree)
 
     try:
         if on_start is not None:
@@ -401,17 +555,19 @@ async def run_process(
                 watch.start_soon(watchdog)
                 await process.wait()
                 watch.cancel_scope.cancel()
-            # The main process is gone; anything it left in its group goes too, so nobody holds
-            # our pipes open and nothing outlives the step.
-            if group_alive(pid):
-                await kill_tree(pid, pid)
+            # The main process is gone; anything it left behind goes too (in its group, detached
+            # with setsid, holding our pipes or not), so nothing outlives the step.
+            if tree_left(tree):
+                await kill_tree(tree)
+            settled = True
             with anyio.move_on_after(DRAIN_GRACE_S):
                 await drained.wait()
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            if process.returncode is None or group_alive(pid):
-                await kill_tree(pid, pid)
+            _spawned.pop(pid, None)
+            if not settled:
+                await kill_tree(tree)
             if not drained.is_set():
                 # Cancelled: what the CLI printed before it died is still in the pipes; keep it.
                 with anyio.move_on_after(DRAIN_GRACE_S):
