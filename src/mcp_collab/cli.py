@@ -38,6 +38,7 @@ from .models import (
     RunStatus,
     WorkerSpec,
     describe_validation_error,
+    run_shape,
 )
 from .orchestrator import WorkerOrchestrator
 from .security import RedactingFilter, Redactor
@@ -173,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     dispatch.add_argument("--runtime-mode", choices=RUNTIME_MODES)
     dispatch.add_argument("--fallback-policy", choices=("on_error", "never"))
     dispatch.add_argument("--working-directory")
+    dispatch.add_argument("--max-rounds", type=int, help="review_loop: most write-and-review rounds (default 3)")
     dispatch.add_argument("--json", action="store_true", help="print the finished run as JSON")
 
     workers = sub.add_parser("workers", help="list, add or remove worker profiles")
@@ -354,13 +356,7 @@ async def _doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _step_summary(run: Run) -> str:
-    parts = []
-    for s in run.steps:
-        mode: str = s.runtime_mode or "-"
-        if s.fallback_from:
-            mode = f"{s.fallback_from}->{mode}"
-        parts.append(f"{s.worker_name}[{mode}]:{s.status}")
-    return " ".join(parts)
+    return run_shape(run.steps)
 
 
 async def _runs(settings: Settings, args: argparse.Namespace) -> int:
@@ -429,7 +425,11 @@ def _print_run(run: Run) -> None:
     _say(f"task      {run.task[:500]}")
     for s in run.steps:
         fell = f" (fell back from {s.fallback_from})" if s.fallback_from else ""
-        _say(f"\n--- step {s.index + 1}: {s.role} {s.worker_name} via {s.runtime_mode}{fell}: {s.status}")
+        where = ", ".join(
+            t for t in (f"round {s.round}" if s.round else "", f"branch {s.branch}" if s.branch else "") if t
+        )
+        where = f" ({where})" if where else ""
+        _say(f"\n--- step {s.index + 1}{where}: {s.role} {s.worker_name} via {s.runtime_mode}{fell}: {s.status}")
         for a in s.attempts:
             err = f" {a.error_kind}: {_cell(a.error)}" if a.error else ""
             _say(f"    attempt {a.runtime_mode}: {a.status} in {a.duration_ms} ms{err}")
@@ -448,6 +448,7 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         runtime_mode=args.runtime_mode,
         fallback_policy=args.fallback_policy,
         working_directory=args.working_directory,
+        max_rounds=args.max_rounds,
     )
     interrupted = False
     # Ctrl-C cancels the run (recorded as cancelled, its processes killed) instead of tearing the

@@ -44,6 +44,8 @@ MAX_INSTRUCTIONS_CHARS = 20_000
 # The hard ceiling of the schema; the operator's cap (MCP_COLLAB_MAX_TASK_CHARS) is checked below it.
 MAX_TASK_CHARS = 2_000_000
 MAX_TIMEOUT_SECONDS = 24 * 3600
+# A review loop that has not converged in this many rounds will not: ask a person.
+MAX_ROUNDS = 10
 
 
 def compatibility_error(model: WorkerModel, mode: RuntimeMode) -> str | None:
@@ -277,6 +279,9 @@ class DispatchRequest(WireModel):
     )
     fallback_policy: FallbackPolicy | None = None
     working_directory: str | None = Field(default=None, max_length=4096)
+    max_rounds: int | None = Field(
+        default=None, ge=1, le=MAX_ROUNDS, description="review_loop: most write-and-review rounds (default 3)."
+    )
 
     @model_validator(mode="after")
     def _task_not_blank(self) -> DispatchRequest:
@@ -299,6 +304,43 @@ class RunPage(WireModel):
 
 def preview(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+def run_shape(steps: list[Step]) -> str:
+    """A run at a glance: steps in order, parallel branches in braces, rounds marked.
+
+    ``writer cw[cli] completed -> reviewer gr[cli] completed (request_changes) | round 2: ...``
+    ``{answerer a[cli] completed, answerer b[google_sdk] failed} -> synthesizer s[cli] completed``"""
+
+    def label(step: Step) -> str:
+        mode: str = step.runtime_mode or "-"
+        if step.fallback_from:
+            mode = f"{step.fallback_from}->{mode}"
+        verdict = f" ({step.verdict})" if step.verdict else ""
+        return f"{step.role} {step.worker_name}[{mode}] {step.status}{verdict}"
+
+    parts: list[str] = []
+    current_round: int | None = None
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        prefix = ""
+        if step.round is not None and step.round != current_round:
+            current_round = step.round
+            prefix = f"round {step.round}: " if step.round > 1 or any((s.round or 0) > 1 for s in steps) else ""
+        if step.branch is not None:
+            group = [step]
+            while i + len(group) < len(steps) and steps[i + len(group)].branch is not None:
+                group.append(steps[i + len(group)])
+            parts.append(prefix + "{" + ", ".join(label(s) for s in group) + "}")
+            i += len(group)
+        else:
+            parts.append(prefix + label(step))
+            i += 1
+    text = ""
+    for part in parts:
+        text += part if not text else (f" | {part}" if part.startswith("round ") else f" -> {part}")
+    return text
 
 
 class StepSummary(WireModel):
@@ -324,6 +366,7 @@ class RunSummary(WireModel):
     ended_at: datetime | None
     verdict: Verdict | None
     error: str | None
+    shape: str = Field(default="", description="The run at a glance: steps in order, {parallel branches}, rounds.")
     steps: list[StepSummary]
 
     @classmethod
@@ -337,6 +380,7 @@ class RunSummary(WireModel):
             ended_at=run.ended_at,
             verdict=run.verdict,
             error=None if run.error is None else preview(run.error, 2 * chars),
+            shape=run_shape(run.steps),
             steps=[
                 StepSummary(
                     index=s.index,

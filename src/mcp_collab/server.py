@@ -29,6 +29,7 @@ from . import __version__, readiness
 from .config import Settings
 from .errors import CollabError, NoFittingWorkerError, StoreError, UnknownRunError, listing, shown
 from .models import (
+    MAX_ROUNDS,
     DispatchRequest,
     FallbackPolicy,
     Run,
@@ -286,9 +287,7 @@ def build_server(
     async def dispatch_task(
         ctx: Context,
         task: Annotated[str, Field(description="What the workers should do, in plain words.")],
-        strategy: Annotated[
-            str, Field(description="single_worker, codex_writes_gemini_reviews or security_redteam_pass.")
-        ] = "single_worker",
+        strategy: Annotated[str, Field(description=f"One of: {', '.join(STRATEGIES)}.")] = "single_worker",
         workers: Annotated[list[str] | None, Field(description="Worker names in the strategy's role order.")] = None,
         runtimeMode: Annotated[RuntimeMode | None, Field(description="Run every step through this runtime.")] = None,
         runtimeModes: Annotated[
@@ -300,6 +299,9 @@ def build_server(
         waitSeconds: Annotated[
             float, Field(ge=0, le=MAX_WAIT_S, description="How long to wait for the run to finish before returning.")
         ] = DEFAULT_WAIT_S,
+        maxRounds: Annotated[
+            int | None, Field(ge=1, le=MAX_ROUNDS, description="review_loop: most rounds (default 3).")
+        ] = None,
     ) -> Run:
         request = DispatchRequest(
             task=task,
@@ -309,6 +311,7 @@ def build_server(
             runtime_modes=runtimeModes,
             fallback_policy=fallbackPolicy,
             working_directory=workingDirectory,
+            max_rounds=maxRounds,
         )
         orchestrator = _state(ctx).orchestrator
         run = await orchestrator.start(request)

@@ -247,6 +247,10 @@ class EngineContext:
     def task(self) -> str:
         return self.active.plan.task
 
+    @property
+    def max_rounds(self) -> int | None:
+        return self.active.plan.max_rounds
+
     def cast(self, role: Role) -> list[Worker]:
         return [w for r, w in self.active.plan.cast if r.name == role.name]
 

@@ -19,7 +19,7 @@ from ..models import DispatchRequest, FallbackPolicy, Run, RunStatus, RuntimeMod
 from ..runtimes.base import PartialOutput
 from ..runtimes.selector import choose_mode, choose_policy
 from ..security import Redactor, confine
-from ..strategies import Role, Strategy, cast_workers, get_strategy
+from ..strategies import STRATEGIES, Role, Strategy, cast_workers, get_strategy
 
 ProgressCallback = Callable[[str], None]
 
@@ -39,6 +39,7 @@ class Plan:
     cwd: Path | None  # the dispatch's directory; None: each worker's own, else the default
     default_cwd: Path | None
     task: str  # as the caller wrote it, for the workers; the run record keeps it redacted
+    max_rounds: int | None = None
 
     def directory_of(self, worker: Worker) -> Path | None:
         if self.cwd is not None:
@@ -75,6 +76,9 @@ def make_plan(settings: Settings, request: DispatchRequest, registered: list[Wor
             "(MCP_COLLAB_MAX_TASK_CHARS). Put long material in a file in the working directory and refer to it."
         )
     strategy = get_strategy(request.strategy)
+    if request.max_rounds is not None and not strategy.loops:
+        looping = ", ".join(s.name for s in STRATEGIES.values() if s.loops)
+        raise InvalidRequestError(f"maxRounds applies to {looping}, not to {strategy.name!r}; leave it out")
     cast = cast_workers(strategy, registered, request.workers)
     workers = list({w.name: w for _, w in cast}.values())
     runtime_modes = request.runtime_modes or {}
@@ -107,7 +111,9 @@ def make_plan(settings: Settings, request: DispatchRequest, registered: list[Wor
         runtime_mode=request.runtime_mode,
         workers=[w.name for _, w in cast],
     )
-    return Plan(run, strategy, cast, modes, policies, cwd, default_cwd, task=request.task)
+    return Plan(
+        run, strategy, cast, modes, policies, cwd, default_cwd, task=request.task, max_rounds=request.max_rounds
+    )
 
 
 def default_directory(settings: Settings) -> Path:

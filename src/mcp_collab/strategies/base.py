@@ -59,6 +59,10 @@ class RunContext(Protocol):
     def task(self) -> str:
         """The task as the caller wrote it."""
 
+    @property
+    def max_rounds(self) -> int | None:
+        """The dispatch's maxRounds, for strategies that loop."""
+
     def cast(self, role: Role) -> list[Worker]:
         """The workers chosen for ``role`` at dispatch, in order."""
 
@@ -100,6 +104,7 @@ class Strategy:
     summary: str
     roles: tuple[Role, ...]
     run: Program
+    loops: bool = False  # takes maxRounds
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
@@ -108,11 +113,11 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, *, summary: str, roles: tuple[Role, ...]) -> Callable[[Program], Program]:
+def strategy(name: str, *, summary: str, roles: tuple[Role, ...], loops: bool = False) -> Callable[[Program], Program]:
     """Register ``run`` as the program of strategy ``name``."""
 
     def register(run: Program) -> Program:
-        STRATEGIES[name] = Strategy(name=name, summary=summary, roles=roles, run=run)
+        STRATEGIES[name] = Strategy(name=name, summary=summary, roles=roles, run=run, loops=loops)
         return run
 
     return register

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 from . import prompts
 from .base import Role, RunContext, strategy
 from .verdicts import REDTEAM_VERDICTS, REVIEW_VERDICTS
+
+# How many rounds a review loop runs when the dispatch does not say.
+DEFAULT_MAX_ROUNDS = 3
+# A consensus needs at least this many answers to compare.
+MIN_ANSWERS = 2
 
 WORKER = Role("worker", None, "workspace_write")
 WRITER = Role("writer", ("codex_cli",), "workspace_write")
@@ -50,3 +57,60 @@ async def security_redteam_pass(run: RunContext) -> None:
     done = run.require(await run.step(doer, WORKER, run.task, space=space))
     diff = await space.diff()
     run.require(await run.step(attacker, REDTEAM, prompts.redteam(run.task, done, diff), space=space))
+
+
+LOOP_WRITER = Role("writer", None, "workspace_write")
+LOOP_REVIEWER = Role("reviewer", None, "read_only", verdicts=REVIEW_VERDICTS, distinct_from_previous=True)
+
+
+@strategy(
+    "review_loop",
+    summary="A writer changes the code; a reviewer reads the diff read-only. While the reviewer requests "
+    "changes, the writer revises in the same place with the review in hand and a fresh review follows, "
+    "up to maxRounds (default 3). Every round's verdict is recorded; the run's is the last. Use when "
+    "the change must pass review, not just get one.",
+    roles=(LOOP_WRITER, LOOP_REVIEWER),
+    loops=True,
+)
+async def review_loop(run: RunContext) -> None:
+    [writer], [reviewer] = run.cast(LOOP_WRITER), run.cast(LOOP_REVIEWER)
+    space = await run.space()
+    review = None
+    for round in range(1, (run.max_rounds or DEFAULT_MAX_ROUNDS) + 1):
+        prompt = prompts.writer(run.task) if review is None else prompts.revise(run.task, review, await space.diff())
+        wrote = run.require(await run.step(writer, LOOP_WRITER, prompt, space=space, round=round))
+        diff = await space.diff()
+        review = run.require(
+            await run.step(reviewer, LOOP_REVIEWER, prompts.reviewer(run.task, wrote, diff), space=space, round=round)
+        )
+        if review.verdict == "approve":
+            break
+
+
+ANSWERER = Role("answerer", None, "read_only", count=(MIN_ANSWERS, 5))
+SYNTHESIZER = Role("synthesizer", None, "read_only")
+
+
+@strategy(
+    "parallel_consensus",
+    summary="2 to 5 workers (different vendors are the point) answer the same question read-only, all at "
+    "once; a synthesizer reads every answer and writes one, naming where they agree and disagree. A "
+    "failed answer is recorded and the synthesis goes on while two remain. workers: the answerers, then "
+    "the synthesizer last when more than two are named (else the first registered worker). Use for "
+    "design questions, reviews of a plan, diagnoses.",
+    roles=(ANSWERER, SYNTHESIZER),
+)
+async def parallel_consensus(run: RunContext) -> None:
+    answerers, [synthesizer] = run.cast(ANSWERER), run.cast(SYNTHESIZER)
+    question = prompts.answerer(run.task)
+    answers = await run.parallel(
+        [
+            functools.partial(run.step, worker, ANSWERER, question, branch=f"{i + 1}:{worker.name}")
+            for i, worker in enumerate(answerers)
+        ]
+    )
+    good = [a for a in answers if a.status == "completed"]
+    if len(good) < MIN_ANSWERS:
+        failed = "; ".join(f"{a.worker_name}: {a.error}" for a in answers if a.status != "completed")
+        run.fail(f"only {len(good)} of {len(answers)} answers came back (a consensus needs {MIN_ANSWERS}): {failed}")
+    run.require(await run.step(synthesizer, SYNTHESIZER, prompts.synthesis(run.task, good)))

@@ -54,3 +54,39 @@ def redteam(task: str, done: Step, diff: str | None) -> str:
         f'<result author="{done.worker_name}">\n{quote(done.output, MAX_QUOTED_OUTPUT_CHARS)}\n</result>'
         + (f"\n\n{block}" if block else "")
     )
+
+
+def revise(task: str, review: Step, diff: str | None) -> str:
+    return (
+        "You are the writer in a write-then-review collaboration, revising your own work. A reviewer "
+        "read your change and asked for changes. Address each point in the working directory (your "
+        "previous edits are still there), then finish with a short summary of what you changed in "
+        "this round and why.\n\n"
+        f"<task>\n{task}\n</task>\n\n"
+        f'<review author="{review.worker_name}">\n{quote(review.output, MAX_QUOTED_OUTPUT_CHARS)}\n</review>\n\n'
+        f"{diff_block(diff)}"
+    )
+
+
+def answerer(task: str) -> str:
+    return (
+        "Answer the question below on your own; other engineers answer it independently and a "
+        "synthesizer will compare the answers. Do not modify any file. Be concrete: name files, "
+        "functions and trade-offs, and say how sure you are.\n\n"
+        f"<question>\n{task}\n</question>"
+    )
+
+
+def synthesis(task: str, answers: list[Step]) -> str:
+    quoted = "\n\n".join(
+        f'<answer author="{a.worker_name}" model="{a.worker_model}">\n'
+        f"{quote(a.output, MAX_QUOTED_OUTPUT_CHARS // max(1, len(answers)))}\n</answer>"
+        for a in answers
+    )
+    return (
+        f"You are the synthesizer. {len(answers)} engineers answered the question below independently. "
+        "Do not modify any file. Write one answer that is better than each: start with where they "
+        "agree, then where they disagree (name who said what and which view you take, and why), then "
+        "the combined answer.\n\n"
+        f"<question>\n{task}\n</question>\n\n{quoted}"
+    )
