@@ -323,7 +323,7 @@ class Scratch:
         index: str | None = None,
         env: Mapping[str, str] | None = None,
         max_bytes: int = SMALL_FILE_BYTES,
-        stdout: IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
     ) -> GitResult:
         """git through this scratch repository, its failure logged and kept in ``problem``."""
         result = await run_git(
@@ -370,7 +370,7 @@ async def run_git(
     cwd: Path,
     env: dict[str, str],
     max_bytes: int,
-    stdout: IO[Any] | None = None,
+    stdout: int | IO[Any] | None = None,
     deadline_s: float = GIT_TIMEOUT_S,
 ) -> GitResult:
     """Run git (``args`` after the program name): own process group, killed whole on the deadline,
