@@ -10,6 +10,7 @@ edge of the runtime that met them, with ``raise ... from exc``::
     │   ├── NoFittingWorkerError  no registered worker fits a strategy's role
     │   └── UnknownRunError
     ├── StoreError              the run store cannot be used (newer schema, unreadable, unwritable)
+    ├── WorktreeError           a run's git worktree could not be made, read, applied or removed
     └── RuntimeFailure          a step's runtime failed; ``kind`` drives the fallback policy
         ├── RuntimeUnavailable  missing credentials, binary or package: nothing was attempted
         ├── RuntimeTransient    connection, timeout, 429, 5xx: the same call may succeed later
@@ -53,6 +54,11 @@ class UnknownRunError(InvalidRequestError):
 
 class StoreError(CollabError):
     """The run store cannot be used as it is; nothing was overwritten."""
+
+
+class WorktreeError(CollabError):
+    """A git worktree operation failed; the message names the repository or path and the cause,
+    and says what was left as it was."""
 
 
 class RuntimeFailure(CollabError):

@@ -17,6 +17,9 @@ off (``GIT_CONFIG_NOSYSTEM``, ``GIT_CONFIG_GLOBAL=/dev/null``), so the only conf
 scratch file plus the ``-c`` overrides below. A ``filter=x`` or ``diff=x`` attribute in
 ``.gitattributes`` then names a driver no config defines, which git treats as no driver at all.
 The repository's ``HEAD`` is resolved here, in Python, by reading its ref files.
+
+The pieces (``locate``, ``Scratch``, ``write_tree``, ``run_git``, ``read_ref``) are shared with
+``worktrees``, which makes and tends a writer's own git worktree under the same rules.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -32,6 +36,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import anyio
 import anyio.abc
@@ -92,10 +97,29 @@ _REF_NAME = re.compile(r"refs/[A-Za-z0-9._/+@-]+")
 
 
 @dataclass(frozen=True)
-class _Repo:
+class RepoLayout:
     top: Path  # the working tree
     git_dir: Path  # per-worktree git directory (HEAD lives here)
     common_dir: Path  # shared git directory (objects, branches, packed-refs, info/exclude)
+
+
+@dataclass(frozen=True)
+class GitResult:
+    """What one git child did. ``code`` is None when git could not start or missed its deadline."""
+
+    code: int | None
+    out: bytes  # at most ``max_bytes + 1`` bytes of stdout
+    err: str  # the start of stderr
+    truncated: bool  # stdout went past ``max_bytes`` and git was stopped there
+    problem: str  # why it failed, in words ("" when it did not)
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0 and not self.truncated
+
+    @property
+    def text(self) -> str:
+        return self.out.decode("utf-8", "replace")
 
 
 def git_env(environ: Mapping[str, str], scratch: Path) -> dict[str, str]:
@@ -107,7 +131,7 @@ def git_env(environ: Mapping[str, str], scratch: Path) -> dict[str, str]:
     return env
 
 
-def _read_small(path: Path, limit: int = SMALL_FILE_BYTES) -> str | None:
+def read_small(path: Path, limit: int = SMALL_FILE_BYTES) -> str | None:
     """The start of a regular file, or None. Non-blocking and type-checked, because a writer can put
     a FIFO or a device where a ref file should be and the server must not hang on it."""
     try:
@@ -128,7 +152,7 @@ def _is_git_dir(path: Path) -> bool:
     return (path / "HEAD").is_file() and ((path / "objects").is_dir() or (path / "commondir").is_file())
 
 
-def _locate(cwd: Path, roots: Sequence[Path]) -> _Repo | None:
+def locate(cwd: Path, roots: Sequence[Path]) -> RepoLayout | None:
     """The repository whose working tree holds ``cwd``, found the way git finds it, or None.
 
     A ``.git`` file (``gitdir: /somewhere``) is followed, because linked worktrees and submodules are
@@ -145,7 +169,7 @@ def _locate(cwd: Path, roots: Sequence[Path]) -> _Repo | None:
             git_dir = dotgit
             break
         if dotgit.exists():
-            text = _read_small(dotgit)
+            text = read_small(dotgit)
             if text is None or not text.startswith("gitdir:"):
                 log.warning("no diff: %s is neither a git directory nor a 'gitdir:' file", dotgit)
                 return None
@@ -156,7 +180,7 @@ def _locate(cwd: Path, roots: Sequence[Path]) -> _Repo | None:
     else:
         return None
     common = git_dir
-    if (pointer := _read_small(git_dir / "commondir")) is not None:
+    if (pointer := read_small(git_dir / "commondir")) is not None:
         common = git_dir / pointer.strip()
     try:
         for what, path in (("working tree", top), ("git directory", git_dir), ("git common directory", common)):
@@ -168,18 +192,18 @@ def _locate(cwd: Path, roots: Sequence[Path]) -> _Repo | None:
     if not (git_dir / "HEAD").is_file() or not (common / "objects").is_dir():
         log.warning("no diff: %s is not a git directory (no HEAD or objects)", git_dir)
         return None
-    return _Repo(top=top, git_dir=git_dir, common_dir=common)
+    return RepoLayout(top=top, git_dir=git_dir, common_dir=common)
 
 
-def _head_commit(repo: _Repo) -> str | None:
-    """The commit HEAD names, read from the ref files (loose, then packed-refs), or None when the
-    branch is unborn or the refs are in a form not read here (a reftable): the snapshot then starts
-    from an empty index, which changes only whether files tracked but ignored are included."""
-    name = "HEAD"
+def read_ref(repo: RepoLayout, name: str = "HEAD") -> str | None:
+    """The commit a ref names (``HEAD`` by default), read from the ref files (loose, then
+    packed-refs), or None when the branch is unborn or the refs are in a form not read here (a
+    reftable): the snapshot then starts from an empty index, which changes only whether files
+    tracked but ignored are included."""
     for _ in range(MAX_SYMREF_DEPTH):
-        text = _read_small(repo.git_dir / name)
+        text = read_small(repo.git_dir / name)
         if text is None and name != "HEAD":
-            text = _read_small(repo.common_dir / name)
+            text = read_small(repo.common_dir / name)
         if text is None:
             return _packed_ref(repo, name)
         text = text.strip()
@@ -193,8 +217,8 @@ def _head_commit(repo: _Repo) -> str | None:
     return None
 
 
-def _packed_ref(repo: _Repo, name: str) -> str | None:
-    text = _read_small(repo.common_dir / "packed-refs", limit=DATA_FILE_BYTES)
+def _packed_ref(repo: RepoLayout, name: str) -> str | None:
+    text = read_small(repo.common_dir / "packed-refs", limit=DATA_FILE_BYTES)
     for line in (text or "").splitlines():
         oid, _, ref = line.partition(" ")
         if ref == name and _HEX_ID.fullmatch(oid):
@@ -202,14 +226,47 @@ def _packed_ref(repo: _Repo, name: str) -> str | None:
     return None
 
 
-class _Scratch:
-    """A scratch git directory that borrows one repository's objects and working tree."""
+def copy_regular_file(source: Path, target: Path) -> bool:
+    """Copy ``source`` to ``target`` when it is a regular file (never a FIFO or device a writer put
+    there); False when it is not, or cannot be read."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
-    def __init__(self, repo: _Repo, base: Path) -> None:
+
+class Scratch:
+    """A scratch git directory that borrows one repository's objects and a working tree (the
+    repository's own unless ``work_tree`` names another, such as a new worktree being filled)."""
+
+    def __init__(
+        self,
+        repo: RepoLayout,
+        base: Path,
+        *,
+        work_tree: Path | None = None,
+        purpose: str = "no diff",
+        deadline_s: float = GIT_TIMEOUT_S,
+    ) -> None:
         self.repo = repo
         self.base = base
+        self.work_tree = work_tree or repo.top
         self.git_dir = base / "git"
         self.index = str(base / "index")
+        self.purpose = purpose  # how a failure starts in the log ("no diff", "worktree")
+        self.deadline_s = deadline_s
+        self.object_format = "sha1"
+        self.problem = ""  # why the last step failed, for the caller's message
 
     async def prepare(self) -> bool:
         for sub in ("refs", "objects", "info"):
@@ -218,14 +275,12 @@ class _Scratch:
         (self.git_dir / "config").write_text("", encoding="utf-8")
         # The object format is the one setting of the repository that must carry over: sha1 objects
         # written into a sha256 store would be garbage. `git config --file` only parses the file.
-        # git parses a bounded copy, never the file itself: a FIFO there would hold git until the deadline.
-        copy = self.base / "repository.config"
-        copy.write_text(_read_small(self.repo.common_dir / "config", DATA_FILE_BYTES) or "", encoding="utf-8")
-        fmt = await self.git("config", "--file", str(copy), "--default", "sha1", "--get", "extensions.objectformat")
-        fmt = (fmt or "").strip()
+        fmt = (await self.repository_config("extensions.objectformat", "sha1") or "").strip()
         if fmt not in ("sha1", "sha256"):
-            log.warning("no diff: %s uses object format %r, not sha1 or sha256", self.repo.top, fmt)
+            self.problem = f"{self.repo.top} uses object format {fmt!r}, not sha1 or sha256"
+            log.warning("%s: %s", self.purpose, self.problem)
             return False
+        self.object_format = fmt
         version = "0" if fmt == "sha1" else "1"
         extensions = "" if fmt == "sha1" else f"[extensions]\n\tobjectFormat = {fmt}\n"
         (self.git_dir / "config").write_text(
@@ -233,19 +288,56 @@ class _Scratch:
         )
         # Ignore patterns are data, never programs: keep the repository's own and the user's global
         # ones, so the snapshot skips what `git status` would skip (build output, virtualenvs).
-        excludes = [_read_small(self.repo.common_dir / "info" / "exclude", DATA_FILE_BYTES) or ""]
+        excludes = [read_small(self.repo.common_dir / "info" / "exclude", DATA_FILE_BYTES) or ""]
         if (global_file := _global_excludes_file()) is not None:
-            excludes.append(_read_small(global_file, DATA_FILE_BYTES) or "")
+            excludes.append(read_small(global_file, DATA_FILE_BYTES) or "")
         (self.git_dir / "info" / "exclude").write_text("\n".join(excludes), encoding="utf-8")
         return True
 
-    async def git(self, *args: str, index: bool = False, max_bytes: int = SMALL_FILE_BYTES) -> str | None:
+    async def repository_config(self, key: str, default: str) -> str | None:
+        """One value of the repository's own config file, parsed by git as data (never applied).
+        git parses a bounded copy, never the file itself: a FIFO there would hold git until the deadline."""
+        copy = self.base / "repository.config"
+        if not copy.exists():
+            copy.write_text(read_small(self.repo.common_dir / "config", DATA_FILE_BYTES) or "", encoding="utf-8")
+        return await self.git("config", "--file", str(copy), "--default", default, "--get", key)
+
+    def env(self, index: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = git_env(os.environ, self.base)
-        env["GIT_WORK_TREE"] = str(self.repo.top)
+        env["GIT_WORK_TREE"] = str(self.work_tree)
         env["GIT_OBJECT_DIRECTORY"] = str(self.repo.common_dir / "objects")
-        if index:
-            env["GIT_INDEX_FILE"] = self.index
-        return await _run_git([*_NEUTRALIZE, *args], cwd=self.repo.top, env=env, max_bytes=max_bytes)
+        if index is not None:
+            env["GIT_INDEX_FILE"] = index
+        env.update(extra or {})
+        return env
+
+    async def git(self, *args: str, index: bool = False, max_bytes: int = SMALL_FILE_BYTES) -> str | None:
+        result = await self.run(*args, index=self.index if index else None, max_bytes=max_bytes)
+        if result.truncated:
+            return result.text  # cut short on purpose; the exit status is our kill's
+        return result.text if result.ok else None
+
+    async def run(
+        self,
+        *args: str,
+        index: str | None = None,
+        env: Mapping[str, str] | None = None,
+        max_bytes: int = SMALL_FILE_BYTES,
+        stdout: int | IO[Any] | None = None,
+    ) -> GitResult:
+        """git through this scratch repository, its failure logged and kept in ``problem``."""
+        result = await run_git(
+            [*_NEUTRALIZE, *args],
+            cwd=self.work_tree,
+            env=self.env(index, env),
+            max_bytes=max_bytes,
+            stdout=stdout,
+            deadline_s=self.deadline_s,
+        )
+        if not result.ok and not result.truncated:
+            self.problem = result.problem
+            log.warning("%s: %s", self.purpose, result.problem)
+        return result
 
 
 def _global_excludes_file() -> Path | None:
@@ -264,12 +356,30 @@ def _kill_group(proc: anyio.abc.Process | None) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def _run_git(args: list[str], *, cwd: Path, env: dict[str, str], max_bytes: int) -> str | None:
-    """git's stdout (at most ``max_bytes + 1`` bytes kept), or None when it failed, timed out or
-    could not start. Own process group, killed whole on the deadline."""
+def _subcommand(args: Sequence[str]) -> str:
+    """The git command in an argument list that may start with ``-c key=value`` pairs."""
+    rest = list(args)
+    while len(rest) >= 2 and rest[0] == "-c":
+        rest = rest[2:]
+    return rest[0] if rest else "(nothing)"
+
+
+async def run_git(
+    args: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    max_bytes: int,
+    stdout: int | IO[Any] | None = None,
+    deadline_s: float = GIT_TIMEOUT_S,
+) -> GitResult:
+    """Run git (``args`` after the program name): own process group, killed whole on the deadline,
+    stdout kept up to ``max_bytes + 1`` bytes (or written to ``stdout`` when a file is given), the
+    start of stderr kept for the message. Never raises for git's own failure: see ``GitResult``."""
     out = bytearray()
     err = bytearray()
     proc: anyio.abc.Process | None = None
+    what = f"git {_subcommand(args)} in {cwd}"
 
     async def drain(stream: anyio.abc.ByteReceiveStream | None, into: bytearray, cap: int) -> None:
         if stream is None:
@@ -282,67 +392,80 @@ async def _run_git(args: list[str], *, cwd: Path, env: dict[str, str], max_bytes
                 return
 
     try:
-        with anyio.fail_after(GIT_TIMEOUT_S):
+        with anyio.fail_after(deadline_s):
             proc = await anyio.open_process(
                 ["git", *args],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
                 start_new_session=True,
             )
             async with proc, anyio.create_task_group() as tg:
                 tg.start_soon(drain, proc.stderr, err, STDERR_BYTES)
                 await drain(proc.stdout, out, max_bytes + 1)
             code = proc.returncode
-    except (OSError, TimeoutError) as exc:
-        log.warning("no diff: git %s in %s did not finish: %s", args[len(_NEUTRALIZE)], cwd, exc or "timed out")
-        return None
+    except TimeoutError:
+        return GitResult(None, b"", "", False, f"{what} did not finish within {deadline_s:g} s")
+    except OSError as exc:
+        return GitResult(None, b"", "", False, f"{what} could not run: {exc}")
     finally:
         _kill_group(proc)
+    stderr = err.decode("utf-8", "replace").strip()
     if len(out) > max_bytes:
-        return out.decode("utf-8", "replace")  # cut short on purpose; the exit status is our kill's
-    if code != 0:
-        log.warning(
-            "no diff: git %s in %s failed (%s): %s",
-            args[len(_NEUTRALIZE)],
-            cwd,
-            code,
-            err.decode("utf-8", "replace").strip(),
-        )
-        return None
-    return out.decode("utf-8", "replace")
+        return GitResult(code, bytes(out), stderr, True, "")
+    problem = "" if code == 0 else f"{what} failed (exit {code}): {stderr or 'no message'}"
+    return GitResult(code, bytes(out), stderr, False, problem)
 
 
-async def snapshot(cwd: Path | None, roots: Sequence[Path]) -> str | None:
-    """A tree id for the working tree at ``cwd``, or None when it is not a git working tree inside
-    ``roots`` (or git could not write the snapshot)."""
-    repo = _locate(cwd or Path.cwd(), roots)
-    if repo is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="mcp-collab-git-") as tmp:
-        scratch = _Scratch(repo, Path(tmp))
-        if not await scratch.prepare():
-            return None
-        if (head := _head_commit(repo)) is not None:
+async def write_tree(scratch: Scratch, head: str | None, *, seed_index: Path | None = None) -> str | None:
+    """A tree id for the scratch's working tree as it is (tracked and untracked, minus ignored), or
+    None (``scratch.problem`` says why).
+
+    ``seed_index``, when it is a regular file, is copied and used as the starting index: its stat
+    data lets git skip hashing every unchanged file (a 10,000-file tree costs a stat per file, not a
+    read), and its skip-worktree entries (a sparse checkout) are kept rather than seen as deleted.
+    An index git cannot use here (a split index, whose shared part lives in the repository's own git
+    directory) falls back to starting from ``head``."""
+    seeded = seed_index is not None and await anyio.to_thread.run_sync(
+        copy_regular_file, seed_index, Path(scratch.index)
+    )
+    added = await scratch.git("add", "-A", "--", ".", index=True) if seeded else None
+    if added is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch.index)
+        if head is not None:
             # A HEAD whose objects are missing (a partial clone) only loses the tracked-but-ignored
             # files; the scratch repository has no remote, so nothing is fetched.
             await scratch.git("read-tree", head, index=True)
         if await scratch.git("add", "-A", "--", ".", index=True) is None:
             return None
-        tree = await scratch.git("write-tree", index=True)
-    tree = (tree or "").strip()
+    tree = (await scratch.git("write-tree", index=True) or "").strip()
     return tree if _HEX_ID.fullmatch(tree) else None
+
+
+async def snapshot(cwd: Path | None, roots: Sequence[Path]) -> str | None:
+    """A tree id for the working tree at ``cwd``, or None when it is not a git working tree inside
+    ``roots`` (or git could not write the snapshot)."""
+    repo = locate(cwd or Path.cwd(), roots)
+    if repo is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="mcp-collab-git-") as tmp:
+        scratch = Scratch(repo, Path(tmp))
+        if not await scratch.prepare():
+            return None
+        return await write_tree(scratch, read_ref(repo))
 
 
 async def diff(cwd: Path | None, roots: Sequence[Path], before: str, after: str, max_bytes: int) -> str | None:
     """The diff between two snapshots of the working tree at ``cwd``, cut to ``max_bytes``."""
     if not (_HEX_ID.fullmatch(before) and _HEX_ID.fullmatch(after)):
         return None
-    repo = _locate(cwd or Path.cwd(), roots)
+    repo = locate(cwd or Path.cwd(), roots)
     if repo is None:
         return None
     with tempfile.TemporaryDirectory(prefix="mcp-collab-git-") as tmp:
-        scratch = _Scratch(repo, Path(tmp))
+        scratch = Scratch(repo, Path(tmp))
         if not await scratch.prepare():
             return None
         text = await scratch.git(
