@@ -74,7 +74,7 @@ def test_workers_dispatch_and_runs_from_the_terminal(env: dict[str, str]) -> Non
     run = json.loads(from_stdin.stdout)
     assert run["task"] == "--version; rm -rf /" and run["status"] == "completed"
     table = mc(env, "runs").stdout
-    assert table.count("single_worker") == 2 and "w[cli]:completed" in table
+    assert table.count("single_worker") == 2 and "worker w[cli] completed" in table
     shown = mc(env, "runs", "show", run["id"])
     assert f"run       {run['id']}" in shown.stdout and "attempt cli: completed" in shown.stdout
     missing = one_line_refusal(mc(env, "runs", "show", "run-nope"))
@@ -203,7 +203,9 @@ def test_an_unknown_worker_filter_is_an_empty_answer_for_a_removed_worker_keeps_
     mc(fast, "workers", "add", "w", "--model", "codex_cli")
     mc(fast, "dispatch", "x")
     mc(fast, "workers", "remove", "w")
-    assert "w[cli]:completed" in mc(fast, "runs", "--worker", "w").stdout, "a removed worker's runs stay findable"
+    assert "worker w[cli] completed" in mc(fast, "runs", "--worker", "w").stdout, (
+        "a removed worker's runs stay findable"
+    )
     nobody = mc(fast, "runs", "--worker", "nobody")
     assert nobody.returncode == 0 and nobody.stdout.strip() == "no runs match these filters"
 
@@ -333,7 +335,7 @@ def test_dispatch_exits_3_unless_the_judge_approves_so_ci_can_gate_on_it(
     if verdict == "unknown":
         assert "verdict   unknown (the redteam gave no VERDICT line of pass or fail)" in done.stdout
     table = mc(env, "runs").stdout
-    assert re.search(rf"completed\s+{verdict}\s+doer", table), table
+    assert re.search(rf"completed\s+{verdict}\s+worker doer", table), table
 
 
 def test_dispatch_help_documents_the_exit_codes() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mcp import Client
@@ -114,6 +115,8 @@ async def test_the_reviewer_sees_the_diff_the_writer_left_in_a_git_repository(
 
     def writer(req: StepRequest) -> Reply:
         assert req.working_directory is not None and req.access == "workspace_write"
+        assert req.working_directory != repo, "the writer works in a worktree of its own"
+        assert "edited by the user" in (req.working_directory / "untouched.py").read_text(), "it sees the user's edits"
         (req.working_directory / "parse.py").write_text(
             "def parse(s):\n    if not s:\n        return []\n    return s.split()\n"
         )
@@ -143,8 +146,24 @@ async def test_the_reviewer_sees_the_diff_the_writer_left_in_a_git_repository(
     assert "+    if not s:" in review.prompt and "test_parse.py" in review.prompt
     assert "Handled empty input and added a test." in review.prompt
     assert "edited by the user" not in review.prompt, "only what the writer changed"
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
-    assert "?? test_parse.py" in status.stdout, "the user's index was not touched"
+    assert review.working_directory == run_worktree(run), "the reviewer reads the writer's worktree"
+
+    def status() -> str:
+        return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+
+    assert status() == " M untouched.py\n", "the user's tree, index and branches were not touched while it ran"
+    [worktree] = run.worktrees
+    assert worktree.branch == f"mcp-collab/{run.id}" and worktree.carried_changes
+    assert "+    if not s:" in worktree.diff and "edited by the user" not in worktree.diff
+    async with WorkerOrchestrator(make_settings(), runtimes={"cli": cli}) as orch:
+        applied = await orch.apply(run.id)
+    assert applied.applied and sorted(applied.files) == ["parse.py", "test_parse.py"]
+    assert status() == " M parse.py\n M untouched.py\n?? test_parse.py\n"
+    assert "edited by the user" in (repo / "untouched.py").read_text(), "the user's own change is kept"
+
+
+def run_worktree(run: Any) -> Path:
+    return Path(run.worktrees[0].path)
 
 
 @pytest.mark.anyio

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .config import Settings
+from .engine.executor import step_label
 from .errors import CollabError, NoFittingWorkerError, UnknownRunError
 from .models import (
     RUNTIME_MODES,
@@ -143,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
     runs = sub.add_parser("runs", help="list recent runs, or `runs show ID`")
-    runs.add_argument("action", nargs="?", choices=("list", "show", "prune"), default="list")
+    runs.add_argument("action", nargs="?", choices=("list", "show", "prune", "apply", "discard"), default="list")
     runs.add_argument("run_id", nargs="?")
+    runs.add_argument("--branch", help="apply: the label of the branch to apply (best_of_n; default: the judge's)")
     runs.add_argument("--status", choices=get_args(RunStatus))
     runs.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES)}")
     runs.add_argument("--worker", help="runs in which this worker took a step (removed workers' too)")
@@ -373,6 +375,21 @@ async def _runs(settings: Settings, args: argparse.Namespace) -> int:
             + (f": {', '.join(pruned[:10])}" + (" ..." if len(pruned) > 10 else "") if pruned else "")
         )
         return EXIT_OK
+    if args.action in ("apply", "discard"):
+        if not args.run_id:
+            _tell(f"mcp-collab: runs {args.action} needs a run id; `mcp-collab runs` lists the runs")
+            return EXIT_REFUSED
+        if args.action == "apply":
+            done = await orchestrator.apply(args.run_id, args.branch)
+        else:
+            done = await orchestrator.discard(args.run_id)
+        if args.json:
+            _print_json(json.dumps({"applied": done.applied, "files": list(done.files), "message": done.message}))
+        elif done.applied or args.action == "discard":
+            _say(done.message)
+        else:
+            _tell(f"mcp-collab: {done.message}")
+        return EXIT_OK if done.applied or args.action == "discard" else EXIT_REFUSED
     if args.action == "show":
         if not args.run_id:
             _tell("mcp-collab: runs show needs a run id; `mcp-collab runs` lists the runs")
@@ -423,13 +440,15 @@ def _print_run(run: Run) -> None:
     for finding in run.findings:
         _say(f"finding   {_cell(finding)}")
     _say(f"task      {run.task[:500]}")
+    for note in run.notes:
+        _say(f"note      {_cell(note)}")
+    for wt in run.worktrees:
+        chosen = "  (chosen)" if run.chosen is not None and wt.label == run.chosen else ""
+        label = f"[{wt.label}] " if wt.label else ""
+        _say(f"worktree  {label}{wt.branch} at {wt.path}, from {wt.base_commit[:12]}: {wt.state}{chosen}")
     for s in run.steps:
         fell = f" (fell back from {s.fallback_from})" if s.fallback_from else ""
-        where = ", ".join(
-            t for t in (f"round {s.round}" if s.round else "", f"branch {s.branch}" if s.branch else "") if t
-        )
-        where = f" ({where})" if where else ""
-        _say(f"\n--- step {s.index + 1}{where}: {s.role} {s.worker_name} via {s.runtime_mode}{fell}: {s.status}")
+        _say(f"\n--- {step_label(s)}: {s.role} {s.worker_name} via {s.runtime_mode}{fell}: {s.status}")
         for a in s.attempts:
             err = f" {a.error_kind}: {_cell(a.error)}" if a.error else ""
             _say(f"    attempt {a.runtime_mode}: {a.status} in {a.duration_ms} ms{err}")

@@ -107,6 +107,8 @@ class Settings:
     # What writing roles may do: read_only, workspace_write (default), or bypass (the CLIs' own
     # sandbox and approvals off). Only the operator's environment can choose bypass; no tool can.
     writer_access: Access = "workspace_write"
+    # Writers work in a git worktree of their own when the directory is inside a repository.
+    worktrees: bool = True
     workspace_roots: tuple[Path, ...] = ()
     retain_runs: int | None = DEFAULT_RETAIN_RUNS
     retain_days: float | None = DEFAULT_RETAIN_DAYS
@@ -120,6 +122,11 @@ class Settings:
     @property
     def store_dir(self) -> Path:
         return self.state_dir
+
+    @property
+    def worktrees_dir(self) -> Path:
+        """Where runs' worktrees live: beside the store, never inside the user's repository."""
+        return self.state_dir / "worktrees"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -141,6 +148,7 @@ class Settings:
             http_max_sessions=int(_positive(env, "MCP_COLLAB_HTTP_MAX_SESSIONS", DEFAULT_HTTP_MAX_SESSIONS)),
             http_session_idle_s=_positive(env, "MCP_COLLAB_HTTP_SESSION_IDLE_S", DEFAULT_HTTP_SESSION_IDLE_S),
             writer_access=_choice(env, "MCP_COLLAB_WRITER_ACCESS", "workspace_write", get_args(Access)),  # type: ignore[arg-type]
+            worktrees=_choice(env, "MCP_COLLAB_WORKTREES", "1", ("1", "0")) == "1",
             workspace_roots=default_roots(env),
             retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
             retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),

@@ -247,6 +247,31 @@ class Step(WireModel):
     process: ProcessRef | None = Field(default=None, description="The CLI process of this step, while one runs.")
 
 
+WorktreeState = Literal["active", "applied", "discarded"]
+
+
+class RunWorktree(WireModel):
+    """A writer's own git worktree: where it is, what it started from, what it produced."""
+
+    label: str | None = Field(default=None, description="The parallel writer it belongs to (best_of_n).")
+    path: str = Field(description="The worktree's directory.")
+    branch: str = Field(description="Its branch, e.g. mcp-collab/<run id>.")
+    entry: str = Field(description="Its entry under the repository's worktrees directory.")
+    git_dir: str = Field(description="The repository's shared git directory.")
+    head_commit: str | None = Field(default=None, description="The user's HEAD at dispatch.")
+    base_commit: str = Field(
+        description="What the branch started from (HEAD, or HEAD plus the user's uncommitted changes)."
+    )
+    carried_changes: bool = Field(default=False, description="The base holds uncommitted changes of the user.")
+    tip: str | None = Field(
+        default=None, description="The branch's commit holding the writer's work, once the run ended."
+    )
+    diff: str = Field(
+        default="", description="The writer's work against the base (a unified diff; stored apart when long)."
+    )
+    state: WorktreeState = "active"
+
+
 class Run(WireModel):
     id: str
     task: str
@@ -263,6 +288,10 @@ class Run(WireModel):
     findings: list[str] = Field(default_factory=list)
     error: str | None = None
     owner: RunOwner | None = None
+    repository: str | None = Field(default=None, description="The git working tree the run's writers worked on.")
+    worktrees: list[RunWorktree] = Field(default_factory=list)
+    chosen: str | None = Field(default=None, description="best_of_n: the label of the winning worktree.")
+    notes: list[str] = Field(default_factory=list, description="What a user should know about how the run worked.")
 
 
 class DispatchRequest(WireModel):

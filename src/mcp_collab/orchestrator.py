@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Mapping
 import anyio.to_thread
 
 from .config import Settings
+from .engine import delivery
+from .engine.delivery import Delivered
 from .engine.executor import StepExecutor
 from .engine.lifecycle import RunLifecycle
 from .engine.plan import ProgressCallback
@@ -125,6 +127,21 @@ class WorkerOrchestrator:
 
     async def cancel(self, run_id: str, *, reason: str = "cancelled on request") -> tuple[Run, bool]:
         return await self.runs.cancel(run_id, reason=reason)
+
+    async def apply(self, run_id: str, label: str | None = None) -> Delivered:
+        """Apply a finished run's branch to the user's working tree: all of it, or a clear refusal
+        naming the files in the way (the working tree, index and branches untouched)."""
+        run = await self.get_run(run_id)
+        delivered = await delivery.apply(self.settings, run, label)
+        if delivered.applied:
+            await self.recorder.save(run)
+        return delivered
+
+    async def discard(self, run_id: str) -> Delivered:
+        """Remove a finished run's worktrees and branches."""
+        delivered = await delivery.discard(await self.get_run(run_id))
+        await self.recorder.save(delivered.run)
+        return delivered
 
     async def prune(
         self, *, max_runs: int | None = None, max_age_days: float | None = None, everything: bool = False

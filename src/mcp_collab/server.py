@@ -78,6 +78,13 @@ class WorkerList(WireModel):
     workers: list[Worker]
 
 
+class DeliveryResult(WireModel):
+    run: Run
+    applied: bool = Field(description="True when the changes are now in the working tree.")
+    files: list[str] = Field(description="The files changed, or the files in the way of a refused apply.")
+    message: str
+
+
 class CancelResult(WireModel):
     run: Run
     cancelled: bool = Field(description="False when the run had already ended.")
@@ -373,6 +380,31 @@ def build_server(
             else f"run {runId} had already ended ({run.status}); nothing to cancel"
         )
         return CancelResult(run=for_client(run), cancelled=cancelled, message=message)
+
+    @mcp.tool()
+    @tool_errors
+    async def apply_worker_run(
+        ctx: Context,
+        runId: str,
+        branch: Annotated[
+            str | None, Field(description="best_of_n: the label of the branch to apply; default: the judge's choice.")
+        ] = None,
+    ) -> DeliveryResult:
+        """Apply a finished run's work (its worktree branch) to your working tree: every change, or
+        none with a refusal naming the files in the way (local changes, conflicts). Nothing is staged
+        or committed; your index and branches are untouched."""
+        done = await _state(ctx).orchestrator.apply(runId, branch)
+        return DeliveryResult(
+            run=for_client(done.run), applied=done.applied, files=list(done.files), message=done.message
+        )
+
+    @mcp.tool()
+    @tool_errors
+    async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
+        """Discard a finished run's work: its worktrees and branches are removed. The run's record
+        (with its diff) stays in the history."""
+        done = await _state(ctx).orchestrator.discard(runId)
+        return DeliveryResult(run=for_client(done.run), applied=False, files=[], message=done.message)
 
     @mcp.tool()
     @tool_errors

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import anyio
 
-from .. import workspace
 from ..config import Settings
 from ..errors import InvalidRequestError
 from ..models import ProcessRef, Run, RuntimeMode, Step, Worker
@@ -27,9 +26,10 @@ from ..runtimes.base import PartialOutput, StepRequest, WorkerRuntime
 from ..runtimes.cli.supervisor import process_start_ticks, spawned
 from ..runtimes.selector import run_with_fallback
 from ..security import pin
-from ..strategies import MAX_QUOTED_DIFF_CHARS, Role, Space, parse_verdict
+from ..strategies import Role, Space, parse_verdict
 from .plan import ActiveRun
 from .recorder import RunRecorder
+from .spaces import Spaces
 
 T = TypeVar("T")
 
@@ -66,6 +66,8 @@ class StepExecutor:
         self.settings = settings
         self.runtimes = runtimes
         self.recorder = recorder
+        # Steps run inside the workspace roots, or in a run's worktree (made by the server itself).
+        self.roots = (*settings.workspace_roots, settings.worktrees_dir)
 
     async def run(
         self,
@@ -97,7 +99,7 @@ class StepExecutor:
                 # Confined at dispatch, but a queued run or a later step starts after that: the
                 # directory is opened again now, and everything of this step runs in what was opened.
                 try:
-                    child_cwd = held.enter_context(pin(directory, self.settings.workspace_roots)).cwd
+                    child_cwd = held.enter_context(pin(directory, self.roots)).cwd
                 except InvalidRequestError as exc:
                     step.status = "failed"
                     step.error = str(exc)
@@ -193,55 +195,17 @@ class StepExecutor:
         await self.recorder.save(run, durable=False)
 
 
-class InPlaceSpace:
-    """The run's own working directory (no worktree): the diff is what changed in its git working
-    tree between the space's creation and now, whatever state the tree was in before."""
-
-    def __init__(self, directory: Path | None, roots: Sequence[Path]) -> None:
-        self._directory = directory
-        self._roots = roots
-        self._before: str | None = None
-
-    @property
-    def directory(self) -> Path | None:
-        return self._directory
-
-    async def begin(self) -> None:
-        with self._pinned() as cwd:
-            self._before = await workspace.snapshot(cwd, self._roots) if cwd is not None else None
-
-    async def diff(self) -> str | None:
-        if self._before is None:
-            return None
-        with self._pinned() as cwd:
-            if cwd is None:
-                return None
-            after = await workspace.snapshot(cwd, self._roots)
-            if after is None or after == self._before:
-                return None
-            return await workspace.diff(cwd, self._roots, self._before, after, MAX_QUOTED_DIFF_CHARS)
-
-    @contextlib.contextmanager
-    def _pinned(self) -> Iterator[Path | None]:
-        if self._directory is None:
-            yield None
-            return
-        try:
-            with pin(self._directory, self._roots) as pinned:
-                yield pinned.cwd
-        except InvalidRequestError:
-            yield None  # the step that runs here fails with the reason; the diff is just absent
-
-
 class EngineContext:
     """The engine as a strategy's program sees it (``strategies.base.RunContext``)."""
 
-    def __init__(self, active: ActiveRun, executor: StepExecutor, settings: Settings) -> None:
+    def __init__(self, active: ActiveRun, executor: StepExecutor, settings: Settings, spaces: Spaces) -> None:
         self.active = active
         self.executor = executor
         self.settings = settings
+        self.spaces = spaces
         self.result: str | None = None
         self.verdict_of: Step | None = None
+        self.chosen: str | None = None
 
     @property
     def task(self) -> str:
@@ -255,12 +219,10 @@ class EngineContext:
         return [w for r, w in self.active.plan.cast if r.name == role.name]
 
     async def space(self, label: str | None = None) -> Space:
-        # One place today: the run's directory (or the first cast worker's own directory).
-        plan = self.active.plan
-        directory = plan.cwd or (plan.directory_of(plan.cast[0][1]) if plan.cast else None)
-        space = InPlaceSpace(directory, self.settings.workspace_roots)
-        await space.begin()
-        return space
+        return await self.spaces.make(label)
+
+    async def in_repository(self) -> bool:
+        return await self.spaces.repository() is not None
 
     async def step(
         self,
@@ -298,8 +260,10 @@ class EngineContext:
     def fail(self, reason: str) -> NoReturn:
         raise StepFailed(reason)
 
-    def finish(self, *, result: str | None = None, verdict_of: Step | None = None) -> None:
+    def finish(self, *, result: str | None = None, verdict_of: Step | None = None, chosen: str | None = None) -> None:
         if result is not None:
             self.result = result
         if verdict_of is not None:
             self.verdict_of = verdict_of
+        if chosen is not None:
+            self.chosen = chosen

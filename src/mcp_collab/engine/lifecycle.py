@@ -23,14 +23,17 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from .. import worktrees
 from ..config import Settings
-from ..errors import InvalidRequestError, StoreError, UnknownRunError, shown
+from ..errors import InvalidRequestError, StoreError, UnknownRunError, WorktreeError, shown
 from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker
 from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_start_ticks
 from ..store import RunStore
+from .delivery import prune_worktrees
 from .executor import EngineContext, StepExecutor, StepFailed, cap_text, step_label
-from .plan import ActiveRun, ProgressCallback, make_plan
+from .plan import ActiveRun, Plan, ProgressCallback, make_plan
 from .recorder import RunRecorder
+from .spaces import Spaces
 
 log = logging.getLogger("mcp_collab.engine")
 
@@ -222,6 +225,8 @@ class RunLifecycle:
         try:
             registered = await self._workers()
             plan = make_plan(self.settings, request, registered)
+            if plan.strategy.needs_repository:
+                await self._check_repository(plan)
             plan.run.owner = self._owner
             await self.recorder.save(plan.run)
             active = ActiveRun(plan=plan, redact=self.settings.redact)
@@ -229,6 +234,22 @@ class RunLifecycle:
         finally:
             self._admitting -= 1
         return active
+
+    async def _check_repository(self, plan: Plan) -> None:
+        """A strategy whose writers work side by side needs a worktree each: refused before it starts."""
+        name = plan.strategy.name
+        if not self.settings.worktrees:
+            raise InvalidRequestError(
+                f"{name} needs git worktrees, which are off on this server (MCP_COLLAB_WORKTREES=0)"
+            )
+        first = plan.cast[0][1]
+        directory = plan.cwd or plan.directory_of(first)
+        if directory is None or await worktrees.inspect(directory, self.settings.workspace_roots) is None:
+            raise InvalidRequestError(
+                f"{name} needs a git repository: each writer works in a worktree of its own, and "
+                f"{directory or 'the working directory'} is not inside one. Use a workingDirectory inside a "
+                "git repository, or another strategy"
+            )
 
     async def _background(self, active: ActiveRun) -> None:
         run = active.run
@@ -281,12 +302,24 @@ class RunLifecycle:
         run = active.run
         run.status = "running"
         run.started_at = datetime.now(UTC)  # saved with the first step's start
-        context = EngineContext(active, self.executor, self.settings)
+        plan = active.plan
+        first = plan.cast[0][1] if plan.cast else None
+        spaces = active.spaces = Spaces(
+            run,
+            directory=plan.cwd or (plan.directory_of(first) if first is not None else None),
+            roots=self.settings.workspace_roots,
+            base_dir=self.settings.worktrees_dir,
+            enabled=self.settings.worktrees,
+        )
+        context = EngineContext(active, self.executor, self.settings, spaces)
         try:
-            await active.plan.strategy.run(context)
+            await plan.strategy.run(context)
         except StepFailed as stop:
             run.status = "failed"
             run.error = self.settings.redact(stop.reason)
+        except WorktreeError as exc:
+            run.status = "failed"
+            run.error = self.settings.redact(str(exc))
         else:
             run.status = "completed"
             done = [s for s in run.steps if s.status == "completed"]
@@ -294,6 +327,8 @@ class RunLifecycle:
         judged = context.verdict_of or next((s for s in reversed(run.steps) if s.verdict is not None), None)
         if judged is not None and judged.verdict is not None:
             run.verdict, run.findings = judged.verdict, list(judged.findings)
+        run.chosen = context.chosen
+        await spaces.finish()
         run.ended_at = datetime.now(UTC)
         await self.recorder.save(run)
         active.emit(f"run {run.id} {run.status}")
@@ -317,6 +352,8 @@ class RunLifecycle:
                     step.ended_at = now
                 elif step.status == "pending":
                     step.status = "skipped"
+            if active.spaces is not None:
+                await active.spaces.finish()  # the work done before the stop stays on its branch
             run.ended_at = now
             try:
                 await self.recorder.save(run)
@@ -345,6 +382,9 @@ class RunLifecycle:
         pruned = await anyio.to_thread.run_sync(functools.partial(self.store.prune, max_runs=runs, max_age_days=days))
         if pruned:
             log.info("pruned %d runs past the retention limits (%s runs, %s days)", len(pruned), runs, days)
+            removed = await prune_worktrees(self.settings, self.store)
+            if removed:
+                log.info("removed %d worktrees of pruned runs", len(removed))
         return pruned
 
     async def recover(self) -> list[Run]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -19,6 +20,10 @@ from ..models import DispatchRequest, FallbackPolicy, Run, RunStatus, RuntimeMod
 from ..runtimes.base import PartialOutput
 from ..runtimes.selector import choose_mode, choose_policy
 from ..security import Redactor, confine
+
+if TYPE_CHECKING:
+    from .spaces import Spaces
+
 from ..strategies import STRATEGIES, Role, Strategy, cast_workers, get_strategy
 
 ProgressCallback = Callable[[str], None]
@@ -58,6 +63,7 @@ class ActiveRun:
     listeners: list[ProgressCallback] = field(default_factory=list)
     partials: dict[int, PartialOutput] = field(default_factory=dict)  # by step index, while it runs
     redact: Redactor = field(default_factory=Redactor)
+    spaces: Spaces | None = None  # once the run started
 
     @property
     def run(self) -> Run:

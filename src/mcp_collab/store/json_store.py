@@ -96,6 +96,7 @@ class _Entry:
     offset: int
     length: int
     outputs: tuple[int, ...]
+    diffs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class JsonStore:
         """Several runs' new states in one append and one fsync."""
 
         def change() -> None:
-            self._append([{"op": "run", "run": _record(r), "outputs": self._write_outputs(r)} for r in runs])
+            self._append([self._run_record(r) for r in runs])
 
         self._write(change)
 
@@ -343,7 +344,34 @@ class JsonStore:
                 if index < len(run.steps):
                     with contextlib.suppress(OSError):
                         run.steps[index].output = path.read_text(encoding="utf-8")
+            for index in entry.diffs:
+                path = self.outputs_path / run_id / f"diff-{index}.patch"
+                if index < len(run.worktrees):
+                    with contextlib.suppress(OSError):
+                        run.worktrees[index].diff = path.read_text(encoding="utf-8")
         return run
+
+    def _run_record(self, run: Run) -> dict[str, Any]:
+        record: dict[str, Any] = {"op": "run", "run": _record(run), "outputs": self._write_outputs(run)}
+        diffs = self._write_diffs(run)
+        if diffs:
+            record["diffs"] = diffs
+        return record
+
+    def _write_diffs(self, run: Run) -> list[int]:
+        """A worktree's diff, like a long output, lives in its own file, written once it is final."""
+        stored = []
+        previous = self._index.get(run.id)
+        for i, worktree in enumerate(run.worktrees):
+            if len(worktree.diff) <= PREVIEW_CHARS:
+                continue
+            stored.append(i)
+            path = self.outputs_path / run.id / f"diff-{i}.patch"
+            if previous is not None and i in previous.diffs and path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, worktree.diff.encode("utf-8"))
+        return stored
 
     def _write_outputs(self, run: Run) -> list[int]:
         """Full outputs of finished steps go to their own files, once; the log keeps a preview."""
@@ -529,6 +557,7 @@ class JsonStore:
                 offset=offset,
                 length=length,
                 outputs=value.outputs,
+                diffs=value.diffs,
             )
             previous = self._index.get(run_id)
             if previous is None:
@@ -705,7 +734,7 @@ class JsonStore:
         for worker in workers:
             self._append([{"op": "worker", "worker": worker.model_dump(mode="json", by_alias=True)}])
         for run in sorted(runs, key=lambda r: r.created_at):
-            self._append([{"op": "run", "run": _record(run), "outputs": self._write_outputs(run)}])
+            self._append([self._run_record(run)])
         os.replace(old, old.with_name(f"{V1_NAME}.migrated-v1"))
         _fsync_dir(self.directory)
         log.info("migrated %d workers and %d runs from %s to the schema-%d log", len(workers), len(runs), old, 2)
@@ -738,9 +767,9 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
             if not isinstance(run["id"], str) or not isinstance(run["status"], str):
                 raise TypeError("id and status must be strings")
             workers = run.get("workers", ())
-            outputs = record.get("outputs", ())
-            if not all(isinstance(w, str) for w in workers) or not all(isinstance(i, int) for i in outputs):
-                raise TypeError("workers and outputs must be lists of names and indexes")
+            outputs, diffs = record.get("outputs", ()), record.get("diffs", ())
+            if not all(isinstance(w, str) for w in workers) or not all(isinstance(i, int) for i in (*outputs, *diffs)):
+                raise TypeError("workers, outputs and diffs must be lists of names and indexes")
             return op, _Entry(
                 created=_sort_key(run["createdAt"]),
                 status=run["status"],
@@ -749,6 +778,7 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
                 offset=offset,
                 length=0,
                 outputs=tuple(outputs),
+                diffs=tuple(diffs),
             )
         if op == "unrun" and isinstance(record["id"], str):
             return op, record["id"]
@@ -763,9 +793,9 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
 
 def _record(run: Run) -> dict[str, Any]:
     record = run.model_dump(mode="json", by_alias=True)
-    for step in record["steps"]:
-        if len(step["output"]) > PREVIEW_CHARS:
-            step["output"] = step["output"][:PREVIEW_CHARS]
+    for item, key in [*((s, "output") for s in record["steps"]), *((w, "diff") for w in record["worktrees"])]:
+        if len(item[key]) > PREVIEW_CHARS:
+            item[key] = item[key][:PREVIEW_CHARS]
     return record
 
 

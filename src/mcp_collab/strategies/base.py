@@ -67,7 +67,11 @@ class RunContext(Protocol):
         """The workers chosen for ``role`` at dispatch, in order."""
 
     async def space(self, label: str | None = None) -> Space:
-        """A place to write in: the run's working directory (or, for parallel writers, one each)."""
+        """A place to write in: a worktree of its own in a git repository (label it when several
+        writers work at once), else the run's working directory."""
+
+    async def in_repository(self) -> bool:
+        """Whether the run's directory is inside a git repository (so writers get worktrees)."""
 
     async def step(
         self,
@@ -90,9 +94,9 @@ class RunContext(Protocol):
     def fail(self, reason: str) -> NoReturn:
         """End the run failed with ``reason``."""
 
-    def finish(self, *, result: str | None = None, verdict_of: Step | None = None) -> None:
-        """The run's result text and the step whose verdict is the run's (defaults: the last
-        completed step's output, the last judging step's verdict)."""
+    def finish(self, *, result: str | None = None, verdict_of: Step | None = None, chosen: str | None = None) -> None:
+        """The run's result text, the step whose verdict is the run's (defaults: the last completed
+        step's output, the last judging step's verdict), and the winning worktree's label."""
 
 
 Program = Callable[[RunContext], Awaitable[None]]
@@ -105,6 +109,7 @@ class Strategy:
     roles: tuple[Role, ...]
     run: Program
     loops: bool = False  # takes maxRounds
+    needs_repository: bool = False  # its writers need worktrees: refused outside a git repository
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
@@ -113,11 +118,15 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, *, summary: str, roles: tuple[Role, ...], loops: bool = False) -> Callable[[Program], Program]:
+def strategy(
+    name: str, *, summary: str, roles: tuple[Role, ...], loops: bool = False, needs_repository: bool = False
+) -> Callable[[Program], Program]:
     """Register ``run`` as the program of strategy ``name``."""
 
     def register(run: Program) -> Program:
-        STRATEGIES[name] = Strategy(name=name, summary=summary, roles=roles, run=run, loops=loops)
+        STRATEGIES[name] = Strategy(
+            name=name, summary=summary, roles=roles, run=run, loops=loops, needs_repository=needs_repository
+        )
         return run
 
     return register

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 
+from ..models import Step
 from . import prompts
 from .base import Role, RunContext, strategy
-from .verdicts import REDTEAM_VERDICTS, REVIEW_VERDICTS
+from .verdicts import REDTEAM_VERDICTS, REVIEW_VERDICTS, parse_choice
 
 # How many rounds a review loop runs when the dispatch does not say.
 DEFAULT_MAX_ROUNDS = 3
@@ -26,7 +27,7 @@ REDTEAM = Role("redteam", None, "read_only", verdicts=REDTEAM_VERDICTS, distinct
 )
 async def single_worker(run: RunContext) -> None:
     [worker] = run.cast(WORKER)
-    run.require(await run.step(worker, WORKER, run.task))
+    run.require(await run.step(worker, WORKER, run.task, space=await run.space()))
 
 
 @strategy(
@@ -114,3 +115,43 @@ async def parallel_consensus(run: RunContext) -> None:
         failed = "; ".join(f"{a.worker_name}: {a.error}" for a in answers if a.status != "completed")
         run.fail(f"only {len(good)} of {len(answers)} answers came back (a consensus needs {MIN_ANSWERS}): {failed}")
     run.require(await run.step(synthesizer, SYNTHESIZER, prompts.synthesis(run.task, good)))
+
+
+CONTENDER = Role("writer", None, "workspace_write", count=(2, 5))
+JUDGE = Role("judge", None, "read_only", distinct_from_previous=True)
+
+
+@strategy(
+    "best_of_n",
+    summary="2 to 5 writers do the same task at once, each in its own git worktree; a judge compares "
+    "their diffs read-only and picks one, with its reasons. The run's result is the winning branch "
+    "(apply_worker_run applies it). Needs a git repository. workers: the writers, then the judge last "
+    "when more than two are named. Use when the best approach is unclear.",
+    roles=(CONTENDER, JUDGE),
+    needs_repository=True,
+)
+async def best_of_n(run: RunContext) -> None:
+    writers, [judge] = run.cast(CONTENDER), run.cast(JUDGE)
+    labels = [str(i + 1) for i in range(len(writers))]
+    spaces = await run.parallel([functools.partial(run.space, label) for label in labels])
+
+    async def contend(i: int) -> tuple[Step, str | None]:
+        step = await run.step(writers[i], CONTENDER, prompts.contender(run.task), space=spaces[i], branch=labels[i])
+        return step, (await spaces[i].diff() if step.status == "completed" else None)
+
+    results = await run.parallel([functools.partial(contend, i) for i in range(len(writers))])
+    candidates = [(label, step, diff) for label, (step, diff) in zip(labels, results, strict=True) if diff]
+    if not candidates:
+        why = "; ".join(f"{s.worker_name}: {s.error or 'no change'}" for s, _ in results)
+        run.fail(f"no writer left a change to choose from ({why})")
+    if len(candidates) == 1:
+        run.finish(chosen=candidates[0][0], result=f"only writer {candidates[0][0]} left a change; it is the result")
+        return
+    verdict = run.require(await run.step(judge, JUDGE, prompts.judge(run.task, candidates)))
+    choice = parse_choice(verdict.output, [label for label, _, _ in candidates])
+    if choice is None:
+        run.fail(
+            f"the judge named no candidate (expected a line CHOICE: one of {', '.join(c[0] for c in candidates)}); "
+            "every branch is kept: apply one by its label"
+        )
+    run.finish(chosen=choice)

@@ -90,3 +90,30 @@ def synthesis(task: str, answers: list[Step]) -> str:
         "the combined answer.\n\n"
         f"<question>\n{task}\n</question>\n\n{quoted}"
     )
+
+
+def contender(task: str) -> str:
+    return (
+        "Carry out the task below in the working directory. Other engineers do the same task "
+        "independently, each in their own copy; a judge will compare the results and keep one. "
+        "Finish with a short summary of what you changed and why.\n\n"
+        f"<task>\n{task}\n</task>"
+    )
+
+
+def judge(task: str, candidates: list[tuple[str, Step, str]]) -> str:
+    share = MAX_QUOTED_DIFF_CHARS // max(1, len(candidates))
+    quoted = "\n\n".join(
+        f'<candidate label="{label}" author="{step.worker_name}">\n<summary>\n'
+        f"{quote(step.output, MAX_QUOTED_OUTPUT_CHARS // max(1, len(candidates)))}\n</summary>\n"
+        f"<diff>\n{quote(diff, share)}\n</diff>\n</candidate>"
+        for label, step, diff in candidates
+    )
+    labels = ", ".join(label for label, _, _ in candidates)
+    return (
+        f"You are the judge. {len(candidates)} engineers did the task below independently; their "
+        "changes follow as diffs. Do not modify any file. Compare them for correctness, completeness, "
+        "tests, risk and clarity, say what is better and worse in each, and pick the one to keep. End "
+        f"with exactly one line `CHOICE: <label>`, where label is one of: {labels}.\n\n"
+        f"<task>\n{task}\n</task>\n\n{quoted}"
+    )

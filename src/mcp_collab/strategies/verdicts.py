@@ -34,3 +34,15 @@ def parse_verdict(text: str, accepted: Sequence[Verdict]) -> tuple[Verdict, list
                 verdict = said  # type: ignore[assignment]  # checked against the role's Verdict values
     findings = [f.strip("`* ") for f in _FINDING.findall(text)]
     return verdict, findings
+
+
+_CHOICE = re.compile(r"^[\W_]*choice[\W_]*[:=-][\W_]*([A-Za-z0-9._-]+)", re.I | re.M)
+
+
+def parse_choice(text: str, labels: Sequence[str]) -> str | None:
+    """The label of the last CHOICE line, if it names one of ``labels``."""
+    found = _CHOICE.findall(text)
+    if not found:
+        return None
+    said = found[-1].strip("`*.")
+    return said if said in labels else None

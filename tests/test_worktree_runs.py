@@ -1,0 +1,199 @@
+"""Writers in worktrees of their own: the user's tree untouched while runs work, five runs at once on
+one repository, best_of_n, and getting the work back (apply, refusals, discard, retention)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+from mcp import Client
+
+from mcp_collab.config import Settings
+from mcp_collab.errors import InvalidRequestError
+from mcp_collab.models import DispatchRequest, WorkerSpec
+from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.runtimes.base import RuntimeResult, StepRequest
+from mcp_collab.server import build_server
+from tests.support.mcp_helpers import call
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+
+
+def git(repo: Path, *args: str) -> str:
+    env = ["-c", "user.email=t@t", "-c", "user.name=t"]
+    return subprocess.run(["git", *env, *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "app.py").write_text("def main():\n    return 1\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "init")
+    return repo
+
+
+class Writer:
+    """A cli runtime: writers write ``<worker>.txt`` (or what ``edit`` says) in their directory."""
+
+    mode = "cli"
+
+    def __init__(self, edit: Callable[[StepRequest], str] | None = None, judge: str = "CHOICE: 2") -> None:
+        self.edit = edit
+        self.judge = judge
+        self.requests: list[StepRequest] = []
+
+    async def run(self, request: StepRequest) -> RuntimeResult:
+        self.requests.append(request)
+        if request.access == "read_only":
+            return RuntimeResult(text=self.judge if "You are the judge" in request.prompt else "VERDICT: APPROVE")
+        assert request.working_directory is not None
+        name = self.edit(request) if self.edit else f"{request.worker.name}.txt"
+        (request.working_directory / name).write_text(f"by {request.worker.name}\n")
+        await anyio.lowlevel.checkpoint()
+        return RuntimeResult(text=f"wrote {name}", exit_code=0)
+
+
+async def registered(settings: Settings, runtime: Writer, *names: str) -> WorkerOrchestrator:
+    orch = WorkerOrchestrator(settings, runtimes={"cli": runtime})  # type: ignore[dict-item]
+    models = ["codex_cli", "gemini_cli", "claude_cli"]
+    for i, name in enumerate(names):
+        await orch.register_worker(WorkerSpec(name=name, model=models[i % 3]))  # type: ignore[arg-type]
+    return orch
+
+
+async def test_five_concurrent_writer_runs_each_end_with_only_their_own_change(
+    make_settings: Callable[..., Settings], repo: Path
+) -> None:
+    settings = make_settings(MCP_COLLAB_MAX_CONCURRENT_RUNS="5")
+    orch = await registered(settings, Writer(lambda r: f"{r.prompt}.txt"), "w")
+    async with orch.running():
+        runs = [
+            await orch.start(DispatchRequest(task=f"job{i}", workers=["w"], working_directory=str(repo)))
+            for i in range(5)
+        ]
+        with anyio.fail_after(60):
+            done = [await orch.wait(r.id, None) for r in runs]
+    assert git(repo, "status", "--porcelain") == "", "the user's tree was never touched"
+    for i, run in enumerate(done):
+        assert run.status == "completed", run.error
+        [wt] = run.worktrees
+        changed = git(repo, "diff", "--name-only", wt.base_commit, wt.branch).split()
+        assert changed == [f"job{i}.txt"], f"run {i} has only its own change"
+    assert len(git(repo, "worktree", "list").splitlines()) == 6
+
+
+async def test_best_of_n_writers_work_apart_and_the_judges_choice_is_applied(
+    make_settings: Callable[..., Settings], repo: Path
+) -> None:
+    runtime = Writer(lambda r: "solution.txt")
+    orch = await registered(make_settings(), runtime, "a", "b", "c", "j")
+    run = await orch.dispatch(
+        DispatchRequest(task="solve", strategy="best_of_n", workers=["a", "b", "c", "j"], working_directory=str(repo))
+    )
+    assert run.status == "completed", run.error
+    assert run.chosen == "2"
+    assert [(s.role, s.worker_name, s.branch) for s in run.steps] == [
+        ("writer", "a", "1"), ("writer", "b", "2"), ("writer", "c", "3"), ("judge", "j", None),
+    ]  # fmt: skip
+    assert {w.label for w in run.worktrees} == {"1", "2", "3"}
+    directories = {r.working_directory for r in runtime.requests[:3]}
+    assert len(directories) == 3, "each writer had its own worktree"
+    judge = runtime.requests[3].prompt
+    assert all(f'label="{label}"' in judge for label in "123") and "+by b" in judge
+    assert git(repo, "status", "--porcelain") == ""
+
+    applied = await orch.apply(run.id)
+
+    assert applied.applied and applied.files == ("solution.txt",)
+    assert (repo / "solution.txt").read_text() == "by b\n", "the chosen writer's work"
+    again = await orch.get_run(run.id)
+    assert [w.state for w in sorted(again.worktrees, key=lambda w: w.label or "")] == ["active", "applied", "active"]
+
+
+async def test_best_of_n_is_refused_outside_a_git_repository(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    orch = await registered(make_settings(), Writer(), "a", "b", "c")
+    with pytest.raises(InvalidRequestError, match="best_of_n needs a git repository"):
+        await orch.dispatch(DispatchRequest(task="t", strategy="best_of_n", working_directory=str(tmp_path)))
+    assert (await orch.list_runs()).runs == [], "refused before anything was stored"
+
+
+async def test_apply_refuses_when_local_changes_are_in_the_way_and_touches_nothing(
+    make_settings: Callable[..., Settings], repo: Path
+) -> None:
+    orch = await registered(make_settings(), Writer(lambda r: "app.py"), "w")
+    run = await orch.dispatch(DispatchRequest(task="t", workers=["w"], working_directory=str(repo)))
+    (repo / "app.py").write_text("the user's own edit\n")
+    before = {p.name: p.read_bytes() for p in repo.iterdir() if p.is_file()}
+    index = (repo / ".git" / "index").read_bytes()
+
+    refused = await orch.apply(run.id)
+
+    assert not refused.applied and refused.files == ("app.py",)
+    assert "nothing was applied" in refused.message and "app.py" in refused.message
+    assert {p.name: p.read_bytes() for p in repo.iterdir() if p.is_file()} == before
+    assert (repo / ".git" / "index").read_bytes() == index
+
+
+async def test_discard_removes_worktrees_and_branches_and_keeps_the_record(
+    make_settings: Callable[..., Settings], repo: Path
+) -> None:
+    orch = await registered(make_settings(), Writer(), "w")
+    run = await orch.dispatch(DispatchRequest(task="t", workers=["w"], working_directory=str(repo)))
+    [wt] = run.worktrees
+    assert Path(wt.path).is_dir()
+    discarded = await orch.discard(run.id)
+    assert "discarded" in discarded.message
+    assert not Path(wt.path).exists()
+    assert wt.branch not in git(repo, "branch", "--list", "mcp-collab/*")
+    stored = await orch.get_run(run.id)
+    assert stored.worktrees[0].state == "discarded" and "+by w" in stored.worktrees[0].diff, "the diff is kept"
+    with pytest.raises(InvalidRequestError, match="was discarded; nothing to apply"):
+        await orch.apply(run.id)
+
+
+async def test_outside_git_the_run_works_in_place_and_says_so(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    orch = await registered(make_settings(), Writer(), "w")
+    run = await orch.dispatch(DispatchRequest(task="t", workers=["w"], working_directory=str(plain)))
+    assert (plain / "w.txt").exists() and run.worktrees == []
+    assert any("in place" in n and "not inside a git repository" in n for n in run.notes)
+    with pytest.raises(InvalidRequestError, match="worked in place"):
+        await orch.apply(run.id)
+
+
+async def test_retention_removes_the_worktrees_of_pruned_runs(
+    make_settings: Callable[..., Settings], repo: Path
+) -> None:
+    orch = await registered(make_settings(), Writer(), "w")
+    first = await orch.dispatch(DispatchRequest(task="t", workers=["w"], working_directory=str(repo)))
+    second = await orch.dispatch(DispatchRequest(task="t", workers=["w"], working_directory=str(repo)))
+    pruned = await orch.prune(max_runs=1)
+    assert pruned == [first.id]
+    assert not Path(first.worktrees[0].path).exists()
+    assert Path(second.worktrees[0].path).is_dir()
+    assert first.worktrees[0].branch not in git(repo, "branch", "--list", "mcp-collab/*")
+
+
+async def test_apply_and_discard_through_mcp(make_settings: Callable[..., Settings], repo: Path) -> None:
+    async with Client(build_server(make_settings(), {"cli": Writer()})) as client:  # type: ignore[dict-item]
+        await call(client, "spawn_worker", name="w", model="codex_cli")
+        run = await call(client, "dispatch_task", task="t", workingDirectory=str(repo))
+        assert run["worktrees"][0]["branch"] == f"mcp-collab/{run['id']}"
+        applied = await call(client, "apply_worker_run", runId=run["id"])
+        assert applied["applied"] and applied["files"] == ["w.txt"]
+        again = await client.call_tool("apply_worker_run", {"runId": run["id"], "branch": "9"})
+        assert again.is_error and "has no branch labelled '9'" in str(again.content)
+        gone = await call(client, "discard_worker_run", runId=run["id"])
+        assert gone["run"]["worktrees"][0]["state"] == "discarded"
