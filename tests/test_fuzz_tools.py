@@ -239,6 +239,13 @@ TOOL_ARGUMENTS: dict[str, Any] = {
         },
     ),
     "get_worker_run": arguments({"runId": (run_ids, unknown_run_ids)}, {}),
+    "read_run_output": arguments(
+        {"runId": (run_ids, unknown_run_ids), "step": (st.integers(0, 1), st.sampled_from([-1, 2, 10**9, 1.5, "0"]))},
+        {
+            "offset": (st.integers(0, 4), st.sampled_from([-1, 10**9, 1.5, "x"])),
+            "limit": (st.integers(1, 8_000), st.sampled_from([0, -1, 8_001, 10**12])),
+        },
+    ),
     "check_runtimes": arguments({}, {}),
 }
 
@@ -409,6 +416,7 @@ EXAMPLES = {
     "dispatch_task": 350,
     "list_worker_runs": 200,
     "get_worker_run": 120,
+    "read_run_output": 120,
     "wait_worker_run": 120,
     "cancel_worker_run": 120,
     "remove_worker": 150,
@@ -450,6 +458,7 @@ test_fuzzed_spawn_worker = fuzz("spawn_worker")
 test_fuzzed_dispatch_task = fuzz("dispatch_task")
 test_fuzzed_list_worker_runs = fuzz("list_worker_runs")
 test_fuzzed_get_worker_run = fuzz("get_worker_run")
+test_fuzzed_read_run_output = fuzz("read_run_output")
 test_fuzzed_wait_worker_run = fuzz("wait_worker_run")
 test_fuzzed_cancel_worker_run = fuzz("cancel_worker_run")
 test_fuzzed_remove_worker = fuzz("remove_worker")
