@@ -422,5 +422,5 @@ async def test_a_quiet_wait_sends_heartbeats_often_enough(
         with anyio.fail_after(10):  # the orchestrator's own heartbeat comes every 15 s
             result = await c.call_tool("dispatch_task", {"task": "x", "waitSeconds": 30}, progress_callback=on_progress)
     assert not result.is_error and (result.structured_content or {})["status"] == "completed"
-    started = messages.index("step 1/1 started: worker codex-writer via cli")
+    started = next(i for i, m in enumerate(messages) if "started" in m and "codex-writer" in m)
     assert sum("still waiting" in m for m in messages[started:]) >= 3

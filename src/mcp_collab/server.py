@@ -274,6 +274,16 @@ def _state(ctx: Context) -> AppState:
 
 
 STRATEGY_GUIDE = "\n".join(f"- {s.name}: {s.summary}" for s in STRATEGIES.values())
+
+
+def _gist(summary: str) -> str:
+    """A strategy's first sentence: what it does. The server's instructions carry each one whole."""
+    head, dot, _ = summary.partition(". ")
+    return head + dot.strip()
+
+
+# In dispatch_task's description, which every client shows its model on every session, so it stays short.
+STRATEGY_GIST = "\n".join(f"- {s.name}: {_gist(s.summary)}" for s in STRATEGIES.values())
 RUNTIME_GUIDE = (
     "Runtimes: 'cli' runs the vendor CLI in the working directory (it can edit files); 'openai_sdk' "
     "(codex) and 'google_sdk' (gemini) call the API and only produce text. With fallback on_error, an "
@@ -451,8 +461,8 @@ def _dispatch_description() -> str:
         f"{DEFAULT_WAIT_S:.0f}) for the end; a longer run goes on and returns queued or running: follow it "
         "with wait_worker_run, stop it with cancel_worker_run. "
         + WAITING_GUIDE
-        + "\nStrategies:\n"
-        + STRATEGY_GUIDE
+        + "\nStrategies (the server's instructions say when to use each):\n"
+        + STRATEGY_GIST
         + "\nWorkers: named in role order, else the first registered one of the model each role needs.\n"
         + RUNTIME_GUIDE
     )
