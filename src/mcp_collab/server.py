@@ -19,7 +19,6 @@ waits for (``initialize``) needs none of it.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import json
 import logging
@@ -701,6 +700,8 @@ def _closest(name: str, accepted: list[str]) -> str | None:
     by_form = {_normalized(a): a for a in accepted}
     if _normalized(name) in by_form:
         return by_form[_normalized(name)]
+    import difflib  # only a refusal needs it; not paid at start-up
+
     close = difflib.get_close_matches(_normalized(name), list(by_form), n=1, cutoff=TYPO_SIMILARITY)
     return by_form[close[0]] if close else None
 
