@@ -225,6 +225,13 @@ TOOL_ARGUMENTS: dict[str, Any] = {
         },
     ),
     "cancel_worker_run": arguments({"runId": (run_ids, unknown_run_ids)}, {}),
+    # The fuzz's runs work in place (no git repository), so apply and discard can only refuse here;
+    # tests/test_worktree_runs.py drives their success.
+    "apply_worker_run": arguments(
+        {"runId": (run_ids, unknown_run_ids)},
+        {"branch": (st.one_of(st.none(), st.sampled_from(["1", "2"])), st.text(max_size=20))},
+    ),
+    "discard_worker_run": arguments({"runId": (run_ids, unknown_run_ids)}, {}),
     "list_worker_runs": arguments(
         {},
         {
@@ -239,6 +246,13 @@ TOOL_ARGUMENTS: dict[str, Any] = {
         },
     ),
     "get_worker_run": arguments({"runId": (run_ids, unknown_run_ids)}, {}),
+    "read_run_output": arguments(
+        {"runId": (run_ids, unknown_run_ids), "step": (st.integers(0, 1), st.sampled_from([-1, 2, 10**9, 1.5, "0"]))},
+        {
+            "offset": (st.integers(0, 4), st.sampled_from([-1, 10**9, 1.5, "x"])),
+            "limit": (st.integers(1, 8_000), st.sampled_from([0, -1, 8_001, 10**12])),
+        },
+    ),
     "check_runtimes": arguments({}, {}),
 }
 
@@ -409,6 +423,9 @@ EXAMPLES = {
     "dispatch_task": 350,
     "list_worker_runs": 200,
     "get_worker_run": 120,
+    "read_run_output": 120,
+    "apply_worker_run": 60,
+    "discard_worker_run": 60,
     "wait_worker_run": 120,
     "cancel_worker_run": 120,
     "remove_worker": 150,
@@ -426,6 +443,7 @@ def test_every_tool_is_fuzzed_and_the_budget_is_kept(harness: Harness) -> None:
 def fuzz(tool: str) -> Callable[[Harness], None]:
     examples = EXAMPLES[tool]
     takes_arguments = tool not in ("list_workers", "check_runtimes")
+    only_refusals = tool in ("apply_worker_run", "discard_worker_run")
 
     @settings(FUZZ, max_examples=examples)
     @given(args=TOOL_ARGUMENTS[tool])
@@ -437,7 +455,8 @@ def fuzz(tool: str) -> Callable[[Harness], None]:
         run(harness)
         calls, refused = harness.calls.get(tool, 0) - calls, harness.refused.get(tool, 0) - refused
         assert calls >= examples, f"hypothesis ran {calls} {tool} cases, not {examples}"
-        assert refused < calls, f"{tool}: every one of {calls} cases was refused; the fuzz must reach success"
+        if not only_refusals:
+            assert refused < calls, f"{tool}: every one of {calls} cases was refused; the fuzz must reach success"
         if takes_arguments:
             assert refused > 0, f"{tool}: {refused} of {calls} refused; the fuzz must reach both paths"
         harness.still_up()
@@ -450,6 +469,9 @@ test_fuzzed_spawn_worker = fuzz("spawn_worker")
 test_fuzzed_dispatch_task = fuzz("dispatch_task")
 test_fuzzed_list_worker_runs = fuzz("list_worker_runs")
 test_fuzzed_get_worker_run = fuzz("get_worker_run")
+test_fuzzed_read_run_output = fuzz("read_run_output")
+test_fuzzed_apply_worker_run = fuzz("apply_worker_run")
+test_fuzzed_discard_worker_run = fuzz("discard_worker_run")
 test_fuzzed_wait_worker_run = fuzz("wait_worker_run")
 test_fuzzed_cancel_worker_run = fuzz("cancel_worker_run")
 test_fuzzed_remove_worker = fuzz("remove_worker")

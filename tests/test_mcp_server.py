@@ -22,8 +22,17 @@ pytestmark = pytest.mark.anyio
 TOOLS = {
     "spawn_worker", "list_workers", "remove_worker", "dispatch_task",
     "list_worker_runs", "get_worker_run", "check_runtimes", "wait_worker_run", "cancel_worker_run",
-    "apply_worker_run", "discard_worker_run",
+    "apply_worker_run", "discard_worker_run", "read_run_output",
 }  # fmt: skip
+READ_ONLY = {
+    "list_workers",
+    "list_worker_runs",
+    "get_worker_run",
+    "read_run_output",
+    "wait_worker_run",
+    "check_runtimes",
+}
+TOOLS_LIST_CAP = 16 * 1024  # what tools/list may weigh on the wire: every session's schemas cost a client's model this
 
 
 def echo(req: StepRequest) -> Reply:
@@ -275,3 +284,143 @@ async def test_a_resource_that_does_not_exist_is_refused_saying_what_does(
     assert expected in refused.value.message
     assert refused.value.code == -32602, "not found is the caller's mistake, not an internal error"
     assert "Traceback" not in caplog.text
+
+
+async def test_tools_list_is_small_and_every_tool_keeps_an_output_schema_a_title_and_annotations(
+    client: Client,
+) -> None:
+    listed = await client.list_tools()
+    wire = json.dumps(listed.model_dump(mode="json", by_alias=True, exclude_none=True), separators=(",", ":"))
+    assert len(wire) <= TOOLS_LIST_CAP, f"tools/list is {len(wire)} bytes"
+    for tool in listed.tools:
+        assert tool.output_schema and tool.output_schema["type"] == "object" and tool.output_schema["properties"]
+        assert tool.title and tool.annotations is not None, tool.name
+        hints = tool.annotations
+        assert None not in (hints.read_only_hint, hints.destructive_hint, hints.idempotent_hint, hints.open_world_hint)
+        assert hints.read_only_hint is (tool.name in READ_ONLY), tool.name
+    by_name = {t.name: t for t in listed.tools}
+    dispatch = by_name["dispatch_task"].annotations
+    assert dispatch is not None and dispatch.destructive_hint and dispatch.open_world_hint
+    assert not dispatch.idempotent_hint, "a second dispatch is a second run"
+
+
+async def test_compact_output_schemas_still_validate_every_result(client: Client) -> None:
+    """The SDK client checks each structured result against the published schema: a compact schema
+    that no longer matches what the tools return would fail these calls."""
+    from jsonschema import Draft202012Validator
+
+    schemas = {t.name: t.output_schema for t in (await client.list_tools()).tools}
+    await call(client, "spawn_worker", name="codex-writer", model="codex_cli", runtimeMode="openai_sdk")
+    run = await call(client, "dispatch_task", task="write it")
+    results = {
+        "list_workers": await call(client, "list_workers"),
+        "dispatch_task": run,
+        "get_worker_run": await call(client, "get_worker_run", runId=run["id"]),
+        "wait_worker_run": await call(client, "wait_worker_run", runId=run["id"]),
+        "list_worker_runs": await call(client, "list_worker_runs"),
+        "read_run_output": await call(client, "read_run_output", runId=run["id"], step=0),
+        "cancel_worker_run": await call(client, "cancel_worker_run", runId=run["id"]),
+        "check_runtimes": await call(client, "check_runtimes"),
+        "remove_worker": await call(client, "remove_worker", name="codex-writer"),
+    }
+    for tool, result in results.items():
+        Draft202012Validator(schemas[tool] or {}).validate(result)
+    wrong = {**run, "status": "finished"}
+    assert not Draft202012Validator(schemas["get_worker_run"] or {}).is_valid(wrong), "enums are still checked"
+
+
+async def test_arguments_a_client_injects_are_ignored_and_a_typo_is_refused_with_a_suggestion(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="mcp_collab.server")
+    worker = await call(client, "spawn_worker", name="codex-writer", model="codex_cli", wait_for_previous=True)
+    assert worker["name"] == "codex-writer"
+    run = await call(client, "dispatch_task", task="x", wait_for_previous=False, _meta_hint="x")
+    assert run["status"] == "completed"
+    assert "wait_for_previous" in caplog.text, "what was ignored is logged at debug"
+    typo = await error(client, "spawn_worker", name="w2", model="codex_cli", workingDirectry="/tmp")
+    assert "does not take 'workingDirectry' (did you mean 'workingDirectory'?)" in typo
+    assert "its arguments are: name, model, runtimeMode" in typo
+    snake = await error(client, "dispatch_task", task="x", working_directory="/tmp")
+    assert "did you mean 'workingDirectory'" in snake
+    assert "did you mean 'runId'" in await error(client, "get_worker_run", runId=run["id"], _runId="x")
+    unrelated = await error(client, "dispatch_task", task="x", colour="blue")
+    assert "does not take 'colour'; its arguments are: task, strategy" in unrelated
+    assert len((await call(client, "list_worker_runs"))["runs"]) == 1, "refused calls started nothing"
+
+
+async def test_a_steps_full_output_reads_in_pages_that_join_exactly(
+    client: Client, runtimes: dict[str, ScriptedRuntime]
+) -> None:
+    big = "".join(f'line {i:05d} — naïve 🙂 "quoted"\n' for i in range(3_000))
+    runtimes["cli"].script.append(Reply(big))
+    await call(client, "spawn_worker", name="codex-writer", model="codex_cli")
+    run = await call(client, "dispatch_task", task="a long report")
+    shortened = run["steps"][0]["output"]
+    assert run["steps"][0]["outputTruncated"] is True
+    assert f"runs://{run['id']}/steps/0/output" in shortened and "read_run_output" in shortened
+    pages, offset = [], 0
+    while offset is not None:
+        page = await client.call_tool("read_run_output", {"runId": run["id"], "step": 0, "offset": offset})
+        assert not page.is_error and wire_size(page) < WIRE_CAP
+        content = page.structured_content or {}
+        assert content["offset"] == offset and content["totalChars"] == len(big)
+        pages.append(content["text"])
+        offset = content["nextOffset"]
+    assert "".join(pages) == big and len(pages) > 2
+    small = await call(client, "read_run_output", runId=run["id"], step=0, offset=len(big) - 10, limit=4)
+    assert small["text"] == big[-10:-6] and small["nextOffset"] == len(big) - 6
+    end = await call(client, "read_run_output", runId=run["id"], step=0, offset=len(big))
+    assert end["text"] == "" and end["nextOffset"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        ({"step": 0, "offset": 10**6}, ["offset 1000000 is past the end of step 0's output", "accepted: 0 to"]),
+        ({"step": 0, "offset": -1}, ["offset", "greater than or equal to 0"]),
+        ({"step": 3}, ["has steps 0 to 0; got step 3"]),
+        ({"step": 0, "limit": 0}, ["limit", "greater than or equal to 1"]),
+        ({"step": 0, "runId": "run-nope"}, ["unknown run 'run-nope'", "list_worker_runs"]),
+    ],
+)
+async def test_a_bad_page_of_output_is_refused_saying_what_is_accepted(
+    client: Client, args: dict[str, Any], fragments: list[str]
+) -> None:
+    await call(client, "spawn_worker", name="codex-writer", model="codex_cli")
+    run = await call(client, "dispatch_task", task="short")
+    text = await error(client, "read_run_output", **{"runId": run["id"], **args})
+    for fragment in fragments:
+        assert fragment in text
+
+
+async def test_a_quiet_wait_sends_heartbeats_often_enough(
+    make_settings: Callable[..., Settings], runtimes: dict[str, Any]
+) -> None:
+    """The run says nothing until the client has received three heartbeats, so only the server's own
+    heartbeat can end it: a server that is silent while a run is quiet fails on the time limit."""
+    import anyio
+
+    heard = anyio.Event()
+    messages: list[str] = []
+
+    class Quiet:
+        mode = "cli"
+
+        async def run(self, request: StepRequest) -> Any:
+            await heard.wait()
+            return await ScriptedRuntime("cli", [Reply("done")]).run(request)
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+        if sum("still waiting" in m for m in messages) >= 3:
+            heard.set()
+
+    server = build_server(make_settings(), {**runtimes, "cli": Quiet()}, heartbeat_s=0.05)
+    async with Client(server) as c:  # type: ignore[arg-type]
+        await call(c, "spawn_worker", name="codex-writer", model="codex_cli")
+        with anyio.fail_after(10):  # the orchestrator's own heartbeat comes every 15 s
+            result = await c.call_tool("dispatch_task", {"task": "x", "waitSeconds": 30}, progress_callback=on_progress)
+    assert not result.is_error and (result.structured_content or {})["status"] == "completed"
+    started = next(i for i, m in enumerate(messages) if "started" in m and "codex-writer" in m)
+    assert sum("still waiting" in m for m in messages[started:]) >= 3

@@ -196,4 +196,6 @@ async def test_apply_and_discard_through_mcp(make_settings: Callable[..., Settin
         again = await client.call_tool("apply_worker_run", {"runId": run["id"], "branch": "9"})
         assert again.is_error and "has no branch labelled '9'" in str(again.content)
         gone = await call(client, "discard_worker_run", runId=run["id"])
-        assert gone["run"]["worktrees"][0]["state"] == "discarded"
+        assert gone["branches"] == [f"mcp-collab/{run['id']}"] and "discarded" in gone["message"]
+        stored = await call(client, "get_worker_run", runId=run["id"])
+        assert stored["worktrees"][0]["state"] == "discarded"

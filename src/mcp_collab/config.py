@@ -24,8 +24,13 @@ DEFAULT_CAPTURE_BYTES = 1 << 20
 DEFAULT_MAX_ANSWER_BYTES = 64 << 20
 # The SDK clients' own retries: off by default so a failure reaches our fallback policy quickly.
 DEFAULT_SDK_MAX_RETRIES = 0
-# Runs executing at once; more wait as `queued`. Each CLI worker is a heavy process tree.
-DEFAULT_MAX_CONCURRENT_RUNS = 4
+# Runs executing at once; more wait as `queued`. Unset, it is chosen from the machine
+# (default_max_concurrent_runs): each CLI worker is a process tree that takes about a core in bursts
+# and up to 1 GiB, but spends most of a run waiting for its model's API.
+RUNS_PER_CORE = 4  # a worker waits on the network most of the time; four share a core's bursts
+MEMORY_PER_RUN = 1 << 30  # the most one CLI worker's process tree takes
+MAX_DEFAULT_CONCURRENT_RUNS = 32  # beyond this the vendors' rate limits bind before the machine does
+DEFAULT_MAX_CONCURRENT_RUNS = 4  # when the machine's cores or memory cannot be read
 # A whole run (all its steps) may take this long before it is stopped.
 DEFAULT_RUN_TIMEOUT_S = 4 * 3600.0
 # Retention: finished runs beyond the newest N, or older than D days, are pruned with their outputs.
@@ -141,7 +146,7 @@ class Settings:
             capture_bytes=int(_positive(env, "MCP_COLLAB_CAPTURE_BYTES", DEFAULT_CAPTURE_BYTES)),
             max_answer_bytes=int(_positive(env, "MCP_COLLAB_MAX_ANSWER_BYTES", DEFAULT_MAX_ANSWER_BYTES)),
             sdk_max_retries=int(_positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)),
-            max_concurrent_runs=int(_positive(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", DEFAULT_MAX_CONCURRENT_RUNS)),
+            max_concurrent_runs=int(_positive(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", default_max_concurrent_runs())),
             run_timeout_s=_positive(env, "MCP_COLLAB_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S),
             max_task_chars=int(_positive(env, "MCP_COLLAB_MAX_TASK_CHARS", DEFAULT_MAX_TASK_CHARS)),
             max_queued_runs=int(_positive(env, "MCP_COLLAB_MAX_QUEUED_RUNS", DEFAULT_MAX_QUEUED_RUNS)),
@@ -177,6 +182,52 @@ class Settings:
             for k, v in self.environ.items()
             if k in CHILD_ENV_NAMES or k in self.child_env_extra or k.startswith(prefixes)
         }
+
+
+def default_max_concurrent_runs() -> int:
+    """Runs at once that this machine carries: ``RUNS_PER_CORE`` per usable core, at most one per
+    ``MEMORY_PER_RUN`` of memory, within 1 and ``MAX_DEFAULT_CONCURRENT_RUNS``. Cores and memory are
+    what this process may use: its CPU affinity and, in a container, its cgroup's limits."""
+    cores, memory = _usable_cores(), _usable_memory()
+    if cores is None or memory is None:
+        return DEFAULT_MAX_CONCURRENT_RUNS
+    return max(1, min(cores * RUNS_PER_CORE, memory // MEMORY_PER_RUN, MAX_DEFAULT_CONCURRENT_RUNS))
+
+
+def _usable_cores() -> int | None:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 0
+    quota = _cgroup_value("cpu.max")  # "max 100000" or "<quota> <period>"
+    if quota is not None and len(quota.split()) == 2 and quota.split()[0].isdigit():
+        limit, period = (int(v) for v in quota.split())
+        cores = min(cores, max(1, -(-limit // max(1, period))))
+    return cores or None
+
+
+def _usable_memory() -> int | None:
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    limit = _cgroup_value("memory.max")  # "max" or bytes
+    if limit is not None and limit.isdigit():
+        memory = min(memory, int(limit))
+    return memory if memory > 0 else None
+
+
+def _cgroup_value(name: str) -> str | None:
+    """A cgroup v2 limit of this process's group, if there is one."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as fh:
+            group = next((line.split(":", 2)[2].strip() for line in fh if line.startswith("0::")), None)
+        if group is None:
+            return None
+        with open(f"/sys/fs/cgroup{group.rstrip('/')}/{name}", encoding="utf-8") as fh:
+            return fh.read().strip()
+    except (OSError, IndexError):
+        return None
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, accepted: tuple[str, ...]) -> str:

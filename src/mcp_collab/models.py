@@ -430,3 +430,14 @@ class RunSummary(WireModel):
 class RunSummaryPage(WireModel):
     runs: list[RunSummary]
     next_cursor: str | None = Field(default=None, description="Pass as cursor to get the next page; null at the end.")
+
+
+class OutputPage(WireModel):
+    """One page of a step's full output, for clients that cannot read MCP resources."""
+
+    run_id: str
+    step: int
+    offset: int = Field(description="Where this page starts, in characters.")
+    text: str
+    next_offset: int | None = Field(description="Pass as offset for the next page; null at the end.")
+    total_chars: int = Field(description="The whole output's length in characters.")

@@ -4,7 +4,16 @@ Every tool is ``async``; every refusal is a ``ToolError`` whose message says wha
 what is accepted; anything unexpected is logged to stderr with its traceback and reported to the
 client as a short internal error. Tool results are capped (about 20 KB) so clients with a token
 budget stay safe; full outputs are MCP resources (``runs://{runId}``,
-``runs://{runId}/steps/{index}/output``).
+``runs://{runId}/steps/{index}/output``) and, for clients that cannot read resources, pages of the
+``read_run_output`` tool.
+
+What every client gets without configuring anything: each tool carries a title and annotations
+(codex runs read-only tools without asking), arguments a client injects on its own are tolerated
+(see ``_StrictArguments``), a call that waits sends a progress notification at least every
+``PROGRESS_HEARTBEAT_S``, and ``tools/list`` stays small (compact output schemas, see
+``compact_schema``). Tools are registered on the first ``tools/list`` or ``tools/call``, in a worker
+thread: building their schemas is most of the server's start-up cost, and the first answer a client
+waits for (``initialize``) needs none of it.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ import contextlib
 import functools
 import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,16 +33,18 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult, TextContent, Tool, ToolAnnotations
 from pydantic import Field, ValidationError
 
 from . import __version__, readiness
 from .config import Settings
+from .engine.delivery import Delivered
 from .errors import CollabError, NoFittingWorkerError, StoreError, UnknownRunError, listing, shown
 from .models import (
     MAX_ROUNDS,
     DispatchRequest,
     FallbackPolicy,
+    OutputPage,
     Run,
     RunPage,
     RunStatus,
@@ -58,11 +71,26 @@ log = logging.getLogger("mcp_collab.server")
 RESULT_BUDGET_BYTES = 8_000
 MIN_PREVIEW_CHARS = 120
 LIST_PREVIEW_CHARS = 160
-# Blocking tools return before a client's request timeout (the TypeScript SDK gives up at 60 s).
-DEFAULT_WAIT_S = 45.0
+# Blocking tools return before a client's tool timeout. Claude Code does not restart its timeout on
+# progress and users set MCP_TOOL_TIMEOUT low, so the default wait is short; a client that allows
+# more passes more, up to a ceiling under the TypeScript SDK's 60 s request timeout.
+DEFAULT_WAIT_S = 20.0
 MAX_WAIT_S = 55.0
+# A call that waits sends progress at least this often: a client that restarts its timeout on
+# progress (the TypeScript SDK's resetTimeoutOnProgress) with a 10 s timeout gets two per timeout.
+PROGRESS_HEARTBEAT_S = 5.0
 PROGRESS_BUFFER = 1000
 MAX_ERROR_CHARS = 4_000
+# One page of read_run_output; its JSON (sent twice, like every result) stays within the budget.
+OUTPUT_PAGE_CHARS = RESULT_BUDGET_BYTES
+# Arguments real clients add to every tool's schema and send on their own; never ours to refuse.
+CLIENT_INJECTED_ARGUMENTS: frozenset[str] = frozenset(
+    {
+        "wait_for_previous",  # gemini-cli: asks it to run the call after the model's previous ones
+    }
+)
+# How alike an unknown argument's name must be to an accepted one to be taken for a typo of it.
+TYPO_SIMILARITY = 0.75
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,6 +100,7 @@ R = TypeVar("R")
 class AppState:
     orchestrator: WorkerOrchestrator
     settings: Settings
+    heartbeat_s: float = PROGRESS_HEARTBEAT_S
 
 
 class WorkerList(WireModel):
@@ -79,10 +108,21 @@ class WorkerList(WireModel):
 
 
 class DeliveryResult(WireModel):
-    run: Run
+    run_id: str
+    branches: list[str] = Field(description="The run's branches this acted on.")
     applied: bool = Field(description="True when the changes are now in the working tree.")
     files: list[str] = Field(description="The files changed, or the files in the way of a refused apply.")
     message: str
+
+    @classmethod
+    def of(cls, done: Delivered) -> DeliveryResult:
+        return cls(
+            run_id=done.run.id,
+            branches=list(done.branches),
+            applied=done.applied,
+            files=list(done.files),
+            message=done.message,
+        )
 
 
 class CancelResult(WireModel):
@@ -91,10 +131,22 @@ class CancelResult(WireModel):
     message: str
 
 
-def _clip(text: str, limit: int, uri: str) -> tuple[str, bool]:
+def _output_uri(run_id: str, step: int) -> str:
+    return f"runs://{run_id}/steps/{step}/output"
+
+
+def _clip(text: str, limit: int, where: str) -> tuple[str, bool]:
     if len(text) <= limit:
         return text, False
-    return f"{text[:limit]}\n[... {len(text) - limit} more characters: read {uri} ...]", True
+    return f"{text[:limit]}\n[... {len(text) - limit} more characters: {where} ...]", True
+
+
+def _step_pointer(run_id: str, step: int, offset: int) -> str:
+    """Where the rest of a shortened output is: the resource, and the tool for clients without resources."""
+    return (
+        f"read {_output_uri(run_id, step)}, or call read_run_output with "
+        f'{{"runId": "{run_id}", "step": {step}, "offset": {offset}}}'
+    )
 
 
 def _size(model: WireModel) -> int:
@@ -102,16 +154,26 @@ def _size(model: WireModel) -> int:
 
 
 def for_client(run: Run, budget: int = RESULT_BUDGET_BYTES) -> Run:
-    """A copy of ``run`` that fits the inline budget; the full texts stay readable as resources."""
+    """``run`` if it fits the inline budget, else a copy with its long texts shortened; the full texts
+    stay readable as resources and through read_run_output. Only what is shortened is copied."""
+    if _size(run) <= budget:
+        return run
     limit = budget
     while True:
-        view = run.model_copy(deep=True)
-        view.task, _ = _clip(view.task, limit, f"runs://{run.id}")
-        for step in view.steps:
-            step.output, clipped = _clip(step.output, limit, f"runs://{run.id}/steps/{step.index}/output")
-            step.output_truncated = step.output_truncated or clipped
-        if view.result is not None:
-            view.result, _ = _clip(view.result, limit, f"runs://{run.id}/steps/{len(run.steps) - 1}/output")
+        steps = []
+        for step in run.steps:
+            output, clipped = _clip(step.output, limit, _step_pointer(run.id, step.index, limit))
+            if clipped:
+                step = step.model_copy(update={"output": output, "output_truncated": True})
+            steps.append(step)
+        last = len(run.steps) - 1
+        result = run.result
+        if result is not None:
+            result, _ = _clip(
+                result, limit, _step_pointer(run.id, last, limit) if last >= 0 else f"read runs://{run.id}"
+            )
+        task, _ = _clip(run.task, limit, f"read runs://{run.id}")
+        view = run.model_copy(update={"task": task, "steps": steps, "result": result})
         if _size(view) <= budget or limit <= MIN_PREVIEW_CHARS:
             return view
         limit = max(MIN_PREVIEW_CHARS, limit // 2)
@@ -126,6 +188,32 @@ def page_for_client(page: RunPage, cursor_after: Callable[[Run], str]) -> RunSum
     if kept == len(runs):
         return RunSummaryPage(runs=runs, next_cursor=page.next_cursor)
     return RunSummaryPage(runs=runs[:kept], next_cursor=cursor_after(page.runs[kept - 1]))
+
+
+def output_page(run: Run, step: int, offset: int, limit: int) -> OutputPage:
+    """Characters ``offset`` to at most ``offset + limit`` of a step's output, fewer if their JSON
+    would not fit the result budget (escapes such as newlines count double); pages join exactly."""
+    if not 0 <= step < len(run.steps):
+        steps = f"steps 0 to {len(run.steps) - 1}" if run.steps else "no steps"
+        raise ToolError(f"run {run.id} has {steps}; got step {step}")
+    text = run.steps[step].output
+    if offset > len(text):
+        raise ToolError(
+            f"offset {offset} is past the end of step {step}'s output ({len(text)} characters); "
+            f"accepted: 0 to {len(text)}"
+        )
+    chunk = text[offset : offset + limit]
+    while len(chunk) > 1 and len(json.dumps(chunk, ensure_ascii=False)) > RESULT_BUDGET_BYTES:
+        chunk = chunk[: len(chunk) // 2]
+    end = offset + len(chunk)
+    return OutputPage(
+        run_id=run.id,
+        step=step,
+        offset=offset,
+        text=chunk,
+        next_offset=end if end < len(text) else None,
+        total_chars=len(text),
+    )
 
 
 def _bounded(message: str) -> str:
@@ -204,23 +292,396 @@ def _state(ctx: Context) -> AppState:
 
 
 STRATEGY_GUIDE = "\n".join(f"- {s.name}: {s.summary}" for s in STRATEGIES.values())
+
+
+def _gist(summary: str) -> str:
+    """A strategy's first sentence: what it does. The server's instructions carry each one whole."""
+    head, dot, _ = summary.partition(". ")
+    return head + dot.strip()
+
+
+# In dispatch_task's description, which every client shows its model on every session, so it stays short.
+STRATEGY_GIST = "\n".join(f"- {s.name}: {_gist(s.summary)}" for s in STRATEGIES.values())
 RUNTIME_GUIDE = (
-    "Runtime modes: 'cli' runs the vendor's CLI (codex, gemini, claude) as a subprocess in the "
-    "working directory, so it can read and edit files; 'openai_sdk' (codex workers) and 'google_sdk' "
-    "(gemini workers) call the vendor API directly and only produce text. Under the 'on_error' "
-    "fallback policy an SDK step that fails for a retry-safe reason (missing key, network, 429, 5xx) "
-    "runs again through 'cli'; each step records runtimeMode (what ran) and fallbackFrom."
+    "Runtimes: 'cli' (the vendor CLI; edits files), 'openai_sdk' (codex) and 'google_sdk' (gemini) (text "
+    "only). Under fallback on_error a retry-safe SDK failure reruns through 'cli' (see fallbackFrom)."
 )
+WAITING_GUIDE = (
+    "Shorter tool timeout? Pass a smaller waitSeconds, then call wait_worker_run with timeoutSeconds "
+    "under your limit until the status is final."
+)
+
+
+# The tools. Each validates, calls the orchestrator and shapes the result; build_server registers them.
+
+
+@tool_errors
+async def spawn_worker(
+    ctx: Context,
+    name: Annotated[str, Field(description="Unique worker name, e.g. 'codex-writer'.")],
+    model: WorkerModel,
+    runtimeMode: Annotated[
+        RuntimeMode | None, Field(description="Default runtime: cli; openai_sdk (codex); google_sdk (gemini).")
+    ] = None,
+    fallbackPolicy: FallbackPolicy | None = None,
+    instructions: Annotated[str, Field(description="Standing instructions given on every step.")] = "",
+    sdkModel: Annotated[str | None, Field(description="Model for the SDK runtime.")] = None,
+    cliModel: Annotated[str | None, Field(description="Model passed to the CLI's -m/--model.")] = None,
+    timeoutSeconds: Annotated[float | None, Field(description="Wall-clock limit per step.")] = None,
+    workingDirectory: Annotated[str | None, Field(description="Absolute directory it works in.")] = None,
+) -> Worker:
+    """Register a worker: a named Codex, Gemini or Claude agent with its default runtime. Register
+    once, then name it in dispatch_task. Refused if the name is taken or the runtime does not fit."""
+    spec = WorkerSpec(
+        name=name,
+        model=model,
+        runtime_mode=runtimeMode,
+        fallback_policy=fallbackPolicy,
+        instructions=instructions,
+        sdk_model=sdkModel,
+        cli_model=cliModel,
+        timeout_seconds=timeoutSeconds,
+        working_directory=workingDirectory,
+    )
+    return await _state(ctx).orchestrator.register_worker(spec)
+
+
+@tool_errors
+async def list_workers(ctx: Context) -> WorkerList:
+    """List the registered workers."""
+    return WorkerList(workers=await _state(ctx).orchestrator.list_workers())
+
+
+@tool_errors
+async def remove_worker(ctx: Context, name: str) -> Worker:
+    """Remove a worker by name; its past runs stay in the history."""
+    return await _state(ctx).orchestrator.remove_worker(name)
+
+
+@tool_errors
+async def dispatch_task(
+    ctx: Context,
+    task: Annotated[str, Field(description="What the workers should do, in plain words.")],
+    strategy: Annotated[str, Field(description=f"One of: {', '.join(STRATEGIES)}.")] = "single_worker",
+    workers: Annotated[list[str] | None, Field(description="Worker names in role order.")] = None,
+    runtimeMode: Annotated[RuntimeMode | None, Field(description="Runtime for every step.")] = None,
+    runtimeModes: Annotated[
+        dict[str, RuntimeMode] | None, Field(description="Runtime by worker name; wins over runtimeMode.")
+    ] = None,
+    fallbackPolicy: FallbackPolicy | None = None,
+    workingDirectory: Annotated[str | None, Field(description="Absolute directory the workers run in.")] = None,
+    waitSeconds: Annotated[float, Field(ge=0, le=MAX_WAIT_S, description="Longest wait for the end.")] = DEFAULT_WAIT_S,
+    maxRounds: Annotated[int | None, Field(ge=1, le=MAX_ROUNDS, description="review_loop: rounds at most (3).")] = None,
+) -> Run:
+    request = DispatchRequest(
+        task=task,
+        strategy=strategy,
+        workers=workers,
+        runtime_mode=runtimeMode,
+        runtime_modes=runtimeModes,
+        fallback_policy=fallbackPolicy,
+        working_directory=workingDirectory,
+        max_rounds=maxRounds,
+    )
+    orchestrator = _state(ctx).orchestrator
+    run = await orchestrator.start(request)
+    async with _progress(ctx, run.id) as report:
+        run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
+    return for_client(run)
+
+
+@tool_errors
+async def list_worker_runs(
+    ctx: Context,
+    status: Annotated[RunStatus | None, Field(description="Only runs in this status.")] = None,
+    strategy: Annotated[str | None, Field(description="Only runs of this strategy.")] = None,
+    worker: Annotated[str | None, Field(description="Only runs in which this worker took a step.")] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = 20,
+    cursor: Annotated[str | None, Field(description="nextCursor from the previous page.")] = None,
+) -> RunSummaryPage:
+    """Runs, newest first: each one's shape, steps (worker, runtimeMode, fallbackFrom, status) and the
+    start of each output. A page stops early (nextCursor) rather than exceed ~20 KB."""
+    page = await _state(ctx).orchestrator.list_runs(
+        status=status, strategy=strategy, worker=worker, limit=limit, cursor=cursor
+    )
+    return page_for_client(page, cursor_after)
+
+
+@tool_errors
+async def get_worker_run(ctx: Context, runId: str) -> Run:
+    """One run with all its steps and attempts. Long outputs are shortened; read_run_output (or the
+    resource runs://{runId}/steps/{index}/output) has each step's full output."""
+    return for_client(await _state(ctx).orchestrator.get_run(runId))
+
+
+@tool_errors
+async def read_run_output(
+    ctx: Context,
+    runId: str,
+    step: Annotated[int, Field(ge=0, description="The step's index, from 0.")],
+    offset: Annotated[int, Field(ge=0, description="Where to start, in characters: nextOffset of the last page.")] = 0,
+    limit: Annotated[int, Field(ge=1, le=OUTPUT_PAGE_CHARS, description="Characters at most.")] = OUTPUT_PAGE_CHARS,
+) -> OutputPage:
+    """A page of a step's full output, for outputs shown shortened elsewhere. Call again with offset =
+    nextOffset until nextOffset is null; the pages joined are the whole output (totalChars long)."""
+    return output_page(await _state(ctx).orchestrator.get_run(runId), step, offset, limit)
+
+
+@tool_errors
+async def wait_worker_run(
+    ctx: Context,
+    runId: str,
+    timeoutSeconds: Annotated[
+        float, Field(ge=0, le=MAX_WAIT_S, description="Return after this long even if the run goes on.")
+    ] = DEFAULT_WAIT_S,
+) -> Run:
+    """Wait for a run to end, up to timeoutSeconds (default 20, at most 55), with progress meanwhile.
+    Returns the run; while it is queued or running, call again (keep timeoutSeconds under your
+    client's tool timeout). Works from any session."""
+    async with _progress(ctx, runId) as report:
+        run = await _state(ctx).orchestrator.wait(runId, timeoutSeconds, on_progress=report)
+    return for_client(run)
+
+
+@tool_errors
+async def cancel_worker_run(ctx: Context, runId: str) -> CancelResult:
+    """Cancel a queued or running run: its process trees are killed, its open steps cancelled, output
+    so far kept. A run that already ended is left as it is."""
+    run, cancelled = await _state(ctx).orchestrator.cancel(runId)
+    message = (
+        f"run {runId} cancelled; its processes were stopped"
+        if cancelled
+        else f"run {runId} had already ended ({run.status}); nothing to cancel"
+    )
+    return CancelResult(run=for_client(run), cancelled=cancelled, message=message)
+
+
+@tool_errors
+async def apply_worker_run(
+    ctx: Context,
+    runId: str,
+    branch: Annotated[str | None, Field(description="best_of_n: a branch label (default: the judge's).")] = None,
+) -> DeliveryResult:
+    """Apply a finished run's worktree branch to your working tree: all of it, or none and the files in
+    the way. Nothing is staged or committed."""
+    return DeliveryResult.of(await _state(ctx).orchestrator.apply(runId, branch))
+
+
+@tool_errors
+async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
+    """Remove a finished run's worktrees and branches; its record and diff stay."""
+    return DeliveryResult.of(await _state(ctx).orchestrator.discard(runId))
+
+
+@tool_errors
+async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
+    """What can run here: CLIs and versions, credentials present (never their values), SDKs, endpoints,
+    the store; each failure with a hint."""
+    state = _state(ctx)
+    # Reading the store first finds (and repairs, keeping the original aside) damage done to
+    # it since the last call, so the report below lists it.
+    with contextlib.suppress(StoreError):
+        await state.orchestrator.list_workers()
+    return await readiness.check(state.settings)
+
+
+def _dispatch_description() -> str:
+    return (
+        f"Run a task through a strategy; returns the run. Waits up to waitSeconds (default "
+        f"{DEFAULT_WAIT_S:.0f}) for the end; a longer run goes on and returns queued or running: follow it "
+        "with wait_worker_run, stop it with cancel_worker_run. "
+        + WAITING_GUIDE
+        + "\nStrategies:\n"
+        + STRATEGY_GIST
+        + "\nWorkers: named in role order, else the first registered one of the model each role needs.\n"
+        + RUNTIME_GUIDE
+    )
+
+
+def _hints(*, read_only: bool, destructive: bool = False, idempotent: bool = True, open_world: bool = False) -> Any:
+    return ToolAnnotations(
+        read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=open_world
+    )
+
+
+@dataclass(frozen=True)
+class _ToolSpec:
+    fn: Callable[..., Awaitable[Any]]
+    title: str
+    annotations: ToolAnnotations
+    description: str | None = None
+
+
+# What each tool does to the world, for clients that decide on approval from it. Reading and
+# waiting change nothing; a repeated registration or removal is refused and changes nothing more;
+# dispatch_task runs agents that edit files and call vendor APIs.
+TOOL_SPECS: tuple[_ToolSpec, ...] = (
+    _ToolSpec(spawn_worker, "Register a worker", _hints(read_only=False)),
+    _ToolSpec(list_workers, "List workers", _hints(read_only=True)),
+    _ToolSpec(remove_worker, "Remove a worker", _hints(read_only=False, destructive=True)),
+    _ToolSpec(
+        dispatch_task,
+        "Run a task with workers",
+        _hints(read_only=False, destructive=True, idempotent=False, open_world=True),
+        _dispatch_description(),
+    ),
+    _ToolSpec(list_worker_runs, "List runs", _hints(read_only=True)),
+    _ToolSpec(get_worker_run, "Show a run", _hints(read_only=True)),
+    _ToolSpec(read_run_output, "Read a step's output", _hints(read_only=True)),
+    _ToolSpec(wait_worker_run, "Wait for a run", _hints(read_only=True)),
+    _ToolSpec(cancel_worker_run, "Cancel a run", _hints(read_only=False, destructive=True)),
+    _ToolSpec(apply_worker_run, "Apply a run's work", _hints(read_only=False, idempotent=False)),
+    _ToolSpec(discard_worker_run, "Discard a run's work", _hints(read_only=False, destructive=True)),
+    _ToolSpec(check_runtimes, "Check runtimes", _hints(read_only=True)),
+)
+
+
+# Keys of a JSON Schema whose values are schemas, maps of schemas, or lists of schemas.
+_SUBSCHEMA = frozenset({"items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties"})
+_SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+# What a published output schema leaves out: words for people, and what validates nothing by
+# default (``format`` is an annotation in JSON Schema 2020-12) or only rules out fields we may add.
+_OUTPUT_ONLY_DROPS = frozenset({"description", "default", "examples", "format", "additionalProperties"})
+# A published output schema is typed field by field as deep as fits this size, and at least its top
+# level; deeper records are published as plain objects (contracts/ documents every level). Ten tools at
+# about this size, with their descriptions and arguments, keep tools/list under 16 KB.
+OUTPUT_SCHEMA_BYTES = 1_024
+OUTPUT_SCHEMA_MAX_DEPTH = 4
+
+
+def published_output_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The compact output schema typed as deep as fits ``OUTPUT_SCHEMA_BYTES``."""
+    for depth in range(OUTPUT_SCHEMA_MAX_DEPTH, 1, -1):
+        compact = compact_schema(schema, output_depth=depth)
+        if len(json.dumps(compact, separators=(",", ":"))) <= OUTPUT_SCHEMA_BYTES:
+            return compact
+    return compact_schema(schema, output_depth=1)
+
+
+def compact_schema(schema: Mapping[str, Any], *, output_depth: int | None = None) -> dict[str, Any]:
+    """The schema ``tools/list`` publishes: the same constraints in fewer bytes.
+
+    Always: ``$ref`` resolved in place (no ``$defs``), no generated titles, ``anyOf [X, null]``
+    folded into X, no ``default: null``. For an output schema (read by a validator; what a model
+    needs to know about a result is in the tool's description), given as ``output_depth``: no
+    descriptions, defaults, formats or ``additionalProperties``, no ``type`` beside an ``enum``, and
+    objects nested deeper than ``output_depth`` typed only as objects. Every result valid against the
+    full schema is valid against the published one."""
+    output = output_depth is not None
+    return _compact(schema, schema.get("$defs", {}), output=output, depth=0, max_depth=output_depth or 0)
+
+
+def _compact(
+    node: Mapping[str, Any], defs: Mapping[str, Any], *, output: bool, depth: int, max_depth: int
+) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _compact(defs[ref.removeprefix("#/$defs/")], defs, output=output, depth=depth, max_depth=max_depth)
+    if output and node.get("type") == "object" and "properties" in node and depth >= max_depth:
+        return {"type": "object"}
+    inner = depth + 1 if node.get("type") == "object" else depth
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("title", "$defs") or (output and key in _OUTPUT_ONLY_DROPS) or (key == "default" and value is None):
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, Mapping):
+            value = {k: _compact(v, defs, output=output, depth=inner, max_depth=max_depth) for k, v in value.items()}
+        elif key in _SUBSCHEMA and isinstance(value, Mapping):
+            value = _compact(value, defs, output=output, depth=inner, max_depth=max_depth)
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            value = [
+                _compact(v, defs, output=output, depth=depth, max_depth=max_depth) if isinstance(v, Mapping) else v
+                for v in value
+            ]
+        out[key] = value
+    if output and "enum" in out:
+        out.pop("type", None)
+    return _fold_nullable(out, output=output)
+
+
+def _fold_nullable(node: dict[str, Any], *, output: bool) -> dict[str, Any]:
+    """``anyOf [X, {"type": "null"}]`` as X with null allowed, where X is a plain type or an enum."""
+    options = node.get("anyOf")
+    null = {"type": "null"}
+    if not isinstance(options, list) or len(options) != 2 or null not in options:
+        return node
+    other = options[0] if options[1] == null else options[1]
+    if not isinstance(other, dict) or other == null or other.keys() & {"anyOf", "oneOf", "allOf"}:
+        return node
+    folded = dict(other)
+    if "const" in folded:
+        folded["enum"] = [folded.pop("const")]
+    if "enum" in folded:
+        folded["enum"] = [*folded["enum"], None]
+    kind = folded.get("type")
+    if isinstance(kind, str):
+        folded["type"] = [kind, "null"]
+    elif "enum" not in folded and not (output and folded == {"type": "object"}):
+        return node
+    elif output and folded == {"type": "object"}:
+        folded["type"] = ["object", "null"]
+    rest = {k: v for k, v in node.items() if k != "anyOf"}
+    if rest.keys() & folded.keys():
+        return node
+    return rest | folded
+
+
+class CollabServer(MCPServer[AppState]):
+    """An ``MCPServer`` whose tools are registered when first needed, off the event loop, and listed
+    with compact schemas. Registration builds every tool's argument model and output schema with
+    pydantic: the largest part of start-up, which ``initialize`` does not need."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._registered = False
+        self._register_lock = threading.Lock()
+        self._listed: list[Tool] | None = None
+
+    def _register_tools(self) -> None:
+        with self._register_lock:
+            if self._registered:
+                return
+            for spec in TOOL_SPECS:
+                self.add_tool(spec.fn, title=spec.title, description=spec.description, annotations=spec.annotations)
+            self._registered = True
+
+    async def ensure_tools(self) -> None:
+        if not self._registered:
+            await anyio.to_thread.run_sync(self._register_tools)
+
+    async def list_tools(self) -> list[Tool]:
+        await self.ensure_tools()
+        if self._listed is None:
+            self._listed = [
+                tool.model_copy(
+                    update={
+                        "input_schema": compact_schema(tool.input_schema),
+                        "output_schema": tool.output_schema and published_output_schema(tool.output_schema),
+                    }
+                )
+                for tool in await super().list_tools()
+            ]
+        return list(self._listed)
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
+    ) -> Any:
+        await self.ensure_tools()
+        return await super().call_tool(name, arguments, context)
 
 
 def build_server(
     settings: Settings | None = None,
     runtimes: Mapping[RuntimeMode, WorkerRuntime] | None = None,
     store: RunStore | None = None,
+    *,
+    heartbeat_s: float = PROGRESS_HEARTBEAT_S,
 ) -> MCPServer[AppState]:
     """The MCP server. ``settings`` default to the environment; ``runtimes`` to the real ones;
     ``store`` to the JSON store in the state directory (``serve`` opens it first, so a broken
-    state directory is one clear line before any client connects)."""
+    state directory is one clear line before any client connects); ``heartbeat_s`` is the longest
+    a waiting call goes without a progress notification."""
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
@@ -229,9 +690,9 @@ def build_server(
         # out, is cancelled or disconnects does not take its run with it.
         orchestrator = WorkerOrchestrator(resolved, store=store, runtimes=runtimes)
         async with orchestrator, orchestrator.running():
-            yield AppState(orchestrator=orchestrator, settings=resolved)
+            yield AppState(orchestrator=orchestrator, settings=resolved, heartbeat_s=heartbeat_s)
 
-    mcp: MCPServer[AppState] = MCPServer(
+    mcp = CollabServer(
         "mcp-collab",
         version=__version__,
         instructions=(
@@ -242,181 +703,6 @@ def build_server(
         lifespan=lifespan,
         middleware=[_StrictArguments(lambda: mcp)],
     )
-
-    @mcp.tool()
-    @tool_errors
-    async def spawn_worker(
-        ctx: Context,
-        name: Annotated[str, Field(description="Unique worker name, e.g. 'codex-writer'.")],
-        model: Annotated[WorkerModel, Field(description="Worker identity: codex_cli, gemini_cli or claude_cli.")],
-        runtimeMode: Annotated[
-            RuntimeMode | None,
-            Field(description="Default runtime: cli; openai_sdk (codex only); google_sdk (gemini only)."),
-        ] = None,
-        fallbackPolicy: Annotated[FallbackPolicy | None, Field(description="on_error or never.")] = None,
-        instructions: Annotated[str, Field(description="Standing instructions given on every step.")] = "",
-        sdkModel: Annotated[str | None, Field(description="Model for the SDK runtime.")] = None,
-        cliModel: Annotated[str | None, Field(description="Model passed to the CLI's -m/--model.")] = None,
-        timeoutSeconds: Annotated[float | None, Field(description="Wall-clock limit per step.")] = None,
-        workingDirectory: Annotated[str | None, Field(description="Absolute directory it works in.")] = None,
-    ) -> Worker:
-        """Register a worker profile: a named Codex, Gemini or Claude agent with its default runtime.
-
-        Register once, then name the worker in dispatch_task. Fails if the name is taken or the
-        runtime mode does not fit the model."""
-        spec = WorkerSpec(
-            name=name,
-            model=model,
-            runtime_mode=runtimeMode,
-            fallback_policy=fallbackPolicy,
-            instructions=instructions,
-            sdk_model=sdkModel,
-            cli_model=cliModel,
-            timeout_seconds=timeoutSeconds,
-            working_directory=workingDirectory,
-        )
-        return await _state(ctx).orchestrator.register_worker(spec)
-
-    @mcp.tool()
-    @tool_errors
-    async def list_workers(ctx: Context) -> WorkerList:
-        """List the registered worker profiles."""
-        return WorkerList(workers=await _state(ctx).orchestrator.list_workers())
-
-    @mcp.tool()
-    @tool_errors
-    async def remove_worker(ctx: Context, name: str) -> Worker:
-        """Remove a worker profile by name. Its past runs stay in the history."""
-        return await _state(ctx).orchestrator.remove_worker(name)
-
-    @mcp.tool(description=_dispatch_description())
-    @tool_errors
-    async def dispatch_task(
-        ctx: Context,
-        task: Annotated[str, Field(description="What the workers should do, in plain words.")],
-        strategy: Annotated[str, Field(description=f"One of: {', '.join(STRATEGIES)}.")] = "single_worker",
-        workers: Annotated[list[str] | None, Field(description="Worker names in the strategy's role order.")] = None,
-        runtimeMode: Annotated[RuntimeMode | None, Field(description="Run every step through this runtime.")] = None,
-        runtimeModes: Annotated[
-            dict[str, RuntimeMode] | None,
-            Field(description="Per-worker runtime, by worker name; wins over runtimeMode."),
-        ] = None,
-        fallbackPolicy: Annotated[FallbackPolicy | None, Field(description="Override: on_error or never.")] = None,
-        workingDirectory: Annotated[str | None, Field(description="Absolute directory the workers run in.")] = None,
-        waitSeconds: Annotated[
-            float, Field(ge=0, le=MAX_WAIT_S, description="How long to wait for the run to finish before returning.")
-        ] = DEFAULT_WAIT_S,
-        maxRounds: Annotated[
-            int | None, Field(ge=1, le=MAX_ROUNDS, description="review_loop: most rounds (default 3).")
-        ] = None,
-    ) -> Run:
-        request = DispatchRequest(
-            task=task,
-            strategy=strategy,
-            workers=workers,
-            runtime_mode=runtimeMode,
-            runtime_modes=runtimeModes,
-            fallback_policy=fallbackPolicy,
-            working_directory=workingDirectory,
-            max_rounds=maxRounds,
-        )
-        orchestrator = _state(ctx).orchestrator
-        run = await orchestrator.start(request)
-        async with _progress(ctx) as report:
-            run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
-        return for_client(run)
-
-    @mcp.tool()
-    @tool_errors
-    async def list_worker_runs(
-        ctx: Context,
-        status: Annotated[RunStatus | None, Field(description="Only runs in this status.")] = None,
-        strategy: Annotated[str | None, Field(description="Only runs of this strategy.")] = None,
-        worker: Annotated[str | None, Field(description="Only runs in which this worker took a step.")] = None,
-        limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = 20,
-        cursor: Annotated[str | None, Field(description="nextCursor from the previous page.")] = None,
-    ) -> RunSummaryPage:
-        """List runs, newest first: each with its steps (worker, runtimeMode, fallbackFrom, status) and
-        the start of each output. A page stops early (with nextCursor) rather than exceed ~20 KB;
-        get_worker_run shows one run in full."""
-        page = await _state(ctx).orchestrator.list_runs(
-            status=status, strategy=strategy, worker=worker, limit=limit, cursor=cursor
-        )
-        return page_for_client(page, cursor_after)
-
-    @mcp.tool()
-    @tool_errors
-    async def get_worker_run(ctx: Context, runId: str) -> Run:
-        """One run with all its steps and attempts. Long outputs are shortened inline; the resource
-        runs://{runId}/steps/{index}/output holds each step's full output."""
-        return for_client(await _state(ctx).orchestrator.get_run(runId))
-
-    @mcp.tool()
-    @tool_errors
-    async def wait_worker_run(
-        ctx: Context,
-        runId: str,
-        timeoutSeconds: Annotated[
-            float, Field(ge=0, le=MAX_WAIT_S, description="Return after this long even if the run goes on.")
-        ] = DEFAULT_WAIT_S,
-    ) -> Run:
-        """Wait for a run started by dispatch_task to finish, up to timeoutSeconds (at most 55 s so no
-        client times out), with progress notifications meanwhile. Returns the run: if its status is still
-        queued or running, call wait_worker_run again. Works from any session of this server."""
-        async with _progress(ctx) as report:
-            run = await _state(ctx).orchestrator.wait(runId, timeoutSeconds, on_progress=report)
-        return for_client(run)
-
-    @mcp.tool()
-    @tool_errors
-    async def cancel_worker_run(ctx: Context, runId: str) -> CancelResult:
-        """Cancel a queued or running run: its CLI processes are killed (the whole process tree), the
-        run and its open step become cancelled, and the output produced so far is kept. Cancelling a
-        run that already ended changes nothing and says so."""
-        run, cancelled = await _state(ctx).orchestrator.cancel(runId)
-        message = (
-            f"run {runId} cancelled; its processes were stopped"
-            if cancelled
-            else f"run {runId} had already ended ({run.status}); nothing to cancel"
-        )
-        return CancelResult(run=for_client(run), cancelled=cancelled, message=message)
-
-    @mcp.tool()
-    @tool_errors
-    async def apply_worker_run(
-        ctx: Context,
-        runId: str,
-        branch: Annotated[
-            str | None, Field(description="best_of_n: the label of the branch to apply; default: the judge's choice.")
-        ] = None,
-    ) -> DeliveryResult:
-        """Apply a finished run's work (its worktree branch) to your working tree: every change, or
-        none with a refusal naming the files in the way (local changes, conflicts). Nothing is staged
-        or committed; your index and branches are untouched."""
-        done = await _state(ctx).orchestrator.apply(runId, branch)
-        return DeliveryResult(
-            run=for_client(done.run), applied=done.applied, files=list(done.files), message=done.message
-        )
-
-    @mcp.tool()
-    @tool_errors
-    async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
-        """Discard a finished run's work: its worktrees and branches are removed. The run's record
-        (with its diff) stays in the history."""
-        done = await _state(ctx).orchestrator.discard(runId)
-        return DeliveryResult(run=for_client(done.run), applied=False, files=[], message=done.message)
-
-    @mcp.tool()
-    @tool_errors
-    async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
-        """Which runtimes can run here now: CLIs found and their versions, credentials present (never
-        their values), SDKs importable, the store writable; each failure with a hint to fix it."""
-        state = _state(ctx)
-        # Reading the store first finds (and repairs, keeping the original aside) damage done to
-        # it since the last call, so the report below lists it.
-        with contextlib.suppress(StoreError):
-            await state.orchestrator.list_workers()
-        return await readiness.check(state.settings)
 
     @mcp.resource("runs://{run_id}", mime_type="application/json", description="A whole run, full outputs.")
     @resource_errors
@@ -438,11 +724,45 @@ def build_server(
     return mcp
 
 
-class _StrictArguments:
-    """A tools/call naming an argument the tool does not take is refused, naming what it accepts.
+def _normalized(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
 
-    The SDK would drop unknown arguments silently; a client that misspells `runtimeMode`, or tries
-    an option we do not offer, deserves to hear that nothing happened."""
+
+def _closest(name: str, accepted: list[str]) -> str | None:
+    """The accepted argument ``name`` is most likely a misspelling of, if any is close enough."""
+    by_form = {_normalized(a): a for a in accepted}
+    if _normalized(name) in by_form:
+        return by_form[_normalized(name)]
+    import difflib  # only a refusal needs it; not paid at start-up
+
+    close = difflib.get_close_matches(_normalized(name), list(by_form), n=1, cutoff=TYPO_SIMILARITY)
+    return by_form[close[0]] if close else None
+
+
+def _client_injected(name: str, accepted: list[str]) -> bool:
+    """An argument a client adds on its own: a name real clients are known to send, or one shaped so
+    that no tool of ours can take it (a leading '_', as in _meta: the SDK refuses such parameters),
+    unless it is close to one of ours."""
+    if name in CLIENT_INJECTED_ARGUMENTS:
+        return True
+    return name.startswith("_") and _closest(name, accepted) is None
+
+
+class _StrictArguments:
+    """A tools/call naming an argument the tool does not take is refused, naming what it accepts,
+    unless a client injected it.
+
+    The rule, for each argument a tool does not take:
+    - a name a real client is known to add to every tool and send (``CLIENT_INJECTED_ARGUMENTS``:
+      gemini-cli's ``wait_for_previous``) is ignored, as is a name no tool of ours can take
+      (starting with '_', like ``_meta``) unless it is close to one of ours (``_runId``); ignored
+      names are logged at debug;
+    - any other name is refused, with the tool's arguments listed and, when the name is close to
+      one of them (the same letters ignoring case, '_' and '-', or a likely typo such as
+      ``workingDirectry``), that one suggested.
+    So a misspelt argument, or an option we do not offer (``access``, ``yolo``), never passes
+    silently, while a client's own bookkeeping never breaks a call. The SDK drops the ignored names.
+    """
 
     def __init__(self, server: Callable[[], MCPServer[AppState]]) -> None:
         self.server = server
@@ -456,20 +776,32 @@ class _StrictArguments:
                     t.name: list((t.input_schema or {}).get("properties", {})) for t in await self.server().list_tools()
                 }
             arguments = params.get("arguments")
-            accepted = self.accepted.get(str(params.get("name")))
+            tool = params.get("name")
+            accepted = self.accepted.get(str(tool))
             if accepted is not None and isinstance(arguments, Mapping):
-                unknown = sorted(shown(str(k)) for k in arguments if k not in accepted)
-                if unknown:
-                    message = (
-                        f"{params.get('name')} does not take {listing(unknown)}; "
-                        f"its arguments are: {', '.join(accepted) or 'none'}"
+                unknown = [str(k) for k in arguments if k not in accepted]
+                ignored = [k for k in unknown if _client_injected(k, accepted)]
+                if ignored:
+                    log.debug("%s: ignoring client-injected arguments %s", tool, listing(shown(k) for k in ignored))
+                refused = [k for k in unknown if k not in ignored]
+                if refused:
+                    refusal = CallToolResult(
+                        content=[TextContent(type="text", text=_unknown_arguments(str(tool), refused, accepted))],
+                        is_error=True,
                     )
-                    refusal = CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
                     return _redacted(ctx, refusal)
         try:
             return _redacted(ctx, await call_next(ctx))
         except MCPError as exc:  # a resource read refused (unknown run) quotes the caller's id
             raise MCPError(exc.code, _redactor(ctx)(exc.message), exc.data) from None
+
+
+def _unknown_arguments(tool: str, refused: list[str], accepted: list[str]) -> str:
+    named = []
+    for name in sorted(refused):
+        close = _closest(name, accepted)
+        named.append(f"{shown(name)} (did you mean {close!r}?)" if close else shown(name))
+    return f"{tool} does not take {listing(named)}; its arguments are: {', '.join(accepted) or 'none'}"
 
 
 def _redactor(ctx: Any) -> Redactor:
@@ -492,21 +824,12 @@ def _redacted(ctx: Any, result: Any) -> Any:
     return result
 
 
-def _dispatch_description() -> str:
-    return (
-        "Run a task through a collaboration strategy and return the run with its steps. Waits up to "
-        "waitSeconds (default 45) for it to finish; a longer run keeps going in the server and comes back "
-        "with status queued or running and its id: follow it with wait_worker_run, stop it with "
-        "cancel_worker_run. Progress notifications report each step and the workers' own events.\n"
-        "Strategies:\n" + STRATEGY_GUIDE + "\n"
-        "Workers: named ones in role order, else the first registered worker of the model each role needs.\n"
-        + RUNTIME_GUIDE
-    )
-
-
 @asynccontextmanager
-async def _progress(ctx: Context) -> AsyncIterator[Callable[[str], None]]:
-    """A sync callback for the orchestrator whose messages become MCP progress notifications."""
+async def _progress(ctx: Context, run_id: str) -> AsyncIterator[Callable[[str], None]]:
+    """A sync callback for the orchestrator whose messages become MCP progress notifications, with a
+    heartbeat whenever nothing was sent for ``heartbeat_s``: a client that restarts its timeout on
+    progress then never times out while a run is quiet, whatever the orchestrator reports."""
+    heartbeat_s = _state(ctx).heartbeat_s
     send, receive = anyio.create_memory_object_stream[str](max_buffer_size=PROGRESS_BUFFER)
 
     def report(message: str) -> None:
@@ -515,8 +838,17 @@ async def _progress(ctx: Context) -> AsyncIterator[Callable[[str], None]]:
 
     async def forward() -> None:
         count = 0
+        started = time.monotonic()
         async with receive:
-            async for message in receive:
+            while True:
+                message = None
+                with anyio.move_on_after(heartbeat_s):
+                    try:
+                        message = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                if message is None:
+                    message = f"run {run_id}: still waiting, {time.monotonic() - started:.0f}s so far"
                 count += 1
                 await ctx.report_progress(count, None, message)
 

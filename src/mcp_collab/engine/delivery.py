@@ -21,6 +21,7 @@ _RUN_ID = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{8}")
 @dataclass(frozen=True)
 class Delivered:
     run: Run
+    branches: tuple[str, ...]
     applied: bool
     files: tuple[str, ...]
     message: str
@@ -77,7 +78,7 @@ async def apply(settings: Settings, run: Run, label: str | None) -> Delivered:
     outcome = await worktrees.apply(Path(run.repository), record, roots=settings.workspace_roots)
     if outcome.applied and outcome.files:
         record.state = "applied"
-    return Delivered(run, outcome.applied, outcome.files, outcome.message)
+    return Delivered(run, (record.branch,), outcome.applied, outcome.files, outcome.message)
 
 
 async def discard(run: Run) -> Delivered:
@@ -92,7 +93,7 @@ async def discard(run: Run) -> Delivered:
             record.state = "discarded"
             removed.append(record.branch)
     message = f"discarded {', '.join(removed)}: worktrees and branches removed" if removed else "already discarded"
-    return Delivered(run, False, (), message)
+    return Delivered(run, tuple(removed), False, (), message)
 
 
 async def prune_worktrees(settings: Settings, store: RunStore) -> list[str]:

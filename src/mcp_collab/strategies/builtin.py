@@ -32,9 +32,9 @@ async def single_worker(run: RunContext) -> None:
 
 @strategy(
     "codex_writes_gemini_reviews",
-    summary="A codex worker writes the change; a gemini worker reviews its output and git diff "
-    "read-only and gives a verdict (approve / request_changes). Use for code changes that "
-    "deserve a second pair of eyes.",
+    summary="A codex worker writes; a gemini worker reviews the diff (approve / request_changes). The "
+    "reviewer reads the writer's output and git diff read-only and gives a verdict. Use for code changes "
+    "that deserve a second pair of eyes.",
     roles=(WRITER, REVIEWER),
 )
 async def codex_writes_gemini_reviews(run: RunContext) -> None:
@@ -47,8 +47,8 @@ async def codex_writes_gemini_reviews(run: RunContext) -> None:
 
 @strategy(
     "security_redteam_pass",
-    summary="A worker does the task; a second worker attacks the result read-only for "
-    "vulnerabilities and records findings and a verdict (pass / fail). Use for anything "
+    summary="A worker does the task; another attacks the result (findings, pass / fail). The red-teamer "
+    "works read-only and records each vulnerability as a finding and a verdict. Use for anything "
     "touching input handling, auth, secrets, files or processes.",
     roles=(WORKER, REDTEAM),
 )
@@ -66,10 +66,10 @@ LOOP_REVIEWER = Role("reviewer", None, "read_only", verdicts=REVIEW_VERDICTS, di
 
 @strategy(
     "review_loop",
-    summary="A writer changes the code; a reviewer reads the diff read-only. While the reviewer requests "
-    "changes, the writer revises in the same place with the review in hand and a fresh review follows, "
-    "up to maxRounds (default 3). Every round's verdict is recorded; the run's is the last. Use when "
-    "the change must pass review, not just get one.",
+    summary="A writer revises until a reviewer approves, up to maxRounds (default 3). The reviewer reads "
+    "the diff read-only; while it requests changes, the writer revises in the same place with the review "
+    "in hand and a fresh review follows. Every round's verdict is recorded; the run's is the last. Use "
+    "when the change must pass review, not just get one.",
     roles=(LOOP_WRITER, LOOP_REVIEWER),
     loops=True,
 )
@@ -94,8 +94,8 @@ SYNTHESIZER = Role("synthesizer", None, "read_only")
 
 @strategy(
     "parallel_consensus",
-    summary="2 to 5 workers (different vendors are the point) answer the same question read-only, all at "
-    "once; a synthesizer reads every answer and writes one, naming where they agree and disagree. A "
+    summary="2 to 5 workers answer at once; a synthesizer merges the answers. They work read-only; "
+    "different vendors are the point, and the synthesis names where they agree and disagree. A "
     "failed answer is recorded and the synthesis goes on while two remain. workers: the answerers, then "
     "the synthesizer last when more than two are named (else the first registered worker). Use for "
     "design questions, reviews of a plan, diagnoses.",
@@ -123,8 +123,8 @@ JUDGE = Role("judge", None, "read_only", distinct_from_previous=True)
 
 @strategy(
     "best_of_n",
-    summary="2 to 5 writers do the same task at once, each in its own git worktree; a judge compares "
-    "their diffs read-only and picks one, with its reasons. The run's result is the winning branch "
+    summary="2 to 5 writers work at once in their own worktrees; a judge picks one. "
+    "The judge compares the diffs read-only and gives its reasons; the run's result is the winning branch "
     "(apply_worker_run applies it). Needs a git repository. workers: the writers, then the judge last "
     "when more than two are named. Use when the best approach is unclear.",
     roles=(CONTENDER, JUDGE),
