@@ -609,6 +609,33 @@ async def test_remove_refuses_a_branch_the_user_checked_out_and_removes_nothing(
 
 
 @pytest.mark.anyio
+async def test_remove_after_the_user_removed_or_moved_the_worktree_with_git(
+    repo: Path, tmp_path: Path, base_dir: Path
+) -> None:
+    removed_by_user = await start(repo, tmp_path, base_dir, run_id="removed")
+    moved_by_user = await start(repo, tmp_path, base_dir, run_id="moved")
+    git(repo, "worktree", "remove", str(removed_by_user.path))
+    git(repo, "worktree", "move", str(moved_by_user.path), str(tmp_path / "moved-here"))
+
+    with anyio.fail_after(DEADLINE_S):
+        await worktrees.remove(removed_by_user)
+        with pytest.raises(WorktreeError, match=r"mcp-collab/moved of run moved is checked out in .*moved-here"):
+            await worktrees.remove(moved_by_user)
+
+    assert runs_of(repo) == ["mcp-collab/moved"]
+    assert git(tmp_path / "moved-here", "status", "--porcelain") == "", "the moved worktree still works"
+
+
+def test_the_users_subdirectory_maps_into_the_worktree(repo: Path, tmp_path: Path, base_dir: Path) -> None:
+    (repo / "pkg").mkdir()
+    wt = anyio.run(start, repo, tmp_path, base_dir)
+    assert worktrees.working_directory(wt, repo / "pkg") == wt.path / "pkg"
+    assert worktrees.working_directory(wt, repo) == wt.path
+    with pytest.raises(InvalidRequestError, match="not inside the working tree"):
+        worktrees.working_directory(wt, tmp_path)
+
+
+@pytest.mark.anyio
 async def test_remove_leaves_a_directory_that_is_not_the_runs_worktree(
     repo: Path, tmp_path: Path, base_dir: Path
 ) -> None:
