@@ -339,6 +339,21 @@ async def test_worktrees_inside_the_users_working_tree_are_refused(repo: Path, t
 
 
 @pytest.mark.anyio
+async def test_a_create_that_fails_half_way_leaves_no_branch_entry_or_directory(
+    repo: Path, tmp_path: Path, base_dir: Path
+) -> None:
+    with anyio.fail_after(DEADLINE_S):
+        inspected = await worktrees.inspect(repo, (tmp_path,))
+    assert inspected is not None
+    blob = git(repo, "rev-parse", "HEAD:notes.txt").strip()
+    (repo / ".git" / "objects" / blob[:2] / blob[2:]).unlink()  # the checkout cannot write notes.txt
+    with anyio.fail_after(DEADLINE_S), pytest.raises(WorktreeError, match=r"cannot fill the worktree .*run-1"):
+        await worktrees.create(inspected, run_id="run-1", label=None, base_dir=base_dir)
+    assert runs_of(repo) == [] and "run-1" not in listed(repo)
+    assert list(base_dir.iterdir()) == [] and list((repo / ".git").glob("worktrees/*")) == []
+
+
+@pytest.mark.anyio
 async def test_a_second_worktree_for_the_same_run_is_refused(repo: Path, tmp_path: Path, base_dir: Path) -> None:
     await start(repo, tmp_path, base_dir)
     with pytest.raises(WorktreeError, match="already exists"):
