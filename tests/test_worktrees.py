@@ -339,6 +339,21 @@ async def test_worktrees_inside_the_users_working_tree_are_refused(repo: Path, t
 
 
 @pytest.mark.anyio
+async def test_a_create_that_fails_half_way_leaves_no_branch_entry_or_directory(
+    repo: Path, tmp_path: Path, base_dir: Path
+) -> None:
+    with anyio.fail_after(DEADLINE_S):
+        inspected = await worktrees.inspect(repo, (tmp_path,))
+    assert inspected is not None
+    blob = git(repo, "rev-parse", "HEAD:notes.txt").strip()
+    (repo / ".git" / "objects" / blob[:2] / blob[2:]).unlink()  # the checkout cannot write notes.txt
+    with anyio.fail_after(DEADLINE_S), pytest.raises(WorktreeError, match=r"cannot fill the worktree .*run-1"):
+        await worktrees.create(inspected, run_id="run-1", label=None, base_dir=base_dir)
+    assert runs_of(repo) == [] and "run-1" not in listed(repo)
+    assert list(base_dir.iterdir()) == [] and list((repo / ".git").glob("worktrees/*")) == []
+
+
+@pytest.mark.anyio
 async def test_a_second_worktree_for_the_same_run_is_refused(repo: Path, tmp_path: Path, base_dir: Path) -> None:
     await start(repo, tmp_path, base_dir)
     with pytest.raises(WorktreeError, match="already exists"):
@@ -606,6 +621,33 @@ async def test_remove_refuses_a_branch_the_user_checked_out_and_removes_nothing(
         await worktrees.remove(wt)
     assert wt.path.exists() and str(wt.path) in listed(repo)
     assert git(repo, "rev-parse", "--verify", wt.branch).strip() == wt.base_commit
+
+
+@pytest.mark.anyio
+async def test_remove_after_the_user_removed_or_moved_the_worktree_with_git(
+    repo: Path, tmp_path: Path, base_dir: Path
+) -> None:
+    removed_by_user = await start(repo, tmp_path, base_dir, run_id="removed")
+    moved_by_user = await start(repo, tmp_path, base_dir, run_id="moved")
+    git(repo, "worktree", "remove", str(removed_by_user.path))
+    git(repo, "worktree", "move", str(moved_by_user.path), str(tmp_path / "moved-here"))
+
+    with anyio.fail_after(DEADLINE_S):
+        await worktrees.remove(removed_by_user)
+        with pytest.raises(WorktreeError, match=r"mcp-collab/moved of run moved is checked out in .*moved-here"):
+            await worktrees.remove(moved_by_user)
+
+    assert runs_of(repo) == ["mcp-collab/moved"]
+    assert git(tmp_path / "moved-here", "status", "--porcelain") == "", "the moved worktree still works"
+
+
+def test_the_users_subdirectory_maps_into_the_worktree(repo: Path, tmp_path: Path, base_dir: Path) -> None:
+    (repo / "pkg").mkdir()
+    wt = anyio.run(start, repo, tmp_path, base_dir)
+    assert worktrees.working_directory(wt, repo / "pkg") == wt.path / "pkg"
+    assert worktrees.working_directory(wt, repo) == wt.path
+    with pytest.raises(InvalidRequestError, match="not inside the working tree"):
+        worktrees.working_directory(wt, tmp_path)
 
 
 @pytest.mark.anyio

@@ -402,6 +402,20 @@ async def prune(base_dir: Path, keep: Callable[[str], bool]) -> list[str]:
     return removed
 
 
+def working_directory(wt: Worktree, directory: Path) -> Path:
+    """Where in the worktree the writer works when the user asked in ``directory`` (a directory of
+    the user's working tree, such as a package inside it). A directory holding no file (git keeps
+    none such) is not in the worktree yet: the caller creates it."""
+    try:
+        inside = directory.resolve().relative_to(wt.repo_top)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"{directory} is not inside the working tree {wt.repo_top} of run {wt.run_id}: accepted are "
+            "directories of that working tree"
+        ) from exc
+    return wt.path / inside
+
+
 def worktree_at(path: Path) -> Worktree | None:
     """The run worktree at ``path``, read back from what ``create`` recorded, or None when ``path``
     is not one (or its repository is gone)."""
@@ -768,19 +782,23 @@ def _deregister(wt: Worktree, delete_branch: bool) -> None:
     """Under the lock: check, then drop the worktree's entry and branch. Nothing is removed when a
     check fails."""
     gitdir_named = (read_small(wt.admin / "gitdir") or "").strip()
-    ours = gitdir_named == str(wt.path / ".git")
+    # The entry is this run's while it names this directory, or names none but holds this run's record.
+    ours = gitdir_named == str(wt.path / ".git") or (not gitdir_named and _recorded_run(wt.admin) == wt.run_id)
     if os.path.lexists(wt.path):
         points_here = (read_small(wt.path / ".git") or "").strip() == f"gitdir: {wt.admin}"
         if wt.path.is_symlink() or not wt.path.is_dir() or not (points_here or ours):
             raise WorktreeError(
                 f"{wt.path} is not the worktree of run {wt.run_id} (it names no such worktree): left in place"
             )
-    if delete_branch and (where := _checked_out_at(wt.common_dir, wt.ref, skip=wt.admin)) is not None:
+    # An entry that is no longer ours (the user moved the worktree with `git worktree move`) is a
+    # checkout like any other: its branch stays.
+    skip = wt.admin if ours else None
+    if delete_branch and (where := _checked_out_at(wt.common_dir, wt.ref, skip=skip)) is not None:
         raise WorktreeError(
             f"the branch {wt.branch} of run {wt.run_id} is checked out in {where}: nothing was removed; switch "
             "that checkout to another branch and discard again"
         )
-    if ours or (os.path.lexists(wt.admin) and not gitdir_named):
+    if ours:
         _remove_directory(wt.admin)
         with contextlib.suppress(OSError):
             (wt.common_dir / "worktrees").rmdir()  # as git does once the last worktree is gone
@@ -788,7 +806,15 @@ def _deregister(wt: Worktree, delete_branch: bool) -> None:
         _swap_ref(wt.common_dir, wt.ref, None, expected=tip)
 
 
-def _checked_out_at(common_dir: Path, ref: str, *, skip: Path) -> str | None:
+def _recorded_run(admin: Path) -> str | None:
+    raw = read_small(admin / METADATA_FILE, 1 << 16)
+    try:
+        return str(json.loads(raw)["runId"]) if raw is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _checked_out_at(common_dir: Path, ref: str, *, skip: Path | None) -> str | None:
     heads = [(common_dir / "HEAD", "the repository's main working tree")]
     with contextlib.suppress(OSError):
         for admin in sorted((common_dir / "worktrees").iterdir()):
@@ -815,7 +841,7 @@ def _adopt_index(wt: Worktree, index: Path) -> None:
 
 def _worktrees_in(base_dir: Path) -> list[Worktree]:
     try:
-        entries = sorted(base_dir.iterdir())
+        entries = sorted(base_dir.resolve().iterdir())
     except FileNotFoundError:
         return []
     except OSError as exc:
