@@ -20,9 +20,11 @@ from mcp_collab.errors import ConfigError
 from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.readiness import check
+from mcp_collab.runtimes.cli.vendors import CODEX_RECONNECTS_BEFORE_GIVING_UP, VENDORS
 from tests.conftest import require_real_clis
 from tests.support.cli_homes import STUB_API_KEY, USER_CODEX_CONFIG, user_env
 from tests.support.vendor_stub import StubReply, StubRequest, VendorStub
+from tests.test_real_clis import processes_in
 
 pytestmark = pytest.mark.anyio
 
@@ -116,6 +118,38 @@ async def test_the_real_codex_cli_fails_at_once_on_an_endpoint_error_instead_of_
     run = await dispatch(user, CODEX, "add a README", runtime_mode="cli")
     assert run.status == "failed"
     assert len(task_calls(stub, "add a README")) == 1, "codex's own retries are off for the endpoint"
+
+
+@pytest.mark.real_cli
+@pytest.mark.timeout(180)
+async def test_the_real_codex_cli_gives_up_on_an_endpoint_that_is_down_instead_of_reconnecting_forever(
+    user: dict[str, str], dispatch: Callable[..., Awaitable[Run]], tmp_path: Path
+) -> None:
+    down = closed_port_url()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    env = {**user, "OPENAI_BASE_URL": f"{down}/v1"}
+    progress: list[str] = []
+    run = await dispatch(env, CODEX, "add a README", working_directory=str(workdir), progress=progress)
+    assert run.status == "failed"
+    [attempt] = run.steps[0].attempts
+    assert (attempt.error_kind, attempt.error_code) == ("transient", "unreachable")
+    assert f"the codex CLI cannot reach {down}/v1 (OPENAI_BASE_URL)" in (run.error or ""), run.error
+    assert any("codex: Reconnecting..." in p for p in progress), "each reconnect shows as progress"
+    assert processes_in(workdir) == [], "no process of codex's tree survives"
+
+
+def test_codex_reconnecting_for_a_while_and_then_getting_through_is_not_a_failure() -> None:
+    parser = VENDORS["codex_cli"].parser()
+    reconnect = json.dumps({"type": "error", "message": "Reconnecting... waiting for network"})
+    for _ in range(CODEX_RECONNECTS_BEFORE_GIVING_UP - 1):
+        parser.feed(reconnect)
+    parser.feed(json.dumps({"type": "item.completed", "item": {"type": "agent_message", "text": "done"}}))
+    parser.feed(json.dumps({"type": "turn.completed", "usage": {"input_tokens": 1, "output_tokens": 1}}))
+    assert (parser.parsed.unreachable, parser.parsed.error, parser.parsed.text) == (None, None, "done")
+    for _ in range(CODEX_RECONNECTS_BEFORE_GIVING_UP):
+        parser.feed(reconnect)
+    assert parser.parsed.unreachable == "Reconnecting... waiting for network"
 
 
 @pytest.mark.real_cli

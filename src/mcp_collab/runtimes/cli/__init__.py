@@ -8,8 +8,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import anyio
+
 from ...config import Settings
-from ...errors import RuntimeFatal, RuntimeUnavailable
+from ...errors import RuntimeFatal, RuntimeTransient, RuntimeUnavailable
 from ...models import RuntimeMode
 from ..base import RuntimeResult, StepRequest
 from .supervisor import SPOOL_AFTER_BYTES, ProcessOutcome, ProcessSpec, run_process
@@ -93,12 +95,16 @@ class CLIRuntime:
         argv = vendor.argv(binary, request, request.worker.cli_model, plan.argv)
         parser = vendor.parser(self.settings.max_answer_bytes)
 
+        giving_up = anyio.CancelScope()
+
         def on_line(line: str) -> None:
             message = parser.feed(line)
             parsed = parser.parsed
             request.partial.text = parsed.text or "\n\n".join(parsed.messages)
             if message:
                 request.on_progress(f"{request.worker.name}: {message}")
+            if parsed.unreachable is not None:
+                giving_up.cancel()  # the process tree is killed on the way out, as on any cancel
 
         spec = ProcessSpec(
             argv=argv,
@@ -113,7 +119,8 @@ class CLIRuntime:
         via = f" (calling {plan.url}, from {plan.source})" if plan.custom else ""
         request.on_progress(f"{request.worker.name}: starting {vendor.name}{via}")
         try:
-            outcome = await run_process(spec, on_line=on_line, on_start=request.on_spawn)
+            with giving_up:
+                outcome = await run_process(spec, on_line=on_line, on_start=request.on_spawn)
         except OSError as exc:
             raise RuntimeUnavailable(
                 f"cannot start the {vendor.name} CLI ({binary}): {exc}", code="spawn_failed"
@@ -122,6 +129,14 @@ class CLIRuntime:
             # Also when cancelled: the partial output a cancel keeps is all that was read.
             parser.close()
             request.partial.text = parser.parsed.text or "\n\n".join(parser.parsed.messages)
+        if giving_up.cancelled_caught:
+            raise RuntimeTransient(
+                f"the {vendor.name} CLI cannot reach {plan.url} ({plan.source}) and would keep retrying: "
+                f"{parser.parsed.unreachable}; its whole process group was killed. Check that the endpoint "
+                "is up (`mcp-collab doctor` tries it)",
+                code="unreachable",
+                output=request.partial.text,
+            )
         return self._result(vendor, request, outcome, parser.parsed)
 
     def _result(self, vendor: Vendor, request: StepRequest, outcome: ProcessOutcome, parsed: Parsed) -> RuntimeResult:

@@ -51,6 +51,8 @@ class Parsed:
     messages: list[str] = field(default_factory=list)
     # The size of an answer that outgrew the cap and was not kept (0: none did).
     oversize_answer: int = 0
+    # The CLI says it cannot reach its endpoint and will keep trying: the step gives up with this.
+    unreachable: str | None = None
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     _messages_bytes: int = field(default=0, init=False, repr=False)
 
@@ -141,12 +143,20 @@ _CODEX_ACCESS: dict[Access, list[str]] = {
 }
 
 
+# codex with its endpoint down prints "Reconnecting... waiting for network" on stdout forever (5, 10,
+# 20 s apart, whatever its retry settings), so neither its exit nor the idle watchdog ends the step.
+# The fourth in a row is 35 s without a connection: long enough to ride out a blip, then the step fails.
+CODEX_RECONNECTS_BEFORE_GIVING_UP = 4
+_CODEX_RECONNECTING = "Reconnecting..."
+
+
 class CodexParser:
     """``codex exec --json``: thread.started, item.*, turn.completed{usage}, turn.failed, error."""
 
     def __init__(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         self.parsed = Parsed(max_answer_bytes=max_answer_bytes)
         self._in = self._out = 0
+        self._reconnects = 0  # "Reconnecting..." errors in a row
 
     def close(self) -> None:
         return None
@@ -157,6 +167,13 @@ class CodexParser:
             return None
         self.parsed.events += 1
         kind = event.get("type")
+        if kind == "error" and str(event.get("message", "")).startswith(_CODEX_RECONNECTING):
+            # Not a failure of the step (codex may get through), unless it never does.
+            self._reconnects += 1
+            if self._reconnects >= CODEX_RECONNECTS_BEFORE_GIVING_UP:
+                self.parsed.unreachable = str(event["message"])
+            return _short(f"codex: {event['message']}")
+        self._reconnects = 0
         if kind == "thread.started":
             self.parsed.session_id = event.get("thread_id") or self.parsed.session_id
             return "codex: session started"
