@@ -138,3 +138,81 @@ async def test_a_slow_reply_hits_the_step_timeout_as_transient(stub: VendorStub,
     with pytest.raises(RuntimeTransient, match="within 1s") as caught:
         await run_once(runtime, request(CODEX if vendor == "openai" else GEMINI, timeout=1))
     assert caught.value.code == "timeout"
+
+
+# -- Chat Completions: endpoints without the Responses API --------------------------------------
+
+
+async def test_openai_sdk_in_chat_mode_runs_a_step_through_chat_completions(stub: VendorStub) -> None:
+    stub.responses_api = False
+    progress: list[str] = []
+    req = StepRequest(
+        worker=CODEX, prompt="write hello.py", instructions="be brief", access="read_only",
+        timeout_s=10, idle_timeout_s=10, on_progress=progress.append,
+    )  # fmt: skip
+    result = await run_once(OpenAISDKRuntime(openai_settings(stub, MCP_COLLAB_OPENAI_WIRE_API="chat")), req)
+    assert result.text == "stub reply from openai model gpt-test: write hello.py"
+    assert result.usage is not None and (result.usage.input_tokens, result.usage.output_tokens) == (12, 5)
+    assert result.session_id is not None and result.session_id.startswith("chatcmpl-")
+    [call] = stub.requests
+    assert call.kind == "chat_completions" and call.model == "gpt-test" and call.system == "be brief"
+    assert call.user_agent.startswith("AsyncOpenAI/Python")
+    assert f"codex-writer: calling the OpenAI Chat Completions API (gpt-test) at {stub.url}/v1" in progress
+
+
+async def test_auto_mode_finds_an_endpoint_without_responses_once_and_then_goes_straight_to_chat(
+    stub: VendorStub,
+) -> None:
+    stub.responses_api = False
+    runtime = OpenAISDKRuntime(openai_settings(stub))
+    progress: list[str] = []
+    req = StepRequest(
+        worker=CODEX, prompt="write hello.py", instructions="", access="read_only",
+        timeout_s=10, idle_timeout_s=10, on_progress=progress.append,
+    )  # fmt: skip
+    try:
+        first = await runtime.run(req)
+        second = await runtime.run(req)
+    finally:
+        await runtime.aclose()
+    assert first.text == second.text == "stub reply from openai model gpt-test: write hello.py"
+    assert [(r.path, r.kind) for r in stub.requests] == [
+        ("/v1/responses", ""),
+        ("/v1/chat/completions", "chat_completions"),
+        ("/v1/chat/completions", "chat_completions"),
+    ]
+    assert any("has no Responses API (HTTP 404 for /responses); trying the Chat Completions API" in p for p in progress)
+
+
+async def test_responses_mode_against_an_endpoint_without_it_fails_saying_which_setting_helps(
+    stub: VendorStub,
+) -> None:
+    stub.responses_api = False
+    with pytest.raises(RuntimeFatal, match="set MCP_COLLAB_OPENAI_WIRE_API=chat") as caught:
+        await run_once(OpenAISDKRuntime(openai_settings(stub, MCP_COLLAB_OPENAI_WIRE_API="responses")), request(CODEX))
+    assert caught.value.code == "http_404"
+    assert [r.path for r in stub.requests] == ["/v1/responses"], "no Chat Completions call unless asked"
+
+
+async def test_an_unknown_model_404_in_openai_shape_is_not_taken_for_a_missing_responses_api(
+    stub: VendorStub,
+) -> None:
+    stub.script(StubReply(status=404, error_message="The model `gpt-test` does not exist."))
+    with pytest.raises(RuntimeFatal, match="does not exist"):
+        await run_once(OpenAISDKRuntime(openai_settings(stub)), request(CODEX))
+    assert [r.kind for r in stub.requests] == ["responses"]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "code"),
+    [(503, RuntimeTransient, "http_503"), (401, RuntimeUnavailable, "http_401"), (400, RuntimeFatal, "http_400")],
+)
+async def test_chat_completions_failures_are_classified_like_responses_ones(
+    stub: VendorStub, status: int, error: type[Exception], code: str
+) -> None:
+    stub.script(StubReply(status=status, error_message=f"stub says {status}"))
+    with pytest.raises(error) as caught:
+        await run_once(OpenAISDKRuntime(openai_settings(stub, MCP_COLLAB_OPENAI_WIRE_API="chat")), request(CODEX))
+    assert caught.value.code == code  # type: ignore[attr-defined]
+    assert "Chat Completions API" in str(caught.value) and f"stub says {status}" in str(caught.value)
+    assert [r.kind for r in stub.requests] == ["chat_completions"]

@@ -6,7 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .models import Access, FallbackPolicy, RuntimeMode
@@ -46,6 +47,11 @@ DEFAULT_HTTP_MAX_SESSIONS = 64
 # An HTTP session with no request in flight for this long is closed (its client re-initializes).
 DEFAULT_HTTP_SESSION_IDLE_S = 30 * 60.0
 DEFAULT_OPENAI_MODEL = "gpt-5-codex"
+# Which OpenAI API an OpenAI-compatible endpoint is spoken to with (MCP_COLLAB_OPENAI_WIRE_API):
+# ``responses`` only, ``chat`` (Chat Completions) only, or ``auto``: Responses first, and Chat
+# Completions once a custom endpoint answers 404/405 for /responses (many self-hosted servers).
+WireApi = Literal["auto", "responses", "chat"]
+WIRE_APIS: tuple[str, ...] = get_args(WireApi)
 DEFAULT_GEMINI_MODEL = "gemini-2.5-pro"
 
 # Variables a CLI child inherits. Everything else in the server's environment stays behind, so a
@@ -88,6 +94,62 @@ CHILD_ENV_NAMES: frozenset[str] = frozenset(
 CHILD_ENV_PREFIXES: tuple[str, ...] = ("LC_",)
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one vendor's runtimes send their requests: a custom base URL the user set once (the
+    variable names it), or the vendor's own API."""
+
+    vendor: str  # openai | gemini | anthropic
+    variable: str  # the variable that sets it: OPENAI_BASE_URL, GOOGLE_GEMINI_BASE_URL, ANTHROPIC_BASE_URL
+    url: str | None  # the custom base URL, None when unset
+    default_url: str  # what the vendor's clients call without one
+
+    @property
+    def custom(self) -> bool:
+        return self.url is not None
+
+    @property
+    def effective(self) -> str:
+        return self.url or self.default_url
+
+    @property
+    def shown(self) -> str:
+        """The URL without credentials or query, fit for a report (a URL may carry user:password)."""
+        parts = urlsplit(self.effective)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+# The variable each vendor's runtimes (CLI and SDK alike) take their endpoint from, and the vendor's own.
+ENDPOINT_VARIABLES: dict[str, tuple[str, str]] = {
+    "openai": ("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    "gemini": ("GOOGLE_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com"),
+    "anthropic": ("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+}
+
+
+def _endpoints(env: Mapping[str, str]) -> dict[str, Endpoint]:
+    found = {}
+    for vendor, (variable, default) in ENDPOINT_VARIABLES.items():
+        raw = env.get(variable, "").strip() or None
+        if raw is not None:
+            parts = urlsplit(raw)
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:
+                port_ok = False
+            if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+                raise ConfigError(
+                    f"{variable} is not an http(s) URL with a host and a valid port; "
+                    "set it like http://127.0.0.1:8000/v1 (OPENAI_BASE_URL includes the /v1 path) or unset it"
+                )
+        found[vendor] = Endpoint(vendor=vendor, variable=variable, url=raw, default_url=default)
+    return found
+
+
 def default_state_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
     return Path(base) / "mcp-collab"
@@ -119,6 +181,9 @@ class Settings:
     retain_days: float | None = DEFAULT_RETAIN_DAYS
     openai_model: str = DEFAULT_OPENAI_MODEL
     gemini_model: str = DEFAULT_GEMINI_MODEL
+    openai_wire_api: WireApi = "auto"
+    # Per vendor (openai, gemini, anthropic): the one endpoint its CLI and its SDK runtime both call.
+    endpoints: Mapping[str, Endpoint] = field(default_factory=lambda: _endpoints({}))
     cli_bins: Mapping[str, str] = field(default_factory=dict)
     child_env_extra: frozenset[str] = frozenset()
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -159,6 +224,8 @@ class Settings:
             retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
             openai_model=env.get("MCP_COLLAB_OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
             gemini_model=env.get("MCP_COLLAB_GEMINI_MODEL") or DEFAULT_GEMINI_MODEL,
+            openai_wire_api=_choice(env, "MCP_COLLAB_OPENAI_WIRE_API", "auto", WIRE_APIS),  # type: ignore[arg-type]
+            endpoints=_endpoints(env),
             cli_bins={
                 vendor: env[var]
                 for vendor, var in (

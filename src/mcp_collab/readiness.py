@@ -2,7 +2,9 @@
 
 Non-destructive: it looks for binaries and asks their version, checks that credentials are
 present (never reads out a value), imports the SDKs, writes one temp file beside the store, and
-reports damaged logs the store repaired and kept aside.
+reports damaged logs the store repaired and kept aside. For each runtime it says which endpoint it
+will call and what the server hands a CLI so that it does; a custom endpoint gets a TCP connect
+(no request, no key), so one that is set but down is reported before a step waits on it.
 Used by the ``check_runtimes`` tool, ``mcp-collab doctor`` and ``probes/run_probes.py``.
 """
 
@@ -13,17 +15,23 @@ import importlib.metadata
 import os
 import subprocess
 import tempfile
+from urllib.parse import urlsplit
 
 import anyio
 from pydantic import Field
 
-from .config import Settings
+from .config import Endpoint, Settings
 from .models import RuntimeMode, WireModel
 from .runtimes.cli import find_binary
-from .runtimes.cli.vendors import VENDORS
+from .runtimes.cli.vendors import VENDORS, EndpointPlan
 from .store.json_store import CORRUPT_MARK, DAMAGED_MARK, LOG_NAME, PROBE_BYTES
 
 VERSION_TIMEOUT_S = 20.0
+# A TCP connect to a custom endpoint: a loopback or LAN server answers in milliseconds, a remote
+# gateway well within this; beyond it the endpoint counts as unreachable.
+ENDPOINT_CONNECT_TIMEOUT_S = 3.0
+# Which vendor's endpoint each SDK runtime calls.
+SDK_ENDPOINTS: dict[RuntimeMode, str] = {"openai_sdk": "openai", "google_sdk": "gemini"}
 
 
 class Check(WireModel):
@@ -68,6 +76,81 @@ def _display(path: str | os.PathLike[str]) -> str:
     """Paths under the user's home as ~/..., so reports and evidence carry no machine paths."""
     text, home = os.fspath(path), os.path.expanduser("~")
     return "~" + text[len(home) :] if home != "/" and text.startswith(home + os.sep) else text
+
+
+async def _reach(endpoint: Endpoint) -> str | None:
+    """None when a TCP connection to the endpoint's host and port opens; else why not."""
+    parts = urlsplit(endpoint.effective)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with anyio.fail_after(ENDPOINT_CONNECT_TIMEOUT_S):
+            stream = await anyio.connect_tcp(host, port)
+    except TimeoutError:
+        return f"no answer to a TCP connect within {ENDPOINT_CONNECT_TIMEOUT_S:g}s"
+    except OSError as exc:
+        # anyio sums up failed attempts (one per address) in one error whose cause is the last one.
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        return f"TCP connect to {host}:{port} failed: {cause.strerror or exc}"
+    await stream.aclose()
+    return None
+
+
+def _proxied(settings: Settings) -> bool:
+    return any(settings.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
+
+
+def _endpoint_checks(
+    settings: Settings, plans: dict[str, EndpointPlan], unreachable: dict[str, str]
+) -> tuple[list[Check], dict[str, str | None]]:
+    """One check per runtime: the endpoint it will call, what the server does so it does, and why
+    it cannot (a CLI that cannot speak it, an endpoint that does not answer). Also, per runtime key
+    (a worker model for CLIs, a mode for SDKs), the reason it is not ready, or None."""
+    checks: list[Check] = []
+    blocked: dict[str, str | None] = {}
+    proxy_note = " (a proxy is set: the runtimes may still reach it through the proxy)" if _proxied(settings) else ""
+    for model, vendor in VENDORS.items():
+        plan = plans[model]
+        detail = f"calls {plan.url} ({plan.source})" + (f"; {plan.how}" if plan.how else "")
+        down = unreachable.get(settings.endpoints[_vendor_of(model)].variable) if plan.custom else None
+        hint = None
+        if plan.problem:
+            hint = plan.problem
+        elif down:
+            detail += f"; unreachable: {down}{proxy_note}"
+            hint = f"start the server at {plan.url} or correct {plan.source}"
+        blocked[model] = plan.problem or (f"{plan.url} unreachable ({down})" if down else None)
+        checks.append(Check(name=f"endpoint:{vendor.name}", ok=blocked[model] is None, detail=detail, hint=hint,
+                            required=False))  # fmt: skip
+    for mode, vendor_key in SDK_ENDPOINTS.items():
+        ep = settings.endpoints[vendor_key]
+        source = ep.variable if ep.custom else "the vendor's own API"
+        detail = f"calls {ep.shown} ({source})"
+        if mode == "openai_sdk":
+            detail += {
+                "auto": "; Responses API, and Chat Completions if a custom endpoint has no /responses "
+                "(MCP_COLLAB_OPENAI_WIRE_API=auto)",
+                "responses": "; Responses API only (MCP_COLLAB_OPENAI_WIRE_API=responses)",
+                "chat": "; Chat Completions only (MCP_COLLAB_OPENAI_WIRE_API=chat)",
+            }[settings.openai_wire_api]
+        down = unreachable.get(ep.variable) if ep.custom else None
+        if down:
+            detail += f"; unreachable: {down}{proxy_note}"
+        blocked[mode] = f"{ep.shown} unreachable ({down})" if down else None
+        checks.append(
+            Check(
+                name=f"endpoint:{mode}",
+                ok=down is None,
+                detail=detail,
+                hint=f"start the server at {ep.shown} or correct {ep.variable}" if down else None,
+                required=False,
+            )
+        )
+    return checks, blocked
+
+
+def _vendor_of(model: str) -> str:
+    return {"codex_cli": "openai", "gemini_cli": "gemini", "claude_cli": "anthropic"}[model]
 
 
 def _package_version(dist: str, module: str) -> str | None:
@@ -133,10 +216,20 @@ async def check(settings: Settings) -> ReadinessReport:
     async def ask(model: str, binary: str) -> None:
         versions[model] = await _cli_version(binary, settings.child_env(VENDORS[model].env_prefixes))
 
+    custom = [ep for ep in settings.endpoints.values() if ep.custom]
+    unreachable: dict[str, str] = {}
+
+    async def reach(endpoint: Endpoint) -> None:
+        problem = await _reach(endpoint)
+        if problem:
+            unreachable[endpoint.variable] = problem
+
     async with anyio.create_task_group() as tg:  # gemini alone takes seconds to start
         for model, binary in binaries.items():
             if binary is not None:
                 tg.start_soon(ask, model, binary)
+        for endpoint in custom:
+            tg.start_soon(reach, endpoint)
     for model, vendor in VENDORS.items():
         binary = binaries[model]
         if binary is None:
@@ -199,36 +292,44 @@ async def check(settings: Settings) -> ReadinessReport:
             )
         )
     checks.extend(_store_checks(settings))
-    base_urls = [v for v in ("OPENAI_BASE_URL", "GOOGLE_GEMINI_BASE_URL", "ANTHROPIC_BASE_URL") if environ.get(v)]
-    if base_urls:
-        checks.append(Check(name="endpoints", ok=True, detail=f"custom endpoints set: {', '.join(base_urls)}"))
+    plans = {model: vendor.endpoint(settings) for model, vendor in VENDORS.items()}
+    endpoint_checks, blocked = _endpoint_checks(settings, plans, unreachable)
+    checks.extend(endpoint_checks)
 
-    runtimes = [
-        RuntimeReadiness(
-            mode="cli",
-            worker_model=model,
-            ready=cli_ready[model],
-            reason=f"{VENDORS[model].name} CLI " + ("found" if cli_ready[model] else "not found"),
+    runtimes = []
+    for model in VENDORS:
+        reason = f"{VENDORS[model].name} CLI " + ("found" if cli_ready[model] else "not found")
+        reason += f"; calls {plans[model].url}"
+        if blocked[model]:
+            reason += f"; {blocked[model]}"
+        runtimes.append(
+            RuntimeReadiness(
+                mode="cli", worker_model=model, ready=cli_ready[model] and not blocked[model], reason=reason
+            )
         )
-        for model in VENDORS
-    ]
+    openai_reason = "openai importable, OPENAI_API_KEY " + (
+        "present" if creds["OPENAI_API_KEY"] else "missing (steps fall back to cli under on_error)"
+    )
     runtimes.append(
         RuntimeReadiness(
             mode="openai_sdk",
             worker_model="codex_cli",
-            ready=bool(sdk["openai_sdk"]) and creds["OPENAI_API_KEY"],
-            reason="openai importable, OPENAI_API_KEY "
-            + ("present" if creds["OPENAI_API_KEY"] else "missing (steps fall back to cli under on_error)"),
+            ready=bool(sdk["openai_sdk"]) and creds["OPENAI_API_KEY"] and not blocked["openai_sdk"],
+            reason=f"{openai_reason}; calls {settings.endpoints['openai'].shown}"
+            + (f"; {blocked['openai_sdk']}" if blocked["openai_sdk"] else ""),
         )
     )
     google_key = creds["GEMINI_API_KEY or GOOGLE_API_KEY"]
+    google_reason = "google-genai importable, API key " + (
+        "present" if google_key else "missing (steps fall back to cli under on_error)"
+    )
     runtimes.append(
         RuntimeReadiness(
             mode="google_sdk",
             worker_model="gemini_cli",
-            ready=bool(sdk["google_sdk"]) and google_key,
-            reason="google-genai importable, API key "
-            + ("present" if google_key else "missing (steps fall back to cli under on_error)"),
+            ready=bool(sdk["google_sdk"]) and google_key and not blocked["google_sdk"],
+            reason=f"{google_reason}; calls {settings.endpoints['gemini'].shown}"
+            + (f"; {blocked['google_sdk']}" if blocked["google_sdk"] else ""),
         )
     )
     return ReadinessReport(

@@ -1,7 +1,12 @@
 """Throwaway homes for the real codex / gemini / claude CLIs, pointed at a VendorStub.
 
 ``cli_env(base_dir, stub_url)`` writes config files under ``base_dir`` and returns
-only the environment variables a test must add to the child's environment.
+only the environment variables a test must add to the child's environment. Its codex provider and
+gemini settings serve CLIs run directly (``fixtures/cli_outputs/record.py``); under the server,
+``OPENAI_BASE_URL`` and ``GOOGLE_GEMINI_BASE_URL`` take over (the server hands the CLIs their own).
+
+``user_env(base_dir, stub_url)`` is what a user sets once for custom endpoints: a home with no
+endpoint configuration in it, the three base URLs and the keys, nothing else.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["STUB_API_KEY", "cli_bin_dir", "cli_env"]
+__all__ = ["STUB_API_KEY", "USER_CODEX_CONFIG", "cli_bin_dir", "cli_env", "user_env"]
 
 STUB_API_KEY = "stub-key-not-secret"
 
@@ -107,4 +112,36 @@ def cli_env(base_dir: Path, stub_url: str) -> dict[str, str]:
         # Without this, claude answers a 400 by re-sending the request up to 5 more times with
         # beta headers / request fields stripped, so one scripted 400 would be followed by a 200.
         "CLAUDE_CODE_DISABLE_EXPERIMENTAL_BETAS": "1",
+    }
+
+
+# A user's own ~/.codex/config.toml: no provider, nothing about the stub; only codex's outside
+# traffic off (analytics and plugins reach out), as a careful user would have it.
+USER_CODEX_CONFIG = """\
+# a user's own codex configuration: no model provider, no endpoint
+model = "gpt-5.5"
+
+[analytics]
+enabled = false
+
+[features]
+plugins = false
+"""
+
+
+def user_env(base_dir: Path, stub_url: str) -> dict[str, str]:
+    """A user's home under ``base_dir`` (only ``~/.codex/config.toml`` above in it) and the variables a
+    user sets once to point every runtime at ``stub_url``: base URLs and keys, nothing else."""
+    home = Path(base_dir) / "user-home"
+    (home / ".codex").mkdir(parents=True, exist_ok=True)
+    (home / ".codex" / "config.toml").write_text(USER_CODEX_CONFIG, encoding="utf-8")
+    stub_url = stub_url.rstrip("/")
+    return {
+        "HOME": str(home),
+        "OPENAI_BASE_URL": f"{stub_url}/v1",
+        "OPENAI_API_KEY": STUB_API_KEY,
+        "GOOGLE_GEMINI_BASE_URL": stub_url,
+        "GEMINI_API_KEY": STUB_API_KEY,
+        "ANTHROPIC_BASE_URL": stub_url,
+        "ANTHROPIC_API_KEY": STUB_API_KEY,
     }

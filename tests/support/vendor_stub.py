@@ -1,4 +1,4 @@
-"""Loopback stub of the OpenAI Responses, Gemini and Anthropic Messages APIs.
+"""Loopback stub of the OpenAI Responses and Chat Completions, Gemini and Anthropic Messages APIs.
 
 The stub is a stdlib ``ThreadingHTTPServer`` running in a daemon thread, bound to
 127.0.0.1 on a free port.  Because it is a real HTTP server in its own thread it
@@ -12,13 +12,16 @@ serves synchronous tests, async tests and child processes (the real ``codex``,
 
 Replies are produced by ``stub.responder`` (a callable ``StubRequest -> StubReply``),
 after any replies queued with ``stub.script(...)`` have been used up.  Only generation
-calls (OpenAI ``/responses``, Gemini ``generateContent``/``streamGenerateContent``,
+calls (OpenAI ``/responses`` and ``/chat/completions``, Gemini ``generateContent``/``streamGenerateContent``,
 Anthropic ``/messages``) consume scripted replies; token-count calls go to the responder;
 anything else is logged with ``api="other"`` and answered 404 (or an empty model list).
 
 The default responder answers ``"stub reply from <api> model <model>: "`` followed by the
 first 80 characters of ``last_user_text`` (the last user text part: the task itself for
 the CLIs, which prepend environment context to ``prompt``).
+
+``stub.responses_api = False`` makes it a server without the Responses API, as many self-hosted
+OpenAI-compatible servers are: ``/responses`` then answers 404 like any unknown route.
 """
 
 from __future__ import annotations
@@ -131,6 +134,19 @@ def _openai_texts(body: dict[str, Any]) -> _Parsed:
                 users.append(_parts(item.get("content")))
             elif role in ("system", "developer"):
                 system_parts.append(_text_of(item.get("content")))
+    return users, "\n".join(p for p in system_parts if p)
+
+
+def _chat_texts(body: dict[str, Any]) -> _Parsed:
+    users: list[list[str]] = []
+    system_parts: list[str] = []
+    for m in body.get("messages") or []:
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") == "user":
+            users.append(_parts(m.get("content")))
+        elif m.get("role") in ("system", "developer"):
+            system_parts.append(_text_of(m.get("content")))
     return users, "\n".join(p for p in system_parts if p)
 
 
@@ -322,6 +338,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"input_tokens": reply.input_tokens}, reply)
         elif req.kind == "countTokens":
             self._json(200, {"totalTokens": reply.input_tokens}, reply)
+        elif req.kind == "chat_completions":
+            if req.stream:
+                self._sse(_chat_events(req, reply), reply, done_marker=True)
+            else:
+                self._json(200, _chat_completion(req, reply), reply)
         elif req.api == "openai":
             if req.stream:
                 self._sse(_openai_events(req, reply), reply)
@@ -342,6 +363,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _other(self, req: StubRequest) -> None:
         p = req.path.rstrip("/")
+        if p.endswith("/responses") and not self.server.stub.responses_api:
+            # How a self-hosted server's web framework answers a route it lacks (FastAPI: vLLM, LiteLLM).
+            self._json(404, {"detail": "Not Found"})
+            return
         if self.command == "GET" and p.endswith("/models") and "/v1beta" not in p:
             # OpenAI-ish or codex models listing: an empty list is a sensible answer.
             self._json(200, {"object": "list", "data": [], "models": []})
@@ -376,7 +401,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
-    def _sse(self, events: Iterable[tuple[str | None, Any]], reply: StubReply) -> None:
+    def _sse(self, events: Iterable[tuple[str | None, Any]], reply: StubReply, *, done_marker: bool = False) -> None:
         stub = self.server.stub
         try:
             self._send_head(200, "text/event-stream", None, reply)
@@ -390,6 +415,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raw = chunk.encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
                 self.wfile.flush()
+            if done_marker:  # Chat Completions streams end with a literal [DONE]
+                raw = b"data: [DONE]\n\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError:
@@ -556,6 +584,45 @@ def _openai_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | N
     yield "response.completed", {"type": "response.completed", "sequence_number": next(seq), "response": done}
 
 
+def _chat_usage(reply: StubReply) -> dict[str, Any]:
+    return {
+        "prompt_tokens": reply.input_tokens,
+        "completion_tokens": reply.output_tokens,
+        "total_tokens": reply.input_tokens + reply.output_tokens,
+    }
+
+
+def _chat_completion(req: StubRequest, reply: StubReply) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-stub-{next(_ids)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model or "stub-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _chat_usage(reply),
+    }
+
+
+def _chat_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | None, Any]]:
+    base = {
+        "id": f"chatcmpl-stub-{next(_ids)}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": req.model or "stub-model",
+    }
+    yield None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    for piece in _chunks(reply.text):
+        yield None, {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+    yield None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": _chat_usage(reply)}
+
+
 def _gemini_usage(reply: StubReply) -> dict[str, Any]:
     return {
         "promptTokenCount": reply.input_tokens,
@@ -661,6 +728,7 @@ class VendorStub:
         self._thread: threading.Thread | None = None
         self.url = ""
         self.port = 0
+        self.responses_api = True  # False: /responses is an unknown route (404), as on many self-hosted servers
 
     # -- lifecycle
     def start(self) -> VendorStub:
@@ -769,7 +837,12 @@ class VendorStub:
             stream = kind == "streamGenerateContent"
             src = b.get("generateContentRequest") if kind == "countTokens" and "generateContentRequest" in b else b
             users, system = _gemini_texts(src if isinstance(src, dict) else {})
-        elif method == "POST" and path.rstrip("/").endswith("/responses"):
+        elif method == "POST" and path.rstrip("/").endswith("/chat/completions"):
+            api, kind = "openai", "chat_completions"
+            model = b.get("model")
+            stream = bool(b.get("stream"))
+            users, system = _chat_texts(b)
+        elif method == "POST" and path.rstrip("/").endswith("/responses") and self.responses_api:
             api, kind = "openai", "responses"
             model = b.get("model")
             stream = bool(b.get("stream"))

@@ -1,8 +1,17 @@
-"""The ``openai_sdk`` runtime: the OpenAI Responses API through the official async client.
+"""The ``openai_sdk`` runtime: an OpenAI-compatible API through the official async client.
 
 Key and endpoint come from the server's environment (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``), so
-any compatible endpoint works (a gateway, vLLM, a loopback stub in tests). The model is the worker
-profile's ``sdkModel``, else ``MCP_COLLAB_OPENAI_MODEL``, else a built-in default.
+any compatible endpoint works (a gateway, vLLM, Ollama, a loopback stub in tests). The model is the
+worker profile's ``sdkModel``, else ``MCP_COLLAB_OPENAI_MODEL``, else a built-in default.
+
+Which API it speaks is ``MCP_COLLAB_OPENAI_WIRE_API``: ``responses`` (the Responses API),
+``chat`` (Chat Completions, which every self-hosted server speaks and some speak only), or
+``auto`` (the default): Responses, and for a custom endpoint that answers 404 or 405 on
+``/responses`` without OpenAI's error object (the way a web framework answers a route it lacks:
+vLLM, LiteLLM, Ollama), Chat Completions from then on. Detecting it costs one request, once per
+endpoint and server, and asks nothing of the user; an OpenAI-shaped 404 means the route exists
+(an unknown model) and is reported as it is, as is any 404 from the vendor's own API. The API used
+is named in the step's progress and in its session id's form (``resp_...`` or ``chatcmpl-...``).
 """
 
 from __future__ import annotations
@@ -15,6 +24,22 @@ from ..errors import RuntimeFailure, RuntimeFatal, RuntimeTransient, RuntimeUnav
 from ..models import RuntimeMode, Usage
 from .base import RuntimeResult, StepRequest
 
+# What a server without a /responses route answers there (FastAPI, Ollama, vLLM: 404; some
+# gateways: 405). Any other failure is the endpoint's answer to the request itself.
+NO_RESPONSES_API_STATUSES = frozenset({404, 405})
+RESPONSES = "Responses API"
+CHAT = "Chat Completions API"
+
+
+class NoResponsesRoute(RuntimeFatal):
+    """A custom endpoint answered 404/405 for /responses; ``route_missing``: not in OpenAI's error
+    shape, so the route itself is missing there."""
+
+    def __init__(self, message: str, *, code: str, status: int, route_missing: bool) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.route_missing = route_missing
+
 
 class OpenAISDKRuntime:
     mode: RuntimeMode = "openai_sdk"
@@ -22,6 +47,8 @@ class OpenAISDKRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._clients: dict[tuple[str, str | None], Any] = {}
+        # Per base URL: the endpoint was found to have no Responses API (auto mode).
+        self._chat_only: set[str] = set()
 
     def _client(self) -> Any:
         try:
@@ -31,11 +58,10 @@ class OpenAISDKRuntime:
                 "the openai package is not installed; install mcp-collab with its dependencies",
                 code="missing_package",
             ) from exc
-        env = self.settings.environ
-        key = env.get("OPENAI_API_KEY", "").strip()
+        key = self.settings.environ.get("OPENAI_API_KEY", "").strip()
         if not key:
             raise RuntimeUnavailable("OPENAI_API_KEY is not set", code="missing_credentials")
-        base_url = env.get("OPENAI_BASE_URL", "").strip() or None
+        base_url = self.settings.endpoints["openai"].url
         client = self._clients.get((key, base_url))
         if client is None:
             client = openai.AsyncOpenAI(api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries)
@@ -44,28 +70,72 @@ class OpenAISDKRuntime:
 
     async def run(self, request: StepRequest) -> RuntimeResult:
         client = self._client()
+        endpoint = self.settings.endpoints["openai"]
+        wire = self.settings.openai_wire_api
+        if wire == "chat" or (wire == "auto" and endpoint.url in self._chat_only):
+            return await self._call(client, request, chat=True)
+        try:
+            return await self._call(client, request, chat=False)
+        except NoResponsesRoute as missing:
+            if not (wire == "auto" and endpoint.url is not None and missing.route_missing):
+                raise
+            request.on_progress(
+                f"{request.worker.name}: {endpoint.shown} has no {RESPONSES} (HTTP {missing.status} for "
+                f"/responses); trying the {CHAT}"
+            )
+            try:
+                result = await self._call(client, request, chat=True)
+            except RuntimeFailure as again:
+                message = f"{again.message} (after /responses answered HTTP {missing.status})"
+                raise type(again)(message, code=again.code, exit_code=again.exit_code, output=again.output) from again
+            self._chat_only.add(endpoint.url)
+            return result
+
+    async def _call(self, client: Any, request: StepRequest, *, chat: bool) -> RuntimeResult:
         import openai
 
         model = request.worker.sdk_model or self.settings.openai_model
-        request.on_progress(f"{request.worker.name}: calling the OpenAI Responses API ({model})")
+        api = CHAT if chat else RESPONSES
+        where = f" at {self.settings.endpoints['openai'].shown}" if self.settings.endpoints["openai"].custom else ""
+        request.on_progress(f"{request.worker.name}: calling the OpenAI {api} ({model}){where}")
         started = time.monotonic()
         try:
-            response = await client.responses.create(
-                model=model,
-                instructions=request.instructions or None,
-                input=request.prompt,
-                timeout=request.timeout_s,
-            )
+            if chat:
+                messages = [{"role": "system", "content": request.instructions}] if request.instructions else []
+                messages.append({"role": "user", "content": request.prompt})
+                completion = await client.chat.completions.create(
+                    model=model, messages=messages, timeout=request.timeout_s
+                )
+            else:
+                response = await client.responses.create(
+                    model=model,
+                    instructions=request.instructions or None,
+                    input=request.prompt,
+                    timeout=request.timeout_s,
+                )
         except openai.APITimeoutError as exc:
             raise RuntimeTransient(
-                f"the OpenAI API did not answer within {request.timeout_s:g}s", code="timeout"
+                f"the OpenAI {api} did not answer within {request.timeout_s:g}s", code="timeout"
             ) from exc
         except openai.APIConnectionError as exc:
-            raise RuntimeTransient(f"cannot reach the OpenAI API: {exc}", code="connection") from exc
+            raise RuntimeTransient(f"cannot reach the OpenAI {api}{where}: {exc}", code="connection") from exc
         except openai.APIStatusError as exc:
-            raise classify_status(exc.status_code, _api_message(exc), "OpenAI API") from exc
+            failure = classify_status(exc.status_code, _api_message(exc), f"OpenAI {api}{where}")
+            if not chat and exc.status_code in NO_RESPONSES_API_STATUSES and where:
+                # A custom endpoint without the route answers in its web framework's words, not
+                # OpenAI's error object (which means the route exists: an unknown model, say).
+                raise NoResponsesRoute(
+                    f"{failure.message}; if this endpoint has no Responses API, set MCP_COLLAB_OPENAI_WIRE_API=chat",
+                    code=failure.code,
+                    status=exc.status_code,
+                    route_missing=not _is_openai_error(exc),
+                ) from exc
+            raise failure from exc
         except openai.OpenAIError as exc:
             raise RuntimeFatal(f"the OpenAI client failed: {exc}", code="client_error") from exc
+        duration_ms = int((time.monotonic() - started) * 1000)
+        if chat:
+            return _chat_result(completion, duration_ms)
         usage = None
         if response.usage is not None:
             usage = Usage(
@@ -74,16 +144,31 @@ class OpenAISDKRuntime:
                 total_tokens=response.usage.total_tokens,
             )
         return RuntimeResult(
-            text=response.output_text or "",
-            usage=usage,
-            session_id=response.id,
-            duration_ms=int((time.monotonic() - started) * 1000),
+            text=response.output_text or "", usage=usage, session_id=response.id, duration_ms=duration_ms
         )
 
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+def _chat_result(completion: Any, duration_ms: int) -> RuntimeResult:
+    choices = getattr(completion, "choices", None) or []
+    if not choices:
+        raise RuntimeFatal("the OpenAI Chat Completions API answered without a choice", code="empty_answer")
+    message = choices[0].message
+    text = message.content or ""
+    if not text and getattr(message, "refusal", None):
+        raise RuntimeFatal(f"the model refused: {message.refusal}"[:500], code="refusal")
+    usage = None
+    if completion.usage is not None:
+        usage = Usage(
+            input_tokens=completion.usage.prompt_tokens,
+            output_tokens=completion.usage.completion_tokens,
+            total_tokens=completion.usage.total_tokens,
+        )
+    return RuntimeResult(text=text, usage=usage, session_id=completion.id, duration_ms=duration_ms)
 
 
 def classify_status(status: int, message: str, api: str) -> RuntimeFailure:
@@ -96,6 +181,12 @@ def classify_status(status: int, message: str, api: str) -> RuntimeFailure:
     if status in (408, 409, 429) or status >= 500:
         return RuntimeTransient(text, code=code)
     return RuntimeFatal(text, code=code)
+
+
+def _is_openai_error(exc: Any) -> bool:
+    """The openai client keeps the ``error`` object of an OpenAI-shaped body (or the whole body)."""
+    body = getattr(exc, "body", None)
+    return isinstance(body, dict) and isinstance(body.get("message"), str)
 
 
 def _api_message(exc: Any) -> str:

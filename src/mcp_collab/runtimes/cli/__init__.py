@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from pathlib import Path
+
+import anyio
 
 from ...config import Settings
-from ...errors import RuntimeFatal, RuntimeUnavailable
+from ...errors import RuntimeFatal, RuntimeTransient, RuntimeUnavailable
 from ...models import RuntimeMode
 from ..base import RuntimeResult, StepRequest
 from .supervisor import SPOOL_AFTER_BYTES, ProcessOutcome, ProcessSpec, run_process
-from .vendors import VENDORS, Parsed, Vendor
+from .vendors import VENDORS, EndpointPlan, Parsed, Vendor
 
-__all__ = ["CLIRuntime", "find_binary"]
+__all__ = ["CLIRuntime", "find_binary", "prepare_endpoint"]
 
 _TAIL_CHARS = 600
 
@@ -23,6 +28,44 @@ def find_binary(settings: Settings, vendor: Vendor) -> str | None:
     if configured:
         return configured if os.access(configured, os.X_OK) else None
     return shutil.which(vendor.name, path=settings.environ.get("PATH"))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` owner-only and atomically (steps running at once may write the same
+    file: each reader sees a whole one); unchanged content is not rewritten."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def prepare_endpoint(settings: Settings, vendor: Vendor) -> EndpointPlan:
+    """What the vendor's CLI needs to call the endpoint the user set, in place (its files written);
+    a CLI that cannot call it fails here, as unavailable, before anything runs."""
+    plan = vendor.endpoint(settings)
+    if plan.problem:
+        raise RuntimeUnavailable(plan.problem, code="endpoint_unsupported")
+    for path, text in plan.files:
+        try:
+            write_private(path, text)
+        except OSError as exc:
+            raise RuntimeUnavailable(
+                f"cannot write {path.name} for the {vendor.name} CLI under the state dir ({exc.strerror or exc}); "
+                "make MCP_COLLAB_STATE_DIR writable",
+                code="cli_home",
+            ) from exc
+    return plan
 
 
 def compose_prompt(request: StepRequest) -> str:
@@ -48,8 +91,11 @@ class CLIRuntime:
                 f"or set MCP_COLLAB_{vendor.name.upper()}_BIN",
                 code="missing_binary",
             )
-        argv = vendor.argv(binary, request, request.worker.cli_model)
+        plan = prepare_endpoint(self.settings, vendor)
+        argv = vendor.argv(binary, request, request.worker.cli_model, plan.argv)
         parser = vendor.parser(self.settings.max_answer_bytes)
+
+        giving_up = anyio.CancelScope()
 
         def on_line(line: str) -> None:
             message = parser.feed(line)
@@ -57,10 +103,12 @@ class CLIRuntime:
             request.partial.text = parsed.text or "\n\n".join(parsed.messages)
             if message:
                 request.on_progress(f"{request.worker.name}: {message}")
+            if parsed.unreachable is not None:
+                giving_up.cancel()  # the process tree is killed on the way out, as on any cancel
 
         spec = ProcessSpec(
             argv=argv,
-            env=self.settings.child_env(vendor.env_prefixes),
+            env={**self.settings.child_env(vendor.env_prefixes), **plan.env},
             cwd=request.child_cwd or request.working_directory,
             stdin=compose_prompt(request).encode("utf-8"),
             timeout_s=request.timeout_s,
@@ -68,9 +116,11 @@ class CLIRuntime:
             capture_bytes=self.settings.capture_bytes,
             max_line_bytes=self.settings.max_answer_bytes,
         )
-        request.on_progress(f"{request.worker.name}: starting {vendor.name}")
+        via = f" (calling {plan.url}, from {plan.source})" if plan.custom else ""
+        request.on_progress(f"{request.worker.name}: starting {vendor.name}{via}")
         try:
-            outcome = await run_process(spec, on_line=on_line, on_start=request.on_spawn)
+            with giving_up:
+                outcome = await run_process(spec, on_line=on_line, on_start=request.on_spawn)
         except OSError as exc:
             raise RuntimeUnavailable(
                 f"cannot start the {vendor.name} CLI ({binary}): {exc}", code="spawn_failed"
@@ -79,6 +129,14 @@ class CLIRuntime:
             # Also when cancelled: the partial output a cancel keeps is all that was read.
             parser.close()
             request.partial.text = parser.parsed.text or "\n\n".join(parser.parsed.messages)
+        if giving_up.cancelled_caught:
+            raise RuntimeTransient(
+                f"the {vendor.name} CLI cannot reach {plan.url} ({plan.source}) and would keep retrying: "
+                f"{parser.parsed.unreachable}; its whole process group was killed. Check that the endpoint "
+                "is up (`mcp-collab doctor` tries it)",
+                code="unreachable",
+                output=request.partial.text,
+            )
         return self._result(vendor, request, outcome, parser.parsed)
 
     def _result(self, vendor: Vendor, request: StepRequest, outcome: ProcessOutcome, parsed: Parsed) -> RuntimeResult:

@@ -8,15 +8,25 @@ produced no recognizable final event fails with a message that says so.
 An answer may be one line of tens of MB: nothing here copies a line more than a few times, and
 what a parser accumulates (messages, streamed pieces) is bounded by the answer cap.
 Recorded real outputs per version live in ``fixtures/cli_outputs/``.
+
+Each vendor also says which endpoint its CLI will call and what the server hands it so that the
+one variable a user set (``OPENAI_BASE_URL``, ``GOOGLE_GEMINI_BASE_URL``, ``ANTHROPIC_BASE_URL``)
+reaches it: codex ignores ``OPENAI_BASE_URL`` and gets a provider through ``-c`` overrides; gemini
+refuses a base URL without API-key auth selected in its settings and gets a home of the server's
+making; claude reads its variable itself. Nothing here edits the user's own CLI configuration.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from ...config import DEFAULT_MAX_ANSWER_BYTES
+from ...config import DEFAULT_MAX_ANSWER_BYTES, Settings
 from ...models import Access, Usage
 from ..base import StepRequest
 
@@ -41,6 +51,8 @@ class Parsed:
     messages: list[str] = field(default_factory=list)
     # The size of an answer that outgrew the cap and was not kept (0: none did).
     oversize_answer: int = 0
+    # The CLI says it cannot reach its endpoint and will keep trying: the step gives up with this.
+    unreachable: str | None = None
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     _messages_bytes: int = field(default=0, init=False, repr=False)
 
@@ -63,12 +75,28 @@ class OutputParser(Protocol):
         """The stream ended (or was cut short): bring ``parsed`` up to date with all that was read."""
 
 
+@dataclass(frozen=True)
+class EndpointPlan:
+    """Which endpoint a vendor's CLI will call, and what the server hands the CLI so that it does."""
+
+    url: str  # shown form (no credentials): what the CLI will call
+    source: str  # where that comes from, in words: "OPENAI_BASE_URL", "codex's own configuration"
+    how: str = ""  # what the server does for it, in words (for doctor)
+    argv: tuple[str, ...] = ()  # extra arguments before the prompt (codex's -c overrides)
+    env: Mapping[str, str] = field(default_factory=dict)  # set in the child's environment
+    files: tuple[tuple[Path, str], ...] = ()  # written (atomically, owner-only) before the CLI starts
+    problem: str | None = None  # why the CLI cannot use this endpoint: the step fails as unavailable
+    custom: bool = False  # a base URL the user set, not the vendor's own API
+
+
 class Vendor(Protocol):
     name: str  # the binary's name: codex, gemini, claude
     package: str  # the npm package that provides it
     env_prefixes: tuple[str, ...]  # the server variables this CLI reads (its home, keys, endpoints)
 
-    def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]: ...
+    def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]: ...
+
+    def endpoint(self, settings: Settings) -> EndpointPlan: ...
 
     def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser: ...
 
@@ -115,12 +143,20 @@ _CODEX_ACCESS: dict[Access, list[str]] = {
 }
 
 
+# codex with its endpoint down prints "Reconnecting... waiting for network" on stdout forever (5, 10,
+# 20 s apart, whatever its retry settings), so neither its exit nor the idle watchdog ends the step.
+# The fourth in a row is 35 s without a connection: long enough to ride out a blip, then the step fails.
+CODEX_RECONNECTS_BEFORE_GIVING_UP = 4
+_CODEX_RECONNECTING = "Reconnecting..."
+
+
 class CodexParser:
     """``codex exec --json``: thread.started, item.*, turn.completed{usage}, turn.failed, error."""
 
     def __init__(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         self.parsed = Parsed(max_answer_bytes=max_answer_bytes)
         self._in = self._out = 0
+        self._reconnects = 0  # "Reconnecting..." errors in a row
 
     def close(self) -> None:
         return None
@@ -131,6 +167,13 @@ class CodexParser:
             return None
         self.parsed.events += 1
         kind = event.get("type")
+        if kind == "error" and str(event.get("message", "")).startswith(_CODEX_RECONNECTING):
+            # Not a failure of the step (codex may get through), unless it never does.
+            self._reconnects += 1
+            if self._reconnects >= CODEX_RECONNECTS_BEFORE_GIVING_UP:
+                self.parsed.unreachable = str(event["message"])
+            return _short(f"codex: {event['message']}")
+        self._reconnects = 0
         if kind == "thread.started":
             self.parsed.session_id = event.get("thread_id") or self.parsed.session_id
             return "codex: session started"
@@ -166,18 +209,74 @@ class CodexParser:
         return None
 
 
+# The provider the server defines for codex when OPENAI_BASE_URL is set (codex 0.169 ignores that
+# variable). Its own name, so a provider of the same name in the user's config.toml is not reused.
+CODEX_PROVIDER_ID = "mcp_collab"
+# codex retries a failing request about 30 times over 25 s by default; a step fails at once instead,
+# and the caller decides whether to run it again.
+CODEX_PROVIDER_RETRIES = 0
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string (a JSON string is one, when non-ASCII stays unescaped:
+    TOML refuses JSON's surrogate-pair escapes)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 class Codex:
     name = "codex"
     package = "@openai/codex"
     env_prefixes: tuple[str, ...] = ("CODEX_", "OPENAI_")
 
-    def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
-        argv = [binary, "exec", "--json", "--skip-git-repo-check", *_CODEX_ACCESS[request.access]]
+    def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]:
+        argv = [binary, "exec", "--json", "--skip-git-repo-check", *_CODEX_ACCESS[request.access], *extra]
         if request.working_directory is not None:
             argv += ["-C", str(request.working_directory)]
         if model:
             argv += ["-m", model]
         return [*argv, "-"]  # the prompt comes on stdin: it can never be taken for a flag
+
+    def endpoint(self, settings: Settings) -> EndpointPlan:
+        ep = settings.endpoints["openai"]
+        if not ep.custom:
+            return EndpointPlan(url=ep.shown, source="codex's own configuration ($CODEX_HOME/config.toml or its login)")
+        assert ep.url is not None
+        if settings.openai_wire_api == "chat":
+            return EndpointPlan(
+                url=ep.shown,
+                source=ep.variable,
+                custom=True,
+                problem=(
+                    "MCP_COLLAB_OPENAI_WIRE_API=chat says the endpoint has no Responses API, and the codex CLI "
+                    'speaks only the Responses API (codex 0.169 refuses wire_api "chat"); run this worker with '
+                    "runtimeMode openai_sdk, which speaks Chat Completions, or set MCP_COLLAB_OPENAI_WIRE_API="
+                    "responses (or auto) if the endpoint serves /responses"
+                ),
+            )
+        provider = f"model_providers.{CODEX_PROVIDER_ID}"
+        overrides = [
+            f"model_provider={toml_string(CODEX_PROVIDER_ID)}",
+            f"{provider}.name={toml_string(f'{ep.variable} (set by mcp-collab)')}",
+            f"{provider}.base_url={toml_string(ep.url)}",
+            f"{provider}.wire_api={toml_string('responses')}",
+            f"{provider}.request_max_retries={CODEX_PROVIDER_RETRIES}",
+            f"{provider}.stream_max_retries={CODEX_PROVIDER_RETRIES}",
+        ]
+        key_note = "no key (OPENAI_API_KEY is not set)"
+        if settings.environ.get("OPENAI_API_KEY", "").strip():
+            # The provider names the variable; the key itself never appears in argv (ps shows argv).
+            overrides.append(f"{provider}.env_key={toml_string('OPENAI_API_KEY')}")
+            key_note = "the key from OPENAI_API_KEY"
+        return EndpointPlan(
+            url=ep.shown,
+            source=ep.variable,
+            custom=True,
+            how=(
+                f"the server hands codex a provider through -c overrides (wire_api responses, {key_note}, "
+                f"retries {CODEX_PROVIDER_RETRIES}); $CODEX_HOME/config.toml is left as it is"
+            ),
+            argv=tuple(a for o in overrides for a in ("-c", o)),
+        )
 
     def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser:
         return CodexParser(max_answer_bytes)
@@ -263,12 +362,62 @@ class GeminiParser:
         return None
 
 
+# The home the server makes for gemini when GOOGLE_GEMINI_BASE_URL is set, under its state dir.
+GEMINI_HOME_DIR = "gemini-home"
+# What the server's gemini home settles, over whatever the user's own settings say: API-key auth
+# (a base URL with any other auth exits 41), no folder-trust prompt (headless: exit 55), nothing sent
+# elsewhere than the endpoint, and one attempt per request (10 by default: minutes on a 500 or 429),
+# so a failure reaches the step at once.
+GEMINI_ENDPOINT_SETTINGS: dict[str, dict[str, Any]] = {
+    "security": {"auth": {"selectedType": "gemini-api-key"}, "folderTrust": {"enabled": False}},
+    "privacy": {"usageStatisticsEnabled": False},
+    "telemetry": {"enabled": False},
+    "general": {"maxAttempts": 1},
+}
+# gemini's settings are JSON with comments; these match a string (kept) or a comment (dropped).
+_JSONC_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/', re.DOTALL)
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``, key by key at every depth; neither is changed."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping):
+            below = merged.get(key)
+            merged[key] = _merge(below if isinstance(below, Mapping) else {}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def user_gemini_settings(settings: Settings) -> tuple[Path, dict[str, Any] | None, str | None]:
+    """The user's own gemini settings file, what it holds (None: absent or unreadable), and why it
+    could not be read."""
+    env = settings.environ
+    home = env.get("GEMINI_CLI_HOME") or env.get("HOME") or os.path.expanduser("~")
+    path = Path(home) / ".gemini" / "settings.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return path, None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return path, None, f"cannot read it ({exc.__class__.__name__})"
+    stripped = _JSONC_TOKENS.sub(lambda m: m.group() if m.group().startswith('"') else "", text)
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        return path, None, f"it is not JSON (line {exc.lineno})"
+    if not isinstance(value, dict):
+        return path, None, "it is not a JSON object"
+    return path, value, None
+
+
 class Gemini:
     name = "gemini"
     package = "@google/gemini-cli"
     env_prefixes: tuple[str, ...] = ("GEMINI_", "GOOGLE_")
 
-    def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
+    def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]:
         argv = [
             binary,
             "-o",
@@ -276,12 +425,58 @@ class Gemini:
             "--skip-trust",
             "--approval-mode",
             _GEMINI_APPROVAL[request.access],
+            *extra,
         ]
         if model:
             argv += ["-m", model]
         # `-p ""` turns on headless mode; the prompt itself comes on stdin, which gemini appends,
         # so a task beginning with "--" stays text.
         return [*argv, "-p", ""]
+
+    def endpoint(self, settings: Settings) -> EndpointPlan:
+        ep = settings.endpoints["gemini"]
+        if not ep.custom:
+            return EndpointPlan(url=ep.shown, source="gemini's own settings and login")
+        env = settings.environ
+        child_env: dict[str, str] = {}
+        if not env.get("GEMINI_API_KEY", "").strip():
+            if not env.get("GOOGLE_API_KEY", "").strip():
+                return EndpointPlan(
+                    url=ep.shown,
+                    source=ep.variable,
+                    custom=True,
+                    problem=(
+                        f"{ep.variable} is set but neither GEMINI_API_KEY nor GOOGLE_API_KEY is: the gemini CLI "
+                        "reaches a base URL only with API-key auth; export GEMINI_API_KEY (any value, if the "
+                        "endpoint takes none)"
+                    ),
+                )
+            child_env["GEMINI_API_KEY"] = env["GOOGLE_API_KEY"]  # the one gemini's API-key auth reads
+        # The user's own settings are the base (their MCP servers, model and tool settings make the
+        # worker behave like their gemini); only what a base URL needs is settled over them. The copy
+        # lives in the server's state dir and is owner-only: settings may hold tokens.
+        user_path, user, unreadable = user_gemini_settings(settings)
+        merged = _merge(user or {}, GEMINI_ENDPOINT_SETTINGS)
+        merged["security"]["auth"].pop("enforcedType", None)  # a user-level pin to another auth exits 41
+        home = settings.state_dir / GEMINI_HOME_DIR
+        child_env["GEMINI_CLI_HOME"] = str(home)
+        if user is not None:
+            based = f"your {user_path.name} merged under it"
+        elif unreadable:
+            based = f"your {user_path} not used: {unreadable}"
+        else:
+            based = "you have no settings of your own"
+        return EndpointPlan(
+            url=ep.shown,
+            source=ep.variable,
+            custom=True,
+            how=(
+                "the server runs gemini with its own GEMINI_CLI_HOME (in the state dir) whose settings select "
+                f"gemini-api-key auth, folder trust off, telemetry off, maxAttempts 1 ({based})"
+            ),
+            env=child_env,
+            files=((home / ".gemini" / "settings.json", json.dumps(merged, indent=2, ensure_ascii=False) + "\n"),),
+        )
 
     def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser:
         return GeminiParser(max_answer_bytes)
@@ -294,6 +489,11 @@ _CLAUDE_PERMISSION: dict[Access, str] = {
     "workspace_write": "acceptEdits",
     "bypass": "bypassPermissions",
 }
+
+
+# Retries claude makes against a custom endpoint unless the user set CLAUDE_CODE_MAX_RETRIES:
+# none, as for codex and gemini, so a failing endpoint fails the step at once.
+CLAUDE_ENDPOINT_RETRIES = 0
 
 
 class ClaudeParser:
@@ -345,7 +545,7 @@ class Claude:
     package = "@anthropic-ai/claude-code"
     env_prefixes: tuple[str, ...] = ("ANTHROPIC_", "CLAUDE_")
 
-    def argv(self, binary: str, request: StepRequest, model: str | None) -> list[str]:
+    def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]:
         argv = [
             binary,
             "-p",
@@ -354,10 +554,30 @@ class Claude:
             "--verbose",
             "--permission-mode",
             _CLAUDE_PERMISSION[request.access],
+            *extra,
         ]
         if model:
             argv += ["--model", model]
         return argv  # the prompt comes on stdin
+
+    def endpoint(self, settings: Settings) -> EndpointPlan:
+        ep = settings.endpoints["anthropic"]
+        if not ep.custom:
+            return EndpointPlan(url=ep.shown, source="claude's own login or ANTHROPIC_API_KEY")
+        # claude reads ANTHROPIC_BASE_URL itself (it passes with the ANTHROPIC_ prefix); it retries a
+        # 500 or 429 with backoff for minutes unless told not to. A value the user set is kept.
+        env: dict[str, str] = {}
+        retries = settings.environ.get("CLAUDE_CODE_MAX_RETRIES", "").strip()
+        if not retries:
+            env["CLAUDE_CODE_MAX_RETRIES"] = str(CLAUDE_ENDPOINT_RETRIES)
+        return EndpointPlan(
+            url=ep.shown,
+            source=ep.variable,
+            custom=True,
+            how=f"claude reads {ep.variable} itself; CLAUDE_CODE_MAX_RETRIES={retries or CLAUDE_ENDPOINT_RETRIES}"
+            + (" (yours)" if retries else " (set by the server, so a failure reaches the step at once)"),
+            env=env,
+        )
 
     def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser:
         return ClaudeParser(max_answer_bytes)
