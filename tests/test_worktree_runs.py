@@ -199,3 +199,30 @@ async def test_apply_and_discard_through_mcp(make_settings: Callable[..., Settin
         assert gone["branches"] == [f"mcp-collab/{run['id']}"] and "discarded" in gone["message"]
         stored = await call(client, "get_worker_run", runId=run["id"])
         assert stored["worktrees"][0]["state"] == "discarded"
+
+
+async def test_a_long_diff_is_shortened_inline_and_read_whole_by_tool_and_resource(
+    make_settings: Callable[..., Settings], repo: Path
+) -> None:
+    class Big(Writer):
+        async def run(self, request: StepRequest) -> RuntimeResult:
+            assert request.working_directory is not None
+            (request.working_directory / "big.txt").write_text("".join(f"line {i}\n" for i in range(6000)))
+            return RuntimeResult(text="wrote big.txt", exit_code=0)
+
+    async with Client(build_server(make_settings(), {"cli": Big()})) as client:  # type: ignore[dict-item]
+        await call(client, "spawn_worker", name="w", model="codex_cli")
+        run = await call(client, "dispatch_task", task="t", workingDirectory=str(repo))
+        shown = run["worktrees"][0]["diff"]
+        assert "read_run_output" in shown and f"runs://{run['id']}/worktrees/0/diff" in shown
+        pages, offset = [], 0
+        while offset is not None:
+            page = await call(client, "read_run_output", runId=run["id"], step=0, diff=True, offset=offset)
+            pages.append(page["text"])
+            offset = page["nextOffset"]
+        whole = "".join(pages)
+        assert "+line 5999" in whole and whole.startswith("diff --git a/big.txt b/big.txt")
+        resource = await client.read_resource(f"runs://{run['id']}/worktrees/0/diff")
+        assert resource.contents[0].text == whole  # type: ignore[union-attr]
+        refused = await client.call_tool("read_run_output", {"runId": run["id"], "step": 3, "diff": True})
+        assert refused.is_error and "has steps 0 to 0" in str(refused.content)

@@ -223,6 +223,7 @@ class Step(WireModel):
     role: str = Field(description="The step's part in the strategy: worker, writer, reviewer, redteam.")
     round: int | None = Field(default=None, description="The round of a strategy that loops (1 first).")
     branch: str | None = Field(default=None, description="The parallel branch the step belongs to.")
+    directory: str | None = Field(default=None, description="The directory the step ran in.")
     worker_name: str
     worker_model: WorkerModel
     runtime_mode: RuntimeMode | None = Field(
@@ -433,10 +434,11 @@ class RunSummaryPage(WireModel):
 
 
 class OutputPage(WireModel):
-    """One page of a step's full output, for clients that cannot read MCP resources."""
+    """One page of a step's full output (or of its worktree's diff), for clients without resources."""
 
     run_id: str
     step: int
+    diff: bool = False
     offset: int = Field(description="Where this page starts, in characters.")
     text: str
     next_offset: int | None = Field(description="Pass as offset for the next page; null at the end.")

@@ -135,6 +135,10 @@ def _output_uri(run_id: str, step: int) -> str:
     return f"runs://{run_id}/steps/{step}/output"
 
 
+def _diff_uri(run_id: str, index: int) -> str:
+    return f"runs://{run_id}/worktrees/{index}/diff"
+
+
 def _clip(text: str, limit: int, where: str) -> tuple[str, bool]:
     if len(text) <= limit:
         return text, False
@@ -172,8 +176,19 @@ def for_client(run: Run, budget: int = RESULT_BUDGET_BYTES) -> Run:
             result, _ = _clip(
                 result, limit, _step_pointer(run.id, last, limit) if last >= 0 else f"read runs://{run.id}"
             )
+        trees = []
+        for i, worktree in enumerate(run.worktrees):
+            first = next((s.index for s in run.steps if worktree_of(run, s.index) == i), None)
+            where = f"read {_diff_uri(run.id, i)}" + (
+                f', or call read_run_output with {{"runId": "{run.id}", "step": {first}, "diff": true, '
+                f'"offset": {limit}}}'
+                if first is not None
+                else ""
+            )
+            text, clipped = _clip(worktree.diff, limit, where)
+            trees.append(worktree.model_copy(update={"diff": text}) if clipped else worktree)
         task, _ = _clip(run.task, limit, f"read runs://{run.id}")
-        view = run.model_copy(update={"task": task, "steps": steps, "result": result})
+        view = run.model_copy(update={"task": task, "steps": steps, "result": result, "worktrees": trees})
         if _size(view) <= budget or limit <= MIN_PREVIEW_CHARS:
             return view
         limit = max(MIN_PREVIEW_CHARS, limit // 2)
@@ -190,16 +205,37 @@ def page_for_client(page: RunPage, cursor_after: Callable[[Run], str]) -> RunSum
     return RunSummaryPage(runs=runs[:kept], next_cursor=cursor_after(page.runs[kept - 1]))
 
 
-def output_page(run: Run, step: int, offset: int, limit: int) -> OutputPage:
-    """Characters ``offset`` to at most ``offset + limit`` of a step's output, fewer if their JSON
-    would not fit the result budget (escapes such as newlines count double); pages join exactly."""
+def worktree_of(run: Run, step: int) -> int | None:
+    """The index of the worktree step ``step`` ran in, if it ran in one."""
+    directory = run.steps[step].directory if 0 <= step < len(run.steps) else None
+    if directory is None:
+        return None
+    for i, worktree in enumerate(run.worktrees):
+        if directory == worktree.path or directory.startswith(worktree.path.rstrip("/") + "/"):
+            return i
+    return None
+
+
+def output_page(run: Run, step: int, offset: int, limit: int, *, diff: bool = False) -> OutputPage:
+    """Characters ``offset`` to at most ``offset + limit`` of a step's output (or of the diff of the
+    worktree it ran in), fewer if their JSON would not fit the result budget (escapes such as newlines
+    count double); pages join exactly."""
     if not 0 <= step < len(run.steps):
         steps = f"steps 0 to {len(run.steps) - 1}" if run.steps else "no steps"
         raise ToolError(f"run {run.id} has {steps}; got step {step}")
-    text = run.steps[step].output
+    if diff:
+        index = worktree_of(run, step)
+        if index is None:
+            writers = sorted({s.index for s in run.steps if worktree_of(run, s.index) is not None})
+            accepted = f"steps that did: {', '.join(map(str, writers))}" if writers else "no step of this run did"
+            raise ToolError(f"step {step} of run {run.id} did not work in a worktree, so it has no diff; {accepted}")
+        text = run.worktrees[index].diff
+    else:
+        text = run.steps[step].output
+    what = "diff" if diff else "output"
     if offset > len(text):
         raise ToolError(
-            f"offset {offset} is past the end of step {step}'s output ({len(text)} characters); "
+            f"offset {offset} is past the end of step {step}'s {what} ({len(text)} characters); "
             f"accepted: 0 to {len(text)}"
         )
     chunk = text[offset : offset + limit]
@@ -209,6 +245,7 @@ def output_page(run: Run, step: int, offset: int, limit: int) -> OutputPage:
     return OutputPage(
         run_id=run.id,
         step=step,
+        diff=diff,
         offset=offset,
         text=chunk,
         next_offset=end if end < len(text) else None,
@@ -330,8 +367,8 @@ async def spawn_worker(
     timeoutSeconds: Annotated[float | None, Field(description="Wall-clock limit per step.")] = None,
     workingDirectory: Annotated[str | None, Field(description="Absolute directory it works in.")] = None,
 ) -> Worker:
-    """Register a worker: a named Codex, Gemini or Claude agent with its default runtime. Register
-    once, then name it in dispatch_task. Refused if the name is taken or the runtime does not fit."""
+    """Register a worker: a named Codex, Gemini or Claude agent and its default runtime; then name it in
+    dispatch_task. Refused if the name is taken or the runtime does not fit."""
     spec = WorkerSpec(
         name=name,
         model=model,
@@ -419,12 +456,13 @@ async def read_run_output(
     ctx: Context,
     runId: str,
     step: Annotated[int, Field(ge=0, description="The step's index, from 0.")],
-    offset: Annotated[int, Field(ge=0, description="Where to start, in characters: nextOffset of the last page.")] = 0,
+    offset: Annotated[int, Field(ge=0, description="nextOffset of the last page.")] = 0,
     limit: Annotated[int, Field(ge=1, le=OUTPUT_PAGE_CHARS, description="Characters at most.")] = OUTPUT_PAGE_CHARS,
+    diff: Annotated[bool, Field(description="The diff of the step's worktree instead.")] = False,
 ) -> OutputPage:
-    """A page of a step's full output, for outputs shown shortened elsewhere. Call again with offset =
-    nextOffset until nextOffset is null; the pages joined are the whole output (totalChars long)."""
-    return output_page(await _state(ctx).orchestrator.get_run(runId), step, offset, limit)
+    """A page of a step's full output (or its worktree's diff). Repeat with offset = nextOffset until
+    it is null; the pages join to the whole text (totalChars long)."""
+    return output_page(await _state(ctx).orchestrator.get_run(runId), step, offset, limit, diff=diff)
 
 
 @tool_errors
@@ -487,13 +525,13 @@ async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
 
 def _dispatch_description() -> str:
     return (
-        f"Run a task through a strategy; returns the run. Waits up to waitSeconds (default "
+        f"Run a task through a strategy. Waits up to waitSeconds (default "
         f"{DEFAULT_WAIT_S:.0f}) for the end; a longer run goes on and returns queued or running: follow it "
         "with wait_worker_run, stop it with cancel_worker_run. "
         + WAITING_GUIDE
         + "\nStrategies:\n"
         + STRATEGY_GIST
-        + "\nWorkers: named in role order, else the first registered one of the model each role needs.\n"
+        + "\nWorkers: named in role order, else the first registered ones that fit.\n"
         + RUNTIME_GUIDE
     )
 
@@ -720,6 +758,17 @@ def build_server(
                 f"run {run_id} has {steps}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/output"
             )
         return run.steps[int(index)].output
+
+    @mcp.resource("runs://{run_id}/worktrees/{index}/diff", mime_type="text/x-diff", description="A worktree's diff.")
+    @resource_errors
+    async def worktree_diff(run_id: str, index: str, ctx: Context) -> str:
+        run = await _state(ctx).orchestrator.get_run(run_id)
+        if not index.isdigit() or int(index) >= len(run.worktrees):
+            have = f"worktrees 0 to {len(run.worktrees) - 1}" if run.worktrees else "no worktree"
+            raise ResourceNotFoundError(
+                f"run {run_id} has {have}; got worktree {shown(index)}. Accepted: runs://{run_id}/worktrees/N/diff"
+            )
+        return run.worktrees[int(index)].diff
 
     return mcp
 

@@ -91,6 +91,7 @@ class StepExecutor:
             runtime_mode=plan.modes[worker.name],
             status="running",
             started_at=datetime.now(UTC),
+            directory=str(directory) if directory is not None else None,
         )
         run.steps.append(step)
         with contextlib.ExitStack() as held:
