@@ -15,6 +15,11 @@ from mcp_collab.errors import ConfigError
         ({"MCP_WORKER_FALLBACK_POLICY": "always"}, "use one of: on_error, never"),
         ({"MCP_COLLAB_STEP_TIMEOUT": "soon"}, "is not a number"),
         ({"MCP_COLLAB_IDLE_TIMEOUT": "-1"}, "greater than zero"),
+        ({"MCP_COLLAB_STEP_TIMEOUT": "nan"}, "is not a finite number"),
+        ({"MCP_COLLAB_RUN_TIMEOUT": "inf"}, "is not a finite number"),
+        ({"MCP_COLLAB_MAX_CONCURRENT_RUNS": "0.5"}, "must be a whole number"),
+        ({"MCP_COLLAB_RETAIN_RUNS": "2.5"}, "must be a whole number"),
+        ({"MCP_COLLAB_CAPTURE_BYTES": "1e3.5"}, "is not a number"),
     ],
 )
 def test_malformed_settings_name_the_variable_and_what_is_accepted(env: dict[str, str], message: str) -> None:

@@ -383,10 +383,10 @@ async def test_an_idle_session_is_closed_but_one_with_a_request_in_flight_is_kep
         ({"MCP_COLLAB_HTTP_MAX_SESSIONS": "0"}, "MCP_COLLAB_HTTP_MAX_SESSIONS='0' must be greater than zero"),
         (
             {"MCP_COLLAB_HTTP_MAX_SESSIONS": "0.5"},
-            "MCP_COLLAB_HTTP_MAX_SESSIONS must be a whole number of sessions, 1 or more",
+            "MCP_COLLAB_HTTP_MAX_SESSIONS='0.5' must be a whole number",
         ),
         ({"MCP_COLLAB_HTTP_SESSION_IDLE_S": "soon"}, "MCP_COLLAB_HTTP_SESSION_IDLE_S='soon' is not a number"),
-        ({"MCP_COLLAB_HTTP_SESSION_IDLE_S": "inf"}, "MCP_COLLAB_HTTP_SESSION_IDLE_S=inf must be a finite number"),
+        ({"MCP_COLLAB_HTTP_SESSION_IDLE_S": "inf"}, "MCP_COLLAB_HTTP_SESSION_IDLE_S='inf' is not a finite number"),
     ],
 )
 def test_malformed_session_limits_name_the_variable(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -208,14 +209,14 @@ class Settings:
             fallback_policy=_choice(env, "MCP_WORKER_FALLBACK_POLICY", "on_error", get_args(FallbackPolicy)),  # type: ignore[arg-type]
             step_timeout_s=_positive(env, "MCP_COLLAB_STEP_TIMEOUT", DEFAULT_STEP_TIMEOUT_S),
             idle_timeout_s=_positive(env, "MCP_COLLAB_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
-            capture_bytes=int(_positive(env, "MCP_COLLAB_CAPTURE_BYTES", DEFAULT_CAPTURE_BYTES)),
-            max_answer_bytes=int(_positive(env, "MCP_COLLAB_MAX_ANSWER_BYTES", DEFAULT_MAX_ANSWER_BYTES)),
-            sdk_max_retries=int(_positive(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True)),
-            max_concurrent_runs=int(_positive(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", default_max_concurrent_runs())),
+            capture_bytes=_count(env, "MCP_COLLAB_CAPTURE_BYTES", DEFAULT_CAPTURE_BYTES),
+            max_answer_bytes=_count(env, "MCP_COLLAB_MAX_ANSWER_BYTES", DEFAULT_MAX_ANSWER_BYTES),
+            sdk_max_retries=_count(env, "MCP_COLLAB_SDK_MAX_RETRIES", DEFAULT_SDK_MAX_RETRIES, allow_zero=True),
+            max_concurrent_runs=_count(env, "MCP_COLLAB_MAX_CONCURRENT_RUNS", default_max_concurrent_runs()),
             run_timeout_s=_positive(env, "MCP_COLLAB_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S),
-            max_task_chars=int(_positive(env, "MCP_COLLAB_MAX_TASK_CHARS", DEFAULT_MAX_TASK_CHARS)),
-            max_queued_runs=int(_positive(env, "MCP_COLLAB_MAX_QUEUED_RUNS", DEFAULT_MAX_QUEUED_RUNS)),
-            http_max_sessions=int(_positive(env, "MCP_COLLAB_HTTP_MAX_SESSIONS", DEFAULT_HTTP_MAX_SESSIONS)),
+            max_task_chars=_count(env, "MCP_COLLAB_MAX_TASK_CHARS", DEFAULT_MAX_TASK_CHARS),
+            max_queued_runs=_count(env, "MCP_COLLAB_MAX_QUEUED_RUNS", DEFAULT_MAX_QUEUED_RUNS),
+            http_max_sessions=_count(env, "MCP_COLLAB_HTTP_MAX_SESSIONS", DEFAULT_HTTP_MAX_SESSIONS),
             http_session_idle_s=_positive(env, "MCP_COLLAB_HTTP_SESSION_IDLE_S", DEFAULT_HTTP_SESSION_IDLE_S),
             writer_access=_choice(env, "MCP_COLLAB_WRITER_ACCESS", "workspace_write", get_args(Access)),  # type: ignore[arg-type]
             worktrees=_choice(env, "MCP_COLLAB_WORKTREES", "1", ("1", "0")) == "1",
@@ -311,8 +312,8 @@ def _optional(env: Mapping[str, str], name: str, default: float) -> float | None
 
 
 def _optional_int(env: Mapping[str, str], name: str, default: int) -> int | None:
-    value = _optional(env, name, default)
-    return None if value is None else int(value)
+    value = _count(env, name, default, allow_zero=True)
+    return None if value == 0 else value
 
 
 def _positive(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
@@ -323,6 +324,16 @@ def _positive(env: Mapping[str, str], name: str, default: float, *, allow_zero: 
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={raw!r} must be {'zero or more' if allow_zero else 'greater than zero'}")
     return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int, *, allow_zero: bool = False) -> int:
+    """A whole number (a count, a size in bytes): '0.5' is refused, never rounded down to 0."""
+    value = _positive(env, name, default, allow_zero=allow_zero)
+    if value != int(value):
+        raise ConfigError(f"{name}={env.get(name, '').strip()!r} must be a whole number")
+    return int(value)
