@@ -295,6 +295,12 @@ class Run(WireModel):
     notes: list[str] = Field(default_factory=list, description="What a user should know about how the run worked.")
 
 
+def clone(run: Run) -> Run:
+    """A deep copy of a run, a few times faster than ``model_copy(deep=True)`` (pydantic's core does the
+    work instead of ``copy.deepcopy`` walking every field in Python)."""
+    return Run.model_validate(run.model_dump(), context=STORED)
+
+
 class DispatchRequest(WireModel):
     task: SafeText = Field(min_length=1, max_length=MAX_TASK_CHARS)
     strategy: str = "single_worker"

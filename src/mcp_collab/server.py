@@ -421,6 +421,8 @@ async def dispatch_task(
         max_rounds=maxRounds,
     )
     orchestrator = _state(ctx).orchestrator
+    # Durable before anything runs: work that could not be recorded must not start (a full disk
+    # refuses the dispatch instead).
     run = await orchestrator.start(request)
     async with _progress(ctx, run.id) as report:
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)

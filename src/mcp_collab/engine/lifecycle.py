@@ -26,7 +26,7 @@ import anyio.to_thread
 from .. import worktrees
 from ..config import Settings
 from ..errors import InvalidRequestError, StoreError, UnknownRunError, WorktreeError, shown
-from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker
+from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker, clone
 from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_start_ticks
 from ..store import RunStore
 from .delivery import prune_worktrees
@@ -132,15 +132,16 @@ class RunLifecycle:
             await active.done.wait()
         else:
             await self._background(active)
-        return active.run.model_copy(deep=True)
+        return clone(active.run)
 
     async def start(self, request: DispatchRequest) -> Run:
-        """Plan the run and start it in the background (inside ``running``); returns it queued."""
+        """Plan the run and start it in the background (inside ``running``); returns it queued, on
+        disk: work that could not be recorded never starts."""
         if self._tg is None:
             raise RuntimeError("start() needs the orchestrator's task group: use `async with orchestrator.running()`")
         active = await self._admit(request)
         self._tg.start_soon(self._background, active)
-        return active.run.model_copy(deep=True)
+        return active.run.model_copy()  # just admitted: nothing nested to share yet
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         """The run when it ends, or as it stands after ``timeout_s``; progress and heartbeats meanwhile."""
@@ -160,9 +161,10 @@ class RunLifecycle:
             if on_progress is not None:
                 active.listeners.remove(on_progress)
         if active.done.is_set():
-            return active.run.model_copy(deep=True)
+            return clone(active.run)
         # Still going: report what is on disk, never a state (say, "completed") whose save has not
         # landed yet; a crash now would make the store, not our memory, the truth.
+        await self.recorder.flush(run_id)
         return await self.get_run(run_id)
 
     async def cancel(self, run_id: str, *, reason: str = "cancelled on request") -> tuple[Run, bool]:
@@ -183,7 +185,7 @@ class RunLifecycle:
         active.scope.cancel()
         with anyio.fail_after(CANCEL_WAIT_S):
             await active.done.wait()
-        return active.run.model_copy(deep=True), True
+        return clone(active.run), True
 
     async def _wait_elsewhere(self, run_id: str, timeout_s: float | None) -> Run:
         """A run this process is not executing: another server on the same store may be."""

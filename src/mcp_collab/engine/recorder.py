@@ -9,7 +9,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import StoreError
-from ..models import Run
+from ..models import Run, clone
 from ..security import Redactor
 from ..store import RunStore
 
@@ -36,12 +36,20 @@ class RunRecorder:
         run kept in memory, to every caller."""
         self.redact.scrub(run)
         if not durable and self._behind:
-            self._pending[run.id] = run.model_copy(deep=True)
+            # The live run is kept, not a copy: several saves of one run before the next batch cost
+            # one copy, taken when the batch is written.
+            self._pending[run.id] = run
             self._pending_ready.set()
             return
         async with self._write_lock:
             self._pending.pop(run.id, None)
             await anyio.to_thread.run_sync(self.store.save_run, run)
+
+    async def flush(self, run_id: str) -> None:
+        """Make a run's state written behind durable now (before a caller is told about it)."""
+        run = self._pending.get(run_id)
+        if run is not None:
+            await self.save(run)
 
     async def write_behind(self) -> None:
         """The task that writes intermediate states; runs until cancelled."""
@@ -51,7 +59,9 @@ class RunRecorder:
                 await self._pending_ready.wait()
                 self._pending_ready = anyio.Event()
                 async with self._write_lock:
-                    batch = list(self._pending.values())
+                    # Copied here, on the event loop, so the store's thread never sees a run change
+                    # under it.
+                    batch = [clone(run) for run in self._pending.values()]
                     self._pending.clear()
                     if batch:
                         await self._write_batch(batch)
