@@ -232,6 +232,16 @@ TOOL_ARGUMENTS: dict[str, Any] = {
         {"branch": (st.one_of(st.none(), st.sampled_from(["1", "2"])), st.text(max_size=20))},
     ),
     "discard_worker_run": arguments({"runId": (run_ids, unknown_run_ids)}, {}),
+    "continue_worker_run": arguments(
+        {
+            "runId": (run_ids, unknown_run_ids),
+            "message": (prose, st.sampled_from(["", " ", "a\x00b", "x" * 200_001])),
+        },
+        {
+            "worker": (st.none(), unknown_names),
+            "waitSeconds": (st.floats(min_value=0, max_value=2), st.sampled_from([-1, 55.001, math.nan])),
+        },
+    ),
     "list_worker_runs": arguments(
         {},
         {
@@ -426,6 +436,7 @@ EXAMPLES = {
     "read_run_output": 120,
     "apply_worker_run": 60,
     "discard_worker_run": 60,
+    "continue_worker_run": 80,
     "wait_worker_run": 120,
     "cancel_worker_run": 120,
     "remove_worker": 150,
@@ -472,6 +483,7 @@ test_fuzzed_get_worker_run = fuzz("get_worker_run")
 test_fuzzed_read_run_output = fuzz("read_run_output")
 test_fuzzed_apply_worker_run = fuzz("apply_worker_run")
 test_fuzzed_discard_worker_run = fuzz("discard_worker_run")
+test_fuzzed_continue_worker_run = fuzz("continue_worker_run")
 test_fuzzed_wait_worker_run = fuzz("wait_worker_run")
 test_fuzzed_cancel_worker_run = fuzz("cancel_worker_run")
 test_fuzzed_remove_worker = fuzz("remove_worker")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
 TOOLS = {
     "spawn_worker", "list_workers", "remove_worker", "dispatch_task",
     "list_worker_runs", "get_worker_run", "check_runtimes", "wait_worker_run", "cancel_worker_run",
-    "apply_worker_run", "discard_worker_run", "read_run_output",
+    "apply_worker_run", "discard_worker_run", "read_run_output", "continue_worker_run",
 }  # fmt: skip
 READ_ONLY = {
     "list_workers",

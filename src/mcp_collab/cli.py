@@ -43,7 +43,7 @@ from .models import (
 )
 from .orchestrator import WorkerOrchestrator
 from .security import RedactingFilter, Redactor
-from .strategies import PASSING_VERDICTS, STRATEGIES
+from .strategies import PASSING_VERDICTS, STRATEGIES, dispatchable
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dispatch.add_argument("task", help="the task text (use - to read it from stdin)")
-    dispatch.add_argument("--strategy", default="single_worker", choices=tuple(STRATEGIES))
+    dispatch.add_argument("--strategy", default="single_worker", choices=tuple(dispatchable()))
     dispatch.add_argument("--worker", action="append", dest="workers", help="worker name, in role order")
     dispatch.add_argument("--runtime-mode", choices=RUNTIME_MODES)
     dispatch.add_argument("--fallback-policy", choices=("on_error", "never"))

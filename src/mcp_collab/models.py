@@ -25,6 +25,7 @@ AttemptStatus = Literal["completed", "failed", "cancelled"]
 ErrorKind = Literal["unavailable", "transient", "fatal"]
 Access = Literal["read_only", "workspace_write", "bypass"]
 Verdict = Literal["approve", "request_changes", "pass", "fail", "unknown"]
+Continuation = Literal["session", "history"]
 
 RUNTIME_MODES: tuple[RuntimeMode, ...] = ("cli", "openai_sdk", "google_sdk")
 WORKER_MODELS: tuple[WorkerModel, ...] = ("codex_cli", "gemini_cli", "claude_cli")
@@ -79,13 +80,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _no_control_chars(value: str) -> str:
+def no_control_chars(value: str) -> str:
     if any(ord(c) < 32 and c not in "\t\n\r" for c in value) or "\x7f" in value:
         raise ValueError("must not contain NUL or other control characters")
     return value
 
 
-SafeText = Annotated[str, AfterValidator(_no_control_chars)]
+SafeText = Annotated[str, AfterValidator(no_control_chars)]
 
 
 # The validation context of records read back from a store (``Run.model_validate(data, context=STORED)``).
@@ -224,6 +225,14 @@ class Step(WireModel):
     round: int | None = Field(default=None, description="The round of a strategy that loops (1 first).")
     branch: str | None = Field(default=None, description="The parallel branch the step belongs to.")
     directory: str | None = Field(default=None, description="The directory the step ran in.")
+    access: Access | None = Field(
+        default=None, description="What the step could do: read_only, workspace_write, bypass."
+    )
+    continuation: Continuation | None = Field(
+        default=None,
+        description="A follow-up's step: 'session' when the vendor's own session was resumed, 'history' when "
+        "the recorded history was sent instead (the session could not be resumed; see notes).",
+    )
     worker_name: str
     worker_model: WorkerModel
     runtime_mode: RuntimeMode | None = Field(
@@ -290,6 +299,7 @@ class Run(WireModel):
     error: str | None = None
     owner: RunOwner | None = None
     repository: str | None = Field(default=None, description="The git working tree the run's writers worked on.")
+    parent_id: str | None = Field(default=None, description="The run this one continues (continue_worker_run).")
     worktrees: list[RunWorktree] = Field(default_factory=list)
     chosen: str | None = Field(default=None, description="best_of_n: the label of the winning worktree.")
     notes: list[str] = Field(default_factory=list, description="What a user should know about how the run worked.")

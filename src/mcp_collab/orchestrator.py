@@ -122,6 +122,10 @@ class WorkerOrchestrator:
     async def start(self, request: DispatchRequest) -> Run:
         return await self.runs.start(request)
 
+    async def continue_run(self, run_id: str, message: str, worker: str | None = None) -> Run:
+        """A follow-up to a finished run, as a new run linked to it; returns it queued."""
+        return await self.runs.continue_run(run_id, message, worker)
+
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         return await self.runs.wait(run_id, timeout_s, on_progress=on_progress)
 

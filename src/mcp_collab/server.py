@@ -61,7 +61,7 @@ from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
 from .runtimes.base import WorkerRuntime
 from .security import Redactor
 from .store import RunStore, cursor_after
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, dispatchable
 
 log = logging.getLogger("mcp_collab.server")
 
@@ -328,7 +328,7 @@ def _state(ctx: Context) -> AppState:
     return cast(AppState, ctx.request_context.lifespan_context)
 
 
-STRATEGY_GUIDE = "\n".join(f"- {s.name}: {s.summary}" for s in STRATEGIES.values())
+STRATEGY_GUIDE = "\n".join(f"- {s.name}: {s.summary}" for s in STRATEGIES.values() if not s.internal)
 
 
 def _gist(summary: str) -> str:
@@ -338,7 +338,7 @@ def _gist(summary: str) -> str:
 
 
 # In dispatch_task's description, which every client shows its model on every session, so it stays short.
-STRATEGY_GIST = "\n".join(f"- {s.name}: {_gist(s.summary)}" for s in STRATEGIES.values())
+STRATEGY_GIST = "\n".join(f"- {s.name}: {_gist(s.summary)}" for s in STRATEGIES.values() if not s.internal)
 RUNTIME_GUIDE = (
     "Runtimes: 'cli' (the vendor CLI; edits files), 'openai_sdk' (codex) and 'google_sdk' (gemini) (text "
     "only). Under fallback on_error a retry-safe SDK failure reruns through 'cli' (see fallbackFrom)."
@@ -399,7 +399,7 @@ async def remove_worker(ctx: Context, name: str) -> Worker:
 async def dispatch_task(
     ctx: Context,
     task: Annotated[str, Field(description="What the workers should do, in plain words.")],
-    strategy: Annotated[str, Field(description=f"One of: {', '.join(STRATEGIES)}.")] = "single_worker",
+    strategy: Annotated[str, Field(description=f"One of: {', '.join(dispatchable())}.")] = "single_worker",
     workers: Annotated[list[str] | None, Field(description="Worker names in role order.")] = None,
     runtimeMode: Annotated[RuntimeMode | None, Field(description="Runtime for every step.")] = None,
     runtimeModes: Annotated[
@@ -424,6 +424,23 @@ async def dispatch_task(
     # Durable before anything runs: work that could not be recorded must not start (a full disk
     # refuses the dispatch instead).
     run = await orchestrator.start(request)
+    async with _progress(ctx, run.id) as report:
+        run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
+    return for_client(run)
+
+
+@tool_errors
+async def continue_worker_run(
+    ctx: Context,
+    runId: str,
+    message: Annotated[str, Field(description="The follow-up.")],
+    worker: Annotated[str | None, Field(description="One of the run's workers (default: its writer).")] = None,
+    waitSeconds: Annotated[float, Field(ge=0, le=MAX_WAIT_S, description="Longest wait for the end.")] = DEFAULT_WAIT_S,
+) -> Run:
+    """A follow-up to a finished run's worker, in the same place, resuming its vendor session where
+    it can (else from the recorded history). A new run, linked by parentId; wait as for dispatch_task."""
+    orchestrator = _state(ctx).orchestrator
+    run = await orchestrator.continue_run(runId, message, worker)
     async with _progress(ctx, run.id) as report:
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
     return for_client(run)
@@ -565,6 +582,11 @@ TOOL_SPECS: tuple[_ToolSpec, ...] = (
         _hints(read_only=False, destructive=True, idempotent=False, open_world=True),
         _dispatch_description(),
     ),
+    _ToolSpec(
+        continue_worker_run,
+        "Continue a run",
+        _hints(read_only=False, destructive=True, idempotent=False, open_world=True),
+    ),
     _ToolSpec(list_worker_runs, "List runs", _hints(read_only=True)),
     _ToolSpec(get_worker_run, "Show a run", _hints(read_only=True)),
     _ToolSpec(read_run_output, "Read a step's output", _hints(read_only=True)),
@@ -587,16 +609,28 @@ _OUTPUT_ONLY_DROPS = frozenset({"description", "default", "examples", "format", 
 # level; deeper records are published as plain objects (contracts/ documents every level). Ten tools at
 # about this size, with their descriptions and arguments, keep tools/list under 16 KB.
 OUTPUT_SCHEMA_BYTES = 1_024
+# A record whose top level alone is wider than this (a run, returned by five tools) keeps typed only
+# its required fields and the ones a caller acts on, so the five copies stay small.
+WIDE_RECORD_BYTES = 900
+# The fields of a wide record that stay typed: what a caller acts on.
+KEY_OUTPUT_FIELDS = frozenset({"status", "steps", "result", "verdict", "error", "parentId"})
 OUTPUT_SCHEMA_MAX_DEPTH = 4
 
 
 def published_output_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """The compact output schema typed as deep as fits ``OUTPUT_SCHEMA_BYTES``."""
+    """The compact output schema typed as deep as fits ``OUTPUT_SCHEMA_BYTES``; a record too wide
+    for that even at its top level keeps its required fields and the ones a caller acts on typed
+    (the rest stay allowed, as in every published schema, just not described)."""
     for depth in range(OUTPUT_SCHEMA_MAX_DEPTH, 1, -1):
         compact = compact_schema(schema, output_depth=depth)
         if len(json.dumps(compact, separators=(",", ":"))) <= OUTPUT_SCHEMA_BYTES:
             return compact
-    return compact_schema(schema, output_depth=1)
+    compact = compact_schema(schema, output_depth=1)
+    properties = compact.get("properties")
+    if len(json.dumps(compact, separators=(",", ":"))) > WIDE_RECORD_BYTES and isinstance(properties, dict):
+        keep = set(compact.get("required", ())) | KEY_OUTPUT_FIELDS
+        compact["properties"] = {k: v for k, v in properties.items() if k in keep}
+    return compact
 
 
 def compact_schema(schema: Mapping[str, Any], *, output_depth: int | None = None) -> dict[str, Any]:

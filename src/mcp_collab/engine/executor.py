@@ -22,7 +22,7 @@ import anyio
 from ..config import Settings
 from ..errors import InvalidRequestError
 from ..models import ProcessRef, Run, RuntimeMode, Step, Worker
-from ..runtimes.base import PartialOutput, StepRequest, WorkerRuntime
+from ..runtimes.base import PartialOutput, Resume, StepRequest, WorkerRuntime
 from ..runtimes.cli.supervisor import process_start_ticks, spawned
 from ..runtimes.selector import run_with_fallback
 from ..security import pin
@@ -79,6 +79,7 @@ class StepExecutor:
         directory: Path | None,
         round: int | None = None,
         branch: str | None = None,
+        resume: Resume | None = None,
     ) -> Step:
         run, plan = active.run, active.plan
         step = Step(
@@ -93,6 +94,9 @@ class StepExecutor:
             started_at=datetime.now(UTC),
             directory=str(directory) if directory is not None else None,
         )
+        # Reviewers stay read-only; writing roles get what the operator allows (never more).
+        access = role.access if role.access == "read_only" else self.settings.writer_access
+        step.access = access
         run.steps.append(step)
         with contextlib.ExitStack() as held:
             child_cwd = None
@@ -108,9 +112,7 @@ class StepExecutor:
                     await self.recorder.save(run, durable=False)
                     active.emit(f"{step_label(step)} failed before it started: {exc}")
                     return step
-            # Reviewers stay read-only; writing roles get what the operator allows (never more).
-            access = role.access if role.access == "read_only" else self.settings.writer_access
-            await self._execute(active, step, worker, prompt, access, directory, child_cwd)
+            await self._execute(active, step, worker, prompt, access, directory, child_cwd, resume)
         if role.judges and step.status == "completed":
             step.verdict, step.findings = parse_verdict(step.output, role.verdicts)
         return step
@@ -124,6 +126,7 @@ class StepExecutor:
         access: str,
         cwd: Path | None,
         child_cwd: Path | None,
+        resume: Resume | None = None,
     ) -> None:
         run, progress = active.run, active.emit
         mode = step.runtime_mode
@@ -145,6 +148,7 @@ class StepExecutor:
             on_progress=progress,
             on_spawn=functools.partial(self._record_process, run, step),
             partial=partial,
+            resume=resume,
         )
         outcome = await run_with_fallback(self.runtimes, request, mode, active.plan.policies[worker.name])
         active.partials.pop(step.index, None)
@@ -176,6 +180,8 @@ class StepExecutor:
             step.session_id = result.session_id
             step.exit_code = result.exit_code
             step.status = "completed"
+            if resume is not None:
+                step.continuation = "session" if result.resumed else "history"
         else:
             failure = outcome.failure
             assert failure is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from ..errors import InvalidRequestError, StoreError, UnknownRunError, WorktreeE
 from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker, clone
 from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_start_ticks
 from ..store import RunStore
+from . import continuation
 from .delivery import prune_worktrees
 from .executor import EngineContext, StepExecutor, StepFailed, cap_text, step_label
 from .plan import ActiveRun, Plan, ProgressCallback, make_plan
@@ -143,6 +145,17 @@ class RunLifecycle:
         self._tg.start_soon(self._background, active)
         return active.run.model_copy()  # just admitted: nothing nested to share yet
 
+    async def continue_run(self, parent_id: str, message: str, worker: str | None = None) -> Run:
+        """Start a follow-up to a finished run (see ``engine.continuation``); returns it queued."""
+        if self._tg is None:
+            raise RuntimeError("continue_run() needs the task group: use `async with orchestrator.running()`")
+        parent = await self.get_run(parent_id)
+        active = await self._admit_plan(
+            lambda registered: continuation.make_plan(self.settings, parent, message, worker, registered)
+        )
+        self._tg.start_soon(self._background, active)
+        return active.run.model_copy()
+
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         """The run when it ends, or as it stands after ``timeout_s``; progress and heartbeats meanwhile."""
         active = self._active.get(run_id)
@@ -214,6 +227,15 @@ class RunLifecycle:
     # -- a run from admission to its end -------------------------------------------------------
 
     async def _admit(self, request: DispatchRequest) -> ActiveRun:
+        async def planned(registered: list[Worker]) -> Plan:
+            plan = make_plan(self.settings, request, registered)
+            if plan.strategy.needs_repository:
+                await self._check_repository(plan)
+            return plan
+
+        return await self._admit_plan(planned)
+
+    async def _admit_plan(self, planner: Callable[[list[Worker]], Plan | Awaitable[Plan]]) -> ActiveRun:
         # Checked and claimed with no await in between: the event loop runs nothing else here, so
         # no number of concurrent dispatches can slip past the cap together.
         waiting = self._admitting + sum(1 for a in self._active.values() if a.run.status == "queued")
@@ -226,9 +248,8 @@ class RunLifecycle:
         self._admitting += 1
         try:
             registered = await self._workers()
-            plan = make_plan(self.settings, request, registered)
-            if plan.strategy.needs_repository:
-                await self._check_repository(plan)
+            made = planner(registered)
+            plan = await made if inspect.isawaitable(made) else made
             plan.run.owner = self._owner
             await self.recorder.save(plan.run)
             active = ActiveRun(plan=plan, redact=self.settings.redact)

@@ -22,6 +22,7 @@ from ..runtimes.selector import choose_mode, choose_policy
 from ..security import Redactor, confine
 
 if TYPE_CHECKING:
+    from .continuation import Continuation
     from .spaces import Spaces
 
 from ..strategies import STRATEGIES, Role, Strategy, cast_workers, get_strategy
@@ -45,6 +46,7 @@ class Plan:
     default_cwd: Path | None
     task: str  # as the caller wrote it, for the workers; the run record keeps it redacted
     max_rounds: int | None = None
+    continuation: Continuation | None = None  # a follow-up's parent, step and message
 
     def directory_of(self, worker: Worker) -> Path | None:
         if self.cwd is not None:
@@ -81,7 +83,7 @@ def make_plan(settings: Settings, request: DispatchRequest, registered: list[Wor
             f"task is {len(request.task)} characters; the limit is {settings.max_task_chars} "
             "(MCP_COLLAB_MAX_TASK_CHARS). Put long material in a file in the working directory and refer to it."
         )
-    strategy = get_strategy(request.strategy)
+    strategy = get_strategy(request.strategy, dispatchable=True)
     if request.max_rounds is not None and not strategy.loops:
         looping = ", ".join(s.name for s in STRATEGIES.values() if s.loops)
         raise InvalidRequestError(f"maxRounds applies to {looping}, not to {strategy.name!r}; leave it out")

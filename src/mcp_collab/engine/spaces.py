@@ -15,10 +15,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 
 from .. import workspace, worktrees
 from ..errors import InvalidRequestError, WorktreeError
-from ..models import Run, RunWorktree
+from ..models import Run, RunWorktree, Step
 from ..security import pin
 from ..strategies import MAX_QUOTED_DIFF_CHARS
 
@@ -139,6 +140,33 @@ class Spaces:
         assert self.directory is not None
         inside = self.directory.relative_to(repo.top) if self.directory.is_relative_to(repo.top) else Path()
         return WorktreeSpace(tree, tree.path / inside)
+
+    async def continue_in(
+        self, parent: Run, record: RunWorktree | None, step: Step
+    ) -> InPlaceSpace | WorktreeSpace | None:
+        """Where a follow-up works: the parent's worktree while it is active (the branch then holds
+        all the work), else a new worktree of the parent's repository, else the step's directory."""
+        alive = record is not None and await anyio.to_thread.run_sync(Path(record.path).is_dir)
+        if record is not None and record.state == "active" and alive:
+            from .delivery import rebuild
+
+            tree = rebuild(parent, record)
+            self.trees.append(tree)
+            self.run.repository = parent.repository
+            self.run.worktrees.append(record.model_copy(update={"tip": None, "diff": ""}))
+            self.run.notes.append(f"continues in the worktree of {parent.id} ({record.branch})")
+            return WorktreeSpace(tree, Path(step.directory or record.path))
+        if record is not None and parent.repository is not None:
+            self.directory = Path(parent.repository)
+            self.run.notes.append(
+                f"the worktree of {parent.id} was {record.state if record.state != 'active' else 'removed'}; "
+                "this follow-up works in a new one, from what your repository holds now"
+            )
+            return await self.make(None)
+        if step.directory is None:
+            return None
+        self.directory = Path(step.directory)
+        return await self.make(None)
 
     def _note_in_place(self) -> None:
         if self.run.notes and any("in place" in n for n in self.run.notes):

@@ -41,6 +41,19 @@ class StepRequest:
     on_progress: ProgressSink = field(default=_ignore, compare=False)
     on_spawn: SpawnSink | None = field(default=None, compare=False)  # told the pid of a CLI it starts
     partial: PartialOutput = field(default_factory=PartialOutput, compare=False)
+    # A follow-up in an earlier conversation: the runtime resumes the vendor's own session.
+    resume: Resume | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A follow-up in an earlier conversation. The request's ``prompt`` carries the recorded history
+    and the follow-up, so a runtime that cannot resume (or finds the session gone) just runs it; one
+    that can resumes ``session_id`` (a CLI's session, a Responses API response id) and sends only
+    ``message``, and says so in ``RuntimeResult.resumed``."""
+
+    session_id: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class RuntimeResult:
     exit_code: int | None = None
     duration_ms: int = 0
     truncated: bool = False
+    resumed: bool = False  # the vendor's own session was resumed (see StepRequest.resume)
 
 
 class WorkerRuntime(Protocol):

@@ -5,7 +5,18 @@ strategy is a decorated ``async def`` (see ``builtin.py``).
 """
 
 from . import builtin as _builtin  # noqa: F401  (registers the built-in strategies)
-from .base import STRATEGIES, Role, RunContext, Space, Strategy, assign_workers, cast_workers, get_strategy, strategy
+from .base import (
+    STRATEGIES,
+    Role,
+    RunContext,
+    Space,
+    Strategy,
+    assign_workers,
+    cast_workers,
+    dispatchable,
+    get_strategy,
+    strategy,
+)
 from .prompts import MAX_QUOTED_DIFF_CHARS, MAX_QUOTED_OUTPUT_CHARS
 from .verdicts import PASSING_VERDICTS, parse_verdict
 
@@ -20,6 +31,7 @@ __all__ = [
     "Strategy",
     "assign_workers",
     "cast_workers",
+    "dispatchable",
     "get_strategy",
     "parse_verdict",
     "strategy",

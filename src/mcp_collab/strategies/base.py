@@ -110,6 +110,7 @@ class Strategy:
     run: Program
     loops: bool = False  # takes maxRounds
     needs_repository: bool = False  # its writers need worktrees: refused outside a git repository
+    internal: bool = False  # started by the engine (a follow-up), never by a dispatch
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
@@ -132,10 +133,17 @@ def strategy(
     return register
 
 
-def get_strategy(name: str) -> Strategy:
+def dispatchable() -> list[str]:
+    """The strategies a dispatch may name (the engine's own, like a follow-up, are left out)."""
+    return [name for name, found in STRATEGIES.items() if not found.internal]
+
+
+def get_strategy(name: str, *, dispatchable: bool = False) -> Strategy:
+    """A strategy by name; ``dispatchable`` refuses the engine's own (a follow-up is not dispatched)."""
     found = STRATEGIES.get(name)
-    if found is None:
-        raise InvalidRequestError(f"unknown strategy {shown(name)}; accepted: {', '.join(STRATEGIES)}")
+    if found is None or (dispatchable and found.internal):
+        accepted = ", ".join(n for n, s in STRATEGIES.items() if not (dispatchable and s.internal))
+        raise InvalidRequestError(f"unknown strategy {shown(name)}; accepted: {accepted}")
     return found
 
 
