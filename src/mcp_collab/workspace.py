@@ -228,16 +228,23 @@ def _packed_ref(repo: RepoLayout, name: str) -> str | None:
 
 def copy_regular_file(source: Path, target: Path) -> bool:
     """Copy ``source`` to ``target`` when it is a regular file (never a FIFO or device a writer put
-    there); False when it is not, or cannot be read."""
+    there), with its modification time; False when it is not, or cannot be read.
+
+    The time matters for the git indexes copied here: git takes an entry whose file has the stat
+    data the index recorded for unchanged, except when the file is as new as the index itself
+    ("racily clean"), which it re-reads. A copy dated now would hide that, and a file rewritten
+    in place with the same size in the second its worktree was filled would be missed."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             return False
         with os.fdopen(os.dup(fd), "rb") as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
         return True
     except OSError:
         return False

@@ -22,6 +22,18 @@ the CLIs, which prepend environment context to ``prompt``).
 
 ``stub.responses_api = False`` makes it a server without the Responses API, as many self-hosted
 OpenAI-compatible servers are: ``/responses`` then answers 404 like any unknown route.
+
+Tool calls: a reply with ``tool_calls`` answers a Responses, Gemini or Anthropic generation call
+with those calls (``function_call`` / ``custom_tool_call`` items, ``functionCall`` parts,
+``tool_use`` blocks) instead of a final message, so a real CLI runs its own tool (codex's
+``exec_command`` or ``apply_patch``, gemini's ``write_file`` or ``run_shell_command``, claude's
+``Write`` or ``Bash``) and sends the result back; ``StubRequest.tool_outputs`` holds the results a
+request carries, so a responder answers the follow-up with a final message::
+
+    stub.responder = lambda req: StubReply("done") if req.tool_outputs else StubReply(
+        text="", tool_calls=(ToolCall("exec_command", {"cmd": "printf x > f"}),))
+
+(a tool-call reply says its ``text`` first when there is one: pass ``text=""`` for calls alone).
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["StubReply", "StubRequest", "VendorStub", "default_responder"]
+__all__ = ["StubReply", "StubRequest", "ToolCall", "VendorStub", "default_responder"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,21 @@ class StubRequest:
     body: Any = field(default=None, compare=False, repr=False)  # parsed JSON body (or None)
     last_user_text: str = ""  # last text part of the last user message (the task, for the CLIs)
     time: float = field(default=0.0, compare=False)
+    # What the client's tools returned, oldest first: the outputs of earlier tool calls it sends back.
+    tool_outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call the stub asks the client to make (see ``StubReply.tool_calls``).
+
+    ``arguments`` is a JSON object for function tools; a string makes it a freeform tool call
+    (the Responses API's ``custom_tool_call``, which is how codex's ``apply_patch`` takes a patch).
+    """
+
+    name: str
+    arguments: dict[str, Any] | str = field(default_factory=dict)
+    call_id: str = ""  # empty: the stub makes one up
 
 
 @dataclass(frozen=True)
@@ -76,6 +103,9 @@ class StubReply:
     input_tokens: int = 12
     output_tokens: int = 5
     headers: tuple[tuple[str, str], ...] = ()  # extra response headers, e.g. (("retry-after", "0"),)
+    # Non-empty: the reply asks the client to call these tools (after ``text``, if any) and ends its
+    # turn there; the client sends the tools' results in its next request.
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 Responder = Callable[[StubRequest], StubReply]
@@ -334,6 +364,9 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.status != 200:
             self._vendor_error(req, reply)
             return
+        if reply.tool_calls and req.kind in _TOOL_CALL_KINDS:
+            self._tool_calls(req, reply)
+            return
         if req.kind == "count_tokens":
             self._json(200, {"input_tokens": reply.input_tokens}, reply)
         elif req.kind == "countTokens":
@@ -360,6 +393,23 @@ class _Handler(BaseHTTPRequestHandler):
                 self._sse(_anthropic_events(req, reply), reply)
             else:
                 self._json(200, _anthropic_message(req, reply), reply)
+
+    def _tool_calls(self, req: StubRequest, reply: StubReply) -> None:
+        if req.api == "openai":
+            if req.stream:
+                self._sse(_openai_tool_events(req, reply), reply)
+            else:
+                self._json(200, _openai_tool_response(req, reply), reply)
+        elif req.api == "gemini":
+            final = _gemini_tool_response(req, reply)
+            if req.stream and parse_qs(req.query).get("alt", [""])[0] == "sse":
+                self._sse([(None, final)], reply)
+            else:
+                self._json(200, [final] if req.stream else final, reply)
+        elif req.stream:
+            self._sse(_anthropic_tool_events(req, reply), reply)
+        else:
+            self._json(200, _anthropic_tool_message(req, reply), reply)
 
     def _other(self, req: StubRequest) -> None:
         p = req.path.rstrip("/")
@@ -711,6 +761,171 @@ def _anthropic_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str 
 
 
 # ---------------------------------------------------------------------------
+# tool calls (StubReply.tool_calls) and their results (StubRequest.tool_outputs)
+
+# The generation calls a reply with tool calls can answer (Chat Completions has no tool calls here).
+_TOOL_CALL_KINDS = ("responses", "generateContent", "streamGenerateContent", "messages")
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _tool_outputs(api: str, body: dict[str, Any]) -> tuple[str, ...]:
+    """The tool results a request sends back, as text, oldest first."""
+    found: list[str] = []
+    if api == "openai":  # function_call_output, custom_tool_call_output, ...
+        for item in _dicts(body.get("input")):
+            if str(item.get("type", "")).endswith("_call_output"):
+                found.append(_text_of(item.get("output")))
+    elif api == "gemini":
+        for content in _dicts(body.get("contents")):
+            for part in _dicts(content.get("parts")):
+                answer = part.get("functionResponse")
+                if isinstance(answer, dict):
+                    response = answer.get("response")
+                    output = response.get("output") if isinstance(response, dict) else None
+                    found.append(output if isinstance(output, str) else json.dumps(response))
+    elif api == "anthropic":
+        for message in _dicts(body.get("messages")):
+            for block in _dicts(message.get("content")):
+                if block.get("type") == "tool_result":
+                    found.append(_text_of(block.get("content"), ("text",)))
+    return tuple(found)
+
+
+def _call_id(call: ToolCall, n: int, i: int) -> str:
+    return call.call_id or f"call_stub_{n}_{i}"
+
+
+def _openai_tool_items(reply: StubReply, n: int) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = [_openai_message(f"msg_stub_{n}", reply.text)] if reply.text else []
+    for i, call in enumerate(reply.tool_calls):
+        if isinstance(call.arguments, str):  # a freeform tool, e.g. codex's apply_patch
+            items.append(
+                {
+                    "type": "custom_tool_call",
+                    "id": f"ctc_stub_{n}_{i}",
+                    "call_id": _call_id(call, n, i),
+                    "name": call.name,
+                    "input": call.arguments,
+                    "status": "completed",
+                }
+            )
+        else:
+            items.append(
+                {
+                    "type": "function_call",
+                    "id": f"fc_stub_{n}_{i}",
+                    "call_id": _call_id(call, n, i),
+                    "name": call.name,
+                    "arguments": json.dumps(call.arguments),
+                    "status": "completed",
+                }
+            )
+    return items
+
+
+def _openai_tool_response(req: StubRequest, reply: StubReply) -> dict[str, Any]:
+    done = _openai_response(req, reply, status="completed")
+    return dict(done, output=_openai_tool_items(reply, int(done["id"].rsplit("_", 1)[1])))
+
+
+def _openai_tool_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | None, Any]]:
+    seq = itertools.count(0)
+    base = _openai_response(req, reply, status="in_progress", with_output=False)
+    items = _openai_tool_items(reply, int(base["id"].rsplit("_", 1)[1]))
+    yield "response.created", {"type": "response.created", "sequence_number": next(seq), "response": base}
+    for index, item in enumerate(items):
+        added = {**item, "status": "in_progress"}
+        if item["type"] == "function_call":
+            added["arguments"] = ""
+        yield (
+            "response.output_item.added",
+            {"type": "response.output_item.added", "sequence_number": next(seq), "output_index": index, "item": added},
+        )
+        if item["type"] == "function_call":
+            yield (
+                "response.function_call_arguments.done",
+                {
+                    "type": "response.function_call_arguments.done",
+                    "sequence_number": next(seq),
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "arguments": item["arguments"],
+                },
+            )
+        yield (
+            "response.output_item.done",
+            {"type": "response.output_item.done", "sequence_number": next(seq), "output_index": index, "item": item},
+        )
+    done = dict(base, status="completed", output=items, usage=_openai_usage(reply))
+    yield "response.completed", {"type": "response.completed", "sequence_number": next(seq), "response": done}
+
+
+def _object_arguments(call: ToolCall, api: str) -> dict[str, Any]:
+    if isinstance(call.arguments, str):
+        raise ValueError(f"stub: {api} tools take JSON object arguments, not freeform text ({call.name})")
+    return call.arguments
+
+
+def _gemini_tool_response(req: StubRequest, reply: StubReply) -> dict[str, Any]:
+    n = next(_ids)
+    parts: list[dict[str, Any]] = [{"text": reply.text}] if reply.text else []
+    for i, call in enumerate(reply.tool_calls):
+        parts.append(
+            {"functionCall": {"id": _call_id(call, n, i), "name": call.name, "args": _object_arguments(call, "gemini")}}
+        )
+    out = _gemini_response(req, reply, final=True)
+    out["candidates"][0]["content"]["parts"] = parts
+    return out
+
+
+def _anthropic_tool_blocks(reply: StubReply) -> list[dict[str, Any]]:
+    n = next(_ids)
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []
+    for i, call in enumerate(reply.tool_calls):
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.call_id or f"toolu_stub_{n}_{i}",
+                "name": call.name,
+                "input": _object_arguments(call, "anthropic"),
+            }
+        )
+    return blocks
+
+
+def _anthropic_tool_message(req: StubRequest, reply: StubReply) -> dict[str, Any]:
+    return dict(_anthropic_message(req, reply), content=_anthropic_tool_blocks(reply), stop_reason="tool_use")
+
+
+def _anthropic_tool_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | None, Any]]:
+    msg = _anthropic_tool_message(req, reply)
+    start = dict(msg, content=[], stop_reason=None, usage=dict(_anthropic_usage(reply), output_tokens=1))
+    yield "message_start", {"type": "message_start", "message": start}
+    for index, block in enumerate(msg["content"]):
+        if block["type"] == "text":
+            opened: dict[str, Any] = {"type": "text", "text": ""}
+            delta: dict[str, Any] = {"type": "text_delta", "text": block["text"]}
+        else:
+            opened = dict(block, input={})
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": opened}
+        yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+        yield "content_block_stop", {"type": "content_block_stop", "index": index}
+    yield (
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": reply.output_tokens},
+        },
+    )
+    yield "message_stop", {"type": "message_stop"}
+
+
+# ---------------------------------------------------------------------------
 # public class
 
 
@@ -871,4 +1086,5 @@ class VendorStub:
             body=body,
             last_user_text=next((msg[-1] for msg in reversed(users) if msg), ""),
             time=time.time(),
+            tool_outputs=_tool_outputs(api, b) if api != "other" else (),
         )
