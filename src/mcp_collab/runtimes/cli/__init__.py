@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -92,7 +93,38 @@ class CLIRuntime:
                 code="missing_binary",
             )
         plan = prepare_endpoint(self.settings, vendor)
-        argv = vendor.argv(binary, request, request.worker.cli_model, plan.argv)
+        model = request.worker.cli_model
+        resume = request.resume
+        resume_argv = (
+            vendor.resume_argv(binary, request, model, plan.argv, resume.session_id) if resume is not None else None
+        )
+        if resume is not None and resume_argv is not None:
+            resumed = await self._attempt(vendor, binary, plan, request, resume_argv, resume.message, resuming=True)
+            if resumed is not None:
+                return resumed
+            request.on_progress(
+                f"{request.worker.name}: {vendor.name} could not resume session {resume.session_id}; "
+                "continuing from the recorded history"
+            )
+        result = await self._attempt(
+            vendor, binary, plan, request, vendor.argv(binary, request, model, plan.argv), compose_prompt(request)
+        )
+        assert result is not None
+        return result
+
+    async def _attempt(
+        self,
+        vendor: Vendor,
+        binary: str,
+        plan: EndpointPlan,
+        request: StepRequest,
+        argv: list[str],
+        prompt: str,
+        *,
+        resuming: bool = False,
+    ) -> RuntimeResult | None:
+        """One run of the CLI. Resuming, a failure before the CLI did anything (no event of its
+        work: the session is gone, or was made elsewhere) is None, so the caller starts afresh."""
         parser = vendor.parser(self.settings.max_answer_bytes)
 
         giving_up = anyio.CancelScope()
@@ -110,7 +142,7 @@ class CLIRuntime:
             argv=argv,
             env={**self.settings.child_env(vendor.env_prefixes), **plan.env},
             cwd=request.child_cwd or request.working_directory,
-            stdin=compose_prompt(request).encode("utf-8"),
+            stdin=prompt.encode("utf-8"),  # a resumed session already has the standing instructions
             timeout_s=request.timeout_s,
             idle_timeout_s=request.idle_timeout_s,
             capture_bytes=self.settings.capture_bytes,
@@ -137,7 +169,10 @@ class CLIRuntime:
                 code="unreachable",
                 output=request.partial.text,
             )
-        return self._result(vendor, request, outcome, parser.parsed)
+        if resuming and outcome.exit_code != 0 and not parser.parsed.finished and not parser.parsed.messages:
+            return None
+        result = self._result(vendor, request, outcome, parser.parsed)
+        return dataclasses.replace(result, resumed=True) if resuming else result
 
     def _result(self, vendor: Vendor, request: StepRequest, outcome: ProcessOutcome, parsed: Parsed) -> RuntimeResult:
         partial = parsed.text or "\n\n".join(parsed.messages) or outcome.stdout

@@ -96,6 +96,11 @@ class Vendor(Protocol):
 
     def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]: ...
 
+    def resume_argv(
+        self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...], session_id: str
+    ) -> list[str] | None:
+        """The command that resumes ``session_id`` with the follow-up on stdin; None: this CLI cannot."""
+
     def endpoint(self, settings: Settings) -> EndpointPlan: ...
 
     def parser(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> OutputParser: ...
@@ -136,6 +141,7 @@ def _usage(inp: Any, out: Any, total: Any = None) -> Usage:
 
 # -- codex --------------------------------------------------------------------------------------
 
+_CODEX_SANDBOX_MODE: dict[str, str] = {"read_only": "read-only", "workspace_write": "workspace-write"}
 _CODEX_ACCESS: dict[Access, list[str]] = {
     "read_only": ["-s", "read-only"],
     "workspace_write": ["-s", "workspace-write"],
@@ -235,6 +241,21 @@ class Codex:
         if model:
             argv += ["-m", model]
         return [*argv, "-"]  # the prompt comes on stdin: it can never be taken for a flag
+
+    def resume_argv(
+        self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...], session_id: str
+    ) -> list[str] | None:
+        # `exec resume` takes no -s or -C: the sandbox goes as a config override, and the session is
+        # found in (and runs in) the process's own directory, the step's.
+        access = (
+            ["--dangerously-bypass-approvals-and-sandbox"]
+            if request.access == "bypass"
+            else ["-c", f"sandbox_mode={toml_string(_CODEX_SANDBOX_MODE[request.access])}"]
+        )
+        argv = [binary, "exec", "resume", "--json", "--skip-git-repo-check", *access, *extra]
+        if model:
+            argv += ["-m", model]
+        return [*argv, "--", session_id, "-"]
 
     def endpoint(self, settings: Settings) -> EndpointPlan:
         ep = settings.endpoints["openai"]
@@ -433,6 +454,11 @@ class Gemini:
         # so a task beginning with "--" stays text.
         return [*argv, "-p", ""]
 
+    def resume_argv(
+        self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...], session_id: str
+    ) -> list[str] | None:
+        return None  # gemini 0.61 resumes only "latest" or a list index of its project: not one session by id
+
     def endpoint(self, settings: Settings) -> EndpointPlan:
         ep = settings.endpoints["gemini"]
         if not ep.custom:
@@ -559,6 +585,11 @@ class Claude:
         if model:
             argv += ["--model", model]
         return argv  # the prompt comes on stdin
+
+    def resume_argv(
+        self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...], session_id: str
+    ) -> list[str] | None:
+        return [*self.argv(binary, request, model, extra), "--resume", session_id]
 
     def endpoint(self, settings: Settings) -> EndpointPlan:
         ep = settings.endpoints["anthropic"]
