@@ -822,7 +822,10 @@ def tool_results(req: StubRequest) -> list[str]:
         for c in body.get("contents") or []:
             for part in c.get("parts") or [] if isinstance(c, dict) else []:
                 if isinstance(part, dict) and isinstance(part.get("functionResponse"), dict):
-                    found.append(_result_text(part["functionResponse"].get("response")))
+                    response = part["functionResponse"].get("response")
+                    # gemini-cli sends a tool's text as {"output": text}
+                    output = response.get("output") if isinstance(response, dict) else None
+                    found.append(output if isinstance(output, str) else _result_text(response))
     elif req.api == "anthropic":
         for m in body.get("messages") or []:
             content = m.get("content") if isinstance(m, dict) else None
