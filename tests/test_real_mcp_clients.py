@@ -24,6 +24,7 @@ import pytest
 
 from mcp_collab.config import Settings
 from mcp_collab.orchestrator import WorkerOrchestrator
+from tests.support.cli_homes import cli_bin_dir
 from tests.support.vendor_stub import StubRequest, ToolCall, VendorStub, declared_tools, tool_results
 
 pytestmark = [pytest.mark.anyio, pytest.mark.real_cli, pytest.mark.timeout(240)]
@@ -228,3 +229,87 @@ def record(client: McpClient, seen: list[StubRequest], tmp_path: Path, stub_url:
     target.mkdir(parents=True, exist_ok=True)
     text = json.dumps([_trimmed_request(r, client, clean) for r in (seen[0], seen[-1])], indent=1, ensure_ascii=False)
     (target / "requests.json").write_text(text + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# the official TypeScript SDK client
+
+TS_CLIENT = Path(__file__).parent / "support" / "ts_client.mjs"
+LONG_RUN_S = 70  # longer than the SDK's default 60 s request timeout
+TS_TIMEOUT_S = 200  # the two 70 s scenarios run at once; the margin is for a loaded machine
+# A worker that says nothing for LONG_RUN_S, then answers: only the server's heartbeats are progress.
+QUIET_CLI = """\
+import json, os, sys, time
+sys.stdin.read()
+print(json.dumps({"type": "thread.started", "thread_id": "quiet"}), flush=True)
+time.sleep(float(os.environ["CODEX_QUIET_SECONDS"]))
+print(json.dumps({"type": "item.completed", "item": {"id": "m", "type": "agent_message", "text": "quiet work done"}}))
+print(json.dumps({"type": "turn.completed", "usage": {"input_tokens": 1, "output_tokens": 1}}), flush=True)
+"""
+
+
+def sdk_dir() -> Path:
+    bin_dir = cli_bin_dir()
+    found = bin_dir.parent / "@modelcontextprotocol" / "sdk" if bin_dir is not None else None
+    if found is None or not (found / "package.json").exists():
+        message = "the TypeScript MCP SDK (@modelcontextprotocol/sdk) is not installed: run scripts/install-clis"
+        if os.environ.get("MCP_COLLAB_REQUIRE_REAL_CLIS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+async def ts_session(mode: str, base_env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    """One run of ts_client.mjs in ``mode`` against its own server and store; its report."""
+    quiet = tmp_path / f"quiet-{mode}"
+    quiet.write_text(f"#!{sys.executable}\n{QUIET_CLI}", encoding="utf-8")
+    quiet.chmod(0o755)
+    env = {
+        **base_env,
+        "MCP_COLLAB_STATE_DIR": str(tmp_path / f"state-{mode}"),
+        "MCP_COLLAB_CODEX_BIN": str(quiet),
+        "CODEX_QUIET_SECONDS": str(LONG_RUN_S),
+    }
+    server = json.dumps({"command": SERVER[0], "args": SERVER[1:], "env": env}).encode()
+    argv = ["node", str(TS_CLIENT), str(sdk_dir()), mode]
+    done = await anyio.run_process(argv, input=server, env=base_env, check=False)
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, f"ts_client {mode} exited {done.returncode}\n{err[-3000:]}"
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+@pytest.mark.timeout(TS_TIMEOUT_S + 30)
+async def test_the_typescript_sdk_client_follows_a_70s_run_with_and_without_progress_resets(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    reports: dict[str, dict[str, Any]] = {}
+
+    async def session(mode: str) -> None:
+        reports[mode] = await ts_session(mode, base_env, tmp_path)
+
+    with anyio.fail_after(TS_TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session, "default")
+            tg.start_soon(session, "reset")
+
+    # The SDK's defaults: the bounded wait returns before the 60 s timeout, wait_worker_run follows.
+    default = reports["default"]
+    assert default["defaultTimeoutMs"] == 60_000 and default["serverVersion"]["name"]
+    spawn, dispatch, *waits = default["calls"]
+    assert not spawn.get("error") and not spawn["isError"]
+    assert dispatch["result"]["status"] == "running", dispatch
+    assert waits and all("error" not in w for w in waits), waits
+    assert [w["result"]["status"] for w in waits][-1] == "completed"
+    assert waits[-1]["result"]["steps"][0]["output"] == "quiet work done"
+
+    # 10 s timeouts with resetTimeoutOnProgress: heartbeats keep a 55 s call alive, and without
+    # the reset the same timeout gives up.
+    reset = reports["reset"]
+    _, dispatch, control, *waits = reset["calls"]
+    assert dispatch["result"]["status"] == "running", dispatch
+    assert dispatch["progress"] >= 2, "the server sent heartbeats while the call waited"
+    assert control["error"]["code"] == -32001, control  # the SDK's RequestTimeout
+    assert waits and all("error" not in w for w in waits), waits
+    assert waits[-1]["result"]["status"] == "completed" and waits[-1]["progress"] >= 1
+    assert waits[-1]["result"]["steps"][0]["output"] == "quiet work done"
