@@ -145,9 +145,11 @@ async def test_a_real_cli_as_mcp_client_registers_dispatches_and_lists(
     # The store holds the run the worker completed.
     orchestrator = WorkerOrchestrator(Settings.from_env(real_env))
     try:
-        [run] = (await orchestrator.list_runs()).runs
+        runs = (await orchestrator.list_runs()).runs
     finally:
         await orchestrator.aclose()
+    assert len(runs) == 1, f"the store holds {len(runs)} runs; the client said:\n{out[-3000:]}"
+    [run] = runs
     assert (run.task, run.status, run.workers) == (TASK, "completed", ["helper"]), run.error
     [step] = run.steps
     assert (step.worker_name, step.runtime_mode, step.status) == ("helper", "cli", "completed")
