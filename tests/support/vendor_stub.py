@@ -34,6 +34,14 @@ request carries, so a responder answers the follow-up with a final message::
         text="", tool_calls=(ToolCall("exec_command", {"cmd": "printf x > f"}),))
 
 (a tool-call reply says its ``text`` first when there is one: pass ``text=""`` for calls alone).
+``stub.converse(api, *turns)`` scripts the model of an agent that has tools (a CLI acting as an MCP
+client): a request of that api which declares the tools the turns call is answered by turn ``k``, where
+``k`` is the number of tool results the request carries. A ``ToolCall`` turn answers with a call to the
+declared tool whose name is the turn's name or ends with it after a separator (clients prefix MCP tools:
+``mcp__server__tool``); a ``str`` turn answers with text; a callable turn gets the tool results so far
+(``tool_results(req)``) and returns either. Other requests (the same CLI running as a worker, side calls)
+go on to the script and the responder. The conversation is a function of the request, so a client that
+re-sends a request gets the same answer.
 """
 
 from __future__ import annotations
@@ -53,7 +61,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["StubReply", "StubRequest", "ToolCall", "VendorStub", "default_responder"]
+__all__ = [
+    "StubReply",
+    "StubRequest",
+    "ToolCall",
+    "VendorStub",
+    "declared_tools",
+    "default_responder",
+    "tool_results",
+]
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,9 @@ class StubRequest:
 
 @dataclass(frozen=True)
 class ToolCall:
-    """A tool call the stub asks the client to make (see ``StubReply.tool_calls``).
+    """A tool call the stub asks the client to make: in a reply (``StubReply.tool_calls``), or as a
+    scripted turn of a client's model (``VendorStub.converse``, where ``name`` is matched against the
+    client's possibly prefixed declared name).
 
     ``arguments`` is a JSON object for function tools; a string makes it a freeform tool call
     (the Responses API's ``custom_tool_call``, which is how codex's ``apply_patch`` takes a patch).
@@ -109,6 +127,9 @@ class StubReply:
 
 
 Responder = Callable[[StubRequest], StubReply]
+
+
+Turn = ToolCall | str | Callable[[list[str]], "ToolCall | str"]
 
 
 def default_responder(req: StubRequest) -> StubReply:
@@ -356,7 +377,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._other(req)
             return
 
-        reply = stub._next_reply(req)
+        turn = stub._conversation_turn(req)
+        if isinstance(turn, tuple):
+            self._tool_call(req, *turn)
+            return
+        reply = StubReply(text=turn) if isinstance(turn, str) else stub._next_reply(req)
         if reply.delay_s > 0:
             if stub._stopping.wait(reply.delay_s):
                 self.close_connection = True
@@ -410,6 +435,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._sse(_anthropic_tool_events(req, reply), reply)
         else:
             self._json(200, _anthropic_tool_message(req, reply), reply)
+
+    def _tool_call(self, req: StubRequest, name: str, arguments: dict[str, Any]) -> None:
+        """Answer with a model turn that calls tool ``name`` (the client's own spelling)."""
+        reply = StubReply(text="")
+        call_id = f"call_stub_{next(_ids)}"
+        if req.api == "openai":
+            if req.stream:
+                self._sse(_openai_call_events(req, reply, call_id, name, arguments), reply)
+            else:
+                self._json(200, dict(_openai_response(req, reply, status="completed", with_output=False),
+                                     output=[_openai_call_item(call_id, name, arguments)]), reply)  # fmt: skip
+        elif req.api == "gemini":
+            payload = _gemini_call_response(req, reply, name, arguments)
+            if req.stream and parse_qs(req.query).get("alt", [""])[0] == "sse":
+                self._sse([(None, payload)], reply)
+            else:
+                self._json(200, [payload] if req.stream else payload, reply)
+        elif req.stream:
+            self._sse(_anthropic_call_events(req, reply, call_id, name, arguments), reply)
+        else:
+            message = _anthropic_message(req, reply)
+            message.update(content=[_anthropic_tool_use(call_id, name, arguments)], stop_reason="tool_use")
+            self._json(200, message, reply)
 
     def _other(self, req: StubRequest) -> None:
         p = req.path.rstrip("/")
@@ -489,6 +537,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 _ids = itertools.count(1)
+_GENERATION_KINDS = ("responses", "chat_completions", "generateContent", "streamGenerateContent", "messages")
 
 
 # ---------------------------------------------------------------------------
@@ -914,6 +963,180 @@ def _anthropic_tool_events(req: StubRequest, reply: StubReply) -> Iterator[tuple
         yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": opened}
         yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
         yield "content_block_stop", {"type": "content_block_stop", "index": index}
+
+
+# tool calls: the client's declared tools, the results it sends back, a model turn calling a tool
+
+
+def declared_tools(req: StubRequest) -> list[str]:
+    """Names of the tools the request offers its model (each vendor's declaration shape)."""
+    body = req.body if isinstance(req.body, dict) else {}
+    names: list[str] = []
+    tools = list(body.get("tools") or [])
+    for item in body.get("input") or [] if isinstance(body.get("input"), list) else []:
+        if isinstance(item, dict) and item.get("type") == "tool_search_output":
+            tools.extend(item.get("tools") or [])  # codex offers deferred tools once its search found them
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        if tool.get("type") == "tool_search":  # codex's search over its deferred (MCP) tools
+            names.append("tool_search")
+        elif tool.get("type") == "namespace":  # Responses namespaces (codex groups an MCP server's tools)
+            names.extend(f"{tool.get('name')}/{t['name']}" for t in tool.get("tools") or [] if "name" in t)
+        elif isinstance(tool.get("name"), str):  # OpenAI Responses function tools, Anthropic tools
+            names.append(tool["name"])
+        elif isinstance(tool.get("function"), dict) and isinstance(tool["function"].get("name"), str):
+            names.append(tool["function"]["name"])  # Chat Completions
+        for group in ("functionDeclarations", "function_declarations"):  # Gemini
+            names.extend(d["name"] for d in tool.get(group) or [] if isinstance(d, dict) and "name" in d)
+    return names
+
+
+def _result_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        texts = [p.get("text") for p in value]
+        if all(isinstance(t, str) for t in texts):
+            return "\n".join(t for t in texts if t is not None)
+    return json.dumps(value)
+
+
+def tool_results(req: StubRequest) -> list[str]:
+    """The tool results the request carries back to its model, oldest first, as text."""
+    body = req.body if isinstance(req.body, dict) else {}
+    found: list[str] = []
+    if req.api == "openai":
+        for item in body.get("input") or [] if isinstance(body.get("input"), list) else []:
+            kind = item.get("type", "") if isinstance(item, dict) else ""
+            if kind.endswith("call_output"):
+                found.append(_result_text(item.get("output")))
+            elif kind == "tool_search_output":  # what codex's tool search found: the tools it loaded
+                found.append(_result_text(item.get("tools")))
+        for m in body.get("messages") or []:
+            if isinstance(m, dict) and m.get("role") == "tool":
+                found.append(_result_text(m.get("content")))
+    elif req.api == "gemini":
+        for c in body.get("contents") or []:
+            for part in c.get("parts") or [] if isinstance(c, dict) else []:
+                if isinstance(part, dict) and isinstance(part.get("functionResponse"), dict):
+                    response = part["functionResponse"].get("response")
+                    # gemini-cli sends a tool's text as {"output": text}
+                    output = response.get("output") if isinstance(response, dict) else None
+                    found.append(output if isinstance(output, str) else _result_text(response))
+    elif req.api == "anthropic":
+        for m in body.get("messages") or []:
+            content = m.get("content") if isinstance(m, dict) else None
+            for block in content if isinstance(content, list) else []:
+                if isinstance(block, dict) and block.get("type") == "tool_result":
+                    found.append(_result_text(block.get("content")))
+    return found
+
+
+def _client_name(declared: list[str], name: str) -> str | None:
+    """The declared tool that is ``name``: the same, or prefixed and ending in a separator + name."""
+    for d in declared:
+        if d == name or (d.endswith(name) and not d[-len(name) - 1].isalnum()):
+            return d
+    return None
+
+
+def _openai_call_item(call_id: str, name: str, arguments: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    if name == "tool_search":  # a call of codex's client-side tool search
+        return {
+            "type": "tool_search_call",
+            "id": call_id.replace("call_", "ts_"),
+            "call_id": call_id,
+            "execution": "client",
+            "arguments": arguments,
+            "status": status,
+        }
+    namespace, _, name = name.rpartition("/")  # "namespace/tool" for a tool declared in a namespace
+    item = {
+        "type": "function_call",
+        "id": call_id.replace("call_", "fc_"),
+        "call_id": call_id,
+        "name": name,
+        "arguments": json.dumps(arguments) if status == "completed" else "",
+        "status": status,
+    }
+    return {**item, "namespace": namespace} if namespace else item
+
+
+def _openai_call_events(
+    req: StubRequest, reply: StubReply, call_id: str, name: str, arguments: dict[str, Any]
+) -> Iterator[tuple[str | None, Any]]:
+    seq = itertools.count(0)
+    base = _openai_response(req, reply, status="in_progress", with_output=False)
+    item = _openai_call_item(call_id, name, arguments)
+    yield "response.created", {"type": "response.created", "sequence_number": next(seq), "response": base}
+    yield (
+        "response.output_item.added",
+        {
+            "type": "response.output_item.added",
+            "sequence_number": next(seq),
+            "output_index": 0,
+            "item": _openai_call_item(call_id, name, arguments, status="in_progress"),
+        },
+    )
+    yield (
+        "response.function_call_arguments.delta",
+        {
+            "type": "response.function_call_arguments.delta",
+            "sequence_number": next(seq),
+            "item_id": item["id"],
+            "output_index": 0,
+            "delta": item["arguments"],
+        },
+    )
+    yield (
+        "response.function_call_arguments.done",
+        {
+            "type": "response.function_call_arguments.done",
+            "sequence_number": next(seq),
+            "item_id": item["id"],
+            "output_index": 0,
+            "arguments": item["arguments"],
+        },
+    )
+    yield (
+        "response.output_item.done",
+        {"type": "response.output_item.done", "sequence_number": next(seq), "output_index": 0, "item": item},
+    )
+    done = dict(base, status="completed", output=[item], usage=_openai_usage(reply))
+    yield "response.completed", {"type": "response.completed", "sequence_number": next(seq), "response": done}
+
+
+def _gemini_call_response(req: StubRequest, reply: StubReply, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    out = _gemini_response(req, reply, final=True)
+    out["candidates"][0]["content"]["parts"] = [{"functionCall": {"name": name, "args": arguments}}]
+    return out
+
+
+def _anthropic_tool_use(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call_id.replace("call_", "toolu_"), "name": name, "input": arguments}
+
+
+def _anthropic_call_events(
+    req: StubRequest, reply: StubReply, call_id: str, name: str, arguments: dict[str, Any]
+) -> Iterator[tuple[str | None, Any]]:
+    msg = _anthropic_message(req, reply)
+    start = dict(msg, content=[], stop_reason=None, usage=dict(_anthropic_usage(reply), output_tokens=1))
+    block = _anthropic_tool_use(call_id, name, arguments)
+    yield "message_start", {"type": "message_start", "message": start}
+    yield (
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": dict(block, input={})},
+    )
+    yield (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": json.dumps(arguments)},
+        },
+    )
+    yield "content_block_stop", {"type": "content_block_stop", "index": 0}
     yield (
         "message_delta",
         {
@@ -937,6 +1160,7 @@ class VendorStub:
         self._lock = threading.Lock()
         self._requests: list[StubRequest] = []
         self._script: deque[StubReply] = deque()
+        self._conversations: dict[str, tuple[Turn, ...]] = {}
         self._conns: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._server: _StubServer | None = None
@@ -1017,7 +1241,34 @@ class VendorStub:
             for r in replies:
                 self._script.append(StubReply(text=r) if isinstance(r, str) else r)
 
+    def converse(self, api: str, *turns: Turn) -> None:
+        """Script the tool-using model of ``api``'s requests that declare the called tools (module doc)."""
+        with self._lock:
+            self._conversations[api] = turns
+
     # -- internals used by the handler
+    def _conversation_turn(self, req: StubRequest) -> tuple[str, dict[str, Any]] | str | None:
+        """This request's scripted turn: (client's tool name, arguments), a text, or None (not ours)."""
+        with self._lock:
+            turns = self._conversations.get(req.api)
+        if not turns or req.kind not in _GENERATION_KINDS:
+            return None
+        declared = declared_tools(req)
+        results = tool_results(req)
+        if len(results) >= len(turns):
+            return None
+        turn = turns[len(results)]
+        if isinstance(turn, ToolCall) and _client_name(declared, turn.name) is None:
+            return None  # a request of another agent of this vendor (a worker), not the scripted client
+        if callable(turn) and not isinstance(turn, ToolCall):
+            turn = turn(results)
+        if isinstance(turn, str):
+            return turn
+        name = _client_name(declared, turn.name)
+        if name is None:  # the script is wrong: say so to the test through the client's output
+            return f"stub: the client does not declare {turn.name!r}; it declares {declared}"
+        return name, turn.arguments
+
     def _track(self, conn: socket.socket, *, add: bool) -> None:
         with self._lock:
             if add:
