@@ -240,12 +240,16 @@ class EngineContext:
         space: Space | None = None,
         round: int | None = None,
         branch: str | None = None,
+        continues: Step | None = None,
     ) -> Step:
         directory = space.directory if space is not None and space.directory is not None else None
         if directory is None:
             directory = self.active.plan.directory_of(worker)
+        resume = None
+        if continues is not None and continues.session_id and continues.worker_name == worker.name:
+            resume = Resume(continues.session_id, prompt)
         return await self.executor.run(
-            self.active, worker, role, prompt, directory=directory, round=round, branch=branch
+            self.active, worker, role, prompt, directory=directory, round=round, branch=branch, resume=resume
         )
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:

@@ -82,8 +82,11 @@ class RunContext(Protocol):
         space: Space | None = None,
         round: int | None = None,
         branch: str | None = None,
+        continues: Step | None = None,
     ) -> Step:
-        """Run one step to its end and return it (completed or failed; a judge's verdict parsed)."""
+        """Run one step to its end and return it (completed or failed; a judge's verdict parsed).
+        ``continues``: an earlier step of the same worker whose vendor session this one resumes
+        where the runtime can (the prompt must stand on its own for one that cannot)."""
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
         """Run the branches at once; their results in order. Cancelling the run stops all of them."""

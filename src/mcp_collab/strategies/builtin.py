@@ -76,10 +76,11 @@ LOOP_REVIEWER = Role("reviewer", None, "read_only", verdicts=REVIEW_VERDICTS, di
 async def review_loop(run: RunContext) -> None:
     [writer], [reviewer] = run.cast(LOOP_WRITER), run.cast(LOOP_REVIEWER)
     space = await run.space()
-    review = None
+    review = wrote = None
     for round in range(1, (run.max_rounds or DEFAULT_MAX_ROUNDS) + 1):
         prompt = prompts.writer(run.task) if review is None else prompts.revise(run.task, review, await space.diff())
-        wrote = run.require(await run.step(writer, LOOP_WRITER, prompt, space=space, round=round))
+        # A revision continues the writer's own session where its runtime can resume it.
+        wrote = run.require(await run.step(writer, LOOP_WRITER, prompt, space=space, round=round, continues=wrote))
         diff = await space.diff()
         review = run.require(
             await run.step(reviewer, LOOP_REVIEWER, prompts.reviewer(run.task, wrote, diff), space=space, round=round)
