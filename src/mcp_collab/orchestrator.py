@@ -108,6 +108,7 @@ class WorkerOrchestrator:
         if strategy is not None:
             get_strategy(strategy)  # an unknown name is refused with the accepted ones, not answered with nothing
         run_filter = RunFilter(status=status, strategy=strategy, worker=worker)
+        await self.runs.ready()
         return await anyio.to_thread.run_sync(self.store.list_runs, run_filter, limit, cursor)
 
     @contextlib.asynccontextmanager

@@ -94,10 +94,12 @@ class RunLifecycle:
         # Dispatches between the queue check and their run's entry in _active: counted with the
         # queued runs, so the cap holds however many dispatches arrive at once.
         self._admitting = 0
+        self._starting: anyio.Event | None = None  # set once start-up recovery is done
 
     # -- reading -----------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> Run:
+        await self.ready()
         run = await anyio.to_thread.run_sync(self.store.get_run, run_id)
         if run is None:
             # How to list runs is the surface's to say (a tool, or a command).
@@ -113,16 +115,33 @@ class RunLifecycle:
         Leaving the block (the server stops) interrupts whatever is still running and kills its
         processes."""
         await anyio.to_thread.run_sync(self.store.check_writable)
-        await self.recover()
-        await self.prune()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self.recorder.write_behind)
+            # Recovery can take a while (killing a dead server's process trees): it runs beside the
+            # first requests instead of before them, so a client's start-up probe is answered at
+            # once; reads of runs wait for it (``ready``), new runs need not.
+            self._starting = anyio.Event()
+            tg.start_soon(self._start_up, self._starting)
             try:
                 yield
             finally:
                 self._tg = None
                 tg.cancel_scope.cancel()
+
+    async def _start_up(self, done: anyio.Event) -> None:
+        try:
+            await self.recover()
+            await self.prune()
+        except StoreError as exc:
+            log.error("recovery at start was not completed: %s", exc)
+        finally:
+            done.set()
+
+    async def ready(self) -> None:
+        """Until the runs a dead server left are recovered (at once outside ``running``)."""
+        if self._starting is not None:
+            await self._starting.wait()
 
     async def dispatch(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
         """Plan the run (refusing anything wrong before it starts) and run it to its end."""
