@@ -6,8 +6,10 @@ client that does not declare it keeps the bounded wait it always had."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,9 +25,12 @@ from pydantic import ConfigDict, TypeAdapter
 
 from mcp_collab.config import Settings
 from mcp_collab.server import build_server
+from mcp_collab.store import JsonStore, RunFilter
 from mcp_collab.tasks import TASK_POLL_INTERVAL_MS, TASKS_EXTENSION
-from tests.conftest import alive, fake_cli, read_pids
+from tests.conftest import alive, fake_cli, read_pids, require_real_clis
+from tests.support.cli_homes import cli_env
 from tests.support.mcp_helpers import call
+from tests.support.vendor_stub import ToolCall, VendorStub, tool_results
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -295,3 +300,61 @@ async def test_a_task_outlives_the_server_tasks_get_answers_from_the_store(
     run = CallToolResult.model_validate(interrupted["result"]).structured_content or {}
     assert run["status"] == "interrupted" and "stopped before it finished" in interrupted["statusMessage"]
     assert [p for p in read_pids(pidfile) if alive(p)] == [], "the dead server's processes were killed"
+
+
+# -- the real Claude Code as the client ------------------------------------------------------------
+
+# Claude Code's tool timeout in this test, and a run well beyond it.
+CLAUDE_TOOL_TIMEOUT_MS = 5_000
+LONG_RUN_S = 8
+CLAUDE_WAIT_SLICE_S = 3  # what the scripted model passes as waitSeconds / timeoutSeconds: under the timeout
+# The scripted model follows the run at most this many times (8 s in 3 s slices needs about three).
+MAX_FOLLOW_UPS = 10
+
+
+def follow(results: list[str]) -> ToolCall | str:
+    """Claude Code's model after a dispatch: follow the run with wait_worker_run in slices under the
+    tool timeout (as dispatch_task's description says), then report how it ended."""
+    run = json.loads(results[-1]) if results[-1].startswith("{") else {}
+    if run.get("status") in ("queued", "running"):
+        return ToolCall("wait_worker_run", {"runId": run["id"], "timeoutSeconds": CLAUDE_WAIT_SLICE_S})
+    return f"FINAL {run.get('status')}: {run.get('result') or results[-1][:300]}"
+
+
+def test_claude_code_headless_follows_a_run_longer_than_its_tool_timeout(
+    tmp_path: Path, stub: VendorStub, base_env: dict[str, str]
+) -> None:
+    """Claude Code 2.1.330 declares the tasks extension only in its interactive sessions
+    (fixtures/cli_outputs/README.md, "Claude Code as an MCP client: tasks"): headless (-p) it gets the
+    bounded wait, and a run longer than its tool timeout still reaches its model through wait_worker_run."""
+    bin_dir = require_real_clis()
+    stub.converse(
+        "anthropic",
+        ToolCall("spawn_worker", {"name": "codex-writer", "model": "codex_cli"}),
+        ToolCall("dispatch_task", {"task": "a long job", "waitSeconds": CLAUDE_WAIT_SLICE_S}),
+        *[follow] * MAX_FOLLOW_UPS,
+    )
+    server_env = {**base_env, "MCP_COLLAB_CODEX_BIN": fake_cli("slow"), "CODEX_FAKE_SECONDS": str(LONG_RUN_S)}
+    server = {"command": sys.executable, "args": ["-m", "mcp_collab", "serve"], "env": server_env}
+    (tmp_path / "mcp.json").write_text(json.dumps({"mcpServers": {"collab": server}}), encoding="utf-8")
+    env = {
+        "PATH": base_env["PATH"],
+        "LANG": "C.UTF-8",
+        **cli_env(tmp_path / "cli", stub.url),
+        "MCP_TOOL_TIMEOUT": str(CLAUDE_TOOL_TIMEOUT_MS),
+    }
+    argv = [str(bin_dir / "claude"), "-p", "run a long job with the collab tools"]
+    argv += ["--mcp-config", str(tmp_path / "mcp.json"), "--strict-mcp-config", "--allowedTools", "mcp__collab"]
+    done = subprocess.run(
+        [*argv, "--output-format", "json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout)
+    assert answer["result"] == f"FINAL completed: slow work finished after {LONG_RUN_S}s", answer["result"]
+    results = max((tool_results(r) for r in stub.requests_for("anthropic")), key=len)
+    runs = [json.loads(r) for r in results[1:]]  # a call that timed out would be an error text, not a run
+    assert runs[0]["status"] == "running", "headless Claude Code gets the run, not a task"
+    assert len(runs) >= 3 and runs[-1]["status"] == "completed", "the model followed it with wait_worker_run"
+    [stored] = JsonStore(Path(base_env["MCP_COLLAB_STATE_DIR"])).list_runs(RunFilter(), 10, None).runs
+    assert stored.id == runs[0]["id"] and stored.status == "completed"
