@@ -62,6 +62,7 @@ from .runtimes.base import WorkerRuntime
 from .security import Redactor
 from .store import RunStore, cursor_after
 from .strategies import STRATEGIES, dispatchable
+from .tasks import DISPATCH_TOOL, TasksExtension
 
 log = logging.getLogger("mcp_collab.server")
 
@@ -744,6 +745,14 @@ class CollabServer(MCPServer[AppState]):
         await self.ensure_tools()
         return await super().call_tool(name, arguments, context)
 
+    def tool_result(self, name: str, value: Any) -> CallToolResult:
+        """``value`` as tool ``name`` answers it on the wire (an MCP task's result, see tasks.py)."""
+        self._register_tools()
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
+            raise KeyError(name)
+        return cast(CallToolResult, tool.fn_metadata.convert_result(value))
+
 
 def build_server(
     settings: Settings | None = None,
@@ -776,6 +785,7 @@ def build_server(
         ),
         lifespan=lifespan,
         middleware=[_StrictArguments(lambda: mcp)],
+        extensions=[TasksExtension(lambda run: mcp.tool_result(DISPATCH_TOOL, for_client(run)))],
     )
 
     @mcp.resource("runs://{run_id}", mime_type="application/json", description="A whole run, full outputs.")
