@@ -132,7 +132,8 @@ _SPECS = (
         endpoint="anthropic",
         credentials=("ANTHROPIC_API_KEY",),
         variables=(
-            Variable("MCP_COLLAB_ANTHROPIC_MODEL", "claude-sonnet-4-5", "model when the worker sets no sdkModel"),
+            # Not claude-sonnet-4-5: the anthropic client lists it as retiring and warns on every call.
+            Variable("MCP_COLLAB_ANTHROPIC_MODEL", "claude-sonnet-5-5", "model when the worker sets no sdkModel"),
             # The Messages API requires a ceiling; this one stays under the client's guard against
             # non-streaming calls that could run past 10 minutes (about 21k tokens).
             Variable("MCP_COLLAB_ANTHROPIC_MAX_TOKENS", "16000", "longest answer of a step, in tokens", "count"),
