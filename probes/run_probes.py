@@ -73,9 +73,7 @@ async def live_calls(settings: Settings, report: ReadinessReport) -> list[dict[s
                 )
             results.append(entry)
     for runtime in runtimes.values():
-        close = getattr(runtime, "aclose", None)
-        if close is not None:
-            await close()
+        await runtime.aclose()
     return results
 
 

@@ -28,6 +28,9 @@ class Held:
     def __init__(self) -> None:
         self.release = anyio.Event()
 
+    async def aclose(self) -> None:  # the WorkerRuntime seam: nothing held
+        return None
+
     async def run(self, request: StepRequest) -> RuntimeResult:
         await self.release.wait()
         return RuntimeResult(text="done", exit_code=0)

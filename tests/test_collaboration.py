@@ -30,6 +30,9 @@ class Runtime:
         self.answer = answer
         self.requests: list[StepRequest] = []
 
+    async def aclose(self) -> None:  # the WorkerRuntime seam: nothing held
+        return None
+
     async def run(self, request: StepRequest) -> RuntimeResult:
         self.requests.append(request)
         text = self.answer(request)

@@ -29,6 +29,9 @@ class Recorder:
         self.resumes = resumes
         self.requests: list[StepRequest] = []
 
+    async def aclose(self) -> None:  # the WorkerRuntime seam: nothing held
+        return None
+
     async def run(self, request: StepRequest) -> RuntimeResult:
         self.requests.append(request)
         if request.working_directory is not None and request.access != "read_only":

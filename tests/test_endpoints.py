@@ -266,8 +266,9 @@ async def test_doctor_flags_an_endpoint_that_is_set_but_unreachable(base_env: di
     assert not claude.ok and "unreachable" in claude.detail and f"calls {down} (ANTHROPIC_BASE_URL)" in claude.detail
     assert claude.hint == f"start the server at {down} or correct ANTHROPIC_BASE_URL"
     assert "pw" not in claude.detail, "credentials in a URL are never shown"
-    [runtime] = [r for r in report.runtimes if r.worker_model == "claude_cli"]
-    assert not runtime.ready and "unreachable" in runtime.reason
+    runtimes = [r for r in report.runtimes if r.worker_model == "claude_cli"]
+    assert [r.mode for r in runtimes] == ["cli", "anthropic_sdk"], "the CLI and the SDK both call that endpoint"
+    assert all(not r.ready and "unreachable" in r.reason for r in runtimes)
 
 
 async def test_doctor_says_codex_cannot_speak_chat_completions(stub: VendorStub, base_env: dict[str, str]) -> None:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from mcp import Client
 from mcp.types import CallToolResult
 
+from mcp_collab import models
 from mcp_collab.config import Settings
 from mcp_collab.models import WORKER_MODELS
 from mcp_collab.runtimes.base import StepRequest
@@ -48,7 +49,7 @@ FUZZ = settings(
 # Workers registered before the fuzzing starts, so valid names reach the valid paths.
 BASE_WORKERS = {"codex-a": "codex_cli", "gemini-b": "gemini_cli", "claude-c": "claude_cli"}
 STRATEGY_NAMES = ["single_worker", "codex_writes_gemini_reviews", "security_redteam_pass"]
-RUNTIME_MODES = ["cli", "openai_sdk", "google_sdk"]
+RUNTIME_MODES = list(models.RUNTIME_MODES)  # every runtime in the registry
 FALLBACK_POLICIES = ["on_error", "never"]
 RUN_STATUSES = ["queued", "running", "completed", "failed", "cancelled", "interrupted"]
 

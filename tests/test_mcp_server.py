@@ -12,6 +12,7 @@ from mcp import Client
 
 from mcp_collab.config import Settings
 from mcp_collab.errors import RuntimeUnavailable
+from mcp_collab.models import RUNTIME_MODES
 from mcp_collab.runtimes.base import StepRequest
 from mcp_collab.server import build_server
 from mcp_collab.testing import Reply, ScriptedRuntime
@@ -78,8 +79,10 @@ async def test_every_tool_is_listed_with_input_and_output_schemas(client: Client
     for tool in tools.values():
         assert tool.description and tool.output_schema and tool.input_schema["type"] == "object"
     dispatch = tools["dispatch_task"]
-    for word in ("single_worker", "codex_writes_gemini_reviews", "security_redteam_pass", "openai_sdk", "fallbackFrom"):
+    for word in ("single_worker", "codex_writes_gemini_reviews", "security_redteam_pass", "_sdk", "fallbackFrom"):
         assert word in (dispatch.description or "")
+    offered = json.dumps(dispatch.input_schema["properties"]["runtimeMode"])
+    assert all(f'"{mode}"' in offered for mode in RUNTIME_MODES), "every registered runtime can be chosen"
     assert set(dispatch.input_schema["properties"]) >= {"task", "strategy", "workers", "runtimeMode", "runtimeModes"}
     assert dispatch.input_schema["required"] == ["task"]
     spawn = tools["spawn_worker"].input_schema
@@ -182,7 +185,8 @@ async def test_inline_results_are_capped_and_full_outputs_are_resources(
         (
             "spawn_worker",
             {"name": "x", "model": "codex_cli", "runtimeMode": "ssh"},
-            ["'cli', 'openai_sdk' or 'google_sdk'"],
+            # every runtime in the registry is named among the accepted ones
+            [", ".join(repr(m) for m in RUNTIME_MODES[:-1]) + f" or {RUNTIME_MODES[-1]!r}"],
         ),
         ("spawn_worker", {"name": "has space", "model": "codex_cli"}, ["name", "pattern"]),
         ("spawn_worker", {"name": "x", "model": "codex_cli", "workingDirectory": "relative/dir"}, ["absolute path"]),
@@ -406,6 +410,9 @@ async def test_a_quiet_wait_sends_heartbeats_often_enough(
 
     class Quiet:
         mode = "cli"
+
+        async def aclose(self) -> None:  # the WorkerRuntime seam: nothing held
+            return None
 
         async def run(self, request: StepRequest) -> Any:
             await heard.wait()

@@ -489,6 +489,9 @@ class InPlaceRewriter:
 
     mode = "cli"
 
+    async def aclose(self) -> None:  # the WorkerRuntime seam: nothing held
+        return None
+
     async def run(self, request: StepRequest) -> RuntimeResult:
         assert request.working_directory is not None
         app = request.working_directory / "app.py"

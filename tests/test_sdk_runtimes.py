@@ -1,18 +1,25 @@
-"""The openai_sdk and google_sdk runtimes: the real clients, over HTTP, against the loopback stub."""
+"""The openai_sdk, google_sdk and anthropic_sdk runtimes: what is particular to each, with the real
+clients over HTTP against the loopback stub."""
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
+import anyio
 import pytest
+from mcp import Client
 
 from mcp_collab.config import Settings
-from mcp_collab.errors import RuntimeFatal, RuntimeTransient, RuntimeUnavailable
-from mcp_collab.models import Worker
+from mcp_collab.errors import ConfigError, RuntimeFatal, RuntimeTransient, RuntimeUnavailable
+from mcp_collab.models import DispatchRequest, Worker, WorkerSpec
+from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.runtimes.anthropic_sdk import AnthropicSDKRuntime
 from mcp_collab.runtimes.base import StepRequest
 from mcp_collab.runtimes.google_sdk import GoogleSDKRuntime
 from mcp_collab.runtimes.openai_sdk import OpenAISDKRuntime
+from mcp_collab.server import build_server
+from tests.conftest import fake_cli
+from tests.fake_clis.fakecli import answer_text
 from tests.support.vendor_stub import StubReply, VendorStub
 
 pytestmark = pytest.mark.anyio
@@ -72,72 +79,8 @@ async def test_google_sdk_runs_a_step_through_generate_content(stub: VendorStub)
     assert "google-genai-sdk" in call.headers.get("x-goog-api-client", "") + call.user_agent
 
 
-@pytest.mark.parametrize(
-    ("status", "error", "code"),
-    [
-        (500, RuntimeTransient, "http_500"),
-        (503, RuntimeTransient, "http_503"),
-        (429, RuntimeTransient, "http_429"),
-        (401, RuntimeUnavailable, "http_401"),
-        (400, RuntimeFatal, "http_400"),
-        (404, RuntimeFatal, "http_404"),
-    ],
-)
-@pytest.mark.parametrize("vendor", ["openai", "google"])
-async def test_http_failures_are_classified_once_at_the_edge(
-    stub: VendorStub, vendor: str, status: int, error: type[Exception], code: str
-) -> None:
-    stub.script(StubReply(status=status, error_message=f"stub says {status}"))
-    runtime: Any = (
-        OpenAISDKRuntime(openai_settings(stub)) if vendor == "openai" else GoogleSDKRuntime(google_settings(stub))
-    )
-    with pytest.raises(error) as caught:
-        await run_once(runtime, request(CODEX if vendor == "openai" else GEMINI))
-    assert caught.value.code == code  # type: ignore[attr-defined]
-    assert f"HTTP {status}" in str(caught.value) and f"stub says {status}" in str(caught.value)
-    assert len(stub.requests) == 1, "no hidden retries: the fallback policy decides what happens next"
-
-
-@pytest.mark.parametrize("vendor", ["openai", "google"])
-async def test_a_missing_key_is_unavailable_and_sends_nothing(stub: VendorStub, vendor: str) -> None:
-    settings = Settings.from_env(
-        {"HOME": "/nonexistent", "OPENAI_BASE_URL": stub.url, "GOOGLE_GEMINI_BASE_URL": stub.url}
-    )
-    runtime: Any = OpenAISDKRuntime(settings) if vendor == "openai" else GoogleSDKRuntime(settings)
-    with pytest.raises(RuntimeUnavailable, match="API_KEY"):
-        await run_once(runtime, request(CODEX if vendor == "openai" else GEMINI))
-    assert stub.requests == []
-
-
-@pytest.mark.parametrize("vendor", ["openai", "google"])
-async def test_an_unreachable_endpoint_is_transient(vendor: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again at once: nothing listens there
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "HOME": "/nonexistent",
-        "OPENAI_API_KEY": "k",
-        "OPENAI_BASE_URL": url,
-        "GEMINI_API_KEY": "k",
-        "GOOGLE_GEMINI_BASE_URL": url,
-    }
-    runtime: Any = (
-        OpenAISDKRuntime(Settings.from_env(env)) if vendor == "openai" else GoogleSDKRuntime(Settings.from_env(env))
-    )
-    with pytest.raises(RuntimeTransient):
-        await run_once(runtime, request(CODEX if vendor == "openai" else GEMINI))
-
-
-@pytest.mark.parametrize("vendor", ["openai", "google"])
-async def test_a_slow_reply_hits_the_step_timeout_as_transient(stub: VendorStub, vendor: str) -> None:
-    stub.script(StubReply(text="too late", delay_s=5))
-    runtime: Any = (
-        OpenAISDKRuntime(openai_settings(stub)) if vendor == "openai" else GoogleSDKRuntime(google_settings(stub))
-    )
-    with pytest.raises(RuntimeTransient, match="within 1s") as caught:
-        await run_once(runtime, request(CODEX if vendor == "openai" else GEMINI, timeout=1))
-    assert caught.value.code == "timeout"
+# The failures every SDK runtime shares (each HTTP status class, no key, no endpoint, too slow, the
+# fallback to cli) are tested for every runtime in the registry by tests/test_runtime_registry.py.
 
 
 # -- Chat Completions: endpoints without the Responses API --------------------------------------
@@ -216,3 +159,115 @@ async def test_chat_completions_failures_are_classified_like_responses_ones(
     assert caught.value.code == code  # type: ignore[attr-defined]
     assert "Chat Completions API" in str(caught.value) and f"stub says {status}" in str(caught.value)
     assert [r.kind for r in stub.requests] == ["chat_completions"]
+
+
+# -- anthropic_sdk: the Messages API ------------------------------------------------------------
+
+CLAUDE = Worker(name="claude-review", model="claude_cli", sdk_model="claude-test")
+
+
+def anthropic_settings(stub: VendorStub, **extra: str) -> Settings:
+    return Settings.from_env(
+        {"HOME": "/nonexistent", "ANTHROPIC_API_KEY": "sk-ant-test", "ANTHROPIC_BASE_URL": stub.url, **extra}
+    )
+
+
+async def test_anthropic_sdk_runs_a_step_through_the_messages_api(stub: VendorStub) -> None:
+    progress: list[str] = []
+    req = StepRequest(
+        worker=CLAUDE, prompt="review hello.py", instructions="be brief", access="read_only",
+        timeout_s=10, idle_timeout_s=10, on_progress=progress.append,
+    )  # fmt: skip
+    result = await run_once(AnthropicSDKRuntime(anthropic_settings(stub)), req)
+    assert result.text == "stub reply from anthropic model claude-test: review hello.py"
+    assert result.usage is not None
+    assert (result.usage.input_tokens, result.usage.output_tokens, result.usage.total_tokens) == (12, 5, 17)
+    assert result.session_id is not None and result.session_id.startswith("msg_"), "the message id"
+    [call] = stub.requests
+    assert (call.path, call.kind, call.stream) == ("/v1/messages", "messages", False)
+    assert call.model == "claude-test" and call.system == "be brief"
+    assert call.user_agent.startswith("AsyncAnthropic/Python") and "anthropic-version" in call.headers
+    # The key as the client sends it (x-api-key, or a bearer token in newer clients).
+    assert "sk-ant-test" in call.headers.get("x-api-key", "") + call.headers.get("authorization", "")
+    assert call.body["max_tokens"] == 16000, "the Messages API requires a ceiling; the documented default"
+    assert f"claude-review: calling the Anthropic Messages API (claude-test) at {stub.url}" in progress
+
+
+async def test_anthropic_sdk_sends_no_system_prompt_when_the_worker_has_no_instructions(stub: VendorStub) -> None:
+    req = StepRequest(worker=CLAUDE, prompt="hi", instructions="", access="read_only", timeout_s=10, idle_timeout_s=10)
+    await run_once(AnthropicSDKRuntime(anthropic_settings(stub, MCP_COLLAB_ANTHROPIC_MAX_TOKENS="2048")), req)
+    [call] = stub.requests
+    assert "system" not in call.body and call.body["max_tokens"] == 2048
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "-3", "inf", "lots"])
+def test_a_bad_anthropic_max_tokens_is_refused_at_start_naming_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"MCP_COLLAB_ANTHROPIC_MAX_TOKENS={value!r}"):
+        Settings.from_env({"HOME": "/nonexistent", "MCP_COLLAB_ANTHROPIC_MAX_TOKENS": value})
+
+
+async def test_an_overloaded_anthropic_api_falls_back_to_the_claude_cli(
+    stub: VendorStub, base_env: dict[str, str]
+) -> None:
+    stub.script(StubReply(status=529, error_message="Overloaded"))
+    settings = Settings.from_env(
+        {**base_env, "ANTHROPIC_API_KEY": "sk-ant-test", "ANTHROPIC_BASE_URL": stub.url,
+         "MCP_COLLAB_CLAUDE_BIN": fake_cli("size_claude"), "CLAUDE_FAKE_ANSWER_CHARS": "40"}
+    )  # fmt: skip
+    async with WorkerOrchestrator(settings) as orch:
+        await orch.register_worker(WorkerSpec(name="claude-review", model="claude_cli", runtime_mode="anthropic_sdk"))
+        with anyio.fail_after(60):
+            run = await orch.dispatch(DispatchRequest(task="review this", workers=["claude-review"]))
+    [step] = run.steps
+    assert (run.status, step.runtime_mode, step.fallback_from) == ("completed", "cli", "anthropic_sdk")
+    assert step.output == answer_text(40), "the claude CLI's answer"
+    assert [(a.runtime_mode, a.error_kind, a.error_code) for a in step.attempts] == [
+        ("anthropic_sdk", "transient", "http_529"), ("cli", None, None)
+    ]  # fmt: skip
+    assert "Overloaded" in (step.attempts[0].error or "")
+
+
+async def test_a_bad_request_to_the_anthropic_api_fails_without_falling_back(
+    stub: VendorStub, base_env: dict[str, str]
+) -> None:
+    stub.script(StubReply(status=400, error_message="max_tokens: too large"))
+    settings = Settings.from_env(
+        {**base_env, "ANTHROPIC_API_KEY": "sk-ant-test", "ANTHROPIC_BASE_URL": stub.url,
+         "MCP_COLLAB_CLAUDE_BIN": fake_cli("size_claude")}
+    )  # fmt: skip
+    async with WorkerOrchestrator(settings) as orch:
+        await orch.register_worker(WorkerSpec(name="claude-review", model="claude_cli"))
+        with anyio.fail_after(60):
+            run = await orch.dispatch(
+                DispatchRequest(task="review this", workers=["claude-review"], runtime_mode="anthropic_sdk")
+            )
+    [step] = run.steps
+    assert (run.status, step.runtime_mode, step.fallback_from) == ("failed", "anthropic_sdk", None)
+    assert [(a.runtime_mode, a.error_kind, a.error_code) for a in step.attempts] == [
+        ("anthropic_sdk", "fatal", "http_400")
+    ]
+    assert "max_tokens: too large" in (step.error or "")
+
+
+async def test_an_mcp_client_runs_a_claude_worker_on_anthropic_sdk_and_cannot_put_codex_on_it(
+    stub: VendorStub, base_env: dict[str, str]
+) -> None:
+    settings = Settings.from_env({**base_env, "ANTHROPIC_API_KEY": "sk-ant-test", "ANTHROPIC_BASE_URL": stub.url})
+    async with Client(build_server(settings)) as client:
+        await client.call_tool("spawn_worker", {"name": "claude-review", "model": "claude_cli"})
+        await client.call_tool("spawn_worker", {"name": "codex-writer", "model": "codex_cli"})
+        done = await client.call_tool(
+            "dispatch_task", {"task": "review this", "workers": ["claude-review"], "runtimeMode": "anthropic_sdk"}
+        )
+        refused = await client.call_tool(
+            "dispatch_task", {"task": "write this", "workers": ["codex-writer"], "runtimeMode": "anthropic_sdk"}
+        )
+    assert done.structured_content is not None and not done.is_error
+    [step] = done.structured_content["steps"]
+    assert (done.structured_content["status"], step["runtimeMode"], step.get("fallbackFrom")) == (
+        "completed", "anthropic_sdk", None
+    )  # fmt: skip
+    assert [r.kind for r in stub.requests] == ["messages"]
+    text = " ".join(getattr(c, "text", "") for c in refused.content)
+    assert refused.is_error and "runtimeMode 'anthropic_sdk' cannot run a codex_cli worker" in text
+    assert "accepted for codex_cli: 'cli', 'openai_sdk'" in text

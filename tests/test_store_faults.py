@@ -91,6 +91,9 @@ class Gate:
         self.mode = "cli"
         self.blocking = False
 
+    async def aclose(self) -> None:  # the WorkerRuntime seam: nothing held
+        return None
+
     async def run(self, request: StepRequest) -> Any:
         if self.blocking:
             self.started.set()

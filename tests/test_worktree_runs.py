@@ -49,6 +49,9 @@ class Writer:
         self.judge = judge
         self.requests: list[StepRequest] = []
 
+    async def aclose(self) -> None:  # the WorkerRuntime seam: nothing held
+        return None
+
     async def run(self, request: StepRequest) -> RuntimeResult:
         self.requests.append(request)
         if request.access == "read_only":

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .models import Access, FallbackPolicy, RuntimeMode
+from .runtimes.registry import RUNTIMES
 from .security import Redactor, default_roots
 
 # Coding steps routinely take many minutes; an hour is a ceiling, not an expectation.
@@ -47,13 +48,11 @@ DEFAULT_MAX_QUEUED_RUNS = 100
 DEFAULT_HTTP_MAX_SESSIONS = 64
 # An HTTP session with no request in flight for this long is closed (its client re-initializes).
 DEFAULT_HTTP_SESSION_IDLE_S = 30 * 60.0
-DEFAULT_OPENAI_MODEL = "gpt-5-codex"
 # Which OpenAI API an OpenAI-compatible endpoint is spoken to with (MCP_COLLAB_OPENAI_WIRE_API):
 # ``responses`` only, ``chat`` (Chat Completions) only, or ``auto``: Responses first, and Chat
 # Completions once a custom endpoint answers 404/405 for /responses (many self-hosted servers).
 WireApi = Literal["auto", "responses", "chat"]
 WIRE_APIS: tuple[str, ...] = get_args(WireApi)
-DEFAULT_GEMINI_MODEL = "gemini-2.5-pro"
 
 # Variables a CLI child inherits. Everything else in the server's environment stays behind, so a
 # worker cannot read secrets it was never meant to have. Extend with MCP_COLLAB_CHILD_ENV.
@@ -180,8 +179,9 @@ class Settings:
     workspace_roots: tuple[Path, ...] = ()
     retain_runs: int | None = DEFAULT_RETAIN_RUNS
     retain_days: float | None = DEFAULT_RETAIN_DAYS
-    openai_model: str = DEFAULT_OPENAI_MODEL
-    gemini_model: str = DEFAULT_GEMINI_MODEL
+    # The variables the runtimes declare in runtimes/registry.py, read and checked once, by name.
+    runtime_texts: Mapping[str, str] = field(default_factory=lambda: _runtime_settings({})[0])
+    runtime_counts: Mapping[str, int] = field(default_factory=lambda: _runtime_settings({})[1])
     openai_wire_api: WireApi = "auto"
     # Per vendor (openai, gemini, anthropic): the one endpoint its CLI and its SDK runtime both call.
     endpoints: Mapping[str, Endpoint] = field(default_factory=lambda: _endpoints({}))
@@ -203,6 +203,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = dict(os.environ if environ is None else environ)
         state = env.get("MCP_COLLAB_STATE_DIR")
+        runtime_texts, runtime_counts = _runtime_settings(env)
         return cls(
             state_dir=Path(state).expanduser() if state else default_state_dir(env),
             default_runtime=_choice(env, "MCP_WORKER_RUNTIME_DEFAULT", "cli", get_args(RuntimeMode)),  # type: ignore[arg-type]
@@ -223,8 +224,8 @@ class Settings:
             workspace_roots=default_roots(env),
             retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
             retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
-            openai_model=env.get("MCP_COLLAB_OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
-            gemini_model=env.get("MCP_COLLAB_GEMINI_MODEL") or DEFAULT_GEMINI_MODEL,
+            runtime_texts=runtime_texts,
+            runtime_counts=runtime_counts,
             openai_wire_api=_choice(env, "MCP_COLLAB_OPENAI_WIRE_API", "auto", WIRE_APIS),  # type: ignore[arg-type]
             endpoints=_endpoints(env),
             cli_bins={
@@ -250,6 +251,19 @@ class Settings:
             for k, v in self.environ.items()
             if k in CHILD_ENV_NAMES or k in self.child_env_extra or k.startswith(prefixes)
         }
+
+
+def _runtime_settings(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, int]]:
+    """Every variable a runtime declares with a kind, read as that kind (or its default)."""
+    texts: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for spec in RUNTIMES.values():
+        for variable in spec.variables:
+            if variable.kind == "text":
+                texts[variable.name] = env.get(variable.name, "").strip() or variable.default
+            elif variable.kind == "count":
+                counts[variable.name] = _count(env, variable.name, int(variable.default))
+    return texts, counts
 
 
 def default_max_concurrent_runs() -> int:

@@ -8,15 +8,18 @@ one of these models; ``contracts/`` holds their JSON Schema (``python -m mcp_col
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
 
 from .errors import QUOTE_CHARS, shown
+from .runtimes.registry import RUNTIMES, modes_for
 from .security import Redactor
 
-RuntimeMode = Literal["cli", "openai_sdk", "google_sdk"]
+# The one hand-written list of runtimes besides their registry (runtimes/registry.py): mypy and the
+# JSON Schema need a literal type, which cannot be computed; tests hold it equal to the registry.
+RuntimeMode = Literal["cli", "openai_sdk", "google_sdk", "anthropic_sdk"]
 WorkerModel = Literal["codex_cli", "gemini_cli", "claude_cli"]
 FallbackPolicy = Literal["on_error", "never"]
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
@@ -27,17 +30,15 @@ Access = Literal["read_only", "workspace_write", "bypass"]
 Verdict = Literal["approve", "request_changes", "pass", "fail", "unknown"]
 Continuation = Literal["session", "history"]
 
-RUNTIME_MODES: tuple[RuntimeMode, ...] = ("cli", "openai_sdk", "google_sdk")
-WORKER_MODELS: tuple[WorkerModel, ...] = ("codex_cli", "gemini_cli", "claude_cli")
+RUNTIME_MODES: tuple[RuntimeMode, ...] = get_args(RuntimeMode)
+WORKER_MODELS: tuple[WorkerModel, ...] = get_args(WorkerModel)
 TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "interrupted"})
 
-# Which runtimes can serve a worker identity. Identity is not runtime: a codex worker can run
-# through its CLI or the OpenAI SDK, never through Google's.
-COMPATIBLE_MODES: dict[WorkerModel, tuple[RuntimeMode, ...]] = {
-    "codex_cli": ("cli", "openai_sdk"),
-    "gemini_cli": ("cli", "google_sdk"),
-    "claude_cli": ("cli",),
-}
+# Which runtimes can serve a worker identity (from the registry). Identity is not runtime: a codex
+# worker can run through its CLI or the OpenAI SDK, never through Google's.
+COMPATIBLE_MODES: dict[WorkerModel, tuple[RuntimeMode, ...]] = {model: modes_for(model) for model in WORKER_MODELS}
+# "codex: openai_sdk, gemini: google_sdk, ...": each identity's SDK runtimes, for the field descriptions.
+SDK_MODES_TEXT = ", ".join(f"{s.identities}: {s.mode}" for s in RUNTIMES.values() if s.is_sdk)
 
 # Limits on what a caller may send; each refusal names the limit.
 MAX_NAME_LENGTH = 64
@@ -127,8 +128,7 @@ class WorkerSpec(WireModel):
     model: WorkerModel = Field(description="Worker identity: which vendor's agent this is.")
     runtime_mode: RuntimeMode | None = Field(
         default=None,
-        description="How this worker runs by default: 'cli' (the vendor CLI as a subprocess), "
-        "'openai_sdk' (codex workers only) or 'google_sdk' (gemini workers only). "
+        description=f"Its default runtime: 'cli' (its CLI) or its vendor's SDK ({SDK_MODES_TEXT}). "
         "Unset: the server default.",
     )
     fallback_policy: FallbackPolicy | None = Field(

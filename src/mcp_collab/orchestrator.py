@@ -28,6 +28,7 @@ from .engine.registry import WorkerRegistry
 from .errors import InvalidRequestError
 from .models import DispatchRequest, Run, RunPage, RunStatus, RuntimeMode, Worker, WorkerSpec
 from .runtimes.base import WorkerRuntime
+from .runtimes.registry import RUNTIMES
 from .store import JsonStore, RunFilter, RunStore
 from .strategies import get_strategy
 
@@ -37,15 +38,8 @@ MAX_PAGE_SIZE = 200
 
 
 def default_runtimes(settings: Settings) -> dict[RuntimeMode, WorkerRuntime]:
-    from .runtimes.cli import CLIRuntime
-    from .runtimes.google_sdk import GoogleSDKRuntime
-    from .runtimes.openai_sdk import OpenAISDKRuntime
-
-    return {
-        "cli": CLIRuntime(settings),
-        "openai_sdk": OpenAISDKRuntime(settings),
-        "google_sdk": GoogleSDKRuntime(settings),
-    }
+    """One of each runtime in the registry (runtimes/registry.py)."""
+    return {mode: spec.create(settings) for mode, spec in RUNTIMES.items()}
 
 
 class WorkerOrchestrator:
@@ -74,9 +68,7 @@ class WorkerOrchestrator:
     async def aclose(self) -> None:
         """Close the runtimes' HTTP clients."""
         for runtime in self.runtimes.values():
-            close = getattr(runtime, "aclose", None)
-            if close is not None:
-                await close()
+            await runtime.aclose()
 
     # -- workers -----------------------------------------------------------------------------
 

@@ -24,14 +24,13 @@ from .config import Endpoint, Settings
 from .models import RuntimeMode, WireModel
 from .runtimes.cli import find_binary
 from .runtimes.cli.vendors import VENDORS, EndpointPlan
+from .runtimes.registry import RuntimeSpec, sdk_runtimes
 from .store.json_store import CORRUPT_MARK, DAMAGED_MARK, LOG_NAME, PROBE_BYTES
 
 VERSION_TIMEOUT_S = 20.0
 # A TCP connect to a custom endpoint: a loopback or LAN server answers in milliseconds, a remote
 # gateway well within this; beyond it the endpoint counts as unreachable.
 ENDPOINT_CONNECT_TIMEOUT_S = 3.0
-# Which vendor's endpoint each SDK runtime calls.
-SDK_ENDPOINTS: dict[RuntimeMode, str] = {"openai_sdk": "openai", "google_sdk": "gemini"}
 
 
 class Check(WireModel):
@@ -122,17 +121,12 @@ def _endpoint_checks(
         blocked[model] = plan.problem or (f"{plan.url} unreachable ({down})" if down else None)
         checks.append(Check(name=f"endpoint:{vendor.name}", ok=blocked[model] is None, detail=detail, hint=hint,
                             required=False))  # fmt: skip
-    for mode, vendor_key in SDK_ENDPOINTS.items():
-        ep = settings.endpoints[vendor_key]
+    for spec in sdk_runtimes():
+        mode, ep = spec.mode, settings.endpoints[spec.endpoint or ""]
         source = ep.variable if ep.custom else "the vendor's own API"
         detail = f"calls {ep.shown} ({source})"
-        if mode == "openai_sdk":
-            detail += {
-                "auto": "; Responses API, and Chat Completions if a custom endpoint has no /responses "
-                "(MCP_COLLAB_OPENAI_WIRE_API=auto)",
-                "responses": "; Responses API only (MCP_COLLAB_OPENAI_WIRE_API=responses)",
-                "chat": "; Chat Completions only (MCP_COLLAB_OPENAI_WIRE_API=chat)",
-            }[settings.openai_wire_api]
+        if spec.endpoint_note is not None:
+            detail += f"; {spec.endpoint_note(settings)}"
         down = unreachable.get(ep.variable) if ep.custom else None
         if down:
             detail += f"; unreachable: {down}{proxy_note}"
@@ -147,6 +141,21 @@ def _endpoint_checks(
             )
         )
     return checks, blocked
+
+
+def _sdk_rows(
+    settings: Settings, spec: RuntimeSpec, importable: bool, keyed: bool, blocked: str | None
+) -> list[RuntimeReadiness]:
+    """An SDK runtime is ready when its package imports, its key is set and its endpoint answers."""
+    package = spec.package[0] if spec.package else spec.mode
+    reason = f"{package} {'importable' if importable else 'not importable'}, {' or '.join(spec.credentials)} " + (
+        "present" if keyed else "missing (steps fall back to cli under on_error)"
+    )
+    reason += f"; calls {settings.endpoints[spec.endpoint or ''].shown}" + (f"; {blocked}" if blocked else "")
+    return [
+        RuntimeReadiness(mode=spec.mode, worker_model=model, ready=importable and keyed and not blocked, reason=reason)
+        for model in spec.serves
+    ]
 
 
 def _vendor_of(model: str) -> str:
@@ -256,32 +265,23 @@ async def check(settings: Settings) -> ReadinessReport:
             )
         )
     environ = settings.environ
-    creds = {
-        "OPENAI_API_KEY": bool(environ.get("OPENAI_API_KEY", "").strip()),
-        "GEMINI_API_KEY or GOOGLE_API_KEY": bool(
-            (environ.get("GEMINI_API_KEY") or environ.get("GOOGLE_API_KEY") or "").strip()
-        ),
-        "ANTHROPIC_API_KEY": bool(environ.get("ANTHROPIC_API_KEY", "").strip()),
-    }
-    hints = {
-        "OPENAI_API_KEY": "export OPENAI_API_KEY to use runtimeMode openai_sdk (the codex CLI can use its own login)",
-        "GEMINI_API_KEY or GOOGLE_API_KEY": "export GEMINI_API_KEY to use runtimeMode google_sdk",
-        "ANTHROPIC_API_KEY": "optional: the claude CLI can use its own login (`claude` once, interactively)",
-    }
-    for name, present in creds.items():
+    creds: dict[str, bool] = {}  # per SDK mode: is its key set?
+    for spec in sdk_runtimes():
+        name = " or ".join(spec.credentials)
+        creds[spec.mode] = any(environ.get(v, "").strip() for v in spec.credentials)
         checks.append(
             Check(
                 name=f"credential:{name}",
-                ok=present,
-                detail="present" if present else "not set",
+                ok=creds[spec.mode],
+                detail="present" if creds[spec.mode] else "not set",
                 required=False,
-                hint=None if present else hints[name],
+                hint=None
+                if creds[spec.mode]
+                else f"export {spec.credentials[0]} to use runtimeMode {spec.mode} (the {spec.identities} CLI "
+                "can use its own login)",
             )
         )
-    sdk = {
-        "openai_sdk": _package_version("openai", "openai"),
-        "google_sdk": _package_version("google-genai", "google.genai"),
-    }
+    sdk = {spec.mode: _package_version(*spec.package) for spec in sdk_runtimes() if spec.package}
     for mode, version in sdk.items():
         checks.append(
             Check(
@@ -307,31 +307,8 @@ async def check(settings: Settings) -> ReadinessReport:
                 mode="cli", worker_model=model, ready=cli_ready[model] and not blocked[model], reason=reason
             )
         )
-    openai_reason = "openai importable, OPENAI_API_KEY " + (
-        "present" if creds["OPENAI_API_KEY"] else "missing (steps fall back to cli under on_error)"
-    )
-    runtimes.append(
-        RuntimeReadiness(
-            mode="openai_sdk",
-            worker_model="codex_cli",
-            ready=bool(sdk["openai_sdk"]) and creds["OPENAI_API_KEY"] and not blocked["openai_sdk"],
-            reason=f"{openai_reason}; calls {settings.endpoints['openai'].shown}"
-            + (f"; {blocked['openai_sdk']}" if blocked["openai_sdk"] else ""),
-        )
-    )
-    google_key = creds["GEMINI_API_KEY or GOOGLE_API_KEY"]
-    google_reason = "google-genai importable, API key " + (
-        "present" if google_key else "missing (steps fall back to cli under on_error)"
-    )
-    runtimes.append(
-        RuntimeReadiness(
-            mode="google_sdk",
-            worker_model="gemini_cli",
-            ready=bool(sdk["google_sdk"]) and google_key and not blocked["google_sdk"],
-            reason=f"{google_reason}; calls {settings.endpoints['gemini'].shown}"
-            + (f"; {blocked['google_sdk']}" if blocked["google_sdk"] else ""),
-        )
-    )
+    for spec in sdk_runtimes():
+        runtimes.extend(_sdk_rows(settings, spec, bool(sdk[spec.mode]), creds[spec.mode], blocked[spec.mode]))
     return ReadinessReport(
         checks=checks,
         runtimes=runtimes,

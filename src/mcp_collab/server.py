@@ -59,6 +59,7 @@ from .models import (
 )
 from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
 from .runtimes.base import WorkerRuntime
+from .runtimes.registry import sdk_runtimes
 from .security import Redactor
 from .store import RunStore, cursor_after
 from .strategies import STRATEGIES, dispatchable
@@ -340,9 +341,16 @@ def _gist(summary: str) -> str:
 
 # In dispatch_task's description, which every client shows its model on every session, so it stays short.
 STRATEGY_GIST = "\n".join(f"- {s.name}: {_gist(s.summary)}" for s in STRATEGIES.values() if not s.internal)
+# The server's instructions say which SDK runtime (from the registry) serves whom; dispatch_task's
+# description, which every client shows its model on every session, only how runtimes differ.
 RUNTIME_GUIDE = (
-    "Runtimes: 'cli' (the vendor CLI; edits files), 'openai_sdk' (codex) and 'google_sdk' (gemini) (text "
-    "only). Under fallback on_error a retry-safe SDK failure reruns through 'cli' (see fallbackFrom)."
+    "Runtimes: 'cli' (the vendor CLI; edits files); "
+    + ", ".join(f"'{s.mode}' ({s.identities})" for s in sdk_runtimes())
+    + " (text only). Under fallback on_error a retry-safe SDK failure reruns through 'cli' (see fallbackFrom)."
+)
+RUNTIME_GIST = (
+    "Runtimes: cli (edits files) or the vendor's *_sdk (text only); "
+    "on_error reruns a retry-safe SDK failure via cli (fallbackFrom)."
 )
 WAITING_GUIDE = (
     "Shorter tool timeout? Pass a smaller waitSeconds, then call wait_worker_run with timeoutSeconds "
@@ -358,9 +366,7 @@ async def spawn_worker(
     ctx: Context,
     name: Annotated[str, Field(description="Unique worker name, e.g. 'codex-writer'.")],
     model: WorkerModel,
-    runtimeMode: Annotated[
-        RuntimeMode | None, Field(description="Default runtime: cli; openai_sdk (codex); google_sdk (gemini).")
-    ] = None,
+    runtimeMode: RuntimeMode | None = None,  # the tool's description says what it is; dispatch_task's, which fits
     fallbackPolicy: FallbackPolicy | None = None,
     instructions: Annotated[str, Field(description="Standing instructions given on every step.")] = "",
     sdkModel: Annotated[str | None, Field(description="Model for the SDK runtime.")] = None,
@@ -533,8 +539,7 @@ async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
 
 @tool_errors
 async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
-    """What can run here: CLIs and versions, credentials present (never their values), SDKs, endpoints,
-    the store; each failure with a hint."""
+    """What can run here (CLIs, credentials present, SDKs, endpoints, the store); failures with a hint."""
     state = _state(ctx)
     # Reading the store first finds (and repairs, keeping the original aside) damage done to
     # it since the last call, so the report below lists it.
@@ -552,7 +557,7 @@ def _dispatch_description() -> str:
         + "\nStrategies:\n"
         + STRATEGY_GIST
         + "\nWorkers: named in role order, else the first registered ones that fit.\n"
-        + RUNTIME_GUIDE
+        + RUNTIME_GIST
     )
 
 

@@ -48,6 +48,9 @@ class ScriptedRuntime:
         self.respond = respond
         self.requests: list[StepRequest] = []
 
+    async def aclose(self) -> None:
+        return None
+
     async def run(self, request: StepRequest) -> RuntimeResult:
         self.requests.append(request)
         if self.script:

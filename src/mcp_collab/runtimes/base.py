@@ -68,8 +68,12 @@ class RuntimeResult:
 
 
 class WorkerRuntime(Protocol):
-    """Runs one step. Returns a result or raises a classified ``RuntimeFailure``; never anything else."""
+    """Runs one step. Returns a result or raises a classified ``RuntimeFailure``; never anything else.
+    ``aclose`` releases what it holds between steps (an SDK's HTTP connections); the orchestrator
+    calls it once, at its own close."""
 
     mode: RuntimeMode
 
     async def run(self, request: StepRequest) -> RuntimeResult: ...
+
+    async def aclose(self) -> None: ...

@@ -7,6 +7,7 @@ around the whole call makes sure a stalled stream cannot outlive the step's limi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 from typing import Any
@@ -14,25 +15,31 @@ from typing import Any
 import anyio
 
 from ..config import Settings
-from ..errors import RuntimeFatal, RuntimeTransient, RuntimeUnavailable
+from ..errors import RuntimeUnavailable
 from ..models import RuntimeMode, Usage
 from .base import RuntimeResult, StepRequest
-from .openai_sdk import classify_status
+from .failures import Call, FailureTable, Rule, answered, refused_by_client, timed_out, unreachable
 
 
-def _http_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """Timeout and transport error classes of whichever HTTP library google-genai uses
-    (httpx2 in google-genai 3.x, httpx before)."""
-    timeouts: list[type[BaseException]] = []
-    transports: list[type[BaseException]] = []
+@functools.cache
+def failure_table() -> FailureTable:
+    """google-genai's errors, and those of whichever HTTP library it uses (httpx2 in google-genai
+    3.x, httpx before); built on first use, so loading this module imports neither."""
+    from google.genai import errors
+
+    rules: dict[type[BaseException], Rule] = {
+        TimeoutError: timed_out,  # the wall-clock guard around the whole call
+        errors.APIError: answered(lambda exc: int(exc.code or 0), lambda exc: str(exc.message or exc.status or "")),
+        ValueError: refused_by_client,  # the SDK's own argument checks
+    }
     for name in ("httpx2", "httpx"):
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        timeouts.append(module.TimeoutException)
-        transports.append(module.TransportError)
-    return tuple(timeouts), tuple(transports)
+        rules[module.TimeoutException] = timed_out
+        rules[module.TransportError] = unreachable
+    return FailureTable(rules)
 
 
 class GoogleSDKRuntime:
@@ -64,34 +71,17 @@ class GoogleSDKRuntime:
 
     async def run(self, request: StepRequest) -> RuntimeResult:
         client = self._client()
-        from google.genai import errors, types
+        from google.genai import types
 
-        timeouts, transports = _http_errors()
-
-        model = request.worker.sdk_model or self.settings.gemini_model
+        model = request.worker.sdk_model or self.settings.runtime_texts["MCP_COLLAB_GEMINI_MODEL"]
         request.on_progress(f"{request.worker.name}: calling the Gemini API ({model})")
         config = types.GenerateContentConfig(
             system_instruction=request.instructions or None,
             http_options=types.HttpOptions(timeout=int(request.timeout_s * 1000)),
         )
         started = time.monotonic()
-        try:
-            with anyio.fail_after(request.timeout_s):
-                response = await client.aio.models.generate_content(model=model, contents=request.prompt, config=config)
-        except TimeoutError as exc:
-            raise RuntimeTransient(
-                f"the Gemini API did not answer within {request.timeout_s:g}s", code="timeout"
-            ) from exc
-        except errors.APIError as exc:
-            raise classify_status(int(exc.code or 0), str(exc.message or exc.status or ""), "Gemini API") from exc
-        except timeouts as exc:
-            raise RuntimeTransient(
-                f"the Gemini API did not answer within {request.timeout_s:g}s", code="timeout"
-            ) from exc
-        except transports as exc:
-            raise RuntimeTransient(f"cannot reach the Gemini API: {exc}", code="connection") from exc
-        except ValueError as exc:  # the SDK's own argument checks
-            raise RuntimeFatal(f"the Gemini client refused the request: {exc}", code="client_error") from exc
+        with failure_table().mapped(Call("Gemini API", request.timeout_s)), anyio.fail_after(request.timeout_s):
+            response = await client.aio.models.generate_content(model=model, contents=request.prompt, config=config)
         meta = response.usage_metadata
         usage = None
         if meta is not None:

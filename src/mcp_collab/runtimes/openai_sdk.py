@@ -16,19 +16,36 @@ is named in the step's progress and in its session id's form (``resp_...`` or ``
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 from ..config import Settings
-from ..errors import RuntimeFailure, RuntimeFatal, RuntimeTransient, RuntimeUnavailable
+from ..errors import RuntimeFailure, RuntimeFatal, RuntimeUnavailable
 from ..models import RuntimeMode, Usage
 from .base import RuntimeResult, StepRequest
+from .failures import Call, FailureTable, answered, refused_by_client, timed_out, unreachable
 
 # What a server without a /responses route answers there (FastAPI, Ollama, vLLM: 404; some
 # gateways: 405). Any other failure is the endpoint's answer to the request itself.
 NO_RESPONSES_API_STATUSES = frozenset({404, 405})
 RESPONSES = "Responses API"
 CHAT = "Chat Completions API"
+
+
+@functools.cache
+def failure_table() -> FailureTable:
+    """The openai client's errors; built on first use, so loading this module does not import openai."""
+    import openai
+
+    return FailureTable(
+        {
+            openai.APITimeoutError: timed_out,
+            openai.APIConnectionError: unreachable,
+            openai.APIStatusError: answered(lambda exc: int(exc.status_code), _api_message),
+            openai.OpenAIError: refused_by_client,
+        }
+    )
 
 
 class NoResponsesRoute(RuntimeFatal):
@@ -92,47 +109,38 @@ class OpenAISDKRuntime:
             return result
 
     async def _call(self, client: Any, request: StepRequest, *, chat: bool) -> RuntimeResult:
-        import openai
-
-        model = request.worker.sdk_model or self.settings.openai_model
+        model = request.worker.sdk_model or self.settings.runtime_texts["MCP_COLLAB_OPENAI_MODEL"]
         api = CHAT if chat else RESPONSES
         where = f" at {self.settings.endpoints['openai'].shown}" if self.settings.endpoints["openai"].custom else ""
         request.on_progress(f"{request.worker.name}: calling the OpenAI {api} ({model}){where}")
         started = time.monotonic()
         try:
-            if chat:
-                messages = [{"role": "system", "content": request.instructions}] if request.instructions else []
-                messages.append({"role": "user", "content": request.prompt})
-                completion = await client.chat.completions.create(
-                    model=model, messages=messages, timeout=request.timeout_s
-                )
-            else:
-                response = await client.responses.create(
-                    model=model,
-                    instructions=request.instructions or None,
-                    input=request.prompt,
-                    timeout=request.timeout_s,
-                )
-        except openai.APITimeoutError as exc:
-            raise RuntimeTransient(
-                f"the OpenAI {api} did not answer within {request.timeout_s:g}s", code="timeout"
-            ) from exc
-        except openai.APIConnectionError as exc:
-            raise RuntimeTransient(f"cannot reach the OpenAI {api}{where}: {exc}", code="connection") from exc
-        except openai.APIStatusError as exc:
-            failure = classify_status(exc.status_code, _api_message(exc), f"OpenAI {api}{where}")
-            if not chat and exc.status_code in NO_RESPONSES_API_STATUSES and where:
+            with failure_table().mapped(Call(f"OpenAI {api}{where}", request.timeout_s)):
+                if chat:
+                    messages = [{"role": "system", "content": request.instructions}] if request.instructions else []
+                    messages.append({"role": "user", "content": request.prompt})
+                    completion = await client.chat.completions.create(
+                        model=model, messages=messages, timeout=request.timeout_s
+                    )
+                else:
+                    response = await client.responses.create(
+                        model=model,
+                        instructions=request.instructions or None,
+                        input=request.prompt,
+                        timeout=request.timeout_s,
+                    )
+        except RuntimeFatal as failure:
+            status = getattr(failure.__cause__, "status_code", None)
+            if not chat and status in NO_RESPONSES_API_STATUSES and where:
                 # A custom endpoint without the route answers in its web framework's words, not
                 # OpenAI's error object (which means the route exists: an unknown model, say).
                 raise NoResponsesRoute(
                     f"{failure.message}; if this endpoint has no Responses API, set MCP_COLLAB_OPENAI_WIRE_API=chat",
                     code=failure.code,
-                    status=exc.status_code,
-                    route_missing=not _is_openai_error(exc),
-                ) from exc
-            raise failure from exc
-        except openai.OpenAIError as exc:
-            raise RuntimeFatal(f"the OpenAI client failed: {exc}", code="client_error") from exc
+                    status=int(status),
+                    route_missing=not _is_openai_error(failure.__cause__),
+                ) from failure.__cause__
+            raise
         duration_ms = int((time.monotonic() - started) * 1000)
         if chat:
             return _chat_result(completion, duration_ms)
@@ -169,18 +177,6 @@ def _chat_result(completion: Any, duration_ms: int) -> RuntimeResult:
             total_tokens=completion.usage.total_tokens,
         )
     return RuntimeResult(text=text, usage=usage, session_id=completion.id, duration_ms=duration_ms)
-
-
-def classify_status(status: int, message: str, api: str) -> RuntimeFailure:
-    """One HTTP status, one error class: the fallback policy rests on this table."""
-    text = f"the {api} answered HTTP {status}: {message}".rstrip(": ")
-    code = f"http_{status}"
-    if status in (401, 403):
-        # The request never ran: credentials are missing or refused. The CLI may have its own login.
-        return RuntimeUnavailable(text, code=code)
-    if status in (408, 409, 429) or status >= 500:
-        return RuntimeTransient(text, code=code)
-    return RuntimeFatal(text, code=code)
 
 
 def _is_openai_error(exc: Any) -> bool:

@@ -38,7 +38,8 @@ def choose_mode(
     elif worker.runtime_mode is not None:
         mode, source = worker.runtime_mode, f"worker {worker.name!r}"
     else:
-        # The server default applies to identities that can take it; claude only runs as a CLI.
+        # The server default applies to identities that can take it (an SDK runtime serves one
+        # vendor's identity); the others run through their CLI.
         problem = compatibility_error(worker.model, default)
         return default if problem is None else FALLBACK_MODE
     problem = compatibility_error(worker.model, mode)

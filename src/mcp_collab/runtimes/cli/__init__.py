@@ -82,6 +82,10 @@ class CLIRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    async def aclose(self) -> None:
+        """Nothing held between steps: each step's process tree is reaped when the step ends."""
+        return None
+
     async def run(self, request: StepRequest) -> RuntimeResult:
         vendor = VENDORS[request.worker.model]
         binary = find_binary(self.settings, vendor)

@@ -1,0 +1,119 @@
+"""The ``anthropic_sdk`` runtime: Claude through the official ``anthropic`` async client (Messages API).
+
+Key from ``ANTHROPIC_API_KEY``; endpoint from ``ANTHROPIC_BASE_URL`` when set (the same one the
+claude CLI is pointed at). The model is the worker profile's ``sdkModel``, else
+``MCP_COLLAB_ANTHROPIC_MODEL``; the Messages API requires a ceiling on the answer's length,
+``MCP_COLLAB_ANTHROPIC_MAX_TOKENS``. The session id is the message id.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import anyio
+
+from ..config import Settings
+from ..errors import RuntimeFatal, RuntimeUnavailable
+from ..models import RuntimeMode, Usage
+from .base import RuntimeResult, StepRequest
+from .failures import Call, FailureTable, answered, refused_by_client, timed_out, unreachable
+
+API = "Anthropic Messages API"
+
+
+@functools.cache
+def failure_table() -> FailureTable:
+    """The anthropic client's errors; built on first use, so loading this module does not import it."""
+    import anthropic
+
+    return FailureTable(
+        {
+            TimeoutError: timed_out,  # the wall-clock guard around the whole call
+            anthropic.APITimeoutError: timed_out,
+            anthropic.APIConnectionError: unreachable,
+            anthropic.APIStatusError: answered(lambda exc: int(exc.status_code), _api_message),
+            anthropic.AnthropicError: refused_by_client,
+            ValueError: refused_by_client,  # the client's own argument checks
+        }
+    )
+
+
+class AnthropicSDKRuntime:
+    mode: RuntimeMode = "anthropic_sdk"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._clients: dict[tuple[str, str | None], Any] = {}
+
+    def _client(self) -> Any:
+        try:
+            import anthropic  # imported on first use: the server starts without paying for it
+        except ImportError as exc:
+            raise RuntimeUnavailable(
+                "the anthropic package is not installed; install mcp-collab with its dependencies",
+                code="missing_package",
+            ) from exc
+        key = self.settings.environ.get("ANTHROPIC_API_KEY", "").strip()
+        if not key:
+            raise RuntimeUnavailable("ANTHROPIC_API_KEY is not set", code="missing_credentials")
+        base_url = self.settings.endpoints["anthropic"].url
+        client = self._clients.get((key, base_url))
+        if client is None:
+            client = anthropic.AsyncAnthropic(api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries)
+            self._clients[(key, base_url)] = client
+        return client
+
+    async def run(self, request: StepRequest) -> RuntimeResult:
+        client = self._client()
+        endpoint = self.settings.endpoints["anthropic"]
+        where = f" at {endpoint.shown}" if endpoint.custom else ""
+        model = request.worker.sdk_model or self.settings.runtime_texts["MCP_COLLAB_ANTHROPIC_MODEL"]
+        request.on_progress(f"{request.worker.name}: calling the {API} ({model}){where}")
+        extra: dict[str, Any] = {"system": request.instructions} if request.instructions else {}
+        started = time.monotonic()
+        with failure_table().mapped(Call(f"{API}{where}", request.timeout_s)), anyio.fail_after(request.timeout_s):
+            message = await client.messages.create(
+                model=model,
+                max_tokens=self.settings.runtime_counts["MCP_COLLAB_ANTHROPIC_MAX_TOKENS"],
+                messages=[{"role": "user", "content": request.prompt}],
+                timeout=request.timeout_s,
+                **extra,
+            )
+        text = "".join(block.text for block in message.content if getattr(block, "type", None) == "text")
+        if not text and message.stop_reason == "refusal":
+            raise RuntimeFatal(f"the model refused ({API}, {message.id})", code="refusal")
+        return RuntimeResult(
+            text=text,
+            usage=_usage(message.usage),
+            session_id=message.id,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
+def _usage(usage: Any) -> Usage | None:
+    """Anthropic counts the prompt in three parts (fresh, written to the cache, read from it); the
+    step's input is all three, as the other vendors count it."""
+    if usage is None:
+        return None
+    prompt = sum(
+        getattr(usage, name, None) or 0
+        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    return Usage(input_tokens=prompt, output_tokens=usage.output_tokens, total_tokens=prompt + usage.output_tokens)
+
+
+def _api_message(exc: Any) -> str:
+    """The message of Anthropic's error object ({"type": "error", "error": {"message": ...}})."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    return str(getattr(exc, "message", "") or "")
