@@ -20,7 +20,7 @@ from mcp_collab.runtimes.openai_sdk import OpenAISDKRuntime
 from mcp_collab.server import build_server
 from tests.conftest import fake_cli
 from tests.fake_clis.fakecli import answer_text
-from tests.support.vendor_stub import StubReply, VendorStub
+from tests.support.vendor_stub import StubReply, StubRequest, VendorStub
 
 pytestmark = pytest.mark.anyio
 
@@ -271,3 +271,34 @@ async def test_an_mcp_client_runs_a_claude_worker_on_anthropic_sdk_and_cannot_pu
     text = " ".join(getattr(c, "text", "") for c in refused.content)
     assert refused.is_error and "runtimeMode 'anthropic_sdk' cannot run a codex_cli worker" in text
     assert "accepted for codex_cli: 'cli', 'openai_sdk'" in text
+
+
+async def test_openai_sdk_continues_a_response_with_previous_response_id(stub: VendorStub) -> None:
+    import dataclasses
+
+    from mcp_collab.runtimes.base import Resume
+
+    follow = dataclasses.replace(
+        request(CODEX, prompt="<earlier_task>...</earlier_task> and now y"), resume=Resume("resp_earlier", "and now y")
+    )
+    result = await run_once(OpenAISDKRuntime(openai_settings(stub)), follow)
+    assert result.resumed
+    [call] = stub.requests_for("openai")
+    assert call.body["previous_response_id"] == "resp_earlier" and call.body["input"] == "and now y"
+
+
+async def test_openai_sdk_continues_from_history_when_the_response_is_gone(stub: VendorStub) -> None:
+    import dataclasses
+
+    from mcp_collab.runtimes.base import Resume
+
+    def answer(req: StubRequest) -> StubReply:
+        if (req.body or {}).get("previous_response_id"):
+            return StubReply(status=404, error_message="Previous response with id 'resp_old' not found.")
+        return StubReply(text="from history")
+
+    stub.responder = answer
+    follow = dataclasses.replace(request(CODEX, prompt="history and now y"), resume=Resume("resp_old", "and now y"))
+    result = await run_once(OpenAISDKRuntime(openai_settings(stub)), follow)
+    assert not result.resumed and result.text == "from history"
+    assert [c.body.get("previous_response_id") for c in stub.requests_for("openai")] == ["resp_old", None]

@@ -16,6 +16,7 @@ is named in the step's progress and in its session id's form (``resp_...`` or ``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -23,13 +24,15 @@ from typing import Any
 from ..config import Settings
 from ..errors import RuntimeFailure, RuntimeFatal, RuntimeUnavailable
 from ..models import RuntimeMode, Usage
-from .base import RuntimeResult, StepRequest
+from .base import Resume, RuntimeResult, StepRequest
 from .failures import Call, FailureTable, answered, refused_by_client, timed_out, unreachable
 
 # What a server without a /responses route answers there (FastAPI, Ollama, vLLM: 404; some
 # gateways: 405). Any other failure is the endpoint's answer to the request itself.
 NO_RESPONSES_API_STATUSES = frozenset({404, 405})
 RESPONSES = "Responses API"
+# Ids of the Responses API's own responses: a follow-up can continue one with previous_response_id.
+RESPONSE_ID_PREFIX = "resp"
 CHAT = "Chat Completions API"
 
 
@@ -109,6 +112,25 @@ class OpenAISDKRuntime:
             return result
 
     async def _call(self, client: Any, request: StepRequest, *, chat: bool) -> RuntimeResult:
+        resume = request.resume
+        if chat or resume is None or not resume.session_id.startswith(RESPONSE_ID_PREFIX):
+            return await self._create(client, request, chat=chat)
+        try:
+            # A follow-up continues the conversation the Responses API kept (previous_response_id):
+            # only the follow-up is sent. A response the API no longer has (expired, another
+            # account or endpoint) is a 4xx: the step then runs on the recorded history instead.
+            resumed = await self._create(client, request, chat=False, previous=resume)
+        except RuntimeFatal as gone:
+            request.on_progress(
+                f"{request.worker.name}: the OpenAI Responses API could not continue {resume.session_id} "
+                f"({gone.message[:120]}); continuing from the recorded history"
+            )
+            return await self._create(client, request, chat=False)
+        return dataclasses.replace(resumed, resumed=True)
+
+    async def _create(
+        self, client: Any, request: StepRequest, *, chat: bool, previous: Resume | None = None
+    ) -> RuntimeResult:
         model = request.worker.sdk_model or self.settings.runtime_texts["MCP_COLLAB_OPENAI_MODEL"]
         api = CHAT if chat else RESPONSES
         where = f" at {self.settings.endpoints['openai'].shown}" if self.settings.endpoints["openai"].custom else ""
@@ -126,12 +148,13 @@ class OpenAISDKRuntime:
                     response = await client.responses.create(
                         model=model,
                         instructions=request.instructions or None,
-                        input=request.prompt,
+                        input=previous.message if previous is not None else request.prompt,
                         timeout=request.timeout_s,
+                        **({"previous_response_id": previous.session_id} if previous is not None else {}),
                     )
         except RuntimeFatal as failure:
             status = getattr(failure.__cause__, "status_code", None)
-            if not chat and status in NO_RESPONSES_API_STATUSES and where:
+            if not chat and status in NO_RESPONSES_API_STATUSES and where and previous is None:
                 # A custom endpoint without the route answers in its web framework's words, not
                 # OpenAI's error object (which means the route exists: an unknown model, say).
                 raise NoResponsesRoute(
