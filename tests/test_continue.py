@@ -125,3 +125,21 @@ async def test_continue_through_mcp(make_settings: Callable[..., Settings], tmp_
         assert follow["parentId"] == first["id"] and follow["status"] == "completed"
         listed = (await call(client, "list_worker_runs", strategy="continue"))["runs"]
         assert [r["id"] for r in listed] == [follow["id"]]
+
+
+def test_runs_continue_from_the_terminal(base_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import fake_cli
+    from tests.test_cli import mc
+
+    env = {**base_env, "MCP_COLLAB_CODEX_BIN": fake_cli("echo"), "CODEX_FAKE_TEXT": "done"}
+    assert mc(env, "workers", "add", "w", "--model", "codex_cli").returncode == 0
+    first = mc(env, "dispatch", "t", "--working-directory", str(tmp_path), "--json")
+    assert first.returncode == 0, first.stderr
+    import json
+
+    run_id = json.loads(first.stdout)["id"]
+    follow = mc(env, "runs", "continue", run_id, "and more", "--json")
+    assert follow.returncode == 0, follow.stderr
+    assert json.loads(follow.stdout)["parentId"] == run_id
+    refused = mc(env, "runs", "continue", run_id)
+    assert refused.returncode == 2 and "needs a run id and a message" in refused.stderr

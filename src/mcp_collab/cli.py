@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast, get_args
 
 import anyio
@@ -144,8 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
     runs = sub.add_parser("runs", help="list recent runs, or `runs show ID`")
-    runs.add_argument("action", nargs="?", choices=("list", "show", "prune", "apply", "discard"), default="list")
+    runs.add_argument(
+        "action", nargs="?", choices=("list", "show", "prune", "apply", "discard", "continue"), default="list"
+    )
     runs.add_argument("run_id", nargs="?")
+    runs.add_argument("message", nargs="?", help="continue: the follow-up (use - to read it from stdin)")
     runs.add_argument("--branch", help="apply: the label of the branch to apply (best_of_n; default: the judge's)")
     runs.add_argument("--status", choices=get_args(RunStatus))
     runs.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES)}")
@@ -375,6 +378,14 @@ async def _runs(settings: Settings, args: argparse.Namespace) -> int:
             + (f": {', '.join(pruned[:10])}" + (" ..." if len(pruned) > 10 else "") if pruned else "")
         )
         return EXIT_OK
+    if args.action == "continue":
+        if not args.run_id or not args.message:
+            _tell('mcp-collab: runs continue needs a run id and a message: runs continue RUN "what next"')
+            return EXIT_REFUSED
+        message = sys.stdin.read() if args.message == "-" else args.message
+        return await _follow(
+            settings, args, lambda orchestrator: orchestrator.continue_run(args.run_id, message, args.worker)
+        )
     if args.action in ("apply", "discard"):
         if not args.run_id:
             _tell(f"mcp-collab: runs {args.action} needs a run id; `mcp-collab runs` lists the runs")
@@ -469,12 +480,19 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         working_directory=args.working_directory,
         max_rounds=args.max_rounds,
     )
+    return await _follow(settings, args, lambda orchestrator: orchestrator.start(request))
+
+
+async def _follow(
+    settings: Settings, args: argparse.Namespace, start: Callable[[WorkerOrchestrator], Awaitable[Run]]
+) -> int:
+    """Start a run (a dispatch, a follow-up) and follow it to its end with live progress."""
     interrupted = False
     # Ctrl-C cancels the run (recorded as cancelled, its processes killed) instead of tearing the
     # orchestrator down under it, which would record it interrupted as if the server had died.
     with anyio.open_signal_receiver(signal.SIGINT) as signals:
         async with WorkerOrchestrator(settings) as orchestrator, orchestrator.running():
-            run = await orchestrator.start(request)
+            run = await start(orchestrator)
             _tell(f"… run {run.id} {run.status} (Ctrl-C cancels it)")
 
             async def cancel_on_ctrl_c(run_id: str) -> None:
