@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from mcp_collab.models import DispatchRequest, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import RuntimeResult, StepRequest
 from mcp_collab.server import build_server
+from tests.support.git_repo import init_repo
 from tests.support.mcp_helpers import call
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -41,20 +41,9 @@ class Recorder:
         return RuntimeResult(text=f"answer {len(self.requests)}", session_id="sess-1", exit_code=0, resumed=resumed)
 
 
-def git(repo: Path, *args: str) -> str:
-    env = ["-c", "user.email=t@t", "-c", "user.name=t"]
-    return subprocess.run(["git", *env, *args], cwd=repo, capture_output=True, text=True, check=True).stdout
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "a.txt").write_text("a\n")
-    git(repo, "add", ".")
-    git(repo, "commit", "-qm", "init")
-    return repo
+    return init_repo(tmp_path / "repo", {"a.txt": "a\n"})
 
 
 async def test_a_follow_up_resumes_the_session_in_the_same_worktree_and_links_its_parent(

@@ -15,7 +15,6 @@ import hashlib
 import os
 import re
 import struct
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from mcp_collab.config import Settings
 from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import RuntimeResult, StepRequest
+from tests.support.git_repo import git, init_repo
 from tests.support.vendor_stub import StubReply, StubRequest, ToolCall, VendorStub
 
 pytestmark = [pytest.mark.anyio, pytest.mark.real_cli, pytest.mark.timeout(180)]
@@ -47,20 +47,9 @@ WORKERS = {
 }
 
 
-def git(repo: Path, *args: str) -> str:
-    env = ["-c", "user.email=t@t", "-c", "user.name=t"]
-    return subprocess.run(["git", *env, *args], cwd=repo, capture_output=True, text=True, check=True).stdout
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "app.py").write_text("def main():\n    return 1\n", encoding="utf-8")
-    git(repo, "add", ".")
-    git(repo, "commit", "-qm", "init")
-    return repo
+    return init_repo(tmp_path / "repo", {"app.py": "def main():\n    return 1\n"})
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ one repository, best_of_n, and getting the work back (apply, refusals, discard, 
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,25 +17,15 @@ from mcp_collab.models import DispatchRequest, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import RuntimeResult, StepRequest
 from mcp_collab.server import build_server
+from tests.support.git_repo import git, init_repo
 from tests.support.mcp_helpers import call
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
 
-def git(repo: Path, *args: str) -> str:
-    env = ["-c", "user.email=t@t", "-c", "user.name=t"]
-    return subprocess.run(["git", *env, *args], cwd=repo, capture_output=True, text=True, check=True).stdout
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "app.py").write_text("def main():\n    return 1\n")
-    git(repo, "add", ".")
-    git(repo, "commit", "-qm", "init")
-    return repo
+    return init_repo(tmp_path / "repo", {"app.py": "def main():\n    return 1\n"})
 
 
 class Writer:
