@@ -29,6 +29,7 @@ ErrorKind = Literal["unavailable", "transient", "fatal"]
 Access = Literal["read_only", "workspace_write", "bypass"]
 Verdict = Literal["approve", "request_changes", "pass", "fail", "unknown"]
 Continuation = Literal["session", "history"]
+VerdictSource = Literal["structured", "text"]
 
 RUNTIME_MODES: tuple[RuntimeMode, ...] = get_args(RuntimeMode)
 WORKER_MODELS: tuple[WorkerModel, ...] = get_args(WorkerModel)
@@ -254,6 +255,16 @@ class Step(WireModel):
     error: str | None = None
     verdict: Verdict | None = None
     findings: list[str] = Field(default_factory=list)
+    choice: str | None = Field(default=None, description="A judge's pick: the chosen candidate's label (best_of_n).")
+    verdict_source: VerdictSource | None = Field(
+        default=None,
+        description="Where a judging step's verdict, findings or choice came from: 'structured', the runtime's "
+        "schema-shaped answer; 'text', its VERDICT/FINDING/CHOICE lines (no structured output there, or it "
+        "did not fit: see verdictNote).",
+    )
+    verdict_note: str | None = Field(
+        default=None, description="Why a structured answer that was asked for was not used."
+    )
     process: ProcessRef | None = Field(default=None, description="The CLI process of this step, while one runs.")
 
 

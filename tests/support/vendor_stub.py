@@ -34,6 +34,16 @@ request carries, so a responder answers the follow-up with a final message::
         text="", tool_calls=(ToolCall("exec_command", {"cmd": "printf x > f"}),))
 
 (a tool-call reply says its ``text`` first when there is one: pass ``text=""`` for calls alone).
+
+Structured output: a request that asks for a schema-shaped answer (the Responses API's ``text.format``
+of type ``json_schema``, Chat Completions' ``response_format``, Gemini's ``responseJsonSchema`` or
+``responseSchema``, an Anthropic ``tool_choice`` forcing one tool, or the ``StructuredOutput`` tool the
+claude CLI declares for ``--json-schema``) has that schema in ``StubRequest.output_schema``. It is
+answered with ``StubReply.structured`` when set, else with an object that follows the schema and the
+reply's text (an enum property takes the value a ``NAME: value`` line of the text names, else its
+first; a string the text; an array of strings the ``SINGULAR: item`` lines): as JSON text where the
+vendor answers so, or as a call of the tool after the reply's text (so a test can make the text
+say one thing and the structured answer another).
 ``stub.converse(api, *turns)`` scripts the model of an agent that has tools (a CLI acting as an MCP
 client): a request of that api which declares the tools the turns call is answered by turn ``k``, where
 ``k`` is the number of tool results the request carries. A ``ToolCall`` turn answers with a call to the
@@ -56,7 +66,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -68,6 +78,7 @@ __all__ = [
     "VendorStub",
     "declared_tools",
     "default_responder",
+    "follow_schema",
     "tool_results",
 ]
 
@@ -93,6 +104,10 @@ class StubRequest:
     time: float = field(default=0.0, compare=False)
     # What the client's tools returned, oldest first: the outputs of earlier tool calls it sends back.
     tool_outputs: tuple[str, ...] = ()
+    # The JSON Schema the request asks its answer to follow (see the module doc), and the tool that
+    # carries it where the answer is a tool call (Anthropic); None / "": a free answer.
+    output_schema: dict[str, Any] | None = field(default=None, compare=False)
+    output_tool: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,8 @@ class StubReply:
     # Non-empty: the reply asks the client to call these tools (after ``text``, if any) and ends its
     # turn there; the client sends the tools' results in its next request.
     tool_calls: tuple[ToolCall, ...] = ()
+    # The answer to a request for a schema-shaped answer (module doc); None: made from the schema and ``text``.
+    structured: Any = None
 
 
 Responder = Callable[[StubRequest], StubReply]
@@ -389,6 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.status != 200:
             self._vendor_error(req, reply)
             return
+        if req.output_schema is not None and not reply.tool_calls and req.kind in _GENERATION_KINDS:
+            reply = _structured_reply(req, reply)
         if reply.tool_calls and req.kind in _TOOL_CALL_KINDS:
             self._tool_calls(req, reply)
             return
@@ -1338,4 +1357,76 @@ class VendorStub:
             last_user_text=next((msg[-1] for msg in reversed(users) if msg), ""),
             time=time.time(),
             tool_outputs=_tool_outputs(api, b) if api != "other" else (),
+            **_requested_schema(kind, b),
         )
+
+
+# ---------------------------------------------------------------------------
+# structured output (StubRequest.output_schema, StubReply.structured)
+
+# The tool the claude CLI declares for --json-schema, and which its model must call with the answer.
+CLAUDE_STRUCTURED_TOOL = "StructuredOutput"
+
+
+def _requested_schema(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``output_schema`` (and ``output_tool``) of a request, in each vendor's shape of asking."""
+    schema: Any = None
+    tool = ""
+    if kind == "responses":
+        fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            schema = fmt.get("schema")
+    elif kind == "chat_completions":
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+            schema = fmt["json_schema"].get("schema")
+    elif kind in ("generateContent", "streamGenerateContent"):
+        config = body.get("generationConfig") or body.get("generation_config") or {}
+        if isinstance(config, dict):
+            for key in ("responseJsonSchema", "responseSchema", "response_json_schema", "response_schema"):
+                schema = schema or config.get(key)
+    elif kind == "messages":
+        tools = {t["name"]: t for t in _dicts(body.get("tools")) if isinstance(t.get("name"), str)}
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict) and choice.get("type") == "tool" and choice.get("name") in tools:
+            tool = choice["name"]
+        elif CLAUDE_STRUCTURED_TOOL in tools:
+            tool = CLAUDE_STRUCTURED_TOOL
+        if tool:
+            schema = tools[tool].get("input_schema")
+    if not isinstance(schema, dict):
+        return {}
+    return {"output_schema": schema, "output_tool": tool}
+
+
+def _named_in(text: str, name: str) -> list[str]:
+    """The values of ``NAME: value`` lines of ``text``, in order (case and markup ignored)."""
+    line = re.compile(rf"^[\W_]*{re.escape(name)}[\W_]*:\s*(.+?)\s*$", re.I | re.M)
+    return [v.strip("`*") for v in line.findall(text)]
+
+
+def follow_schema(schema: dict[str, Any], text: str) -> Any:
+    """An object that follows ``schema`` and says what ``text`` says (module doc)."""
+    out: dict[str, Any] = {}
+    for name, prop in (schema.get("properties") or {}).items():
+        kind = prop.get("type") if isinstance(prop, dict) else None
+        if isinstance(prop, dict) and isinstance(prop.get("enum"), list) and prop["enum"]:
+            said = [re.sub(r"[\s-]+", "_", v.lower()) for v in _named_in(text, name)]
+            named = [v for v in said if v in prop["enum"]]
+            out[name] = named[-1] if named else prop["enum"][0]
+        elif kind == "string":
+            out[name] = text
+        elif kind == "array":
+            out[name] = _named_in(text, name[:-1] if name.endswith("s") else name)
+        elif kind == "object":
+            out[name] = follow_schema(prop, text)
+    return out
+
+
+def _structured_reply(req: StubRequest, reply: StubReply) -> StubReply:
+    """``reply`` as the answer to a request for a schema-shaped answer: JSON text, or a tool call."""
+    assert req.output_schema is not None
+    value = reply.structured if reply.structured is not None else follow_schema(req.output_schema, reply.text)
+    if req.output_tool:
+        return replace(reply, tool_calls=(ToolCall(req.output_tool, value),))
+    return replace(reply, text=json.dumps(value))

@@ -15,18 +15,19 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
 from ..config import Settings
 from ..errors import InvalidRequestError
 from ..models import ProcessRef, Run, RuntimeMode, Step, Worker
-from ..runtimes.base import PartialOutput, Resume, StepRequest, WorkerRuntime
+from ..runtimes.base import PartialOutput, Resume, RuntimeResult, StepRequest, WorkerRuntime
 from ..runtimes.cli.supervisor import process_start_ticks, spawned
 from ..runtimes.selector import run_with_fallback
 from ..security import pin
-from ..strategies import Role, Space, parse_verdict
+from ..strategies import Role, Space
+from ..strategies.verdicts import Judgement
 from .plan import ActiveRun
 from .recorder import RunRecorder
 from .spaces import Spaces
@@ -80,8 +81,11 @@ class StepExecutor:
         round: int | None = None,
         branch: str | None = None,
         resume: Resume | None = None,
+        choices: Sequence[str] = (),
     ) -> Step:
         run, plan = active.run, active.plan
+        # A judging step is asked for its verdict (findings, choice) as a schema-shaped answer too.
+        judgement = Judgement(role.verdicts, role.findings, tuple(choices)) if role.judges or choices else None
         step = Step(
             index=len(run.steps),
             role=role.name,
@@ -112,10 +116,28 @@ class StepExecutor:
                     await self.recorder.save(run, durable=False)
                     active.emit(f"{step_label(step)} failed before it started: {exc}")
                     return step
-            await self._execute(active, step, worker, prompt, access, directory, child_cwd, resume)
-        if role.judges and step.status == "completed":
-            step.verdict, step.findings = parse_verdict(step.output, role.verdicts)
+            schema = judgement.schema() if judgement is not None else None
+            result = await self._execute(active, step, worker, prompt, access, directory, child_cwd, resume, schema)
+        if judgement is not None and result is not None and step.status == "completed":
+            self._judge(step, judgement, result)
         return step
+
+    def _judge(self, step: Step, judgement: Judgement, result: RuntimeResult) -> None:
+        """The step's verdict, findings and choice: from the runtime's structured answer when it gave
+        one that fits the schema (the step's output becomes its text form), else from the text."""
+        reading, why = None, result.structured_error
+        if result.structured is not None:
+            reading, why = judgement.read(result.structured)
+        if reading is not None:
+            step.output = self.settings.redact(judgement.render(reading))
+            step.verdict_source = "structured"
+        else:
+            reading = judgement.read_text(step.output)
+            step.verdict_source = "text"
+            step.verdict_note = self.settings.redact.optional(f"{why}; read from the text instead" if why else None)
+        if judgement.verdicts:
+            step.verdict, step.findings = reading.verdict, reading.findings
+        step.choice = reading.choice
 
     async def _execute(
         self,
@@ -127,7 +149,10 @@ class StepExecutor:
         cwd: Path | None,
         child_cwd: Path | None,
         resume: Resume | None = None,
-    ) -> None:
+        output_schema: dict[str, Any] | None = None,
+    ) -> RuntimeResult | None:
+        """Run the step through its runtime (and fallback) and record the outcome; the runtime's
+        result when the step completed."""
         run, progress = active.run, active.emit
         mode = step.runtime_mode
         assert mode is not None
@@ -149,6 +174,7 @@ class StepExecutor:
             on_spawn=functools.partial(self._record_process, run, step),
             partial=partial,
             resume=resume,
+            output_schema=output_schema,
         )
         outcome = await run_with_fallback(self.runtimes, request, mode, active.plan.policies[worker.name])
         active.partials.pop(step.index, None)
@@ -192,6 +218,7 @@ class StepExecutor:
             step.output, step.output_truncated = cap_text(redact(failure.output), cap)
         via = f"{step.runtime_mode}" + (f" (fell back from {step.fallback_from})" if step.fallback_from else "")
         progress(f"{step_label(step)} {step.status}: {step.role} {worker.name} via {via}")
+        return outcome.result if step.status == "completed" else None
 
     async def _record_process(self, run: Run, step: Step, pid: int) -> None:
         tree = spawned(pid)
@@ -241,6 +268,7 @@ class EngineContext:
         round: int | None = None,
         branch: str | None = None,
         continues: Step | None = None,
+        choices: Sequence[str] = (),
     ) -> Step:
         directory = space.directory if space is not None and space.directory is not None else None
         if directory is None:
@@ -249,7 +277,15 @@ class EngineContext:
         if continues is not None and continues.session_id and continues.worker_name == worker.name:
             resume = Resume(continues.session_id, prompt)
         return await self.executor.run(
-            self.active, worker, role, prompt, directory=directory, round=round, branch=branch, resume=resume
+            self.active,
+            worker,
+            role,
+            prompt,
+            directory=directory,
+            round=round,
+            branch=branch,
+            resume=resume,
+            choices=choices,
         )
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:

@@ -9,6 +9,7 @@ claude CLI is pointed at). The model is the worker profile's ``sdkModel``, else
 from __future__ import annotations
 
 import functools
+import json
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import anyio
 from ..config import Settings
 from ..errors import RuntimeFatal, RuntimeUnavailable
 from ..models import RuntimeMode, Usage
-from .base import RuntimeResult, StepRequest
+from .base import OUTPUT_SCHEMA_NAME, RuntimeResult, StepRequest
 from .failures import Call, FailureTable, answered, refused_by_client, timed_out, unreachable
 
 API = "Anthropic Messages API"
@@ -72,6 +73,17 @@ class AnthropicSDKRuntime:
         model = request.worker.sdk_model or self.settings.runtime_texts["MCP_COLLAB_ANTHROPIC_MODEL"]
         request.on_progress(f"{request.worker.name}: calling the {API} ({model}){where}")
         extra: dict[str, Any] = {"system": request.instructions} if request.instructions else {}
+        if request.output_schema is not None:
+            # The Messages API's way to a schema-shaped answer: one tool whose input is the schema,
+            # and the model made to call it; the call's input is the answer.
+            extra["tools"] = [
+                {
+                    "name": OUTPUT_SCHEMA_NAME,
+                    "description": "Give your final answer by calling this tool once.",
+                    "input_schema": request.output_schema,
+                }
+            ]
+            extra["tool_choice"] = {"type": "tool", "name": OUTPUT_SCHEMA_NAME}
         started = time.monotonic()
         with failure_table().mapped(Call(f"{API}{where}", request.timeout_s)), anyio.fail_after(request.timeout_s):
             message = await client.messages.create(
@@ -82,6 +94,19 @@ class AnthropicSDKRuntime:
                 **extra,
             )
         text = "".join(block.text for block in message.content if getattr(block, "type", None) == "text")
+        structured, why = None, None
+        if request.output_schema is not None:
+            calls = [
+                block.input
+                for block in message.content
+                if getattr(block, "type", None) == "tool_use" and getattr(block, "name", None) == OUTPUT_SCHEMA_NAME
+            ]
+            if calls:
+                structured = calls[-1]
+                # With the call alone, the answer's text is its input, so a failed check still has text to read.
+                text = text or json.dumps(structured, ensure_ascii=False)
+            else:
+                why = f"the {API} answered without calling {OUTPUT_SCHEMA_NAME} (stop reason {message.stop_reason})"
         if not text and message.stop_reason == "refusal":
             raise RuntimeFatal(f"the model refused ({API}, {message.id})", code="refusal")
         return RuntimeResult(
@@ -89,6 +114,8 @@ class AnthropicSDKRuntime:
             usage=_usage(message.usage),
             session_id=message.id,
             duration_ms=int((time.monotonic() - started) * 1000),
+            structured=structured,
+            structured_error=why,
         )
 
     async def aclose(self) -> None:

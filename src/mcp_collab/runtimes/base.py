@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..models import Access, RuntimeMode, Usage, Worker
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
 
 ProgressSink = Callable[[str], None]
 SpawnSink = Callable[[int], Awaitable[None]]
@@ -43,6 +47,15 @@ class StepRequest:
     partial: PartialOutput = field(default_factory=PartialOutput, compare=False)
     # A follow-up in an earlier conversation: the runtime resumes the vendor's own session.
     resume: Resume | None = None
+    # A JSON Schema the final answer should follow (a judging step's verdict, findings, choice). A
+    # runtime that can ask its vendor for schema-shaped output does, and returns the object in
+    # ``RuntimeResult.structured``; one that cannot ignores it (the prompt asks for text lines too).
+    output_schema: dict[str, Any] | None = field(default=None, compare=False)
+
+
+# The name a schema-shaped answer goes by where a vendor wants one (the Responses API's format name,
+# the Messages API's tool): letters, digits and underscores, as every vendor accepts.
+OUTPUT_SCHEMA_NAME = "final_answer"
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,11 @@ class RuntimeResult:
     duration_ms: int = 0
     truncated: bool = False
     resumed: bool = False  # the vendor's own session was resumed (see StepRequest.resume)
+    # The schema-shaped answer to ``StepRequest.output_schema`` as the vendor gave it (parsed JSON, not
+    # yet checked against the schema); None: none was asked for, or this runtime cannot ask for one.
+    structured: Any = None
+    # Asked for a schema-shaped answer, the runtime could not read one: why (the caller reads the text).
+    structured_error: str | None = None
 
 
 class WorkerRuntime(Protocol):
@@ -77,3 +95,21 @@ class WorkerRuntime(Protocol):
     async def run(self, request: StepRequest) -> RuntimeResult: ...
 
     async def aclose(self) -> None: ...
+
+
+def structured_from_text(text: str, source: str) -> tuple[Any, str | None]:
+    """A schema-shaped answer that came as text (the Responses API's output, a CLI's final message):
+    the JSON object in it and None, or None and why there is none (``source`` names the text)."""
+    body = text.strip()
+    fence = _FENCE.fullmatch(body)  # a model may still wrap its JSON in a Markdown fence
+    if fence is not None:
+        body = fence.group(1)
+    if not body:
+        return None, f"{source} is empty"
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError as exc:
+        return None, f"{source} is not JSON ({exc.msg} at character {exc.pos})"
+    if not isinstance(value, dict):
+        return None, f"{source} is JSON but not an object"
+    return value, None

@@ -17,7 +17,7 @@ import anyio
 from ..config import Settings
 from ..errors import RuntimeUnavailable
 from ..models import RuntimeMode, Usage
-from .base import RuntimeResult, StepRequest
+from .base import RuntimeResult, StepRequest, structured_from_text
 from .failures import Call, FailureTable, Rule, answered, refused_by_client, timed_out, unreachable
 
 
@@ -75,9 +75,14 @@ class GoogleSDKRuntime:
 
         model = request.worker.sdk_model or self.settings.runtime_texts["MCP_COLLAB_GEMINI_MODEL"]
         request.on_progress(f"{request.worker.name}: calling the Gemini API ({model})")
+        shaped: dict[str, Any] = {}
+        if request.output_schema is not None:
+            # response_json_schema takes JSON Schema as it is (response_schema wants Google's subset).
+            shaped = {"response_mime_type": "application/json", "response_json_schema": request.output_schema}
         config = types.GenerateContentConfig(
             system_instruction=request.instructions or None,
             http_options=types.HttpOptions(timeout=int(request.timeout_s * 1000)),
+            **shaped,
         )
         started = time.monotonic()
         with failure_table().mapped(Call("Gemini API", request.timeout_s)), anyio.fail_after(request.timeout_s):
@@ -90,11 +95,17 @@ class GoogleSDKRuntime:
                 output_tokens=meta.candidates_token_count,
                 total_tokens=meta.total_token_count,
             )
+        text = response.text or ""
+        structured, why = (
+            structured_from_text(text, "the Gemini API's answer") if request.output_schema is not None else (None, None)
+        )
         return RuntimeResult(
-            text=response.text or "",
+            text=text,
             usage=usage,
             session_id=response.response_id,
             duration_ms=int((time.monotonic() - started) * 1000),
+            structured=structured,
+            structured_error=why,
         )
 
     async def aclose(self) -> None:

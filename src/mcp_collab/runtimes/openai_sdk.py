@@ -24,12 +24,15 @@ from typing import Any
 from ..config import Settings
 from ..errors import RuntimeFailure, RuntimeFatal, RuntimeUnavailable
 from ..models import RuntimeMode, Usage
-from .base import Resume, RuntimeResult, StepRequest
+from .base import OUTPUT_SCHEMA_NAME, Resume, RuntimeResult, StepRequest, structured_from_text
 from .failures import Call, FailureTable, answered, refused_by_client, timed_out, unreachable
 
 # What a server without a /responses route answers there (FastAPI, Ollama, vLLM: 404; some
 # gateways: 405). Any other failure is the endpoint's answer to the request itself.
 NO_RESPONSES_API_STATUSES = frozenset({404, 405})
+# What an endpoint answers a request field it does not know (a server without structured output):
+# the request, not the model, was refused, so it is asked again without the schema.
+SCHEMA_REFUSED_STATUSES = frozenset({400, 422})
 RESPONSES = "Responses API"
 # Ids of the Responses API's own responses: a follow-up can continue one with previous_response_id.
 RESPONSE_ID_PREFIX = "resp"
@@ -131,6 +134,26 @@ class OpenAISDKRuntime:
     async def _create(
         self, client: Any, request: StepRequest, *, chat: bool, previous: Resume | None = None
     ) -> RuntimeResult:
+        """One call; with a schema a compatible endpoint refuses (it has no structured output), the
+        same call again without it, the answer then read from its text by the caller."""
+        try:
+            return await self._create_once(client, request, chat=chat, previous=previous)
+        except RuntimeFatal as refused:
+            status = getattr(refused.__cause__, "status_code", None)
+            if request.output_schema is None or status not in SCHEMA_REFUSED_STATUSES:
+                raise
+            request.on_progress(
+                f"{request.worker.name}: the endpoint refused a schema-shaped answer (HTTP {status}); asking again "
+                "without one"
+            )
+            unshaped = dataclasses.replace(request, output_schema=None)
+            result = await self._create_once(client, unshaped, chat=chat, previous=previous)
+            why = f"the endpoint refused a schema-shaped answer: {refused.message}"
+            return dataclasses.replace(result, structured_error=why)
+
+    async def _create_once(
+        self, client: Any, request: StepRequest, *, chat: bool, previous: Resume | None = None
+    ) -> RuntimeResult:
         model = request.worker.sdk_model or self.settings.runtime_texts["MCP_COLLAB_OPENAI_MODEL"]
         api = CHAT if chat else RESPONSES
         where = f" at {self.settings.endpoints['openai'].shown}" if self.settings.endpoints["openai"].custom else ""
@@ -138,19 +161,31 @@ class OpenAISDKRuntime:
         started = time.monotonic()
         try:
             with failure_table().mapped(Call(f"OpenAI {api}{where}", request.timeout_s)):
+                schema = request.output_schema
                 if chat:
                     messages = [{"role": "system", "content": request.instructions}] if request.instructions else []
                     messages.append({"role": "user", "content": request.prompt})
+                    shaped: dict[str, Any] = {}
+                    if schema is not None:
+                        shaped["response_format"] = {
+                            "type": "json_schema",
+                            "json_schema": {"name": OUTPUT_SCHEMA_NAME, "schema": schema, "strict": True},
+                        }
                     completion = await client.chat.completions.create(
-                        model=model, messages=messages, timeout=request.timeout_s
+                        model=model, messages=messages, timeout=request.timeout_s, **shaped
                     )
                 else:
+                    shaped = {}
+                    if schema is not None:
+                        form = {"type": "json_schema", "name": OUTPUT_SCHEMA_NAME, "schema": schema, "strict": True}
+                        shaped["text"] = {"format": form}
                     response = await client.responses.create(
                         model=model,
                         instructions=request.instructions or None,
                         input=previous.message if previous is not None else request.prompt,
                         timeout=request.timeout_s,
                         **({"previous_response_id": previous.session_id} if previous is not None else {}),
+                        **shaped,
                     )
         except RuntimeFatal as failure:
             status = getattr(failure.__cause__, "status_code", None)
@@ -166,7 +201,7 @@ class OpenAISDKRuntime:
             raise
         duration_ms = int((time.monotonic() - started) * 1000)
         if chat:
-            return _chat_result(completion, duration_ms)
+            return _shaped(_chat_result(completion, duration_ms), request, CHAT)
         usage = None
         if response.usage is not None:
             usage = Usage(
@@ -174,14 +209,24 @@ class OpenAISDKRuntime:
                 output_tokens=response.usage.output_tokens,
                 total_tokens=response.usage.total_tokens,
             )
-        return RuntimeResult(
+        result = RuntimeResult(
             text=response.output_text or "", usage=usage, session_id=response.id, duration_ms=duration_ms
         )
+        return _shaped(result, request, RESPONSES)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+def _shaped(result: RuntimeResult, request: StepRequest, api: str) -> RuntimeResult:
+    """With a schema asked for, the answer's text is the JSON object (strict mode holds it to the
+    schema on OpenAI's side; a compatible server may not): read it out for the caller to check."""
+    if request.output_schema is None:
+        return result
+    value, why = structured_from_text(result.text, f"the {api}'s answer")
+    return dataclasses.replace(result, structured=value, structured_error=why)
 
 
 def _chat_result(completion: Any, duration_ms: int) -> RuntimeResult:

@@ -29,6 +29,7 @@ class Role:
     access: Access
     # The verdicts a judging role may give, passing one first; empty: the role does not judge.
     verdicts: tuple[Verdict, ...] = ()
+    findings: bool = False  # a judging role that lists what it found (a red-teamer's vulnerabilities)
     distinct_from_previous: bool = False  # prefer a worker other than the previous role's
     count: tuple[int, int] = (1, 1)  # how many workers take the role: at least, at most
 
@@ -83,10 +84,13 @@ class RunContext(Protocol):
         round: int | None = None,
         branch: str | None = None,
         continues: Step | None = None,
+        choices: Sequence[str] = (),
     ) -> Step:
-        """Run one step to its end and return it (completed or failed; a judge's verdict parsed).
+        """Run one step to its end and return it (completed or failed; a judge's verdict read, as a
+        schema-shaped answer where the runtime can give one, else from its text).
         ``continues``: an earlier step of the same worker whose vendor session this one resumes
-        where the runtime can (the prompt must stand on its own for one that cannot)."""
+        where the runtime can (the prompt must stand on its own for one that cannot).
+        ``choices``: the labels the step picks one of (best_of_n's judge); its pick is ``Step.choice``."""
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
         """Run the branches at once; their results in order. Cancelling the run stops all of them."""

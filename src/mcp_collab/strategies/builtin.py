@@ -7,7 +7,7 @@ import functools
 from ..models import Step
 from . import prompts
 from .base import Role, RunContext, strategy
-from .verdicts import REDTEAM_VERDICTS, REVIEW_VERDICTS, parse_choice
+from .verdicts import REDTEAM_VERDICTS, REVIEW_VERDICTS
 
 # How many rounds a review loop runs when the dispatch does not say.
 DEFAULT_MAX_ROUNDS = 3
@@ -17,7 +17,7 @@ MIN_ANSWERS = 2
 WORKER = Role("worker", None, "workspace_write")
 WRITER = Role("writer", ("codex_cli",), "workspace_write")
 REVIEWER = Role("reviewer", ("gemini_cli",), "read_only", verdicts=REVIEW_VERDICTS)
-REDTEAM = Role("redteam", None, "read_only", verdicts=REDTEAM_VERDICTS, distinct_from_previous=True)
+REDTEAM = Role("redteam", None, "read_only", verdicts=REDTEAM_VERDICTS, findings=True, distinct_from_previous=True)
 
 
 @strategy(
@@ -148,8 +148,9 @@ async def best_of_n(run: RunContext) -> None:
     if len(candidates) == 1:
         run.finish(chosen=candidates[0][0], result=f"only writer {candidates[0][0]} left a change; it is the result")
         return
-    verdict = run.require(await run.step(judge, JUDGE, prompts.judge(run.task, candidates)))
-    choice = parse_choice(verdict.output, [label for label, _, _ in candidates])
+    labels = [label for label, _, _ in candidates]
+    verdict = run.require(await run.step(judge, JUDGE, prompts.judge(run.task, candidates), choices=labels))
+    choice = verdict.choice
     if choice is None:
         run.fail(
             f"the judge named no candidate (expected a line CHOICE: one of {', '.join(c[0] for c in candidates)}); "

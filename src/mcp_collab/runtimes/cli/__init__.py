@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from ...config import Settings
 from ...errors import RuntimeFatal, RuntimeTransient, RuntimeUnavailable
 from ...models import RuntimeMode
-from ..base import RuntimeResult, StepRequest
+from ..base import RuntimeResult, StepRequest, structured_from_text
 from .supervisor import SPOOL_AFTER_BYTES, ProcessOutcome, ProcessSpec, run_process
 from .vendors import VENDORS, EndpointPlan, Parsed, Vendor
 
 __all__ = ["CLIRuntime", "find_binary", "prepare_endpoint"]
 
 _TAIL_CHARS = 600
+# Where the schema files handed to a CLI live, under the state dir: named by their content, so steps
+# share them and the set stays as small as the set of judging roles and their labels.
+SCHEMA_DIR = "output-schemas"
 
 
 def find_binary(settings: Settings, vendor: Vendor) -> str | None:
@@ -97,6 +103,8 @@ class CLIRuntime:
                 code="missing_binary",
             )
         plan = prepare_endpoint(self.settings, vendor)
+        if request.output_schema is not None and vendor.schema_option is not None:
+            plan = dataclasses.replace(plan, argv=(*plan.argv, *self._schema_argv(vendor, request.output_schema)))
         model = request.worker.cli_model
         resume = request.resume
         resume_argv = (
@@ -115,6 +123,25 @@ class CLIRuntime:
         )
         assert result is not None
         return result
+
+    def _schema_argv(self, vendor: Vendor, schema: dict[str, Any]) -> tuple[str, ...]:
+        """The CLI's option that shapes its final answer by ``schema`` (a file for codex)."""
+        assert vendor.schema_option is not None
+        option, how = vendor.schema_option
+        text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+        if how == "text":
+            return option, text
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+        path = self.settings.state_dir / SCHEMA_DIR / f"{digest}.json"
+        try:
+            write_private(path, text)
+        except OSError as exc:
+            raise RuntimeUnavailable(
+                f"cannot write the output schema for the {vendor.name} CLI under the state dir "
+                f"({exc.strerror or exc}); make MCP_COLLAB_STATE_DIR writable",
+                code="cli_home",
+            ) from exc
+        return option, str(path)
 
     async def _attempt(
         self,
@@ -216,12 +243,17 @@ class CLIRuntime:
             )
         # The answer is whole: every line reached the parser. Only the raw stream kept for a failure
         # (stdout's head and tail) is bounded, and a completed step does not store it.
+        structured, why = parsed.structured, None
+        if request.output_schema is not None and vendor.schema_option is not None and structured is None:
+            structured, why = structured_from_text(parsed.text, f"the {vendor.name} CLI's final message")
         return RuntimeResult(
             text=parsed.text,
             usage=parsed.usage,
             session_id=parsed.session_id,
             exit_code=outcome.exit_code,
             duration_ms=outcome.duration_ms,
+            structured=structured,
+            structured_error=why,
         )
 
     def _check_size(self, vendor: Vendor, outcome: ProcessOutcome, parsed: Parsed, partial: str) -> None:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ...config import DEFAULT_MAX_ANSWER_BYTES, Settings
 from ...models import Access, Usage
@@ -53,6 +53,8 @@ class Parsed:
     oversize_answer: int = 0
     # The CLI says it cannot reach its endpoint and will keep trying: the step gives up with this.
     unreachable: str | None = None
+    # The schema-shaped answer, where the CLI reports it apart from its text (claude's structured_output).
+    structured: Any = None
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     _messages_bytes: int = field(default=0, init=False, repr=False)
 
@@ -89,10 +91,16 @@ class EndpointPlan:
     custom: bool = False  # a base URL the user set, not the vendor's own API
 
 
+# How a CLI takes a JSON Schema for its final answer: its option, and whether the option's value is a
+# file holding the schema or the schema's text.
+SchemaOption = tuple[str, Literal["file", "text"]]
+
+
 class Vendor(Protocol):
     name: str  # the binary's name: codex, gemini, claude
     package: str  # the npm package that provides it
     env_prefixes: tuple[str, ...]  # the server variables this CLI reads (its home, keys, endpoints)
+    schema_option: SchemaOption | None  # None: this CLI cannot shape its answer by a schema
 
     def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]: ...
 
@@ -233,6 +241,8 @@ class Codex:
     name = "codex"
     package = "@openai/codex"
     env_prefixes: tuple[str, ...] = ("CODEX_", "OPENAI_")
+    # `exec` and `exec resume` both take it; the final agent message is then the JSON object.
+    schema_option: SchemaOption | None = ("--output-schema", "file")
 
     def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]:
         argv = [binary, "exec", "--json", "--skip-git-repo-check", *_CODEX_ACCESS[request.access], *extra]
@@ -437,6 +447,7 @@ class Gemini:
     name = "gemini"
     package = "@google/gemini-cli"
     env_prefixes: tuple[str, ...] = ("GEMINI_", "GOOGLE_")
+    schema_option: SchemaOption | None = None  # gemini 0.61 has no option for it in headless mode
 
     def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]:
         argv = [
@@ -557,6 +568,8 @@ class ClaudeParser:
             result = event.get("result")
             if isinstance(result, str):
                 self.parsed.text = result
+            if event.get("structured_output") is not None:
+                self.parsed.structured = event["structured_output"]
             if event.get("is_error") or (event.get("subtype") not in (None, "success")):
                 self.parsed.error = str(result or event.get("subtype") or "error")
             usage = event.get("usage")
@@ -570,6 +583,9 @@ class Claude:
     name = "claude"
     package = "@anthropic-ai/claude-code"
     env_prefixes: tuple[str, ...] = ("ANTHROPIC_", "CLAUDE_")
+    # claude declares a StructuredOutput tool its model must call; the result event carries the call's
+    # input as structured_output (and its result text is that JSON).
+    schema_option: SchemaOption | None = ("--json-schema", "text")
 
     def argv(self, binary: str, request: StepRequest, model: str | None, extra: tuple[str, ...] = ()) -> list[str]:
         argv = [
