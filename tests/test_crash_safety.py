@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -217,3 +218,27 @@ async def test_recovery_kills_what_carries_the_steps_marker_and_spares_a_process
         for process in (ours, stranger):
             process.kill()
             process.wait()
+
+
+@pytest.mark.anyio
+async def test_a_killed_server_its_parent_has_not_reaped_yet_counts_as_gone(tmp_path: Path, make_settings: Any) -> None:
+    from mcp_collab.models import RunOwner
+    from mcp_collab.orchestrator import WorkerOrchestrator
+    from mcp_collab.runtimes.cli.supervisor import process_start_ticks
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        owner = RunOwner(host=socket.gethostname(), pid=server.pid, start_ticks=process_start_ticks(server.pid))
+        store = JsonStore(tmp_path / "store")
+        store.save_run(run_state(0, 0, 1).model_copy(update={"owner": owner}))
+        os.kill(server.pid, signal.SIGKILL)
+        with anyio.fail_after(10):  # the kernel makes it a zombie; nobody reaps it yet
+            while (state := Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z":
+                await anyio.sleep(0.01)
+        assert state == "Z"
+        orchestrator = WorkerOrchestrator(make_settings(MCP_COLLAB_STATE_DIR=str(tmp_path / "store")), runtimes={})
+        [recovered] = await orchestrator.recover()
+        assert recovered.status == "interrupted"
+    finally:
+        server.kill()
+        server.wait()

@@ -28,7 +28,7 @@ from .. import worktrees
 from ..config import Settings
 from ..errors import InvalidRequestError, StoreError, UnknownRunError, WorktreeError, shown
 from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker, clone
-from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_start_ticks
+from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_running, process_start_ticks
 from ..store import RunStore
 from . import continuation
 from .delivery import prune_worktrees
@@ -60,8 +60,7 @@ def owner_alive(owner: RunOwner | None) -> bool:
         return False
     if owner.host != socket.gethostname():
         return True  # not ours to judge: a store shared across hosts is the other host's business
-    ticks = process_start_ticks(owner.pid)
-    return ticks is not None and (owner.start_ticks is None or ticks == owner.start_ticks)
+    return process_running(owner.pid, owner.start_ticks)
 
 
 def where(run: Run) -> str:

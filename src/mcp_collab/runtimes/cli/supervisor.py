@@ -316,6 +316,15 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 and fields[19].isdigit() else None
 
 
+def process_running(pid: int, start_ticks: int | None) -> bool:
+    """Is ``pid`` (started at ``start_ticks``, when known) alive? A zombie is not: a killed server its
+    parent has not reaped yet still has a /proc entry, but it will never finish a run."""
+    fields = _stat_fields(pid)
+    if not fields or len(fields) <= 19 or fields[0] in ("Z", "X"):
+        return False
+    return start_ticks is None or (fields[19].isdigit() and int(fields[19]) == start_ticks)
+
+
 @functools.cache
 def _server_tag(pid: int) -> str:
     return f"{pid}-{process_start_ticks(pid)}"
