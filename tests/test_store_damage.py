@@ -167,7 +167,7 @@ async def test_doctor_and_check_runtimes_name_the_damaged_copy(tmp_path: Path) -
 def test_a_record_from_a_newer_version_with_unknown_fields_is_read(tmp_path: Path) -> None:
     store = a_store_with_runs(tmp_path, count=1)
     record = {"op": "run", "run": a_run(2).model_dump(mode="json", by_alias=True)}
-    record["run"]["costUsd"] = 0.12
+    record["run"]["carbonGrams"] = 0.12
     record["run"]["steps"][0]["diffRef"] = {"blob": "abc"}
     with open(tmp_path / LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
