@@ -120,7 +120,7 @@ def load_prices(raw: str) -> PriceTable:
     if not raw:
         return PriceTable(BUILTIN_PRICES)
     text = raw
-    if not raw.startswith("{"):
+    if raw[:1] not in ("{", "["):  # JSON itself starts so; anything else is a path
         try:
             text = Path(raw).expanduser().read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

@@ -225,10 +225,12 @@ def worktree_of(run: Run, step: int) -> int | None:
 
 
 def step_diff(run: Run, step: int) -> str | None:
-    """What step ``step`` changed: its own diff (recorded for writing steps since it existed), else
-    the diff of the worktree it ran in (a run recorded before steps had their own), else None."""
+    """What step ``step`` changed: its own diff, else (in a run recorded before steps had their own,
+    where no step has one) the diff of the worktree it ran in, else None."""
     if run.steps[step].diff:
         return run.steps[step].diff
+    if any(s.diff for s in run.steps):
+        return None  # this step changed nothing; another one did
     index = worktree_of(run, step)
     return run.worktrees[index].diff if index is not None else None
 

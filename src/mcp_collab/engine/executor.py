@@ -77,7 +77,7 @@ def add_up(run: Run) -> None:
     usages = [s.usage for s in run.steps if s.usage is not None]
     run.usage = sum(usages[1:], usages[0]) if usages else None
     costs = [s.cost_usd for s in run.steps if s.cost_usd is not None]
-    run.cost_usd = round(sum(costs), 6) if costs else None
+    run.cost_usd = round(sum(costs), 9) if costs else None  # nano-dollars: float noise off, cents kept
 
 
 def budget_left(run: Run) -> str | None:
@@ -85,7 +85,7 @@ def budget_left(run: Run) -> str | None:
     budget = run.max_cost_usd
     if budget is None or run.cost_usd is None or run.cost_usd < budget:
         return None
-    return f"stopped: the run's cost ${run.cost_usd:.4f} reached its budget of ${budget:g} (maxCostUsd)"
+    return f"stopped: the run's cost ${run.cost_usd:.6g} reached its budget of ${budget:g} (maxCostUsd)"
 
 
 class StepExecutor:

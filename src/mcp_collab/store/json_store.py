@@ -861,7 +861,7 @@ def _totals(entries: Iterable[_Entry], worker: str | None) -> CostTotals:
         totals.runs += counted or worker is None
     if usages:
         totals.usage = sum(usages[1:], usages[0])
-    totals.cost_usd = round(totals.cost_usd, 6)
+    totals.cost_usd = round(totals.cost_usd, 9)
     return totals
 
 
