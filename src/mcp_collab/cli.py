@@ -444,11 +444,11 @@ async def _runs(settings: Settings, args: argparse.Namespace) -> int:
     totals = page.totals
     if totals is not None and (totals.cost_usd or totals.usage.input_tokens is not None):
         whose = f"{args.worker}'s steps in " if args.worker else ""
-        unknown = f" (+{totals.uncosted_steps} steps without a price)" if totals.uncosted_steps else ""
-        _say(
-            f"\ntotal of {whose}{totals.runs} matching runs: {_dollars(totals.cost_usd)}{unknown}, "
-            f"{_tokens(totals.usage)}"
-        )
+        unknown = f"{totals.uncosted_steps} steps without a price" if totals.uncosted_steps else ""
+        cost = _dollars(totals.cost_usd) + (f" (+{unknown})" if unknown else "")
+        if not totals.cost_usd and unknown:
+            cost = f"cost unknown ({unknown})"
+        _say(f"\ntotal of {whose}{totals.runs} matching runs: {cost}, {_tokens(totals.usage)}")
     return EXIT_OK
 
 
