@@ -335,7 +335,7 @@ def test_dispatch_exits_3_unless_the_judge_approves_so_ci_can_gate_on_it(
     if verdict == "unknown":
         assert "verdict   unknown (the redteam gave no VERDICT line of pass or fail)" in done.stdout
     table = mc(env, "runs").stdout
-    assert re.search(rf"completed\s+{verdict}\s+worker doer", table), table
+    assert re.search(rf"completed\s+{verdict}\s+[0-9.]+s\s+worker doer", table), table  # verdict, took, (no cost)
 
 
 def test_dispatch_help_documents_the_exit_codes() -> None:

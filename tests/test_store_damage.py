@@ -167,7 +167,7 @@ async def test_doctor_and_check_runtimes_name_the_damaged_copy(tmp_path: Path) -
 def test_a_record_from_a_newer_version_with_unknown_fields_is_read(tmp_path: Path) -> None:
     store = a_store_with_runs(tmp_path, count=1)
     record = {"op": "run", "run": a_run(2).model_dump(mode="json", by_alias=True)}
-    record["run"]["costUsd"] = 0.12
+    record["run"]["carbonGrams"] = 0.12
     record["run"]["steps"][0]["diffRef"] = {"blob": "abc"}
     with open(tmp_path / LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -192,3 +192,55 @@ def test_a_log_that_is_a_directory_is_refused_in_one_line(tmp_path: Path) -> Non
     with pytest.raises(StoreError) as refused:
         JsonStore(tmp_path)
     assert "is not a regular file" in str(refused.value) and "\n" not in str(refused.value)
+
+
+# A completed run as the version before costs and per-step diffs stored it (its exact shape).
+PREVIOUS_SHAPE_RUN = {
+    "id": "run-old",
+    "task": "write it",
+    "strategy": "single_worker",
+    "status": "completed",
+    "createdAt": "2026-01-01T00:00:00Z",
+    "startedAt": "2026-01-01T00:00:01Z",
+    "endedAt": "2026-01-01T00:00:09Z",
+    "workers": ["w"],
+    "steps": [
+        {
+            "index": 0, "role": "worker", "directory": "/wt/run-old", "access": "workspace_write",
+            "workerName": "w", "workerModel": "codex_cli", "runtimeMode": "cli", "status": "completed",
+            "attempts": [], "startedAt": "2026-01-01T00:00:01Z", "endedAt": "2026-01-01T00:00:09Z",
+            "durationMs": 8000, "exitCode": 0,
+            "usage": {"inputTokens": 12, "outputTokens": 5, "totalTokens": 17},
+            "sessionId": "s-1", "output": "done", "outputTruncated": False, "findings": [],
+        }
+    ],
+    "result": "done",
+    "findings": [],
+    "worktrees": [
+        {
+            "path": "/wt/run-old", "branch": "mcp-collab/run-old", "entry": "run-old", "gitDir": "/repo/.git",
+            "baseCommit": "0" * 40, "diff": "diff --git a/x b/x\n+x\n", "state": "active",
+        }
+    ],
+    "notes": [],
+}  # fmt: skip
+
+
+def test_a_run_stored_by_the_previous_version_reads_and_lists_with_its_cost_unknown(tmp_path: Path) -> None:
+    from mcp_collab.server import output_page
+
+    store = a_store_with_runs(tmp_path, count=1)
+    with open(tmp_path / LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"op": "run", "run": PREVIOUS_SHAPE_RUN}) + "\n")
+    run = JsonStore(tmp_path).get_run("run-old")
+    assert run is not None and run.status == "completed" and run.result == "done"
+    [step] = run.steps
+    assert step.usage is not None and step.usage.input_tokens == 12 and step.usage.cached_input_tokens is None
+    assert step.cost_usd is None and step.cost_source is None and step.model is None and step.diff == ""
+    assert run.cost_usd is None and run.duration_ms is None
+    page = store.list_runs(RunFilter(worker="w"), limit=10, cursor=None)
+    assert [r.id for r in page.runs] == ["run-old"]
+    assert page.totals is not None and page.totals.uncosted_steps == 1 and page.totals.usage.input_tokens == 12
+    # Its step has no diff of its own: the worktree's is what it changed.
+    assert output_page(run, 0, 0, 1000, diff=True).text == "diff --git a/x b/x\n+x\n"
+    assert damaged_copies(tmp_path) == []

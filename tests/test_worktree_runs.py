@@ -206,7 +206,9 @@ async def test_a_long_diff_is_shortened_inline_and_read_whole_by_tool_and_resour
         await call(client, "spawn_worker", name="w", model="codex_cli")
         run = await call(client, "dispatch_task", task="t", workingDirectory=str(repo))
         shown = run["worktrees"][0]["diff"]
-        assert "read_run_output" in shown and f"runs://{run['id']}/worktrees/0/diff" in shown
+        assert f"runs://{run['id']}/worktrees/0/diff" in shown
+        step_shown = run["steps"][0]["diff"]
+        assert "read_run_output" in step_shown and f"runs://{run['id']}/steps/0/diff" in step_shown
         pages, offset = [], 0
         while offset is not None:
             page = await call(client, "read_run_output", runId=run["id"], step=0, diff=True, offset=offset)
@@ -216,5 +218,7 @@ async def test_a_long_diff_is_shortened_inline_and_read_whole_by_tool_and_resour
         assert "+line 5999" in whole and whole.startswith("diff --git a/big.txt b/big.txt")
         resource = await client.read_resource(f"runs://{run['id']}/worktrees/0/diff")
         assert resource.contents[0].text == whole  # type: ignore[union-attr]
+        own = await client.read_resource(f"runs://{run['id']}/steps/0/diff")
+        assert own.contents[0].text == whole  # type: ignore[union-attr]  # the only step made all the change
         refused = await client.call_tool("read_run_output", {"runId": run["id"], "step": 3, "diff": True})
         assert refused.is_error and "has steps 0 to 0" in str(refused.content)

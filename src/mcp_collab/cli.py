@@ -37,6 +37,7 @@ from .models import (
     DispatchRequest,
     Run,
     RunStatus,
+    Usage,
     WorkerSpec,
     describe_validation_error,
     run_shape,
@@ -180,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     dispatch.add_argument("--fallback-policy", choices=("on_error", "never"))
     dispatch.add_argument("--working-directory")
     dispatch.add_argument("--max-rounds", type=int, help="review_loop: most write-and-review rounds (default 3)")
+    dispatch.add_argument(
+        "--max-cost-usd",
+        type=float,
+        help="budget in US dollars: no step starts once the run cost that much (default: MCP_COLLAB_MAX_COST_USD)",
+    )
     dispatch.add_argument("--json", action="store_true", help="print the finished run as JSON")
 
     workers = sub.add_parser("workers", help="list, add or remove worker profiles")
@@ -422,11 +428,52 @@ async def _runs(settings: Settings, args: argparse.Namespace) -> int:
         _say("no runs match these filters" if filtered else "no runs yet")
         return EXIT_OK
     rows = [
-        [r.id, r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.strategy, r.status, r.verdict or "", _step_summary(r)]
+        [
+            r.id,
+            r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.strategy,
+            r.status,
+            r.verdict or "",
+            _duration(r.duration_ms),
+            _dollars(r.cost_usd),
+            _step_summary(r),
+        ]
         for r in page.runs
     ]
-    _say(_table(rows, ["run", "created (UTC)", "strategy", "status", "verdict", "steps"]))
+    _say(_table(rows, ["run", "created (UTC)", "strategy", "status", "verdict", "took", "cost", "steps"]))
+    totals = page.totals
+    if totals is not None and (totals.cost_usd or totals.usage.input_tokens is not None):
+        whose = f"{args.worker}'s steps in " if args.worker else ""
+        unknown = f"{totals.uncosted_steps} steps without a price" if totals.uncosted_steps else ""
+        cost = _dollars(totals.cost_usd) + (f" (+{unknown})" if unknown else "")
+        if not totals.cost_usd and unknown:
+            cost = f"cost unknown ({unknown})"
+        _say(f"\ntotal of {whose}{totals.runs} matching runs: {cost}, {_tokens(totals.usage)}")
     return EXIT_OK
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    seconds = ms / 1000
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _dollars(usd: float | None) -> str:
+    return "" if usd is None else f"${usd:.4f}"
+
+
+def _tokens(usage: Usage | None) -> str:
+    if usage is None:
+        return "tokens not reported"
+    parts = [f"{usage.input_tokens or 0} in", f"{usage.output_tokens or 0} out"]
+    if usage.cached_input_tokens:
+        parts.append(f"{usage.cached_input_tokens} cached")
+    if usage.cache_write_tokens:
+        parts.append(f"{usage.cache_write_tokens} cache-written")
+    if usage.reasoning_tokens:
+        parts.append(f"{usage.reasoning_tokens} reasoning")
+    return "tokens " + ", ".join(parts)
 
 
 def _verdict_line(run: Run) -> str | None:
@@ -450,6 +497,11 @@ def _print_run(run: Run) -> None:
         _say(f"verdict   {verdict}")
     for finding in run.findings:
         _say(f"finding   {_cell(finding)}")
+    if run.duration_ms is not None:
+        _say(f"took      {_duration(run.duration_ms)}")
+    budget = f" (budget ${run.max_cost_usd:g})" if run.max_cost_usd is not None else ""
+    if run.cost_usd is not None or run.usage is not None or budget:
+        _say(f"cost      {_dollars(run.cost_usd) or 'unknown'}{budget}; {_tokens(run.usage)}")
     _say(f"task      {run.task[:500]}")
     for note in run.notes:
         _say(f"note      {_cell(note)}")
@@ -463,10 +515,18 @@ def _print_run(run: Run) -> None:
         for a in s.attempts:
             err = f" {a.error_kind}: {_cell(a.error)}" if a.error else ""
             _say(f"    attempt {a.runtime_mode}: {a.status} in {a.duration_ms} ms{err}")
-        if s.usage:
-            _say(f"    tokens in/out: {s.usage.input_tokens}/{s.usage.output_tokens}")
+        if s.directory:
+            _say(f"    in {s.directory}")
+        made = ", ".join(x for x in (s.model and f"model {s.model}", s.cli_version) if x)
+        if made:
+            _say(f"    {made}")
+        if s.usage or s.cost_source:
+            cost = f"{_dollars(s.cost_usd)} ({s.cost_source})" if s.cost_usd is not None else "cost unknown"
+            _say(f"    {_tokens(s.usage)}; {cost}")
         if s.output:
             _say(s.output)
+        if s.diff:
+            _say(f"    --- its diff ---\n{s.diff}")
 
 
 async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
@@ -479,6 +539,7 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         fallback_policy=args.fallback_policy,
         working_directory=args.working_directory,
         max_rounds=args.max_rounds,
+        max_cost_usd=args.max_cost_usd,
     )
     return await _follow(settings, args, lambda orchestrator: orchestrator.start(request))
 

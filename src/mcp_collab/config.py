@@ -11,7 +11,8 @@ from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .models import Access, FallbackPolicy, RuntimeMode
+from .models import MAX_COST_USD, Access, FallbackPolicy, RuntimeMode
+from .pricing import BUILTIN_PRICES, PRICES_VARIABLE, PriceTable, load_prices
 from .runtimes.registry import RUNTIMES
 from .security import Redactor, default_roots
 
@@ -187,6 +188,10 @@ class Settings:
     endpoints: Mapping[str, Endpoint] = field(default_factory=lambda: _endpoints({}))
     cli_bins: Mapping[str, str] = field(default_factory=dict)
     child_env_extra: frozenset[str] = frozenset()
+    # Dollars per million tokens by model (pricing.py, with MCP_COLLAB_PRICES laid over it).
+    prices: PriceTable = field(default_factory=lambda: PriceTable(BUILTIN_PRICES), repr=False)
+    # A run's budget when its dispatch names none (MCP_COLLAB_MAX_COST_USD); None: no budget.
+    max_cost_usd: float | None = None
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
     redact: Redactor = field(default_factory=Redactor, repr=False)
 
@@ -238,6 +243,8 @@ class Settings:
                 if env.get(var)
             },
             child_env_extra=frozenset(n for n in env.get("MCP_COLLAB_CHILD_ENV", "").replace(",", " ").split() if n),
+            prices=load_prices(env.get(PRICES_VARIABLE, "")),
+            max_cost_usd=_budget(env, "MCP_COLLAB_MAX_COST_USD"),
             environ=env,
             redact=Redactor.from_environ(env),
         )
@@ -323,6 +330,14 @@ def _optional(env: Mapping[str, str], name: str, default: float) -> float | None
     """A positive limit, or 0 for none."""
     value = _positive(env, name, default, allow_zero=True)
     return None if value == 0 else value
+
+
+def _budget(env: Mapping[str, str], name: str) -> float | None:
+    """A budget in dollars, or None (unset or 0: no budget)."""
+    value = _optional(env, name, 0.0)
+    if value is not None and value > MAX_COST_USD:
+        raise ConfigError(f"{name}={env.get(name, '').strip()!r} is over the ceiling of {MAX_COST_USD:g} dollars")
+    return value
 
 
 def _optional_int(env: Mapping[str, str], name: str, default: int) -> int | None:

@@ -30,6 +30,9 @@ Access = Literal["read_only", "workspace_write", "bypass"]
 Verdict = Literal["approve", "request_changes", "pass", "fail", "unknown"]
 Continuation = Literal["session", "history"]
 VerdictSource = Literal["structured", "text"]
+# Where a step's dollars come from: the vendor's own figure (claude's total_cost_usd), the price
+# table (pricing.py, or the operator's MCP_COLLAB_PRICES), or nowhere (no price for its model).
+CostSource = Literal["vendor", "price_table", "unknown"]
 
 RUNTIME_MODES: tuple[RuntimeMode, ...] = get_args(RuntimeMode)
 WORKER_MODELS: tuple[WorkerModel, ...] = get_args(WorkerModel)
@@ -47,6 +50,8 @@ MAX_INSTRUCTIONS_CHARS = 20_000
 # The hard ceiling of the schema; the operator's cap (MCP_COLLAB_MAX_TASK_CHARS) is checked below it.
 MAX_TASK_CHARS = 2_000_000
 MAX_TIMEOUT_SECONDS = 24 * 3600
+# The largest budget a dispatch may name (maxCostUsd); a typo of a few zeros is refused, not spent.
+MAX_COST_USD = 100_000.0
 # A review loop that has not converged in this many rounds will not: ask a person.
 MAX_ROUNDS = 10
 
@@ -180,9 +185,21 @@ class Worker(WorkerSpec):
 
 
 class Usage(WireModel):
+    """Tokens as the vendor reported them. ``inputTokens`` is the whole prompt for every vendor, the
+    cached part included; ``outputTokens`` all the answer, reasoning included. Unset: not reported."""
+
     input_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
+    cached_input_tokens: int | None = Field(default=None, description="Of the input, read from the cache.")
+    cache_write_tokens: int | None = Field(default=None, description="Of the input, written to the cache.")
+    reasoning_tokens: int | None = Field(default=None, description="Of the output, reasoning (thinking).")
+
+    def __add__(self, other: Usage) -> Usage:
+        def plus(a: int | None, b: int | None) -> int | None:
+            return None if a is None and b is None else (a or 0) + (b or 0)
+
+        return Usage(**{name: plus(getattr(self, name), getattr(other, name)) for name in Usage.model_fields})
 
 
 class Attempt(WireModel):
@@ -249,6 +266,17 @@ class Step(WireModel):
     duration_ms: int | None = None
     exit_code: int | None = None
     usage: Usage | None = None
+    model: str | None = Field(
+        default=None, description="The model the vendor used (as it reported it), else the one requested."
+    )
+    cli_version: str | None = Field(default=None, description="The CLI's --version, for a CLI step.")
+    cost_usd: float | None = Field(default=None, description="What the step cost in US dollars (see costSource).")
+    cost_source: CostSource | None = Field(
+        default=None, description="vendor (its own figure), price_table, or unknown (no price for the model)."
+    )
+    diff: str = Field(
+        default="", description="A writing step's own change to its directory (a unified diff; stored apart)."
+    )
     session_id: str | None = Field(default=None, description="The vendor's session/thread id, when it gave one.")
     output: str = Field(default="", description="The step's final text (bounded; see outputTruncated).")
     output_truncated: bool = False
@@ -314,6 +342,12 @@ class Run(WireModel):
     worktrees: list[RunWorktree] = Field(default_factory=list)
     chosen: str | None = Field(default=None, description="best_of_n: the label of the winning worktree.")
     notes: list[str] = Field(default_factory=list, description="What a user should know about how the run worked.")
+    duration_ms: int | None = Field(default=None, description="From start to end, once it ended.")
+    usage: Usage | None = Field(default=None, description="The tokens of all its steps.")
+    cost_usd: float | None = Field(default=None, description="The dollars of its steps whose cost is known.")
+    max_cost_usd: float | None = Field(
+        default=None, description="Its budget: no step starts once costUsd reached it (maxCostUsd)."
+    )
 
 
 def clone(run: Run) -> Run:
@@ -339,6 +373,12 @@ class DispatchRequest(WireModel):
     max_rounds: int | None = Field(
         default=None, ge=1, le=MAX_ROUNDS, description="review_loop: most write-and-review rounds (default 3)."
     )
+    max_cost_usd: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_COST_USD,
+        description="Budget in US dollars: no step starts once the run's cost reached it. Unset: the server's.",
+    )
 
     @model_validator(mode="after")
     def _task_not_blank(self) -> DispatchRequest:
@@ -354,9 +394,20 @@ class RuntimePolicy(WireModel):
     fallback_policy: FallbackPolicy = "on_error"
 
 
+class CostTotals(WireModel):
+    """Tokens and dollars summed over every run a filter matches (all pages); with a worker filter,
+    over that worker's steps only."""
+
+    runs: int = 0
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    uncosted_steps: int = Field(default=0, description="Steps that used tokens but have no known cost.")
+
+
 class RunPage(WireModel):
     runs: list[Run]
     next_cursor: str | None = None
+    totals: CostTotals | None = None
 
 
 def preview(text: str, limit: int) -> str:
@@ -409,6 +460,7 @@ class StepSummary(WireModel):
     runtime_mode: RuntimeMode | None
     fallback_from: RuntimeMode | None
     status: StepStatus
+    cost_usd: float | None = None
     output_preview: str = Field(description="The start of the step's output; get_worker_run has more.")
 
 
@@ -424,6 +476,8 @@ class RunSummary(WireModel):
     verdict: Verdict | None
     error: str | None
     shape: str = Field(default="", description="The run at a glance: steps in order, {parallel branches}, rounds.")
+    duration_ms: int | None = None
+    cost_usd: float | None = None
     steps: list[StepSummary]
 
     @classmethod
@@ -438,6 +492,8 @@ class RunSummary(WireModel):
             verdict=run.verdict,
             error=None if run.error is None else preview(run.error, 2 * chars),
             shape=run_shape(run.steps),
+            duration_ms=run.duration_ms,
+            cost_usd=run.cost_usd,
             steps=[
                 StepSummary(
                     index=s.index,
@@ -448,6 +504,7 @@ class RunSummary(WireModel):
                     runtime_mode=s.runtime_mode,
                     fallback_from=s.fallback_from,
                     status=s.status,
+                    cost_usd=s.cost_usd,
                     output_preview=preview(s.output, chars),
                 )
                 for s in run.steps
@@ -458,6 +515,7 @@ class RunSummary(WireModel):
 class RunSummaryPage(WireModel):
     runs: list[RunSummary]
     next_cursor: str | None = Field(default=None, description="Pass as cursor to get the next page; null at the end.")
+    totals: CostTotals | None = None
 
 
 class OutputPage(WireModel):

@@ -73,7 +73,7 @@ log = logging.getLogger("mcp_collab.server")
 RESULT_BUDGET_BYTES = 8_000
 MIN_PREVIEW_CHARS = 120
 LIST_PREVIEW_CHARS = 160
-# Blocking tools return before a client's tool timeout. Claude Code does not restart its timeout on
+# Blocking tools return before a tool timeout. Claude Code does not restart its timeout on
 # progress and users set MCP_TOOL_TIMEOUT low, so the default wait is short; a client that allows
 # more passes more, up to a ceiling under the TypeScript SDK's 60 s request timeout.
 DEFAULT_WAIT_S = 20.0
@@ -141,6 +141,10 @@ def _diff_uri(run_id: str, index: int) -> str:
     return f"runs://{run_id}/worktrees/{index}/diff"
 
 
+def _step_diff_uri(run_id: str, step: int) -> str:
+    return f"runs://{run_id}/steps/{step}/diff"
+
+
 def _clip(text: str, limit: int, where: str) -> tuple[str, bool]:
     if len(text) <= limit:
         return text, False
@@ -171,6 +175,13 @@ def for_client(run: Run, budget: int = RESULT_BUDGET_BYTES) -> Run:
             output, clipped = _clip(step.output, limit, _step_pointer(run.id, step.index, limit))
             if clipped:
                 step = step.model_copy(update={"output": output, "output_truncated": True})
+            where = (
+                f'read {_step_diff_uri(run.id, step.index)}, or call read_run_output with {{"runId": "{run.id}", '
+                f'"step": {step.index}, "diff": true, "offset": {limit}}}'
+            )
+            diff, clipped = _clip(step.diff, limit, where)
+            if clipped:
+                step = step.model_copy(update={"diff": diff})
             steps.append(step)
         last = len(run.steps) - 1
         result = run.result
@@ -180,13 +191,8 @@ def for_client(run: Run, budget: int = RESULT_BUDGET_BYTES) -> Run:
             )
         trees = []
         for i, worktree in enumerate(run.worktrees):
-            first = next((s.index for s in run.steps if worktree_of(run, s.index) == i), None)
-            where = f"read {_diff_uri(run.id, i)}" + (
-                f', or call read_run_output with {{"runId": "{run.id}", "step": {first}, "diff": true, '
-                f'"offset": {limit}}}'
-                if first is not None
-                else ""
-            )
+            # read_run_output's diff is a step's own now; the worktree's whole diff is its resource.
+            where = f"read {_diff_uri(run.id, i)}"
             text, clipped = _clip(worktree.diff, limit, where)
             trees.append(worktree.model_copy(update={"diff": text}) if clipped else worktree)
         task, _ = _clip(run.task, limit, f"read runs://{run.id}")
@@ -203,8 +209,8 @@ def page_for_client(page: RunPage, cursor_after: Callable[[Run], str]) -> RunSum
     while kept > 1 and _size(RunSummaryPage(runs=runs[:kept])) > RESULT_BUDGET_BYTES:
         kept -= 1
     if kept == len(runs):
-        return RunSummaryPage(runs=runs, next_cursor=page.next_cursor)
-    return RunSummaryPage(runs=runs[:kept], next_cursor=cursor_after(page.runs[kept - 1]))
+        return RunSummaryPage(runs=runs, next_cursor=page.next_cursor, totals=page.totals)
+    return RunSummaryPage(runs=runs[:kept], next_cursor=cursor_after(page.runs[kept - 1]), totals=page.totals)
 
 
 def worktree_of(run: Run, step: int) -> int | None:
@@ -218,6 +224,17 @@ def worktree_of(run: Run, step: int) -> int | None:
     return None
 
 
+def step_diff(run: Run, step: int) -> str | None:
+    """What step ``step`` changed: its own diff, else (in a run recorded before steps had their own,
+    where no step has one) the diff of the worktree it ran in, else None."""
+    if run.steps[step].diff:
+        return run.steps[step].diff
+    if any(s.diff for s in run.steps):
+        return None  # this step changed nothing; another one did
+    index = worktree_of(run, step)
+    return run.worktrees[index].diff if index is not None else None
+
+
 def output_page(run: Run, step: int, offset: int, limit: int, *, diff: bool = False) -> OutputPage:
     """Characters ``offset`` to at most ``offset + limit`` of a step's output (or of the diff of the
     worktree it ran in), fewer if their JSON would not fit the result budget (escapes such as newlines
@@ -226,12 +243,14 @@ def output_page(run: Run, step: int, offset: int, limit: int, *, diff: bool = Fa
         steps = f"steps 0 to {len(run.steps) - 1}" if run.steps else "no steps"
         raise ToolError(f"run {run.id} has {steps}; got step {step}")
     if diff:
-        index = worktree_of(run, step)
-        if index is None:
-            writers = sorted({s.index for s in run.steps if worktree_of(run, s.index) is not None})
-            accepted = f"steps that did: {', '.join(map(str, writers))}" if writers else "no step of this run did"
-            raise ToolError(f"step {step} of run {run.id} did not work in a worktree, so it has no diff; {accepted}")
-        text = run.worktrees[index].diff
+        text = step_diff(run, step)
+        if text is None:
+            writers = [s.index for s in run.steps if step_diff(run, s.index) is not None]
+            accepted = f"steps that have one: {', '.join(map(str, writers))}" if writers else "no step of this run has"
+            raise ToolError(
+                f"step {step} of run {run.id} changed no file and did not work in a worktree, so it has no diff; "
+                f"{accepted}"
+            )
     else:
         text = run.steps[step].output
     what = "diff" if diff else "output"
@@ -352,10 +371,7 @@ RUNTIME_GIST = (
     "Runtimes: cli (edits files) or the vendor's *_sdk (text only); "
     "on_error reruns a retry-safe SDK failure via cli (fallbackFrom)."
 )
-WAITING_GUIDE = (
-    "Shorter tool timeout? Pass a smaller waitSeconds, then call wait_worker_run with timeoutSeconds "
-    "under your limit until the status is final."
-)
+WAITING_GUIDE = "Shorter tool timeout? Pass a smaller waitSeconds, then wait_worker_run with timeoutSeconds under it."
 
 
 # The tools. Each validates, calls the orchestrator and shapes the result; build_server registers them.
@@ -375,7 +391,7 @@ async def spawn_worker(
     workingDirectory: Annotated[str | None, Field(description="Absolute directory it works in.")] = None,
 ) -> Worker:
     """Register a worker: a named Codex, Gemini or Claude agent and its default runtime; then name it in
-    dispatch_task. Refused if the name is taken or the runtime does not fit."""
+    dispatch_task."""
     spec = WorkerSpec(
         name=name,
         model=model,
@@ -416,6 +432,7 @@ async def dispatch_task(
     workingDirectory: Annotated[str | None, Field(description="Absolute directory the workers run in.")] = None,
     waitSeconds: Annotated[float, Field(ge=0, le=MAX_WAIT_S, description="Longest wait for the end.")] = DEFAULT_WAIT_S,
     maxRounds: Annotated[int | None, Field(ge=1, le=MAX_ROUNDS, description="review_loop: rounds at most (3).")] = None,
+    maxCostUsd: Annotated[float | None, Field(gt=0, description="Budget, US$: no step starts once spent.")] = None,
 ) -> Run:
     request = DispatchRequest(
         task=task,
@@ -426,6 +443,7 @@ async def dispatch_task(
         fallback_policy=fallbackPolicy,
         working_directory=workingDirectory,
         max_rounds=maxRounds,
+        max_cost_usd=maxCostUsd,
     )
     orchestrator = _state(ctx).orchestrator
     # Durable before anything runs: work that could not be recorded must not start (a full disk
@@ -462,8 +480,8 @@ async def list_worker_runs(
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = 20,
     cursor: Annotated[str | None, Field(description="nextCursor from the previous page.")] = None,
 ) -> RunSummaryPage:
-    """Runs, newest first: each one's shape, steps (worker, runtimeMode, fallbackFrom, status) and the
-    start of each output. A page stops early (nextCursor) rather than exceed ~20 KB."""
+    """Runs, newest first: shape, cost, steps (worker, runtime, status), output starts; totals: tokens and
+    US$ of all matching runs (with worker: its steps). Pages stop at ~20 KB (nextCursor)."""
     page = await _state(ctx).orchestrator.list_runs(
         status=status, strategy=strategy, worker=worker, limit=limit, cursor=cursor
     )
@@ -472,8 +490,8 @@ async def list_worker_runs(
 
 @tool_errors
 async def get_worker_run(ctx: Context, runId: str) -> Run:
-    """One run with all its steps and attempts. Long outputs are shortened; read_run_output (or the
-    resource runs://{runId}/steps/{index}/output) has each step's full output."""
+    """One run with all its steps (model, tokens, cost, diff). Long texts are shortened: read_run_output
+    (or runs://{runId}/steps/{index}/output) has them whole."""
     return for_client(await _state(ctx).orchestrator.get_run(runId))
 
 
@@ -484,10 +502,10 @@ async def read_run_output(
     step: Annotated[int, Field(ge=0, description="The step's index, from 0.")],
     offset: Annotated[int, Field(ge=0, description="nextOffset of the last page.")] = 0,
     limit: Annotated[int, Field(ge=1, le=OUTPUT_PAGE_CHARS, description="Characters at most.")] = OUTPUT_PAGE_CHARS,
-    diff: Annotated[bool, Field(description="The diff of the step's worktree instead.")] = False,
+    diff: Annotated[bool, Field(description="The step's diff instead (else its worktree's).")] = False,
 ) -> OutputPage:
-    """A page of a step's full output (or its worktree's diff). Repeat with offset = nextOffset until
-    it is null; the pages join to the whole text (totalChars long)."""
+    """A page of a step's full output (or diff). Repeat with offset = nextOffset until it is null; pages
+    join to the whole text (totalChars)."""
     return output_page(await _state(ctx).orchestrator.get_run(runId), step, offset, limit, diff=diff)
 
 
@@ -501,7 +519,7 @@ async def wait_worker_run(
 ) -> Run:
     """Wait for a run to end, up to timeoutSeconds (default 20, at most 55), with progress meanwhile.
     Returns the run; while it is queued or running, call again (keep timeoutSeconds under your
-    client's tool timeout). Works from any session."""
+    tool timeout). Works from any session."""
     async with _progress(ctx, runId) as report:
         run = await _state(ctx).orchestrator.wait(runId, timeoutSeconds, on_progress=report)
     return for_client(run)
@@ -510,7 +528,7 @@ async def wait_worker_run(
 @tool_errors
 async def cancel_worker_run(ctx: Context, runId: str) -> CancelResult:
     """Cancel a queued or running run: its process trees are killed, its open steps cancelled, output
-    so far kept. A run that already ended is left as it is."""
+    so far kept; an ended run is left as it is."""
     run, cancelled = await _state(ctx).orchestrator.cancel(runId)
     message = (
         f"run {runId} cancelled; its processes were stopped"
@@ -539,7 +557,7 @@ async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
 
 @tool_errors
 async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
-    """What can run here (CLIs, credentials present, SDKs, endpoints, the store); failures with a hint."""
+    """What can run here (CLIs, credentials, SDKs, endpoints, the store), with a hint per failure."""
     state = _state(ctx)
     # Reading the store first finds (and repairs, keeping the original aside) damage done to
     # it since the last call, so the report below lists it.
@@ -723,7 +741,9 @@ class CollabServer(MCPServer[AppState]):
             if self._registered:
                 return
             for spec in TOOL_SPECS:
-                self.add_tool(spec.fn, title=spec.title, description=spec.description, annotations=spec.annotations)
+                # A docstring's line breaks and indentation would cost every client's model bytes.
+                text = spec.description or " ".join((spec.fn.__doc__ or "").split()) or None
+                self.add_tool(spec.fn, title=spec.title, description=text, annotations=spec.annotations)
             self._registered = True
 
     async def ensure_tools(self) -> None:
@@ -809,6 +829,19 @@ def build_server(
                 f"run {run_id} has {steps}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/output"
             )
         return run.steps[int(index)].output
+
+    @mcp.resource("runs://{run_id}/steps/{index}/diff", mime_type="text/x-diff", description="A step's own diff.")
+    @resource_errors
+    async def step_diff_resource(run_id: str, index: str, ctx: Context) -> str:
+        run = await _state(ctx).orchestrator.get_run(run_id)
+        text = step_diff(run, int(index)) if index.isdigit() and int(index) < len(run.steps) else None
+        if text is None:
+            writers = [str(s.index) for s in run.steps if step_diff(run, s.index) is not None]
+            have = f"steps with a diff: {', '.join(writers)}" if writers else "no step with a diff"
+            raise ResourceNotFoundError(
+                f"run {run_id} has {have}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/diff"
+            )
+        return text
 
     @mcp.resource("runs://{run_id}/worktrees/{index}/diff", mime_type="text/x-diff", description="A worktree's diff.")
     @resource_errors

@@ -133,8 +133,12 @@ class StubReply:
     status: int = 200
     error_message: str = ""
     delay_s: float = 0.0
-    input_tokens: int = 12
-    output_tokens: int = 5
+    input_tokens: int = 12  # the whole prompt, its cached parts included (each API's usage says it its way)
+    output_tokens: int = 5  # the whole answer, reasoning included
+    cached_tokens: int = 0  # of the prompt, read from the vendor's cache
+    cache_write_tokens: int = 0  # of the prompt, written to the cache (Anthropic reports it)
+    reasoning_tokens: int = 0  # of the answer, reasoning
+    model: str | None = None  # the model the answer says served it (default: the one asked for)
     headers: tuple[tuple[str, str], ...] = ()  # extra response headers, e.g. (("retry-after", "0"),)
     # Non-empty: the reply asks the client to call these tools (after ``text``, if any) and ends its
     # turn there; the client sends the tools' results in its next request.
@@ -566,9 +570,9 @@ _GENERATION_KINDS = ("responses", "chat_completions", "generateContent", "stream
 def _openai_usage(reply: StubReply) -> dict[str, Any]:
     return {
         "input_tokens": reply.input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": reply.cached_tokens},
         "output_tokens": reply.output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reply.reasoning_tokens},
         "total_tokens": reply.input_tokens + reply.output_tokens,
     }
 
@@ -597,7 +601,7 @@ def _openai_response(req: StubRequest, reply: StubReply, *, status: str, with_ou
         "incomplete_details": None,
         "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"),
-        "model": req.model or "stub-model",
+        "model": reply.model or req.model or "stub-model",
         "output": [_openai_message(f"msg_stub_{n}", reply.text)] if with_output else [],
         "parallel_tool_calls": True,
         "previous_response_id": None,
@@ -707,6 +711,8 @@ def _chat_usage(reply: StubReply) -> dict[str, Any]:
         "prompt_tokens": reply.input_tokens,
         "completion_tokens": reply.output_tokens,
         "total_tokens": reply.input_tokens + reply.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens},
     }
 
 
@@ -715,7 +721,7 @@ def _chat_completion(req: StubRequest, reply: StubReply) -> dict[str, Any]:
         "id": f"chatcmpl-stub-{next(_ids)}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": req.model or "stub-model",
+        "model": reply.model or req.model or "stub-model",
         "choices": [
             {
                 "index": 0,
@@ -733,7 +739,7 @@ def _chat_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | Non
         "id": f"chatcmpl-stub-{next(_ids)}",
         "object": "chat.completion.chunk",
         "created": int(time.time()),
-        "model": req.model or "stub-model",
+        "model": reply.model or req.model or "stub-model",
     }
     yield None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
     for piece in _chunks(reply.text):
@@ -742,12 +748,18 @@ def _chat_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | Non
 
 
 def _gemini_usage(reply: StubReply) -> dict[str, Any]:
-    return {
+    # Gemini counts thoughts apart from the answer (candidates); the cached part is inside the prompt.
+    usage: dict[str, Any] = {
         "promptTokenCount": reply.input_tokens,
-        "candidatesTokenCount": reply.output_tokens,
+        "candidatesTokenCount": reply.output_tokens - reply.reasoning_tokens,
         "totalTokenCount": reply.input_tokens + reply.output_tokens,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": reply.input_tokens}],
     }
+    if reply.cached_tokens:
+        usage["cachedContentTokenCount"] = reply.cached_tokens
+    if reply.reasoning_tokens:
+        usage["thoughtsTokenCount"] = reply.reasoning_tokens
+    return usage
 
 
 def _gemini_response(req: StubRequest, reply: StubReply, *, final: bool, text: str | None = None) -> dict[str, Any]:
@@ -757,7 +769,7 @@ def _gemini_response(req: StubRequest, reply: StubReply, *, final: bool, text: s
     }
     out: dict[str, Any] = {
         "candidates": [cand],
-        "modelVersion": req.model or "stub-model",
+        "modelVersion": reply.model or req.model or "stub-model",
         "responseId": "stub-resp",
     }
     if final:
@@ -777,11 +789,12 @@ def _gemini_events(req: StubRequest, reply: StubReply) -> Iterator[tuple[str | N
 
 
 def _anthropic_usage(reply: StubReply) -> dict[str, Any]:
+    # Anthropic's input_tokens is the part of the prompt neither read from nor written to the cache.
     return {
-        "input_tokens": reply.input_tokens,
+        "input_tokens": reply.input_tokens - reply.cached_tokens - reply.cache_write_tokens,
         "output_tokens": reply.output_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": reply.cache_write_tokens,
+        "cache_read_input_tokens": reply.cached_tokens,
     }
 
 
@@ -790,7 +803,7 @@ def _anthropic_message(req: StubRequest, reply: StubReply) -> dict[str, Any]:
         "id": f"msg_stub_{next(_ids)}",
         "type": "message",
         "role": "assistant",
-        "model": req.model or "stub-model",
+        "model": reply.model or req.model or "stub-model",
         "content": [{"type": "text", "text": reply.text}],
         "stop_reason": "end_turn",
         "stop_sequence": None,

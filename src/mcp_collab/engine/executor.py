@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import anyio
 
+from .. import workspace
 from ..config import Settings
 from ..errors import InvalidRequestError
 from ..models import ProcessRef, Run, RuntimeMode, Step, Worker
@@ -62,6 +63,31 @@ class StepFailed(Exception):
         self.reason = reason
 
 
+class BudgetSpent(StepFailed):
+    """A step was about to start in a run whose cost had reached its budget: the run stops there."""
+
+
+# A step's own diff kept with the step (the store puts a long one in a file of its own); apply
+# uses the worktree's branch, never this text.
+STEP_DIFF_BYTES = 4 << 20
+
+
+def add_up(run: Run) -> None:
+    """The run's token and dollar totals, from its steps."""
+    usages = [s.usage for s in run.steps if s.usage is not None]
+    run.usage = sum(usages[1:], usages[0]) if usages else None
+    costs = [s.cost_usd for s in run.steps if s.cost_usd is not None]
+    run.cost_usd = round(sum(costs), 9) if costs else None  # nano-dollars: float noise off, cents kept
+
+
+def budget_left(run: Run) -> str | None:
+    """Why no further step may start (the budget is spent), or None."""
+    budget = run.max_cost_usd
+    if budget is None or run.cost_usd is None or run.cost_usd < budget:
+        return None
+    return f"stopped: the run's cost ${run.cost_usd:.6g} reached its budget of ${budget:g} (maxCostUsd)"
+
+
 class StepExecutor:
     def __init__(self, settings: Settings, runtimes: Mapping[RuntimeMode, WorkerRuntime], recorder: RunRecorder):
         self.settings = settings
@@ -86,6 +112,10 @@ class StepExecutor:
         run, plan = active.run, active.plan
         # A judging step is asked for its verdict (findings, choice) as a schema-shaped answer too.
         judgement = Judgement(role.verdicts, role.findings, tuple(choices)) if role.judges or choices else None
+        spent = budget_left(run)
+        if spent is not None:
+            active.emit(spent)
+            raise BudgetSpent(spent)
         step = Step(
             index=len(run.steps),
             role=role.name,
@@ -117,7 +147,15 @@ class StepExecutor:
                     active.emit(f"{step_label(step)} failed before it started: {exc}")
                     return step
             schema = judgement.schema() if judgement is not None else None
+            # A writing step's own change: its directory before and after (a git working tree's only).
+            writes = access != "read_only" and child_cwd is not None
+            before = await workspace.snapshot(child_cwd, self.roots) if writes else None
             result = await self._execute(active, step, worker, prompt, access, directory, child_cwd, resume, schema)
+            if before is not None:
+                after = await workspace.snapshot(child_cwd, self.roots)
+                if after is not None and after != before:
+                    text = await workspace.diff(child_cwd, self.roots, before, after, STEP_DIFF_BYTES)
+                    step.diff = self.settings.redact(text or "")
         if judgement is not None and result is not None and step.status == "completed":
             self._judge(step, judgement, result)
         return step
@@ -203,6 +241,10 @@ class StepExecutor:
             step.output = redact(result.text)
             step.output_truncated = result.truncated
             step.usage = result.usage
+            step.model = result.model
+            step.cli_version = result.cli_version
+            step.cost_usd, step.cost_source = self.settings.prices.cost(result.model, result.usage, result.cost_usd)
+            add_up(run)
             step.session_id = result.session_id
             step.exit_code = result.exit_code
             step.status = "completed"
@@ -290,13 +332,21 @@ class EngineContext:
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
         results: list[T | None] = [None] * len(branches)
+        spent: list[BudgetSpent] = []
 
         async def one(i: int, branch: Callable[[], Awaitable[T]]) -> None:
-            results[i] = await branch()
+            try:
+                results[i] = await branch()
+            except BudgetSpent as stop:
+                # The other branches finish the step they are in (the budget stops a run at a step
+                # boundary, never inside a step), and stop before their next one.
+                spent.append(stop)
 
         async with anyio.create_task_group() as tg:
             for i, branch in enumerate(branches):
                 tg.start_soon(one, i, branch)
+        if spent:
+            raise spent[0]
         return results  # type: ignore[return-value]  # every slot was filled
 
     def require(self, step: Step) -> Step:

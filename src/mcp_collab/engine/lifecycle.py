@@ -32,7 +32,7 @@ from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process
 from ..store import RunStore
 from . import continuation
 from .delivery import prune_worktrees
-from .executor import EngineContext, StepExecutor, StepFailed, cap_text, step_label
+from .executor import EngineContext, StepExecutor, StepFailed, add_up, cap_text, step_label
 from .plan import ActiveRun, Plan, ProgressCallback, make_plan
 from .recorder import RunRecorder
 from .spaces import Spaces
@@ -343,6 +343,8 @@ class RunLifecycle:
         run = active.run
         run.status = "running"
         run.started_at = datetime.now(UTC)  # saved with the first step's start
+        if run.max_cost_usd is None:
+            run.max_cost_usd = self.settings.max_cost_usd
         plan = active.plan
         first = plan.cast[0][1] if plan.cast else None
         spaces = active.spaces = Spaces(
@@ -371,6 +373,7 @@ class RunLifecycle:
         run.chosen = context.chosen
         await spaces.finish()
         run.ended_at = datetime.now(UTC)
+        self._close_accounts(run)
         await self.recorder.save(run)
         active.emit(f"run {run.id} {run.status}")
 
@@ -396,6 +399,7 @@ class RunLifecycle:
             if active.spaces is not None:
                 await active.spaces.finish()  # the work done before the stop stays on its branch
             run.ended_at = now
+            self._close_accounts(run)
             try:
                 await self.recorder.save(run)
             except StoreError as exc:
@@ -405,6 +409,22 @@ class RunLifecycle:
                     run.error = f"{run.error}; its end could not be stored: {exc}"
                 log.error("run %s ended %s but could not be stored: %s", run.id, run.status, exc)
             active.emit(f"run {run.id} {run.status}: {run.error or reason}")
+
+    def _close_accounts(self, run: Run) -> None:
+        """A run's totals once it ended: duration, tokens, dollars, and which steps have no price."""
+        add_up(run)
+        start = run.started_at or run.created_at
+        if run.ended_at is not None:
+            run.duration_ms = max(0, int((run.ended_at - start).total_seconds() * 1000))
+        uncosted = [s for s in run.steps if s.cost_source == "unknown" and s.usage is not None]
+        if uncosted:
+            named = sorted({s.model for s in uncosted if s.model})
+            why = [f"no price is known for {', '.join(named)} (add one with MCP_COLLAB_PRICES)"] if named else []
+            if any(s.model is None for s in uncosted):
+                why.append("the vendor did not name the model used (set the worker's cliModel or sdkModel)")
+            note = f"the cost leaves out {len(uncosted)} step(s): {'; '.join(why)}"
+            if note not in run.notes:
+                run.notes.append(note)
 
     async def prune(
         self, *, max_runs: int | None = None, max_age_days: float | None = None, everything: bool = False

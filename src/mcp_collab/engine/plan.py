@@ -118,6 +118,7 @@ def make_plan(settings: Settings, request: DispatchRequest, registered: list[Wor
         status="queued",
         runtime_mode=request.runtime_mode,
         workers=[w.name for _, w in cast],
+        max_cost_usd=request.max_cost_usd if request.max_cost_usd is not None else settings.max_cost_usd,
     )
     return Plan(
         run, strategy, cast, modes, policies, cwd, default_cwd, task=request.task, max_rounds=request.max_rounds

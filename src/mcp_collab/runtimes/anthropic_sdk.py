@@ -116,6 +116,7 @@ class AnthropicSDKRuntime:
             duration_ms=int((time.monotonic() - started) * 1000),
             structured=structured,
             structured_error=why,
+            model=getattr(message, "model", None) or model,
         )
 
     async def aclose(self) -> None:
@@ -126,14 +127,19 @@ class AnthropicSDKRuntime:
 
 def _usage(usage: Any) -> Usage | None:
     """Anthropic counts the prompt in three parts (fresh, written to the cache, read from it); the
-    step's input is all three, as the other vendors count it."""
+    step's input is all three, as the other vendors count it, and the cached parts are kept apart."""
     if usage is None:
         return None
-    prompt = sum(
-        getattr(usage, name, None) or 0
-        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    written = getattr(usage, "cache_creation_input_tokens", None)
+    read = getattr(usage, "cache_read_input_tokens", None)
+    prompt = (getattr(usage, "input_tokens", None) or 0) + (written or 0) + (read or 0)
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=usage.output_tokens,
+        total_tokens=prompt + usage.output_tokens,
+        cached_input_tokens=read,
+        cache_write_tokens=written,
     )
-    return Usage(input_tokens=prompt, output_tokens=usage.output_tokens, total_tokens=prompt + usage.output_tokens)
 
 
 def _api_message(exc: Any) -> str:

@@ -83,6 +83,9 @@ class RuntimeResult:
     structured: Any = None
     # Asked for a schema-shaped answer, the runtime could not read one: why (the caller reads the text).
     structured_error: str | None = None
+    model: str | None = None  # the model the vendor says it used (else the one requested)
+    cost_usd: float | None = None  # the vendor's own figure for what the step cost, when it gives one
+    cli_version: str | None = None  # the CLI's --version, for a CLI step
 
 
 class WorkerRuntime(Protocol):

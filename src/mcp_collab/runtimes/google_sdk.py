@@ -90,10 +90,15 @@ class GoogleSDKRuntime:
         meta = response.usage_metadata
         usage = None
         if meta is not None:
+            # Gemini counts thoughts apart from the answer (candidates) and bills both as output.
+            thoughts = meta.thoughts_token_count
+            answer = meta.candidates_token_count
             usage = Usage(
                 input_tokens=meta.prompt_token_count,
-                output_tokens=meta.candidates_token_count,
+                output_tokens=None if answer is None and thoughts is None else (answer or 0) + (thoughts or 0),
                 total_tokens=meta.total_token_count,
+                cached_input_tokens=meta.cached_content_token_count,
+                reasoning_tokens=thoughts,
             )
         text = response.text or ""
         structured, why = (
@@ -106,6 +111,7 @@ class GoogleSDKRuntime:
             duration_ms=int((time.monotonic() - started) * 1000),
             structured=structured,
             structured_error=why,
+            model=response.model_version or model,
         )
 
     async def aclose(self) -> None:

@@ -201,16 +201,23 @@ class OpenAISDKRuntime:
             raise
         duration_ms = int((time.monotonic() - started) * 1000)
         if chat:
-            return _shaped(_chat_result(completion, duration_ms), request, CHAT)
+            return _shaped(_chat_result(completion, duration_ms, model), request, CHAT)
         usage = None
         if response.usage is not None:
+            u = response.usage
             usage = Usage(
-                input_tokens=response.usage.input_tokens,
-                output_tokens=response.usage.output_tokens,
-                total_tokens=response.usage.total_tokens,
+                input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens,
+                total_tokens=u.total_tokens,
+                cached_input_tokens=_detail(u, "input_tokens_details", "cached_tokens"),
+                reasoning_tokens=_detail(u, "output_tokens_details", "reasoning_tokens"),
             )
         result = RuntimeResult(
-            text=response.output_text or "", usage=usage, session_id=response.id, duration_ms=duration_ms
+            text=response.output_text or "",
+            usage=usage,
+            session_id=response.id,
+            duration_ms=duration_ms,
+            model=getattr(response, "model", None) or model,
         )
         return _shaped(result, request, RESPONSES)
 
@@ -229,7 +236,13 @@ def _shaped(result: RuntimeResult, request: StepRequest, api: str) -> RuntimeRes
     return dataclasses.replace(result, structured=value, structured_error=why)
 
 
-def _chat_result(completion: Any, duration_ms: int) -> RuntimeResult:
+def _detail(usage: Any, part: str, name: str) -> int | None:
+    """A count inside one of the usage's ``*_details`` objects, when the endpoint sent it."""
+    value = getattr(getattr(usage, part, None), name, None)
+    return value if isinstance(value, int) else None
+
+
+def _chat_result(completion: Any, duration_ms: int, model: str) -> RuntimeResult:
     choices = getattr(completion, "choices", None) or []
     if not choices:
         raise RuntimeFatal("the OpenAI Chat Completions API answered without a choice", code="empty_answer")
@@ -239,12 +252,21 @@ def _chat_result(completion: Any, duration_ms: int) -> RuntimeResult:
         raise RuntimeFatal(f"the model refused: {message.refusal}"[:500], code="refusal")
     usage = None
     if completion.usage is not None:
+        u = completion.usage
         usage = Usage(
-            input_tokens=completion.usage.prompt_tokens,
-            output_tokens=completion.usage.completion_tokens,
-            total_tokens=completion.usage.total_tokens,
+            input_tokens=u.prompt_tokens,
+            output_tokens=u.completion_tokens,
+            total_tokens=u.total_tokens,
+            cached_input_tokens=_detail(u, "prompt_tokens_details", "cached_tokens"),
+            reasoning_tokens=_detail(u, "completion_tokens_details", "reasoning_tokens"),
         )
-    return RuntimeResult(text=text, usage=usage, session_id=completion.id, duration_ms=duration_ms)
+    return RuntimeResult(
+        text=text,
+        usage=usage,
+        session_id=completion.id,
+        duration_ms=duration_ms,
+        model=getattr(completion, "model", None) or model,
+    )
 
 
 def _is_openai_error(exc: Any) -> bool:

@@ -48,7 +48,7 @@ import shutil
 import stat
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from ..errors import InvalidRequestError, StoreError
-from ..models import STORED, TERMINAL_RUN_STATUSES, Run, RunPage, Worker
+from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Run, RunPage, Usage, Worker
 from .base import RunFilter
 
 log = logging.getLogger("mcp_collab.store")
@@ -97,6 +97,9 @@ class _Entry:
     length: int
     outputs: tuple[int, ...]
     diffs: tuple[int, ...] = ()
+    step_diffs: tuple[int, ...] = ()
+    # Per step: its worker, its dollars (None: unknown) and its tokens as stored, for the totals.
+    accounts: tuple[tuple[str, float | None, dict[str, Any] | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,8 @@ class JsonStore:
             runs = [r for r in loaded if r is not None]
             last = picked[min(limit, len(picked)) - 1] if picked else None
             next_cursor = _cursor(self._index[last].created, last) if more and last is not None else None
-            return RunPage(runs=runs, next_cursor=next_cursor)
+            totals = _totals((e for e in self._index.values() if self._matches(e, filter)), filter.worker)
+            return RunPage(runs=runs, next_cursor=next_cursor, totals=totals)
 
         return self._read(page)
 
@@ -349,6 +353,11 @@ class JsonStore:
                 if index < len(run.worktrees):
                     with contextlib.suppress(OSError):
                         run.worktrees[index].diff = path.read_text(encoding="utf-8")
+            for index in entry.step_diffs:
+                path = self.outputs_path / run_id / f"step-{index}.patch"
+                if index < len(run.steps):
+                    with contextlib.suppress(OSError):
+                        run.steps[index].diff = path.read_text(encoding="utf-8")
         return run
 
     def _run_record(self, run: Run) -> dict[str, Any]:
@@ -356,7 +365,25 @@ class JsonStore:
         diffs = self._write_diffs(run)
         if diffs:
             record["diffs"] = diffs
+        step_diffs = self._write_step_diffs(run)
+        if step_diffs:
+            record["stepDiffs"] = step_diffs
         return record
+
+    def _write_step_diffs(self, run: Run) -> list[int]:
+        """A step's own diff, like a long output, lives in its own file, written once when the step ended."""
+        stored = []
+        previous = self._index.get(run.id)
+        for step in run.steps:
+            if len(step.diff) <= PREVIEW_CHARS:
+                continue
+            stored.append(step.index)
+            path = self.outputs_path / run.id / f"step-{step.index}.patch"
+            if previous is not None and step.index in previous.step_diffs and path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, step.diff.encode("utf-8"))
+        return stored
 
     def _write_diffs(self, run: Run) -> list[int]:
         """A worktree's diff, like a long output, lives in its own file, written once it is final."""
@@ -558,6 +585,8 @@ class JsonStore:
                 length=length,
                 outputs=value.outputs,
                 diffs=value.diffs,
+                step_diffs=value.step_diffs,
+                accounts=value.accounts,
             )
             previous = self._index.get(run_id)
             if previous is None:
@@ -768,7 +797,9 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
                 raise TypeError("id and status must be strings")
             workers = run.get("workers", ())
             outputs, diffs = record.get("outputs", ()), record.get("diffs", ())
-            if not all(isinstance(w, str) for w in workers) or not all(isinstance(i, int) for i in (*outputs, *diffs)):
+            step_diffs = record.get("stepDiffs", ())
+            indexes = (*outputs, *diffs, *step_diffs)
+            if not all(isinstance(w, str) for w in workers) or not all(isinstance(i, int) for i in indexes):
                 raise TypeError("workers, outputs and diffs must be lists of names and indexes")
             return op, _Entry(
                 created=_sort_key(run["createdAt"]),
@@ -779,6 +810,8 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
                 length=0,
                 outputs=tuple(outputs),
                 diffs=tuple(diffs),
+                step_diffs=tuple(step_diffs),
+                accounts=_accounts(run.get("steps")),
             )
         if op == "unrun" and isinstance(record["id"], str):
             return op, record["id"]
@@ -791,9 +824,54 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
     raise _Damaged(f"the line at byte {offset} is not a record this version knows (op {str(op)[:40]!r})")
 
 
+def _accounts(steps: Any) -> tuple[tuple[str, float | None, dict[str, Any] | None], ...]:
+    """What the totals need of a stored run's steps; a run of an older shape has none of it."""
+    accounts = []
+    for step in steps if isinstance(steps, list) else ():
+        if not isinstance(step, dict):
+            continue
+        cost, usage = step.get("costUsd"), step.get("usage")
+        accounts.append(
+            (
+                str(step.get("workerName", "")),
+                float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None,
+                usage if isinstance(usage, dict) else None,
+            )
+        )
+    return tuple(accounts)
+
+
+def _totals(entries: Iterable[_Entry], worker: str | None) -> CostTotals:
+    """Tokens and dollars over ``entries`` (of ``worker``'s steps only, when given)."""
+    totals = CostTotals()
+    usages = []
+    for entry in entries:
+        counted = False
+        for name, cost, usage in entry.accounts:
+            if worker is not None and name != worker:
+                continue
+            counted = True
+            if cost is not None:
+                totals.cost_usd += cost
+            elif usage is not None:
+                totals.uncosted_steps += 1
+            if usage is not None:
+                with contextlib.suppress(ValidationError):
+                    usages.append(Usage.model_validate(usage, context=STORED))
+        totals.runs += counted or worker is None
+    if usages:
+        totals.usage = sum(usages[1:], usages[0])
+    totals.cost_usd = round(totals.cost_usd, 9)
+    return totals
+
+
 def _record(run: Run) -> dict[str, Any]:
     record = run.model_dump(mode="json", by_alias=True)
-    for item, key in [*((s, "output") for s in record["steps"]), *((w, "diff") for w in record["worktrees"])]:
+    for item, key in [
+        *((s, "output") for s in record["steps"]),
+        *((s, "diff") for s in record["steps"]),
+        *((w, "diff") for w in record["worktrees"]),
+    ]:
         if len(item[key]) > PREVIEW_CHARS:
             item[key] = item[key][:PREVIEW_CHARS]
     return record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,36 @@ _TAIL_CHARS = 600
 # Where the schema files handed to a CLI live, under the state dir: named by their content, so steps
 # share them and the set stays as small as the set of judging roles and their labels.
 SCHEMA_DIR = "output-schemas"
+# How far up from the binary's real path a CLI's package.json is looked for (npm puts the entry
+# point one or two directories below it: bin/codex.js, bundle/gemini.js).
+PACKAGE_SEARCH_DEPTH = 4
+
+
+def cli_version(binary: str, vendor: Vendor) -> str | None:
+    """The CLI's version, from the package.json of the npm package it belongs to: read, not asked
+    (running a binary to ask costs a process per step, and an unknown one may not answer), and
+    remembered per binary path and modification time, so an upgrade is seen."""
+    try:
+        real = os.path.realpath(binary)
+        mtime = os.stat(real).st_mtime_ns
+    except OSError:
+        return None
+    return _package_version(real, mtime, vendor.package)
+
+
+@functools.lru_cache(maxsize=64)
+def _package_version(real: str, mtime: int, package: str) -> str | None:
+    del mtime  # part of the cache key only
+    directory = Path(real).parent
+    for _ in range(PACKAGE_SEARCH_DEPTH):
+        try:
+            data = json.loads((directory / "package.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict) and data.get("name") == package and isinstance(data.get("version"), str):
+            return f"{package} {data['version'][:40]}"
+        directory = directory.parent
+    return None
 
 
 def find_binary(settings: Settings, vendor: Vendor) -> str | None:
@@ -113,7 +144,7 @@ class CLIRuntime:
         if resume is not None and resume_argv is not None:
             resumed = await self._attempt(vendor, binary, plan, request, resume_argv, resume.message, resuming=True)
             if resumed is not None:
-                return resumed
+                return dataclasses.replace(resumed, cli_version=cli_version(binary, vendor))
             request.on_progress(
                 f"{request.worker.name}: {vendor.name} could not resume session {resume.session_id}; "
                 "continuing from the recorded history"
@@ -122,7 +153,7 @@ class CLIRuntime:
             vendor, binary, plan, request, vendor.argv(binary, request, model, plan.argv), compose_prompt(request)
         )
         assert result is not None
-        return result
+        return dataclasses.replace(result, cli_version=cli_version(binary, vendor))
 
     def _schema_argv(self, vendor: Vendor, schema: dict[str, Any]) -> tuple[str, ...]:
         """The CLI's option that shapes its final answer by ``schema`` (a file for codex)."""
@@ -254,6 +285,9 @@ class CLIRuntime:
             duration_ms=outcome.duration_ms,
             structured=structured,
             structured_error=why,
+            # codex does not say which model it used: the one asked for, when one was.
+            model=parsed.model or request.worker.cli_model,
+            cost_usd=parsed.cost_usd,
         )
 
     def _check_size(self, vendor: Vendor, outcome: ProcessOutcome, parsed: Parsed, partial: str) -> None:

@@ -45,6 +45,8 @@ class Parsed:
     text: str = ""
     usage: Usage | None = None
     session_id: str | None = None
+    model: str | None = None  # the model the CLI says it used
+    cost_usd: float | None = None  # the CLI's own figure for the dollars spent (claude)
     error: str | None = None
     finished: bool = False  # a final event (turn.completed / result) was seen
     events: int = 0
@@ -140,11 +142,24 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _usage(inp: Any, out: Any, total: Any = None) -> Usage:
+def _usage(
+    inp: Any, out: Any, total: Any = None, *, cached: Any = None, written: Any = None, reasoning: Any = None
+) -> Usage:
     i, o, t = _int(inp), _int(out), _int(total)
     if t is None and i is not None and o is not None:
         t = i + o
-    return Usage(input_tokens=i, output_tokens=o, total_tokens=t)
+    return Usage(
+        input_tokens=i,
+        output_tokens=o,
+        total_tokens=t,
+        cached_input_tokens=_int(cached),
+        cache_write_tokens=_int(written),
+        reasoning_tokens=_int(reasoning),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value.strip()[:200] or None if isinstance(value, str) else None
 
 
 # -- codex --------------------------------------------------------------------------------------
@@ -169,7 +184,6 @@ class CodexParser:
 
     def __init__(self, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         self.parsed = Parsed(max_answer_bytes=max_answer_bytes)
-        self._in = self._out = 0
         self._reconnects = 0  # "Reconnecting..." errors in a row
 
     def close(self) -> None:
@@ -192,10 +206,18 @@ class CodexParser:
             self.parsed.session_id = event.get("thread_id") or self.parsed.session_id
             return "codex: session started"
         if kind == "turn.completed":
-            usage = event.get("usage") or {}
-            self._in += _int(usage.get("input_tokens")) or 0
-            self._out += _int(usage.get("output_tokens")) or 0
-            self.parsed.usage = _usage(self._in, self._out)
+            # codex counts the prompt whole (cached_input_tokens is part of input_tokens) and the
+            # answer whole (reasoning_output_tokens part of output_tokens), as the Responses API does.
+            usage = event.get("usage")
+            if isinstance(usage, dict):
+                turn = _usage(
+                    usage.get("input_tokens"),
+                    usage.get("output_tokens"),
+                    cached=usage.get("cached_input_tokens"),
+                    written=usage.get("cache_write_input_tokens"),
+                    reasoning=usage.get("reasoning_output_tokens"),
+                )
+                self.parsed.usage = turn if self.parsed.usage is None else self.parsed.usage + turn
             self.parsed.finished = True
             return None
         if kind == "turn.failed":
@@ -362,6 +384,7 @@ class GeminiParser:
         kind = event.get("type")
         if kind == "init":
             self.parsed.session_id = event.get("session_id") or self.parsed.session_id
+            self.parsed.model = _text(event.get("model")) or self.parsed.model
             return "gemini: session started"
         if kind == "message" and event.get("role") == "assistant":
             content = event.get("content")
@@ -382,11 +405,17 @@ class GeminiParser:
                 self.parsed.error = str(message or f"status {event.get('status')}")
             stats = event.get("stats")
             if isinstance(stats, dict):
+                # input_tokens is the whole prompt, ``cached`` the part of it read from the cache.
                 self.parsed.usage = _usage(
                     stats.get("input_tokens", stats.get("input")),
                     stats.get("output_tokens", stats.get("output")),
                     stats.get("total_tokens"),
+                    cached=stats.get("cached"),
+                    reasoning=stats.get("thoughts", stats.get("thoughts_tokens")),
                 )
+                models = stats.get("models")
+                if isinstance(models, dict) and models:
+                    self.parsed.model = ", ".join(str(m)[:100] for m in models)
             if self.parsed.text:
                 self.parsed.add_message(self.parsed.text)
             return None
@@ -550,6 +579,7 @@ class ClaudeParser:
         kind = event.get("type")
         if kind == "system" and event.get("subtype") == "init":
             self.parsed.session_id = event.get("session_id") or self.parsed.session_id
+            self.parsed.model = _text(event.get("model")) or self.parsed.model
             return "claude: session started"
         if kind == "assistant":
             message = event.get("message") or {}
@@ -574,9 +604,28 @@ class ClaudeParser:
                 self.parsed.error = str(result or event.get("subtype") or "error")
             usage = event.get("usage")
             if isinstance(usage, dict):
-                self.parsed.usage = _usage(usage.get("input_tokens"), usage.get("output_tokens"))
+                self.parsed.usage = _claude_usage(usage)
+            cost = event.get("total_cost_usd")
+            if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0:
+                self.parsed.cost_usd = float(cost)
+            models = event.get("modelUsage")
+            if isinstance(models, dict) and models:
+                # Every model the session used (claude may hand small tasks to a smaller one).
+                self.parsed.model = ", ".join(str(m)[:100] for m in models)
             return None
         return None
+
+
+def _claude_usage(usage: dict[str, Any]) -> Usage:
+    """claude counts the prompt in three parts (fresh, written to the cache, read from it): the input
+    is all three, as the other vendors count it, with the cached parts kept apart."""
+    fresh, written, read = (
+        _int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    details = usage.get("output_tokens_details")
+    thinking = details.get("thinking_tokens") if isinstance(details, dict) else None
+    prompt = None if fresh is None and written is None and read is None else (fresh or 0) + (written or 0) + (read or 0)
+    return _usage(prompt, usage.get("output_tokens"), cached=read, written=written, reasoning=thinking)
 
 
 class Claude:
