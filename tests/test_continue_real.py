@@ -1,4 +1,5 @@
-"""A follow-up resumes the real CLI's own session: the vendor sees the earlier turns again."""
+"""A follow-up resumes the real CLI's own session, from a restarted server: the vendor sees the earlier
+turns again."""
 
 from __future__ import annotations
 
@@ -39,8 +40,11 @@ async def test_a_follow_up_resumes_the_real_clis_session(
         await orch.register_worker(worker)
         with anyio.fail_after(90):
             first = await orch.dispatch(DispatchRequest(task="explain parse()", working_directory=str(work)))
-            assert first.status == "completed", first.error
-            assert first.steps[0].session_id, "the CLI reported its session"
+    assert first.status == "completed", first.error
+    assert first.steps[0].session_id, "the CLI reported its session"
+    # A new server on the same store (a restart) continues it: all it needs is in the store.
+    async with WorkerOrchestrator(Settings.from_env(real_env)) as orch, orch.running():
+        with anyio.fail_after(90):
             follow = await orch.wait((await orch.continue_run(first.id, "and now the tests")).id, None)
 
     assert follow.status == "completed", follow.error
