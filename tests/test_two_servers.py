@@ -39,8 +39,14 @@ async def test_two_servers_share_workers_and_runs_without_losing_an_update(
             tg.start_soon(dispatch_many, code, "code")
 
         for client in (desktop, code):
-            listed = await call(client, "list_worker_runs", limit=50)
-            assert sorted(r["id"] for r in listed["runs"]) == sorted(ids)
+            listed: list[str] = []
+            cursor = None
+            while True:  # a page stops early rather than outgrow a tool result's budget
+                page = await call(client, "list_worker_runs", limit=50, **({"cursor": cursor} if cursor else {}))
+                listed += [r["id"] for r in page["runs"]]
+                if not (cursor := page.get("nextCursor")):
+                    break
+            assert sorted(listed) == sorted(ids)
         run_by_code = ids[-1]
         seen = await call(desktop, "get_worker_run", runId=run_by_code)
         assert seen["status"] == "completed" and seen["result"] == "fake codex did the task"
