@@ -21,11 +21,12 @@ environment, a value unique to the spawn: this server's ``pid-startticks`` and 1
 The environment is inherited through fork, exec and ``setsid`` and it outlives our own death, so
 a scan of ``/proc/*/environ`` (readable for our own uid) finds the whole tree during the step and,
 from the marker recorded on the step (``ProcessRef``), again after a ``kill -9`` of the server.
-When a step ends, one pass over ``/proc/*/environ`` (a few microseconds per process: a fraction
-of a millisecond at a hundred processes) says whether anything is left; only then, and while a
-kill is in progress, the full scan reads every ``stat`` too, and the environment only of processes
-started no earlier than the leader. The random part means no process carries a
-step's marker unless the step's own tree handed it down, and the leader's pid counts only with its
+When a step ends, one pass over ``/proc/*/environ`` says whether anything is left, skipping the
+processes a pidfd shows to be older than the step's leader (``_ElderProcesses``), so it reads only
+the few started since; only then, and while a kill is in progress, the full scan reads every
+``stat`` too, and the environment only of processes started no earlier than the leader. The random
+part means no process carries a step's marker unless the step's own tree handed it down, and the
+leader's pid counts only with its
 recorded start time, so a reused pid is never killed. Recovery also takes every process carrying
 the dead server's ``pid-startticks`` tag: a dead server served only this store, and the tag covers
 a spawn whose record had not reached the store when the server died.
