@@ -108,6 +108,9 @@ class MemoryStore:
         with self.lock:
             return list(self.workers.values())
 
+    def workers_if_current(self) -> list[Worker] | None:
+        return None  # a thread-safe dict: the orchestrator asks list_workers
+
     def get_worker(self, name: str) -> Worker | None:
         with self.lock:
             return self.workers.get(name)
@@ -123,7 +126,7 @@ class MemoryStore:
     def save_run(self, run: Run) -> None:
         self.save_runs([run])
 
-    def save_runs(self, runs: list[Run]) -> None:
+    def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
         copies = [run.model_copy(deep=True) for run in runs]
         with self.lock:
             self.runs.update((copy.id, copy) for copy in copies)

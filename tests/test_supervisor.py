@@ -146,6 +146,25 @@ async def test_ending_one_step_leaves_a_concurrent_steps_daemon_alive(tmp_path: 
     assert await until_gone(read_pids(first)) == []
 
 
+async def test_a_daemon_seen_by_another_steps_end_check_still_dies_with_its_own_step(tmp_path: Path) -> None:
+    # The second step ends while the first one's daemon runs: its end check reads the daemon (not
+    # its marker) and remembers it as a known process. The first step's end check must still find it.
+    first, second, release = tmp_path / "first.pids", tmp_path / "second.pids", tmp_path / "release"
+    outcomes = []
+    async with anyio.create_task_group() as tg:
+
+        async def step() -> None:
+            outcomes.append(await run_process(spec("daemon", first, CODEX_FAKE_UNTIL=str(release))))
+
+        tg.start_soon(step)
+        leader, daemon = await wait_for_pids(first, 2)
+        assert (await run_process(spec("ok", second))).exit_code == 0
+        assert alive(daemon), "another step's daemon is not this step's to kill"
+        release.touch()
+    assert outcomes[0].exit_code == 0, "the first step ended on its own, not by a kill"
+    assert await until_gone([leader, daemon]) == []
+
+
 async def test_stdin_reaches_end_of_file_and_the_prompt_is_data(tmp_path: Path) -> None:
     script = "import sys; data = sys.stdin.read(); print(repr(data))"
     outcome = await run_process(

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
+from mcp_collab.config import Settings
+from mcp_collab.errors import CollabError
+from mcp_collab.models import DispatchRequest, WorkerSpec
+from mcp_collab.orchestrator import WorkerOrchestrator
 from tests.conftest import fake_cli
 from tests.support.mcp_helpers import call
 
@@ -52,3 +57,19 @@ async def test_two_servers_share_workers_and_runs_without_losing_an_update(
         assert seen["status"] == "completed" and seen["result"] == "fake codex did the task"
         waited = await call(desktop, "wait_worker_run", runId=run_by_code, timeoutSeconds=1)
         assert waited["status"] == "completed", "a run of the other server can be awaited"
+
+
+async def test_a_worker_one_server_adds_or_removes_is_seen_by_the_other_at_once(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # Each server answers its own dispatches' worker list from memory while the store is unchanged:
+    # a change by the other server must end that at once, in both directions.
+    settings = make_settings()
+    async with WorkerOrchestrator(settings, runtimes={}) as desktop, WorkerOrchestrator(settings, runtimes={}) as code:
+        await desktop.register_worker(WorkerSpec(name="codex-writer", model="codex_cli"))
+        assert [w.name for w in await code.list_workers()] == ["codex-writer"]
+        assert [w.name for w in await code.list_workers()] == ["codex-writer"]  # now from memory
+        await desktop.remove_worker("codex-writer")
+        assert await code.list_workers() == []
+        with pytest.raises(CollabError, match="codex-writer"):
+            await code.dispatch(DispatchRequest(task="t", workers=["codex-writer"]))

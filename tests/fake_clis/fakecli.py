@@ -205,8 +205,9 @@ def main(mode: str) -> None:
         emit({"type": "item.completed", "item": {"id": "d", "type": "agent_message", "text": "daemon started"}})
         seconds = float(os.environ.get("CODEX_FAKE_SECONDS", "inf"))
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        release = os.environ.get("CODEX_FAKE_UNTIL")  # or until this file exists
+        while time.monotonic() < deadline and not (release and os.path.exists(release)):
+            time.sleep(min(0.5 if not release else 0.02, max(0.0, deadline - time.monotonic())))
         finish("done; my daemon keeps running")
     elif mode == "abandon":
         # The leader exits at once and leaves children: one in its group holding our pipes, one

@@ -1,8 +1,9 @@
 """Persistence of run states: durable when a caller must be able to rely on it, written behind
-(batched into one fsync across runs) when it is only an intermediate state."""
+(batched across runs, without an fsync of their own) when it is only an intermediate state."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import anyio
@@ -14,6 +15,12 @@ from ..security import Redactor
 from ..store import RunStore
 
 log = logging.getLogger("mcp_collab.engine")
+
+# An intermediate state waits this long before it is written, so the states a run passes through
+# quickly (a step that answers at once: started, spawned, ended) cost one durable write, not three.
+# Nothing depends on an intermediate state landing sooner: a waiting client flushes it, and recovery
+# finds a spawn whose record is missing by the server's marker tag.
+WRITE_BEHIND_DELAY_S = 0.05
 
 
 class RunRecorder:
@@ -30,7 +37,9 @@ class RunRecorder:
     async def save(self, run: Run, *, durable: bool = True) -> None:
         """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
         client, a run's end). Intermediate states (a step started, its process spawned) are written
-        behind, batched with other runs' into one fsync, so they cost the step nothing.
+        behind, after ``WRITE_BEHIND_DELAY_S``, batched with other runs' and without an fsync (they
+        survive the server's death; the next durable save's fsync carries them to disk), so they
+        cost the step nothing.
 
         Every string of the run passes the redactor here, the one door to the store and, through the
         run kept in memory, to every caller."""
@@ -57,6 +66,7 @@ class RunRecorder:
         try:
             while True:
                 await self._pending_ready.wait()
+                await anyio.sleep(WRITE_BEHIND_DELAY_S)  # a state superseded meanwhile is never written
                 self._pending_ready = anyio.Event()
                 async with self._write_lock:
                     # Copied here, on the event loop, so the store's thread never sees a run change
@@ -70,7 +80,7 @@ class RunRecorder:
 
     async def _write_batch(self, batch: list[Run]) -> None:
         try:
-            await anyio.to_thread.run_sync(self.store.save_runs, batch)
+            await anyio.to_thread.run_sync(functools.partial(self.store.save_runs, batch, durable=False))
         except StoreError as exc:
             # Intermediate states only: each run's next durable save carries its whole state (or
             # fails that run). Said once per distinct cause, not per batch.

@@ -42,6 +42,11 @@ class WorkerRegistry:
         return worker
 
     async def list(self) -> list[Worker]:
+        # Every dispatch asks: answered from memory when nothing changed on disk, which spares the
+        # dispatch a trip to a worker thread; off the loop otherwise.
+        current = self.store.workers_if_current()
+        if current is not None:
+            return current
         return await anyio.to_thread.run_sync(self.store.list_workers)
 
     async def remove(self, name: str) -> Worker:

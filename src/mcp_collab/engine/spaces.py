@@ -115,7 +115,10 @@ class Spaces:
         if repo is None:
             self._note_in_place()
             space = InPlaceSpace(self.directory, self.roots)
-            await space.begin()
+            # Inspected just now and found outside any repository: a snapshot would look for the
+            # same repository again and find none, so the space has no diff to take.
+            if not (self.enabled and self.directory is not None):
+                await space.begin()
             return space
         tree = await worktrees.create(repo, run_id=self.run.id, label=label, base_dir=self.base_dir)
         self.trees.append(tree)

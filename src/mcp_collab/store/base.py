@@ -30,6 +30,10 @@ class RunStore(Protocol):
 
     def list_workers(self) -> list[Worker]: ...
 
+    def workers_if_current(self) -> list[Worker] | None:
+        """The workers, answered at once without blocking (the one call safe on an event loop),
+        or None when that cannot be done now: then call ``list_workers`` off the loop."""
+
     def get_worker(self, name: str) -> Worker | None: ...
 
     def add_worker(self, worker: Worker) -> None:
@@ -40,8 +44,10 @@ class RunStore(Protocol):
     def save_run(self, run: Run) -> None:
         """Insert or replace a run, atomically and durably."""
 
-    def save_runs(self, runs: list[Run]) -> None:
-        """Several runs' new states, atomically and durably, in one write."""
+    def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
+        """Several runs' new states, atomically and durably, in one write. ``durable=False``: they
+        are intermediate states, and must survive the server's death but not a power cut (the
+        next durable write may carry them to disk)."""
 
     def get_run(self, run_id: str) -> Run | None: ...
 

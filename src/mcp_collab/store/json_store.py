@@ -9,8 +9,11 @@ Layout, in the state directory::
                           store.json.migrated-v1
 
 Each change (a run's new state, a worker added or removed, a run pruned) is one line appended with
-``O_APPEND`` and fsynced before the call returns: what was acknowledged survives ``kill -9``. A
-line cut short by a crash (a torn tail) is ignored by readers and cut off by the next writer.
+``O_APPEND`` and fsynced before the call returns: what was acknowledged survives ``kill -9`` and a
+power cut. A run's intermediate states (``save_runs(..., durable=False)``) are appended without the
+fsync: they survive the server's death (the kernel holds them), and the next durable write's fsync
+carries them to disk with it. A line cut short by a crash (a torn tail) is ignored by readers and
+cut off by the next writer.
 Memory holds a small index (id, time, status, strategy, workers, where the latest record is), not
 the runs: reading a run by id is one ``pread`` plus its output files, a page of 50 is 50 preads.
 
@@ -191,6 +194,26 @@ class JsonStore:
     def list_workers(self) -> list[Worker]:
         return self._read(lambda: list(self._workers.values()))
 
+    def workers_if_current(self) -> list[Worker] | None:
+        """The workers from memory, without blocking, when the log is the one we indexed and holds
+        nothing we have not read (one ``stat``, cheap enough for an event loop); None when another
+        process may have changed it or a thread is using the store: ask ``list_workers`` then.
+
+        What this answers is what was committed; damage to the log is found by the next operation
+        that reads or writes it (a dispatch's own save, at once)."""
+        if not self._mutex.acquire(blocking=False):
+            return None
+        try:
+            try:
+                st = os.stat(self.log_path)
+            except OSError:
+                return None
+            if (st.st_dev, st.st_ino) != self._identity or st.st_size != self._consumed:
+                return None
+            return list(self._workers.values())
+        finally:
+            self._mutex.release()
+
     def get_worker(self, name: str) -> Worker | None:
         return self._read(lambda: self._workers.get(name))
 
@@ -218,11 +241,12 @@ class JsonStore:
     def save_run(self, run: Run) -> None:
         self.save_runs([run])
 
-    def save_runs(self, runs: list[Run]) -> None:
-        """Several runs' new states in one append and one fsync."""
+    def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
+        """Several runs' new states in one append and one fsync; ``durable=False`` (intermediate
+        states) skips the fsync, which the next durable write makes for both."""
 
         def change() -> None:
-            self._append([self._run_record(r) for r in runs])
+            self._append([self._run_record(r) for r in runs], sync=durable)
 
         self._write(change)
 
@@ -684,7 +708,7 @@ class JsonStore:
             return False
         return True
 
-    def _append(self, records: list[dict[str, Any]]) -> None:
+    def _append(self, records: list[dict[str, Any]], *, sync: bool = True) -> None:
         size = self._prepare_append()
         lines = [_line(r)[:-1] for r in records]
         payload = b"".join(line + b"\n" for line in lines)
@@ -694,7 +718,9 @@ class JsonStore:
             raise _os_problem("write", self.log_path, exc) from exc
         try:
             _write_all(fd, payload)
-            os.fdatasync(fd)
+            if sync:
+                # The whole file's dirty data, so earlier appends made without a sync land with it.
+                os.fdatasync(fd)
         except OSError as exc:
             # Nothing half-written stays: a failed append is cut back to the last committed byte.
             with contextlib.suppress(OSError):

@@ -21,11 +21,12 @@ environment, a value unique to the spawn: this server's ``pid-startticks`` and 1
 The environment is inherited through fork, exec and ``setsid`` and it outlives our own death, so
 a scan of ``/proc/*/environ`` (readable for our own uid) finds the whole tree during the step and,
 from the marker recorded on the step (``ProcessRef``), again after a ``kill -9`` of the server.
-When a step ends, one pass over ``/proc/*/environ`` (a few microseconds per process: a fraction
-of a millisecond at a hundred processes) says whether anything is left; only then, and while a
-kill is in progress, the full scan reads every ``stat`` too, and the environment only of processes
-started no earlier than the leader. The random part means no process carries a
-step's marker unless the step's own tree handed it down, and the leader's pid counts only with its
+When a step ends, one pass over ``/proc/*/environ`` says whether anything is left, skipping the
+processes a pidfd shows to be older than the step's leader (``_ElderProcesses``), so it reads only
+the few started since; only then, and while a kill is in progress, the full scan reads every
+``stat`` too, and the environment only of processes started no earlier than the leader. The random
+part means no process carries a step's marker unless the step's own tree handed it down, and the
+leader's pid counts only with its
 recorded start time, so a reused pid is never killed. Recovery also takes every process carrying
 the dead server's ``pid-startticks`` tag: a dead server served only this store, and the tag covers
 a spawn whose record had not reached the store when the server died.
@@ -44,10 +45,13 @@ import contextlib
 import functools
 import math
 import os
+import resource
 import secrets
+import select
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -263,6 +267,8 @@ class LineSplitter:
 
 # /proc/PID/stat is one line of well under this; one read() takes it whole.
 _STAT_BYTES = 4096
+# A process's environment is nearly always smaller than this: one read() takes it whole.
+_ENVIRON_BYTES = 64 * 1024
 
 
 def _read_proc(pid: int | str, name: str, *, whole: bool = True) -> bytes | None:
@@ -275,8 +281,13 @@ def _read_proc(pid: int | str, name: str, *, whole: bool = True) -> bytes | None
     try:
         if not whole:
             return os.read(fd, _STAT_BYTES)
-        chunks = []
-        while chunk := os.read(fd, 65536):
+        # The kernel fills a read of environ (and cmdline) until the buffer or the file ends, so a
+        # short read is the whole file: one read per process instead of two, a hundred times a step.
+        data = os.read(fd, _ENVIRON_BYTES)
+        if len(data) < _ENVIRON_BYTES:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, _ENVIRON_BYTES):
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError:
@@ -364,6 +375,9 @@ class ProcessTree:
     live: bool = True
     server_tag: str | None = None
     since_ticks: int | None = None  # nothing of ours started earlier: the marker scan skips it
+    # The spawn's number in this server (``_ElderProcesses``): processes known before it are no
+    # descendants of the leader. None: unknown, every process is read.
+    spawn_number: int | None = None
 
 
 def _carries(pid: int | str, needles: Sequence[bytes]) -> bool:
@@ -415,18 +429,116 @@ def tree_members(tree: ProcessTree) -> set[int]:
     return found
 
 
+# Pidfds the elder-process cache may hold open: a small share of the server's descriptors (the
+# soft limit is often 1024), enough for the long-lived processes of a typical machine.
+ELDER_FDS_MAX = 256
+ELDER_FDS_SHARE = 8  # at most 1/8 of RLIMIT_NOFILE's soft limit
+
+
+class _ElderProcesses:
+    """Processes known to be older than a spawn, so the end-of-step check need not read them.
+
+    A step's marker is inherited, so only a process created after the step's leader can carry it.
+    Every scan keeps a pidfd (``pidfd_open``, Linux 5.3) of each process it read that did not
+    carry the marker, stamped with the number of spawns made so far; each spawn takes the next
+    number before it forks. A later scan for a spawn numbered ``n`` skips a process whose pidfd
+    was stamped below ``n`` and has not signalled its exit: the pidfd names that very process, not
+    its pid, so it existed before the leader forked and descends from nothing of the step's. A
+    process that exited is dropped (its pid may be reused by a step's process, which is then read
+    like any new one). Without pidfds, or beyond the descriptor budget, processes are read as before.
+
+    Everything runs on the calling thread within one synchronous scan; a lock keeps scans of
+    event loops in other threads apart."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = os.getpid()
+        self._spawns = 0
+        self._known: dict[int, tuple[int, int]] = {}  # pid -> (pidfd, spawns made when it was opened)
+        self._by_fd: dict[int, int] = {}  # pidfd -> pid
+        self._poll = select.poll()
+        self._budget = _elder_budget()
+
+    def next_spawn(self) -> int:
+        """The number of a spawn about to fork (taken before the fork, never after)."""
+        with self._lock:
+            self._forked_check()
+            self._spawns += 1
+            return self._spawns
+
+    def any_carrying(self, needles: Sequence[bytes], spawn_number: int) -> bool:
+        with self._lock:
+            self._forked_check()
+            me = str(os.getpid())
+            entries = os.listdir("/proc")
+            # After the listing: a pidfd still quiet now held its pid all along, so the entry listed
+            # under that pid was this very process.
+            self._drop_exited()
+            for entry in entries:
+                if not entry.isdigit() or entry == me:
+                    continue
+                pid = int(entry)
+                known = self._known.get(pid)
+                if known is not None and known[1] < spawn_number:
+                    continue
+                if _carries(entry, needles):
+                    return True
+                if known is None:
+                    self._remember(pid)
+            return False
+
+    def _remember(self, pid: int) -> None:
+        if len(self._known) >= self._budget:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return  # gone already, no pidfds here, or out of descriptors: read it next time
+        self._known[pid] = (fd, self._spawns)
+        self._by_fd[fd] = pid
+        self._poll.register(fd, select.POLLIN)
+
+    def _drop_exited(self) -> None:
+        for fd, _ in self._poll.poll(0):
+            pid = self._by_fd.pop(fd)
+            del self._known[pid]
+            self._poll.unregister(fd)
+            os.close(fd)
+
+    def _forked_check(self) -> None:
+        if self._owner != os.getpid():  # a forked child: its own numbering, nothing inherited trusted
+            self._owner = os.getpid()
+            for fd in self._by_fd:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._known, self._by_fd, self._poll = {}, {}, select.poll()
+
+
+def _elder_budget() -> int:
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 0
+    return min(ELDER_FDS_MAX, soft // ELDER_FDS_SHARE) if soft != resource.RLIM_INFINITY else ELDER_FDS_MAX
+
+
+_elders = _ElderProcesses()
+
+
 def tree_left(tree: ProcessTree) -> bool:
     """Is anything of a live ``tree`` still running once its leader has exited? The cheap check
-    every step makes: one syscall for the group, then each process's environment for the marker
-    (2-3x cheaper than the ``stat`` table ``tree_members`` builds). It sees what ``tree_members``
-    sees: with the leader gone, anything else is in the group, carries the marker, or descends
-    from something that does (and then that one is still here)."""
+    every step makes: one syscall for the group, then the environment of each process that may be
+    younger than the leader (``_ElderProcesses`` skips those known to be older) for the marker. It
+    sees what ``tree_members`` sees: with the leader gone, anything else is in the group, carries
+    the marker, or descends from something that does (and then that one is still here)."""
     if tree.pgid is not None and group_alive(tree.pgid):
         return True
     if not tree.marker or not os.path.isdir("/proc"):
         return False
-    me = str(os.getpid())
     needles = (f"\0{MARKER_VAR}={tree.marker}\0".encode(),)
+    if tree.spawn_number is not None:
+        return _elders.any_carrying(needles, tree.spawn_number)
+    me = str(os.getpid())
     return any(entry.isdigit() and entry != me and _carries(entry, needles) for entry in os.listdir("/proc"))
 
 
@@ -489,6 +601,7 @@ async def run_process(
     """Run ``spec`` to its end, its limit or our cancellation; the tree is gone when this returns."""
     started = time.monotonic()
     marker = new_marker()
+    spawn_number = _elders.next_spawn()
     process = await anyio.open_process(
         list(spec.argv),
         stdin=subprocess.PIPE,
@@ -499,7 +612,9 @@ async def run_process(
         start_new_session=True,
     )
     pid = process.pid
-    tree = ProcessTree(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid), marker=marker)
+    tree = ProcessTree(
+        pid=pid, pgid=pid, start_ticks=process_start_ticks(pid), marker=marker, spawn_number=spawn_number
+    )
     _spawned[pid] = tree
     settled = False  # the tree was found empty after the leader exited
     out = BoundedCapture(spec.capture_bytes)
