@@ -539,11 +539,19 @@ async def test_the_served_server_logs_no_secret_even_at_debug(base_env: dict[str
     ]  # fmt: skip
     process = await anyio.open_process([sys.executable, "-m", "mcp_collab", "serve", "--log-level", "DEBUG"], env=env)
     assert process.stdin and process.stdout and process.stderr
-    await process.stdin.send("".join(json.dumps(m) + "\n" for m in messages).encode())
     out = b""
+
+    async def reply(request_id: int) -> None:
+        nonlocal out
+        while f'"id":{request_id}'.encode() not in out.replace(b" ", b"") or not out.endswith(b"\n"):
+            out += await process.stdout.receive()  # type: ignore[union-attr]
+
     with anyio.fail_after(60):
-        while b'"id":3' not in out.replace(b" ", b"") or not out.endswith(b"\n"):
-            out += await process.stdout.receive()
+        # The server handles requests concurrently: the dispatch goes once the worker is registered.
+        await process.stdin.send("".join(json.dumps(m) + "\n" for m in messages[:3]).encode())
+        await reply(2)
+        await process.stdin.send((json.dumps(messages[3]) + "\n").encode())
+        await reply(3)
         await process.stdin.aclose()
         await process.wait()
         err = b"".join([chunk async for chunk in process.stderr])
