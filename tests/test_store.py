@@ -203,3 +203,28 @@ def test_an_unknown_run_on_a_new_store_is_simply_unknown(tmp_path: Path) -> None
     store = JsonStore(tmp_path / "new")
     assert store.get_run("run-nope") is None
     assert store.list_runs(RunFilter(), limit=5, cursor=None).runs == []
+
+
+def test_list_totals_follow_runs_replaced_and_pruned(tmp_path: Path) -> None:
+    from mcp_collab.models import Usage
+
+    store = JsonStore(tmp_path)
+
+    def costed(i: int, cost: float, worker: str = "w1", status: str = "completed") -> Run:
+        run = a_run(i, worker=worker, status=status)
+        run.steps[0].cost_usd = cost
+        run.steps[0].usage = Usage(input_tokens=100 * i, output_tokens=10)
+        return run
+
+    store.save_runs([costed(1, 0.5), costed(2, 0.25, worker="w2"), costed(3, 1.0, status="running")])
+    everything = store.list_runs(RunFilter(), limit=1, cursor=None).totals
+    assert everything is not None and (everything.runs, everything.cost_usd) == (3, 1.75)
+    assert everything.usage.input_tokens == 600 and everything.usage.cached_input_tokens is None
+    store.save_run(costed(1, 2.0))  # the run's new state replaces its old one in the totals
+    by_w1 = store.list_runs(RunFilter(worker="w1"), limit=1, cursor=None).totals
+    assert by_w1 is not None and (by_w1.runs, by_w1.cost_usd) == (2, 3.0)
+    done = store.list_runs(RunFilter(status="completed"), limit=1, cursor=None).totals
+    assert done is not None and (done.runs, done.cost_usd) == (2, 2.25)
+    store.prune(max_runs=1, max_age_days=None)  # run 1 (completed, oldest) goes
+    after = JsonStore(tmp_path).list_runs(RunFilter(), limit=1, cursor=None).totals
+    assert after is not None and (after.runs, after.cost_usd, after.usage.input_tokens) == (2, 1.25, 500)

@@ -51,13 +51,14 @@ import shutil
 import stat
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
 
 from ..errors import InvalidRequestError, StoreError
 from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Run, RunPage, Usage, Worker
@@ -145,6 +146,7 @@ class JsonStore:
         self._consumed = 0  # bytes of the log applied to the index
         self._last: _Line | None = None  # the last complete line applied
         self._records = 0  # records in the log (live and superseded)
+        self._sums = _Sums()  # cost and token totals, kept as runs come and go
         self.notices: list[str] = []  # what a user should hear about (damage repaired)
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -270,7 +272,7 @@ class JsonStore:
             runs = [r for r in loaded if r is not None]
             last = picked[min(limit, len(picked)) - 1] if picked else None
             next_cursor = _cursor(self._index[last].created, last) if more and last is not None else None
-            totals = _totals((e for e in self._index.values() if self._matches(e, filter)), filter.worker)
+            totals = self._sums.totals(filter)
             return RunPage(runs=runs, next_cursor=next_cursor, totals=totals)
 
         return self._read(page)
@@ -578,6 +580,7 @@ class JsonStore:
 
     def _reset(self) -> None:
         self._workers, self._index, self._order = {}, {}, []
+        self._sums = _Sums()
         self._consumed = self._records = 0
         self._last = None
 
@@ -615,15 +618,19 @@ class JsonStore:
             previous = self._index.get(run_id)
             if previous is None:
                 bisect.insort(self._order, (entry.created, run_id))
-            elif previous.created != entry.created:
-                self._order.remove((previous.created, run_id))
-                bisect.insort(self._order, (entry.created, run_id))
+            else:
+                self._sums.add(previous, -1)
+                if previous.created != entry.created:
+                    self._order.remove((previous.created, run_id))
+                    bisect.insort(self._order, (entry.created, run_id))
             self._index[run_id] = entry
+            self._sums.add(entry, +1)
         elif op == "unrun":
             assert isinstance(value, str)
             gone = self._index.pop(value, None)
             if gone is not None:
                 self._order.remove((gone.created, value))
+                self._sums.add(gone, -1)
         elif op == "worker":
             assert isinstance(value, Worker)
             self._workers[value.name] = value
@@ -867,28 +874,67 @@ def _accounts(steps: Any) -> tuple[tuple[str, float | None, dict[str, Any] | Non
     return tuple(accounts)
 
 
-def _totals(entries: Iterable[_Entry], worker: str | None) -> CostTotals:
-    """Tokens and dollars over ``entries`` (of ``worker``'s steps only, when given)."""
-    totals = CostTotals()
-    usages = []
-    for entry in entries:
-        counted = False
-        for name, cost, usage in entry.accounts:
-            if worker is not None and name != worker:
+_USAGE_FIELDS = tuple(Usage.model_fields)
+
+
+class _Sums:
+    """Cost and token totals of the indexed runs, kept up to date as runs are stored, replaced and
+    pruned, by (status, strategy, worker) -- worker None for whole runs, a name for that worker's
+    steps only -- so a list's totals over every matching run cost a few additions, not a pass over
+    the history. A vector is [runs, dollars, uncosted steps, then per token field: sum, reports]."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, str, str | None], list[float]] = {}
+
+    def add(self, entry: _Entry, sign: int) -> None:
+        for worker, vector in _contributions(entry).items():
+            key = (entry.status, entry.strategy, worker)
+            into = self.by_key.setdefault(key, [0.0] * len(vector))
+            for i, value in enumerate(vector):
+                into[i] += sign * value
+            if not into[0]:
+                del self.by_key[key]
+
+    def totals(self, filter: RunFilter) -> CostTotals:
+        total = [0.0] * (3 + 2 * len(_USAGE_FIELDS))
+        for (status, strategy, worker), vector in self.by_key.items():
+            if worker != filter.worker or (filter.status or status) != status:
                 continue
-            counted = True
+            if (filter.strategy or strategy) != strategy:
+                continue
+            for i, value in enumerate(vector):
+                total[i] += value
+        tokens = {name: int(total[3 + 2 * i]) if total[4 + 2 * i] else None for i, name in enumerate(_USAGE_FIELDS)}
+        return CostTotals(
+            runs=int(total[0]), usage=Usage(**tokens), cost_usd=round(total[1], 9), uncosted_steps=int(total[2])
+        )
+
+
+def _contributions(entry: _Entry) -> dict[str | None, list[float]]:
+    """What one run adds to the totals: as a whole (key None), and per worker that took a step."""
+    vectors: dict[str | None, list[float]] = {}
+    for name, cost, usage in entry.accounts:
+        for key in (None, name):
+            vector = vectors.setdefault(key, [1.0] + [0.0] * (2 + 2 * len(_USAGE_FIELDS)))
             if cost is not None:
-                totals.cost_usd += cost
+                vector[1] += cost
             elif usage is not None:
-                totals.uncosted_steps += 1
-            if usage is not None:
-                with contextlib.suppress(ValidationError):
-                    usages.append(Usage.model_validate(usage, context=STORED))
-        totals.runs += counted or worker is None
-    if usages:
-        totals.usage = sum(usages[1:], usages[0])
-    totals.cost_usd = round(totals.cost_usd, 9)
-    return totals
+                vector[2] += 1
+            for i, field_name in enumerate(_USAGE_FIELDS):
+                value = _token(usage, field_name)
+                if value is not None:
+                    vector[3 + 2 * i] += value
+                    vector[4 + 2 * i] += 1
+    vectors.setdefault(None, [1.0] + [0.0] * (2 + 2 * len(_USAGE_FIELDS)))  # a run with no step counts too
+    return vectors
+
+
+def _token(usage: dict[str, Any] | None, name: str) -> int | None:
+    """A token count as stored (camelCase on disk); anything else is not a count."""
+    if usage is None:
+        return None
+    value = usage.get(to_camel(name), usage.get(name))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _record(run: Run) -> dict[str, Any]:
