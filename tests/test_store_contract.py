@@ -21,6 +21,7 @@ from mcp_collab.config import Settings
 from mcp_collab.errors import InvalidRequestError, StoreError
 from mcp_collab.models import Run, RunWorktree, Step, Worker
 from mcp_collab.store import JsonStore, RunFilter, RunStore, cursor_after, describe_store, open_store
+from mcp_collab.store.postgres import PostgresStore
 
 LONG = 2_000  # the preview both stores keep in a run's record; longer texts are stored apart
 # Runs each writer process saves in the concurrency test: enough that their writes interleave.
@@ -322,3 +323,41 @@ def test_doctor_names_the_backend_and_never_the_password(postgres_url: str, tmp_
     ) as err:
         open_store(settings)
     assert "s3cret-pw" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_command_keeps_runs_in_the_database_the_url_names(
+    base_env: dict[str, str], postgres_url: str, tmp_path: Path
+) -> None:
+    from tests.conftest import fake_cli
+    from tests.test_cli import mc
+
+    env = {
+        **base_env,
+        "MCP_COLLAB_CODEX_BIN": fake_cli("slow"),
+        "CODEX_FAKE_SECONDS": "0.1",
+        "MCP_COLLAB_STORE_URL": postgres_url,
+    }
+    assert mc(env, "workers", "add", "w", "--model", "codex_cli").returncode == 0
+    done = mc(env, "dispatch", "write the parser", "--json")
+    assert done.returncode == 0, done.stderr
+    run_id = json.loads(done.stdout)["id"]
+    assert not (tmp_path / "state" / "runs.jsonl").exists(), "nothing went to the JSON store"
+    with PostgresStore(postgres_url) as store:  # what another host would read
+        stored = store.get_run(run_id)
+    assert stored is not None and stored.status == "completed" and stored.workers == ["w"]
+    assert run_id in mc(env, "runs").stdout
+    doctor = mc(env, "doctor")
+    assert "store" in doctor.stdout and "PostgreSQL" in doctor.stdout
+
+
+def test_a_bad_store_url_is_refused_without_echoing_it(base_env: dict[str, str]) -> None:
+    from tests.test_cli import mc, one_line_refusal
+
+    for bad in ("mysql://u:hunter2pw@h/db", "postgresql://u:hunter2pw@h:99999/db", "postgresql://u:hunter2pw@h"):
+        refusal = one_line_refusal(mc({**base_env, "MCP_COLLAB_STORE_URL": bad}, "runs"))
+        assert "MCP_COLLAB_STORE_URL" in refusal and "postgresql://user:password@host:5432/dbname" in refusal
+        assert "hunter2pw" not in refusal
+    unreachable = {**base_env, "MCP_COLLAB_STORE_URL": "postgresql://u:hunter2pw@127.0.0.1:1/db"}
+    refusal = mc(unreachable, "runs")
+    assert refusal.returncode != 0 and "Traceback" not in refusal.stderr
+    assert "postgresql://u@127.0.0.1:1/db" in refusal.stderr and "hunter2pw" not in refusal.stderr

@@ -153,6 +153,12 @@ class PostgresStore:
     def close(self) -> None:
         self._pool.close()
 
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- the seam ----------------------------------------------------------------------------
 
     def check_writable(self) -> None:
