@@ -19,7 +19,7 @@ import pytest
 
 from mcp_collab.config import Settings
 from mcp_collab.errors import InvalidRequestError, StoreError
-from mcp_collab.models import Run, RunWorktree, Step, Worker
+from mcp_collab.models import Run, RunWorktree, Step, Usage, Worker
 from mcp_collab.store import JsonStore, RunFilter, RunStore, cursor_after, describe_store, open_store
 from mcp_collab.store.postgres import PostgresStore
 
@@ -361,3 +361,21 @@ def test_a_bad_store_url_is_refused_without_echoing_it(base_env: dict[str, str])
     refusal = mc(unreachable, "runs")
     assert refusal.returncode != 0 and "Traceback" not in refusal.stderr
     assert "postgresql://u@127.0.0.1:1/db" in refusal.stderr and "hunter2pw" not in refusal.stderr
+
+
+def test_a_list_totals_tokens_and_dollars_over_every_matching_run(new_store: StoreMaker) -> None:
+    store = new_store()
+    for i in range(6):
+        run = a_run(i, worker="w2" if i % 2 else "w1", status="failed" if i == 5 else "completed")
+        run.steps[0].usage = Usage(input_tokens=100, output_tokens=10 * i)
+        run.steps[0].cost_usd = None if i == 4 else 0.25
+        run.steps[0].diff = "+" * (LONG * 2) if i == 0 else ""
+        store.save_run(run)
+    whole = store.list_runs(RunFilter(), 2, None).totals
+    assert whole is not None and whole.runs == 6 and whole.cost_usd == 1.25 and whole.uncosted_steps == 1
+    assert whole.usage.input_tokens == 600 and whole.usage.output_tokens == 150 and whole.usage.reasoning_tokens is None
+    of_w2 = new_store().list_runs(RunFilter(worker="w2"), 1, None).totals
+    assert of_w2 is not None and (of_w2.runs, of_w2.cost_usd, of_w2.usage.output_tokens) == (3, 0.75, 90)
+    failed = store.list_runs(RunFilter(status="failed"), 1, None).totals
+    assert failed is not None and failed.runs == 1 and failed.usage.output_tokens == 50
+    assert store.get_run("run-00000").steps[0].diff == "+" * (LONG * 2)  # type: ignore[union-attr]

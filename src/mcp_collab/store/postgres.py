@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from ..config import shown_store_url, store_url_secrets
 from ..errors import InvalidRequestError, StoreError
-from ..models import STORED, TERMINAL_RUN_STATUSES, Run, RunPage, Worker
+from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Run, RunPage, Usage, Worker
 from .base import KEY_FORMAT, RunFilter, decode_cursor, encode_cursor, key_time
 
 log = logging.getLogger("mcp_collab.store")
@@ -85,12 +85,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             body bytea NOT NULL,
             PRIMARY KEY (run_id, kind, idx)
         )""",
+        # What the cost totals of a list need of each step, summed by the database (not read run by run).
+        """CREATE TABLE run_steps (
+            run_id text NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            idx integer NOT NULL,
+            worker text NOT NULL,
+            cost_usd double precision,
+            has_usage boolean NOT NULL,
+            input_tokens bigint,
+            output_tokens bigint,
+            total_tokens bigint,
+            cached_input_tokens bigint,
+            cache_write_tokens bigint,
+            reasoning_tokens bigint,
+            PRIMARY KEY (run_id, idx)
+        )""",
+        "CREATE INDEX run_steps_by_worker ON run_steps (worker)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _TERMINAL = sorted(TERMINAL_RUN_STATUSES)
 _RUN_COLUMNS = "id, created_at, status, strategy, workers, record"
+_USAGE_FIELDS = tuple(Usage.model_fields)
+_STEP_COLUMNS = "run_id, idx, worker, cost_usd, has_usage, " + ", ".join(_USAGE_FIELDS)
 
 T = TypeVar("T")
 
@@ -210,13 +228,16 @@ class PostgresStore:
         """Several runs' new states in one transaction: all of them land, or none."""
         if not runs:
             return
-        rows, texts = [], []
+        rows, texts, steps = [], [], []
         for run in runs:
             record, long_texts = _split(run)
             rows.append(
                 (run.id, run.created_at.astimezone(UTC), run.status, run.strategy, list(run.workers), _json(record))
             )
             texts.append((run.id, long_texts))
+            for i, step in enumerate(run.steps):
+                usage = [getattr(step.usage, name) if step.usage else None for name in _USAGE_FIELDS]
+                steps.append((run.id, i, step.worker_name, step.cost_usd, step.usage is not None, *usage))
 
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction(), conn.cursor() as cur:
@@ -226,6 +247,10 @@ class PostgresStore:
                     "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record",
                     rows,
                 )
+                cur.execute("DELETE FROM run_steps WHERE run_id = ANY(%s)", ([run.id for run in runs],))
+                if steps:
+                    placeholders = ", ".join(["%s"] * (5 + len(_USAGE_FIELDS)))
+                    cur.executemany(f"INSERT INTO run_steps ({_STEP_COLUMNS}) VALUES ({placeholders})", steps)
                 for run_id, long_texts in texts:
                     keys = [f"{kind}:{idx}" for kind, idx, _ in long_texts]
                     cur.execute(
@@ -258,6 +283,8 @@ class PostgresStore:
                     run.steps[idx].output = text
                 elif kind == "diff" and idx < len(run.worktrees):
                     run.worktrees[idx].diff = text
+                elif kind == "stepdiff" and idx < len(run.steps):
+                    run.steps[idx].diff = text
             return run
 
         return self._call(read)
@@ -271,27 +298,33 @@ class PostgresStore:
         return self._readable(rows)
 
     def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
-        conditions: list[sql.Composable] = []
-        params: list[Any] = []
+        conditions, params = _conditions(filter)
+        page_conditions, page_params = list(conditions), list(params)
         if cursor:
             created, after_id = decode_cursor(cursor)
-            conditions.append(sql.SQL("(created_at, id) < (%s, %s)"))
-            params += [key_time(created), after_id]
-        if filter.status is not None:
-            conditions.append(sql.SQL("status = %s"))
-            params.append(filter.status)
-        if filter.strategy is not None:
-            conditions.append(sql.SQL("strategy = %s"))
-            params.append(filter.strategy)
-        if filter.worker is not None:
-            conditions.append(sql.SQL("workers @> ARRAY[%s]::text[]"))
-            params.append(filter.worker)
-        where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+            page_conditions.append(sql.SQL("(created_at, id) < (%s, %s)"))
+            page_params += [key_time(created), after_id]
         query = sql.SQL("SELECT id, record, created_at FROM runs{} ORDER BY created_at DESC, id DESC LIMIT %s").format(
-            where
+            _where(page_conditions)
         )
-        params.append(limit + 1)  # one more than asked: is there a next page?
-        rows = self._call(lambda c: c.execute(query, params).fetchall())
+        page_params.append(limit + 1)  # one more than asked: is there a next page?
+        sums = ", ".join(f"sum(s.{name})" for name in _USAGE_FIELDS)
+        of_worker = sql.SQL(" AND s.worker = %s") if filter.worker is not None else sql.SQL("")
+        totals_query = sql.SQL(
+            "WITH matched AS (SELECT id FROM runs{where}) "
+            "SELECT (SELECT count(*) FROM matched), count(DISTINCT s.run_id), coalesce(sum(s.cost_usd), 0), "
+            "count(*) FILTER (WHERE s.cost_usd IS NULL AND s.has_usage), {sums} "
+            "FROM run_steps s JOIN matched m ON m.id = s.run_id WHERE true{of_worker}"
+        ).format(where=_where(conditions), sums=sql.SQL(sums), of_worker=of_worker)
+        totals_params = [*params, *([filter.worker] if filter.worker is not None else [])]
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[list[Any], Any]:
+            with conn.transaction():  # one snapshot: the page and the totals agree
+                rows = conn.execute(query, page_params).fetchall()
+                summed = conn.execute(totals_query, totals_params).fetchone()
+            return rows, summed
+
+        rows, summed = self._call(read)
         more = len(rows) > limit
         kept = rows[:limit]
         runs = self._readable([(run_id, record) for run_id, record, _ in kept])
@@ -299,7 +332,14 @@ class PostgresStore:
         if more and kept:
             last_id, _, last_created = kept[-1]
             next_cursor = encode_cursor(last_created.astimezone(UTC).strftime(KEY_FORMAT), last_id)
-        return RunPage(runs=runs, next_cursor=next_cursor)
+        all_runs, runs_with_steps, cost, uncosted, *usage = summed
+        totals = CostTotals(
+            runs=all_runs if filter.worker is None else runs_with_steps,
+            cost_usd=round(float(cost), 9),
+            uncosted_steps=uncosted,
+            usage=Usage(**{name: None if v is None else int(v) for name, v in zip(_USAGE_FIELDS, usage, strict=True)}),
+        )
+        return RunPage(runs=runs, next_cursor=next_cursor, totals=totals)
 
     def prune(self, *, max_runs: int | None, max_age_days: float | None, now: datetime | None = None) -> list[str]:
         """Forget finished runs beyond the newest ``max_runs`` or older than ``max_age_days``, with
@@ -393,13 +433,36 @@ class PostgresStore:
         return runs
 
 
+def _conditions(filter: RunFilter) -> tuple[list[sql.Composable], list[Any]]:
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+    if filter.status is not None:
+        conditions.append(sql.SQL("status = %s"))
+        params.append(filter.status)
+    if filter.strategy is not None:
+        conditions.append(sql.SQL("strategy = %s"))
+        params.append(filter.strategy)
+    if filter.worker is not None:
+        conditions.append(sql.SQL("workers @> ARRAY[%s]::text[]"))
+        params.append(filter.worker)
+    return conditions, params
+
+
+def _where(conditions: list[sql.Composable]) -> sql.Composable:
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+
+
 def _split(run: Run) -> tuple[dict[str, Any], list[tuple[str, int, str]]]:
     """The run's record with long texts cut to a preview, and those texts whole: (kind, index, text)."""
     record = run.model_dump(mode="json", by_alias=True)
     texts: list[tuple[str, int, str]] = []
-    for kind, items, key in (("output", record["steps"], "output"), ("diff", record["worktrees"], "diff")):
+    for kind, items, key in (
+        ("output", record["steps"], "output"),
+        ("stepdiff", record["steps"], "diff"),
+        ("diff", record["worktrees"], "diff"),
+    ):
         for i, item in enumerate(items):
-            if len(item[key]) > PREVIEW_CHARS:
+            if len(item.get(key) or "") > PREVIEW_CHARS:
                 texts.append((kind, i, item[key]))
                 item[key] = item[key][:PREVIEW_CHARS]
     return record, texts
