@@ -249,6 +249,8 @@ def test_a_batch_lands_whole(new_store: StoreMaker) -> None:
     batch = [a_run(i, status="failed") for i in range(5)]
     store.save_runs(batch)
     assert [r.status for r in new_store().list_runs(RunFilter(), 10, None).runs] == ["failed"] * 5
+    store.save_runs([a_run(i, status="running") for i in range(2)], durable=False)  # intermediate states
+    assert [r.status for r in new_store().list_runs(RunFilter(), 10, None).runs] == ["failed"] * 3 + ["running"] * 2
 
 
 def _writer(kind: str, where: str, name: str, start: Any, results: Any) -> None:

@@ -198,6 +198,11 @@ class PostgresStore:
         rows = self._call(lambda c: c.execute("SELECT record FROM workers ORDER BY seq").fetchall())
         return [_worker(record) for (record,) in rows]
 
+    def workers_if_current(self) -> list[Worker] | None:
+        """Always None: another process or host may have changed the workers, and only a query (a
+        network round trip, never on an event loop) can tell; callers then ask ``list_workers``."""
+        return None
+
     def get_worker(self, name: str) -> Worker | None:
         row = self._call(lambda c: c.execute("SELECT record FROM workers WHERE name = %s", (name,)).fetchone())
         return _worker(row[0]) if row else None
@@ -224,8 +229,12 @@ class PostgresStore:
     def save_run(self, run: Run) -> None:
         self.save_runs([run])
 
-    def save_runs(self, runs: list[Run]) -> None:
-        """Several runs' new states in one transaction: all of them land, or none."""
+    def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
+        """Several runs' new states in one transaction: all of them land, or none. ``durable=False``
+        (intermediate states): the commit does not wait for the database's WAL flush
+        (``synchronous_commit = off`` for this transaction only); a crash of our server loses
+        nothing, a crash of the database at most the last moments, and the next durable commit
+        flushes both."""
         if not runs:
             return
         rows, texts, steps = [], [], []
@@ -241,6 +250,8 @@ class PostgresStore:
 
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction(), conn.cursor() as cur:
+                if not durable:
+                    cur.execute("SET LOCAL synchronous_commit = off")
                 cur.executemany(
                     f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at, status = EXCLUDED.status, "
