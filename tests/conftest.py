@@ -8,6 +8,8 @@ import pytest
 
 from mcp_collab.config import Settings
 from tests.support.cli_homes import cli_bin_dir, cli_env
+from tests.support.postgres import PostgresCluster
+from tests.support.postgres import missing_reason as postgres_missing_reason
 from tests.support.vendor_stub import VendorStub
 
 FAKE_CLIS = Path(__file__).parent / "fake_clis"
@@ -94,3 +96,22 @@ def real_env(tmp_path: Path, stub: VendorStub, base_env: dict[str, str]) -> dict
     env["PATH"] = f"{bin_dir}{os.pathsep}{base_env['PATH']}"
     env["OPENAI_BASE_URL"] = f"{stub.url}/v1"
     return env
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the session (loopback, free port, trust auth), stopped
+    and deleted at the end. Missing binaries: a failure in CI, else a skip that says why."""
+    reason = postgres_missing_reason()
+    if reason is not None:
+        if os.environ.get("MCP_COLLAB_REQUIRE_REAL_CLIS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """A fresh, empty database of the session's cluster, for one test."""
+    return postgres_cluster.create_database()

@@ -273,10 +273,10 @@ def _serve(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter(settings.redact))  # no secret reaches the log
     from .server import build_server
-    from .store import JsonStore
+    from .store import open_store
 
-    # Opened before any client connects: a broken state directory is one clear line and exit 1.
-    store = JsonStore(settings.store_dir)
+    # Opened before any client connects: a broken store is one clear line and exit 1.
+    store = open_store(settings)
     store.check_writable()
     server = build_server(settings, store=store)
     if args.transport == "stdio":

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .errors import ConfigError
 from .models import MAX_COST_USD, Access, FallbackPolicy, RuntimeMode
@@ -151,6 +151,65 @@ def _endpoints(env: Mapping[str, str]) -> dict[str, Endpoint]:
     return found
 
 
+# The URL schemes that select the PostgreSQL store (libpq accepts both).
+STORE_URL_SCHEMES = ("postgresql", "postgres")
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    """A database URL (MCP_COLLAB_STORE_URL). It may carry a password: ``repr`` and ``shown`` never do."""
+
+    url: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"StoreUrl({self.shown!r})"
+
+    @property
+    def shown(self) -> str:
+        return shown_store_url(self.url)
+
+
+def shown_store_url(url: str) -> str:
+    """The database a URL names, fit for a log or a report: no password, no query."""
+    parts = urlsplit(url)
+    host = parts.hostname or dict(parse_qsl(parts.query)).get("host", "")
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def store_url_secrets(url: str) -> list[str]:
+    """What of a URL must never be shown: its password, in the user part or the query."""
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if k == "password" and v]
+    return found
+
+
+def _store_url(env: Mapping[str, str]) -> StoreUrl | None:
+    raw = env.get("MCP_COLLAB_STORE_URL", "").strip()
+    if not raw:
+        return None
+    # The value is never echoed back: it may hold a password.
+    parts = urlsplit(raw)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in STORE_URL_SCHEMES or not port_ok or not (parts.path.strip("/") or parts.query):
+        raise ConfigError(
+            "MCP_COLLAB_STORE_URL is not a PostgreSQL URL with a database name and a valid port; set it like "
+            "postgresql://user:password@host:5432/dbname, or unset it to keep runs in the JSON store in "
+            "MCP_COLLAB_STATE_DIR"
+        )
+    return StoreUrl(raw)
+
+
 def default_state_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
     return Path(base) / "mcp-collab"
@@ -180,6 +239,8 @@ class Settings:
     workspace_roots: tuple[Path, ...] = ()
     retain_runs: int | None = DEFAULT_RETAIN_RUNS
     retain_days: float | None = DEFAULT_RETAIN_DAYS
+    # The PostgreSQL database that holds the runs (MCP_COLLAB_STORE_URL); None: the JSON store in state_dir.
+    store_url: StoreUrl | None = None
     # The variables the runtimes declare in runtimes/registry.py, read and checked once, by name.
     runtime_texts: Mapping[str, str] = field(default_factory=lambda: _runtime_settings({})[0])
     runtime_counts: Mapping[str, int] = field(default_factory=lambda: _runtime_settings({})[1])
@@ -229,6 +290,7 @@ class Settings:
             workspace_roots=default_roots(env),
             retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
             retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
+            store_url=_store_url(env),
             runtime_texts=runtime_texts,
             runtime_counts=runtime_counts,
             openai_wire_api=_choice(env, "MCP_COLLAB_OPENAI_WIRE_API", "auto", WIRE_APIS),  # type: ignore[arg-type]

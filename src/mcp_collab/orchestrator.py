@@ -29,7 +29,7 @@ from .errors import InvalidRequestError
 from .models import DispatchRequest, Run, RunPage, RunStatus, RuntimeMode, Worker, WorkerSpec
 from .runtimes.base import WorkerRuntime
 from .runtimes.registry import RUNTIMES
-from .store import JsonStore, RunFilter, RunStore
+from .store import RunFilter, RunStore, open_store
 from .strategies import get_strategy
 
 __all__ = ["MAX_PAGE_SIZE", "WorkerOrchestrator", "default_runtimes"]
@@ -50,7 +50,7 @@ class WorkerOrchestrator:
         runtimes: Mapping[RuntimeMode, WorkerRuntime] | None = None,
     ) -> None:
         self.settings = settings
-        self.store: RunStore = store if store is not None else JsonStore(settings.store_dir)
+        self.store: RunStore = store if store is not None else open_store(settings)
         self.runtimes: dict[RuntimeMode, WorkerRuntime] = (
             dict(runtimes) if runtimes is not None else default_runtimes(settings)
         )

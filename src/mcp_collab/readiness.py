@@ -21,6 +21,7 @@ import anyio
 from pydantic import Field
 
 from .config import Endpoint, Settings
+from .errors import StoreError
 from .models import RuntimeMode, WireModel
 from .runtimes.cli import find_binary
 from .runtimes.cli.vendors import VENDORS, EndpointPlan
@@ -175,7 +176,10 @@ def _package_version(dist: str, module: str) -> str | None:
 
 def _store_checks(settings: Settings) -> list[Check]:
     """Can a run be stored (room for a page, a writable directory, a log that is a file), and was
-    damage found and repaired (its original kept aside for the operator to read)?"""
+    damage found and repaired (its original kept aside for the operator to read)? With a database:
+    which one, and is it reachable and usable."""
+    if settings.store_url is not None:
+        return [_database_check(settings.store_url.url)]
     directory = settings.state_dir
     log_path = directory / LOG_NAME
     try:
@@ -214,6 +218,23 @@ def _store_checks(settings: Settings) -> list[Check]:
             )
         )
     return checks
+
+
+def _database_check(url: str) -> Check:
+    """Connect, read the schema version, change nothing (the server migrates at start, not doctor)."""
+    from .store.postgres import probe  # the driver is imported only when a database is configured
+
+    try:
+        detail = probe(url)
+    except StoreError as exc:
+        return Check(
+            name="store",
+            ok=False,
+            detail=f"PostgreSQL: {exc}",
+            hint="start the database or fix MCP_COLLAB_STORE_URL (host, port, user, database), "
+            "or unset it to use the JSON store",
+        )
+    return Check(name="store", ok=True, detail=f"PostgreSQL: {detail}")
 
 
 async def check(settings: Settings) -> ReadinessReport:
@@ -291,7 +312,8 @@ async def check(settings: Settings) -> ReadinessReport:
                 hint=None if version else "pip install mcp-collab (its dependencies include the SDK)",
             )
         )
-    checks.extend(_store_checks(settings))
+    # A database's connect can take seconds: off the event loop.
+    checks.extend(await anyio.to_thread.run_sync(_store_checks, settings))
     plans = {model: vendor.endpoint(settings) for model, vendor in VENDORS.items()}
     endpoint_checks, blocked = _endpoint_checks(settings, plans, unreachable)
     checks.extend(endpoint_checks)

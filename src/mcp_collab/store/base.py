@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
+from ..errors import InvalidRequestError
 from ..models import Run, RunPage, RunStatus, Worker
+
+# A run's place in the history, as cursors spell it: its creation time (UTC, fixed width, so the
+# text sorts like the time) and its id. Every backend issues and reads the same cursors.
+KEY_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"
 
 
 @dataclass(frozen=True)
@@ -59,3 +66,30 @@ class RunStore(Protocol):
 
     def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
         """Runs newest first; ``cursor`` is the ``nextCursor`` of the previous page."""
+
+
+def cursor_after(run: Run) -> str:
+    """The cursor of the page that starts just after ``run``."""
+    return encode_cursor(run.created_at.astimezone(UTC).strftime(KEY_FORMAT), run.id)
+
+
+def encode_cursor(created: str, run_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created}|{run_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """(creation key, run id) of a cursor this server issued; InvalidRequestError for anything else."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, run_id = base64.urlsafe_b64decode(padded.encode()).decode().split("|", 1)
+        datetime.strptime(created, KEY_FORMAT)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError(
+            "cursor is not one this server issued; pass the nextCursor of the previous page, or omit it"
+        ) from None
+    return (created, run_id)
+
+
+def key_time(created: str) -> datetime:
+    """The time of a cursor's creation key (see KEY_FORMAT)."""
+    return datetime.strptime(created, KEY_FORMAT).replace(tzinfo=UTC)

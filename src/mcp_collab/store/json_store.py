@@ -39,7 +39,6 @@ operation with a ``StoreError`` naming the path and the cause; nothing half-writ
 
 from __future__ import annotations
 
-import base64
 import bisect
 import contextlib
 import errno
@@ -62,7 +61,10 @@ from pydantic.alias_generators import to_camel
 
 from ..errors import InvalidRequestError, StoreError
 from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Run, RunPage, Usage, Worker
+from .base import KEY_FORMAT as _KEY_FORMAT
 from .base import RunFilter
+from .base import decode_cursor as _decode_cursor
+from .base import encode_cursor as _cursor
 
 log = logging.getLogger("mcp_collab.store")
 
@@ -983,9 +985,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-_KEY_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"
-
-
 def _sort_key(iso: str) -> str:
     """A creation time as a string that sorts like the time itself (fixed width, UTC)."""
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC).strftime(_KEY_FORMAT)
@@ -993,23 +992,3 @@ def _sort_key(iso: str) -> str:
 
 def _timestamp(key: str) -> float:
     return datetime.strptime(key, _KEY_FORMAT).replace(tzinfo=UTC).timestamp()
-
-
-def cursor_after(run: Run) -> str:
-    """The cursor of the page that starts just after ``run``."""
-    return _cursor(run.created_at.astimezone(UTC).strftime(_KEY_FORMAT), run.id)
-
-
-def _cursor(created: str, run_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{created}|{run_id}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[str, str]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        created, run_id = base64.urlsafe_b64decode(padded.encode()).decode().split("|", 1)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequestError(
-            "cursor is not one this server issued; pass the nextCursor of the previous page, or omit it"
-        ) from None
-    return (created, run_id)

@@ -1,0 +1,514 @@
+"""The PostgreSQL store: one database shared by every server process, on any host that reaches it.
+
+Selected by ``MCP_COLLAB_STORE_URL=postgresql://...`` (see ``open_store``). Tables::
+
+    schema_migrations  version, applied_at: the migrations below that this database has had
+    workers            name (key), seq (the order they were added), record (the worker as JSON)
+    runs               id (key), created_at, status, strategy, workers (the columns filters and
+                       paging use, indexed), record (the run as JSON, long texts cut to a preview)
+    run_texts          run_id, kind (output | diff), idx, body: a step's output or a worktree's
+                       diff longer than the preview, whole, read only when one run is read
+
+The record is JSON text, not ``jsonb``: ``jsonb`` (and ``text``) cannot hold the NUL character, and
+a CLI's output may contain one; long texts are ``bytea`` for the same reason. Nothing is lost.
+
+Each call is one transaction on a connection of its own (a small pool shared by the threads the
+orchestrator calls from), so concurrent writers in several processes or on several hosts lose no
+update: a save replaces one run's row and texts atomically; ``save_runs`` commits its batch at once;
+adding a worker whose name is taken is refused by the primary key, not by a read-then-write race.
+
+Migrations are versioned and applied at start under an advisory lock (two servers starting at
+once do not both apply one); a database migrated by a newer mcp-collab is refused untouched.
+
+Every failure is one ``StoreError`` naming the database (never its password) and the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from pydantic import ValidationError
+
+from ..config import shown_store_url, store_url_secrets
+from ..errors import InvalidRequestError, StoreError
+from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Run, RunPage, Usage, Worker
+from .base import KEY_FORMAT, RunFilter, decode_cursor, encode_cursor, key_time
+
+log = logging.getLogger("mcp_collab.store")
+
+# The record of a run keeps this much of each output and diff (as the JSON store does): a page
+# of runs stays small; the whole text is in run_texts, read when one run is read.
+PREVIEW_CHARS = 2_000
+# Connections one process holds at most: the orchestrator calls the store from a few threads at a
+# time (each call is short); more would only queue inside the database.
+POOL_SIZE = 8
+# Seconds to wait for the server when connecting: a wrong host fails start-up quickly and clearly.
+CONNECT_TIMEOUT_S = 10
+# Seconds a call waits for a free connection before it is refused (every connection is busy).
+ACQUIRE_TIMEOUT_S = 60.0
+# The advisory lock key migrations run under (any constant; "mcpcollab" in ASCII, cut to 63 bits).
+MIGRATION_LOCK = 0x6D6370636F6C6C61
+
+# Each migration is a list of statements, applied once, in order, in one transaction. Never edit
+# one that has shipped: add the next.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE workers (
+            name text PRIMARY KEY,
+            seq bigserial NOT NULL,
+            record text NOT NULL
+        )""",
+        """CREATE TABLE runs (
+            id text PRIMARY KEY,
+            created_at timestamptz NOT NULL,
+            status text NOT NULL,
+            strategy text NOT NULL,
+            workers text[] NOT NULL,
+            record text NOT NULL
+        )""",
+        "CREATE INDEX runs_newest ON runs (created_at DESC, id DESC)",
+        "CREATE INDEX runs_by_status ON runs (status, created_at DESC, id DESC)",
+        "CREATE INDEX runs_by_strategy ON runs (strategy, created_at DESC, id DESC)",
+        "CREATE INDEX runs_by_worker ON runs USING gin (workers)",
+        """CREATE TABLE run_texts (
+            run_id text NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            kind text NOT NULL,
+            idx integer NOT NULL,
+            body bytea NOT NULL,
+            PRIMARY KEY (run_id, kind, idx)
+        )""",
+        # What the cost totals of a list need of each step, summed by the database (not read run by run).
+        """CREATE TABLE run_steps (
+            run_id text NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            idx integer NOT NULL,
+            worker text NOT NULL,
+            cost_usd double precision,
+            has_usage boolean NOT NULL,
+            input_tokens bigint,
+            output_tokens bigint,
+            total_tokens bigint,
+            cached_input_tokens bigint,
+            cache_write_tokens bigint,
+            reasoning_tokens bigint,
+            PRIMARY KEY (run_id, idx)
+        )""",
+        "CREATE INDEX run_steps_by_worker ON run_steps (worker)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_TERMINAL = sorted(TERMINAL_RUN_STATUSES)
+_RUN_COLUMNS = "id, created_at, status, strategy, workers, record"
+_USAGE_FIELDS = tuple(Usage.model_fields)
+_STEP_COLUMNS = "run_id, idx, worker, cost_usd, has_usage, " + ", ".join(_USAGE_FIELDS)
+
+T = TypeVar("T")
+
+
+class _Pool:
+    """At most ``size`` connections, opened on demand and reused; a broken one is dropped and the
+    next call opens a new one (a restarted database costs one failed call, not the server)."""
+
+    def __init__(self, url: str, size: int) -> None:
+        self._url = url
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+        self._closed = False
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="mcp-collab"
+        )
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if not self._slots.acquire(timeout=ACQUIRE_TIMEOUT_S):
+            raise StoreError(
+                f"every one of the {POOL_SIZE} connections to the run store was busy for {ACQUIRE_TIMEOUT_S:.0f} s"
+            )
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self.connect()
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    if conn.closed or conn.broken or self._closed:
+                        conn.close()
+                    else:
+                        self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class PostgresStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.shown = shown_store_url(url)
+        self._hidden = store_url_secrets(url)
+        self.notices: list[str] = []  # nothing to report yet; the seam's callers read it
+        self._pool = _Pool(url, POOL_SIZE)
+        self._call(self._migrate, "open")
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the seam ----------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Fail now, with the cause, if a run could not be stored (unreachable, read-only, no rights)."""
+
+        def probe(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(force_rollback=True):
+                conn.execute("SELECT 1 FROM runs LIMIT 1")
+                conn.execute("SELECT 1 FROM workers LIMIT 1")
+                conn.execute(
+                    "INSERT INTO run_texts (run_id, kind, idx, body) SELECT id, 'probe', -1, '' FROM runs LIMIT 0"
+                )
+                if conn.execute("SHOW transaction_read_only").fetchone() == ("on",):
+                    raise StoreError(f"the run store {self.shown} is read-only (a standby?); point it at the primary")
+
+        self._call(probe, "write")
+
+    def list_workers(self) -> list[Worker]:
+        rows = self._call(lambda c: c.execute("SELECT record FROM workers ORDER BY seq").fetchall())
+        return [_worker(record) for (record,) in rows]
+
+    def workers_if_current(self) -> list[Worker] | None:
+        """Always None: another process or host may have changed the workers, and only a query (a
+        network round trip, never on an event loop) can tell; callers then ask ``list_workers``."""
+        return None
+
+    def get_worker(self, name: str) -> Worker | None:
+        row = self._call(lambda c: c.execute("SELECT record FROM workers WHERE name = %s", (name,)).fetchone())
+        return _worker(row[0]) if row else None
+
+    def add_worker(self, worker: Worker) -> None:
+        def insert(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "INSERT INTO workers (name, record) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (worker.name, _json(worker.model_dump(mode="json", by_alias=True))),
+            )
+            return cur.rowcount == 1
+
+        if not self._call(insert, "write"):
+            raise InvalidRequestError(
+                f"a worker named {worker.name!r} already exists; remove it first or choose another name"
+            )
+
+    def remove_worker(self, name: str) -> Worker | None:
+        row = self._call(
+            lambda c: c.execute("DELETE FROM workers WHERE name = %s RETURNING record", (name,)).fetchone(), "write"
+        )
+        return _worker(row[0]) if row else None
+
+    def save_run(self, run: Run) -> None:
+        self.save_runs([run])
+
+    def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
+        """Several runs' new states in one transaction: all of them land, or none. ``durable=False``
+        (intermediate states): the commit does not wait for the database's WAL flush
+        (``synchronous_commit = off`` for this transaction only); a crash of our server loses
+        nothing, a crash of the database at most the last moments, and the next durable commit
+        flushes both."""
+        if not runs:
+            return
+        rows, texts, steps = [], [], []
+        for run in runs:
+            record, long_texts = _split(run)
+            rows.append(
+                (run.id, run.created_at.astimezone(UTC), run.status, run.strategy, list(run.workers), _json(record))
+            )
+            texts.append((run.id, long_texts))
+            for i, step in enumerate(run.steps):
+                usage = [getattr(step.usage, name) if step.usage else None for name in _USAGE_FIELDS]
+                steps.append((run.id, i, step.worker_name, step.cost_usd, step.usage is not None, *usage))
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                if not durable:
+                    cur.execute("SET LOCAL synchronous_commit = off")
+                cur.executemany(
+                    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at, status = EXCLUDED.status, "
+                    "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record",
+                    rows,
+                )
+                cur.execute("DELETE FROM run_steps WHERE run_id = ANY(%s)", ([run.id for run in runs],))
+                if steps:
+                    placeholders = ", ".join(["%s"] * (5 + len(_USAGE_FIELDS)))
+                    cur.executemany(f"INSERT INTO run_steps ({_STEP_COLUMNS}) VALUES ({placeholders})", steps)
+                for run_id, long_texts in texts:
+                    keys = [f"{kind}:{idx}" for kind, idx, _ in long_texts]
+                    cur.execute(
+                        "DELETE FROM run_texts WHERE run_id = %s AND NOT (kind || ':' || idx = ANY(%s))",
+                        (run_id, keys),
+                    )
+                    if long_texts:
+                        # A text is written when it first appears; later saves of the run leave it
+                        # unless it changed.
+                        cur.executemany(
+                            "INSERT INTO run_texts (run_id, kind, idx, body) VALUES (%s, %s, %s, %s) "
+                            "ON CONFLICT (run_id, kind, idx) DO UPDATE SET body = EXCLUDED.body "
+                            "WHERE run_texts.body IS DISTINCT FROM EXCLUDED.body",
+                            [(run_id, kind, idx, body.encode("utf-8")) for kind, idx, body in long_texts],
+                        )
+
+        self._call(write, "write")
+
+    def get_run(self, run_id: str) -> Run | None:
+        def read(conn: psycopg.Connection[Any]) -> Run | None:
+            with conn.transaction():  # one snapshot: the record and its texts agree
+                row = conn.execute("SELECT id, record FROM runs WHERE id = %s", (run_id,)).fetchone()
+                if row is None:
+                    return None
+                texts = conn.execute("SELECT kind, idx, body FROM run_texts WHERE run_id = %s", (run_id,)).fetchall()
+            run = self._run(row[0], row[1])
+            for kind, idx, body in texts:
+                text = bytes(body).decode("utf-8")
+                if kind == "output" and idx < len(run.steps):
+                    run.steps[idx].output = text
+                elif kind == "diff" and idx < len(run.worktrees):
+                    run.worktrees[idx].diff = text
+                elif kind == "stepdiff" and idx < len(run.steps):
+                    run.steps[idx].diff = text
+            return run
+
+        return self._call(read)
+
+    def unfinished_runs(self) -> list[Run]:
+        rows = self._call(
+            lambda c: c.execute(
+                "SELECT id, record FROM runs WHERE status <> ALL(%s) ORDER BY created_at, id", (_TERMINAL,)
+            ).fetchall()
+        )
+        return self._readable(rows)
+
+    def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
+        conditions, params = _conditions(filter)
+        page_conditions, page_params = list(conditions), list(params)
+        if cursor:
+            created, after_id = decode_cursor(cursor)
+            page_conditions.append(sql.SQL("(created_at, id) < (%s, %s)"))
+            page_params += [key_time(created), after_id]
+        query = sql.SQL("SELECT id, record, created_at FROM runs{} ORDER BY created_at DESC, id DESC LIMIT %s").format(
+            _where(page_conditions)
+        )
+        page_params.append(limit + 1)  # one more than asked: is there a next page?
+        sums = ", ".join(f"sum(s.{name})" for name in _USAGE_FIELDS)
+        of_worker = sql.SQL(" AND s.worker = %s") if filter.worker is not None else sql.SQL("")
+        totals_query = sql.SQL(
+            "WITH matched AS (SELECT id FROM runs{where}) "
+            "SELECT (SELECT count(*) FROM matched), count(DISTINCT s.run_id), coalesce(sum(s.cost_usd), 0), "
+            "count(*) FILTER (WHERE s.cost_usd IS NULL AND s.has_usage), {sums} "
+            "FROM run_steps s JOIN matched m ON m.id = s.run_id WHERE true{of_worker}"
+        ).format(where=_where(conditions), sums=sql.SQL(sums), of_worker=of_worker)
+        totals_params = [*params, *([filter.worker] if filter.worker is not None else [])]
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[list[Any], Any]:
+            with conn.transaction():  # one snapshot: the page and the totals agree
+                rows = conn.execute(query, page_params).fetchall()
+                summed = conn.execute(totals_query, totals_params).fetchone()
+            return rows, summed
+
+        rows, summed = self._call(read)
+        more = len(rows) > limit
+        kept = rows[:limit]
+        runs = self._readable([(run_id, record) for run_id, record, _ in kept])
+        next_cursor = None
+        if more and kept:
+            last_id, _, last_created = kept[-1]
+            next_cursor = encode_cursor(last_created.astimezone(UTC).strftime(KEY_FORMAT), last_id)
+        all_runs, runs_with_steps, cost, uncosted, *usage = summed
+        totals = CostTotals(
+            runs=all_runs if filter.worker is None else runs_with_steps,
+            cost_usd=round(float(cost), 9),
+            uncosted_steps=uncosted,
+            usage=Usage(**{name: None if v is None else int(v) for name, v in zip(_USAGE_FIELDS, usage, strict=True)}),
+        )
+        return RunPage(runs=runs, next_cursor=next_cursor, totals=totals)
+
+    def prune(self, *, max_runs: int | None, max_age_days: float | None, now: datetime | None = None) -> list[str]:
+        """Forget finished runs beyond the newest ``max_runs`` or older than ``max_age_days``, with
+        their texts. Runs still queued or running are never pruned. Returns the pruned ids, oldest first."""
+        if max_runs is None and max_age_days is None:
+            return []
+        cutoff = (now or datetime.now(UTC)) - timedelta(days=max_age_days) if max_age_days is not None else None
+
+        def change(conn: psycopg.Connection[Any]) -> list[str]:
+            rows = conn.execute(
+                """WITH finished AS (
+                       SELECT id, created_at,
+                              row_number() OVER (ORDER BY created_at DESC, id DESC) AS newest
+                       FROM runs WHERE status = ANY(%(terminal)s)
+                   )
+                   DELETE FROM runs WHERE id IN (
+                       SELECT id FROM finished
+                       WHERE (%(keep)s::bigint IS NOT NULL AND newest > %(keep)s::bigint)
+                          OR (%(cutoff)s::timestamptz IS NOT NULL AND created_at < %(cutoff)s::timestamptz)
+                   ) AND status = ANY(%(terminal)s)
+                   RETURNING id, created_at""",
+                {"terminal": _TERMINAL, "keep": max_runs, "cutoff": cutoff},
+            ).fetchall()
+            return [run_id for run_id, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+
+        return self._call(change, "write")
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = {version for (version,) in conn.execute("SELECT version FROM schema_migrations")}
+            newest = max(applied, default=0)
+            if newest > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the run store {self.shown} was migrated by a newer mcp-collab (schema {newest}; this version "
+                    f"knows up to {SCHEMA_VERSION}); it was left untouched. Upgrade mcp-collab, or point "
+                    "MCP_COLLAB_STORE_URL at another database."
+                )
+            for version, statements in enumerate(MIGRATIONS, start=1):
+                if version in applied:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                log.info("applied migration %d to the run store %s", version, self.shown)
+
+    def _call(self, fn: Callable[[psycopg.Connection[Any]], T], action: str = "read") -> T:
+        """Run ``fn`` on a pooled connection; every database failure becomes one StoreError naming
+        the database (without its password) and the cause."""
+        try:
+            with self._pool.connection() as conn:
+                return fn(conn)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot {action} the run store {self.shown}: {self._cause(exc)}") from None
+
+    def _cause(self, exc: psycopg.Error) -> str:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        cause = "; ".join(lines[:2]) or type(exc).__name__
+        for secret in self._hidden:
+            cause = cause.replace(secret, "***")
+        return cause
+
+    def _run(self, run_id: str, record: str) -> Run:
+        try:
+            return Run.model_validate(json.loads(record), context=STORED)
+        except (ValueError, ValidationError) as exc:
+            problems = (
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+                if isinstance(exc, ValidationError)
+                else str(exc)
+            )
+            raise StoreError(
+                f"run {run_id} in the run store {self.shown} cannot be read by this version of mcp-collab "
+                f"({problems}); it may have been written by a newer version. It was left untouched."
+            ) from None
+
+    def _readable(self, rows: Sequence[tuple[str, str]]) -> list[Run]:
+        """The runs of a list; one that cannot be read is left out and logged, not the whole list."""
+        runs = []
+        for run_id, record in rows:
+            try:
+                runs.append(self._run(run_id, record))
+            except StoreError as exc:
+                log.warning("%s; left out of the list", exc)
+        return runs
+
+
+def _conditions(filter: RunFilter) -> tuple[list[sql.Composable], list[Any]]:
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+    if filter.status is not None:
+        conditions.append(sql.SQL("status = %s"))
+        params.append(filter.status)
+    if filter.strategy is not None:
+        conditions.append(sql.SQL("strategy = %s"))
+        params.append(filter.strategy)
+    if filter.worker is not None:
+        conditions.append(sql.SQL("workers @> ARRAY[%s]::text[]"))
+        params.append(filter.worker)
+    return conditions, params
+
+
+def _where(conditions: list[sql.Composable]) -> sql.Composable:
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+
+
+def _split(run: Run) -> tuple[dict[str, Any], list[tuple[str, int, str]]]:
+    """The run's record with long texts cut to a preview, and those texts whole: (kind, index, text)."""
+    record = run.model_dump(mode="json", by_alias=True)
+    texts: list[tuple[str, int, str]] = []
+    for kind, items, key in (
+        ("output", record["steps"], "output"),
+        ("stepdiff", record["steps"], "diff"),
+        ("diff", record["worktrees"], "diff"),
+    ):
+        for i, item in enumerate(items):
+            if len(item.get(key) or "") > PREVIEW_CHARS:
+                texts.append((kind, i, item[key]))
+                item[key] = item[key][:PREVIEW_CHARS]
+    return record, texts
+
+
+def _json(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def _worker(record: str) -> Worker:
+    return Worker.model_validate(json.loads(record), context=STORED)
+
+
+def probe(url: str) -> str:
+    """Whether the database a URL names is reachable and which schema it holds, changing nothing
+    (for doctor); StoreError, without the password, when it cannot be used."""
+    shown = shown_store_url(url)
+    hidden = store_url_secrets(url)
+    try:
+        with _Pool(url, 1).connect() as conn:
+            exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+            version = 0
+            if exists and exists[0]:
+                row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+                version = int(row[0]) if row and row[0] is not None else 0
+            read_only = conn.execute("SHOW transaction_read_only").fetchone() == ("on",)
+    except psycopg.Error as exc:
+        cause = "; ".join(line.strip() for line in str(exc).strip().splitlines()[:2] if line.strip())
+        for secret in hidden:
+            cause = cause.replace(secret, "***")
+        raise StoreError(f"cannot reach {shown}: {cause or type(exc).__name__}") from None
+    if read_only:
+        raise StoreError(f"{shown} is read-only (a standby?); point MCP_COLLAB_STORE_URL at the primary")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{shown} holds schema {version}, newer than this mcp-collab knows ({SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        return f"{shown} (reachable; schema {version}, the server migrates it to {SCHEMA_VERSION} at start)"
+    return f"{shown} (reachable, schema {version})"

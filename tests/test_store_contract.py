@@ -1,0 +1,383 @@
+"""What every run store promises, the same tests over each backend: the JSON log and PostgreSQL.
+
+Workers, runs, paging newest first with cursors, filters, retention that never touches unfinished
+runs, long outputs kept whole, records from a newer version tolerated, and concurrent writers in
+several processes losing no update.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue as queue_mod
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcp_collab.config import Settings
+from mcp_collab.errors import InvalidRequestError, StoreError
+from mcp_collab.models import Run, RunWorktree, Step, Usage, Worker
+from mcp_collab.store import JsonStore, RunFilter, RunStore, cursor_after, describe_store, open_store
+from mcp_collab.store.postgres import PostgresStore
+
+LONG = 2_000  # the preview both stores keep in a run's record; longer texts are stored apart
+# Runs each writer process saves in the concurrency test: enough that their writes interleave.
+WRITES_PER_PROCESS = 40
+# Seconds a writer process may take before the test gives up on it (a hang, not a timing).
+PROCESS_DEADLINE_S = 90
+
+StoreMaker = Callable[[], RunStore]
+
+
+def a_run(
+    i: int, *, status: str = "completed", strategy: str = "single_worker", worker: str = "w1", output: str = ""
+) -> Run:
+    return Run(
+        id=f"run-{i:05d}",
+        task=f"task {i}",
+        strategy=strategy,
+        status=status,  # type: ignore[arg-type]
+        created_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i),
+        workers=[worker],
+        steps=[
+            Step(
+                index=0, role="worker", worker_name=worker, worker_model="codex_cli", runtime_mode="cli", output=output
+            )
+        ],
+    )
+
+
+@pytest.fixture(params=["json", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(kind, where): a JSON state directory or a fresh PostgreSQL database."""
+    if request.param == "json":
+        yield ("json", str(tmp_path / "state"))
+    else:
+        yield ("postgres", request.getfixturevalue("postgres_url"))
+
+
+def open_backend(kind: str, where: str) -> RunStore:
+    if kind == "json":
+        return JsonStore(Path(where))
+    return open_store(Settings.from_env({"MCP_COLLAB_STATE_DIR": "/nonexistent", "MCP_COLLAB_STORE_URL": where}))
+
+
+@pytest.fixture
+def new_store(backend: tuple[str, str]) -> Iterator[StoreMaker]:
+    """Opens another store object over the same history (as a second server process would)."""
+    opened: list[RunStore] = []
+
+    def make() -> RunStore:
+        store = open_backend(*backend)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+
+def every_run(store: RunStore, filter: RunFilter | None = None, limit: int = 7) -> list[str]:
+    ids: list[str] = []
+    cursor = None
+    while True:
+        page = store.list_runs(filter or RunFilter(), limit, cursor)
+        ids += [r.id for r in page.runs]
+        cursor = page.next_cursor
+        if cursor is None:
+            return ids
+
+
+def test_a_run_and_a_worker_come_back_as_saved_through_another_store(new_store: StoreMaker) -> None:
+    first = new_store()
+    first.check_writable()
+    first.add_worker(Worker(name="w1", model="codex_cli"))
+    run = a_run(1)
+    run.findings = ["one", "two"]
+    first.save_run(run)
+    second = new_store()
+    assert second.get_run("run-00001") == run
+    assert second.get_worker("w1") == first.get_worker("w1")
+    assert [w.name for w in second.list_workers()] == ["w1"]
+    assert second.get_run("run-nope") is None and second.get_worker("nobody") is None
+
+
+def test_a_later_save_replaces_the_run(new_store: StoreMaker) -> None:
+    store = new_store()
+    store.save_run(a_run(7, status="running"))
+    done = a_run(7)
+    done.result = "finished"
+    store.save_run(done)
+    assert store.get_run("run-00007") == done
+    assert every_run(new_store()) == ["run-00007"]
+
+
+def test_workers_are_listed_in_the_order_added_and_a_taken_name_is_refused(new_store: StoreMaker) -> None:
+    store = new_store()
+    for name in ("b", "a", "c"):
+        store.add_worker(Worker(name=name, model="codex_cli"))
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        new_store().add_worker(Worker(name="a", model="gemini_cli"))
+    assert [(w.name, w.model) for w in store.list_workers()] == [
+        ("b", "codex_cli"),
+        ("a", "codex_cli"),
+        ("c", "codex_cli"),
+    ]
+    removed = store.remove_worker("a")
+    assert removed is not None and removed.name == "a"
+    assert store.remove_worker("a") is None
+    assert [w.name for w in new_store().list_workers()] == ["b", "c"]
+    store.add_worker(Worker(name="a", model="gemini_cli"))  # a removed name is free again
+    assert store.get_worker("a").model == "gemini_cli"  # type: ignore[union-attr]
+
+
+def test_runs_page_newest_first_across_pages_with_cursors(new_store: StoreMaker) -> None:
+    store = new_store()
+    store.save_runs([a_run(i) for i in range(23)])
+    same_time = [a_run(100 + i) for i in range(3)]
+    for run in same_time:  # runs created in the same microsecond page by id, none skipped or repeated
+        run.created_at = datetime(2027, 1, 1, tzinfo=UTC)
+    store.save_runs(same_time)
+    newest = ["run-00102", "run-00101", "run-00100"] + [f"run-{i:05d}" for i in reversed(range(23))]
+    assert every_run(store, limit=5) == newest
+    assert every_run(new_store(), limit=100) == newest
+    first = store.list_runs(RunFilter(), 10, None)
+    assert first.next_cursor == cursor_after(first.runs[-1]), "cursors are the same whichever store issued them"
+    assert store.list_runs(RunFilter(), 26, None).next_cursor is None
+    with pytest.raises(InvalidRequestError, match="nextCursor"):
+        store.list_runs(RunFilter(), 10, "%%%garbage")
+    with pytest.raises(InvalidRequestError, match="nextCursor"):
+        store.list_runs(RunFilter(), 10, "bm90IGEgdGltZXxydW4tMQ")  # base64 of "not a time|run-1"
+
+
+def test_filters_by_status_strategy_and_worker_page_too(new_store: StoreMaker) -> None:
+    store = new_store()
+    for i in range(30):
+        store.save_run(
+            a_run(
+                i,
+                status="failed" if i % 5 == 0 else "completed",
+                strategy="consensus" if i % 3 == 0 else "single_worker",
+                worker="w2" if i >= 20 else "w1",
+            )
+        )
+    assert every_run(store, RunFilter(status="failed"), limit=2) == [f"run-{i:05d}" for i in (25, 20, 15, 10, 5, 0)]
+    assert every_run(store, RunFilter(strategy="consensus"), limit=3) == [
+        f"run-{i:05d}" for i in reversed(range(0, 30, 3))
+    ]
+    assert every_run(store, RunFilter(worker="w2"), limit=4) == [f"run-{i:05d}" for i in reversed(range(20, 30))]
+    both = RunFilter(status="failed", strategy="consensus", worker="w1")
+    assert every_run(store, both) == ["run-00015", "run-00000"]
+    assert store.list_runs(RunFilter(worker="nobody"), 10, None).runs == []
+
+
+def test_unfinished_runs_are_the_queued_and_running_ones(new_store: StoreMaker) -> None:
+    store = new_store()
+    store.save_runs([a_run(1, status="queued"), a_run(2, status="running"), a_run(3), a_run(4, status="cancelled")])
+    assert sorted(r.id for r in new_store().unfinished_runs()) == ["run-00001", "run-00002"]
+    store.save_run(a_run(2, status="interrupted"))
+    assert [r.id for r in store.unfinished_runs()] == ["run-00001"]
+
+
+def test_prune_by_count_and_age_never_touches_unfinished_runs(new_store: StoreMaker) -> None:
+    store = new_store()
+    for i in range(10):
+        store.save_run(a_run(i, status="running" if i in (0, 4) else "completed", output="o" * (LONG + 1)))
+    pruned = store.prune(max_runs=3, max_age_days=None)
+    assert pruned == ["run-00001", "run-00002", "run-00003", "run-00005", "run-00006"]
+    assert every_run(store) == ["run-00009", "run-00008", "run-00007", "run-00004", "run-00000"]
+    assert store.get_run("run-00001") is None
+    now = datetime(2026, 1, 1, 0, 0, 9, tzinfo=UTC) + timedelta(days=1)
+    aged = store.prune(max_runs=None, max_age_days=1, now=now)  # type: ignore[call-arg]
+    assert aged == ["run-00007", "run-00008"]
+    assert every_run(new_store()) == ["run-00009", "run-00004", "run-00000"]
+    assert store.prune(max_runs=0, max_age_days=None) == ["run-00009"]
+    assert sorted(r.id for r in store.unfinished_runs()) == ["run-00000", "run-00004"]
+    assert store.get_run("run-00000").steps[0].output == "o" * (LONG + 1)  # type: ignore[union-attr]
+    assert store.prune(max_runs=None, max_age_days=None) == []
+
+
+def test_long_outputs_and_diffs_come_back_whole_and_pages_carry_previews(new_store: StoreMaker) -> None:
+    store = new_store()
+    big = "x" * (LONG * 5) + "the end \u00e9\u4e2d\0 nul"
+    run = a_run(1, output=big)
+    run.worktrees = [
+        RunWorktree(path="/w/a", branch="b", entry="a", git_dir="/r/.git", base_commit="0" * 40, diff="d" * (LONG * 3))
+    ]
+    store.save_run(run)
+    store.save_run(run)  # a later save keeps it whole too
+    again = new_store().get_run("run-00001")
+    assert again is not None and again.steps[0].output == big and again.worktrees[0].diff == "d" * (LONG * 3)
+    listed = store.list_runs(RunFilter(), 10, None).runs[0]
+    assert listed.steps[0].output == big[:LONG], "a page carries previews, not whole outputs"
+    shorter = a_run(1, output="short now")
+    store.save_run(shorter)
+    assert store.get_run("run-00001") == shorter, "a text that is short again is not replaced by the old long one"
+
+
+def write_as_a_newer_version(kind: str, where: str, run: Run) -> None:
+    """Store ``run`` as a newer mcp-collab would: its record carries fields this version does not know."""
+    record = {**run.model_dump(mode="json", by_alias=True), "someFutureField": {"x": 1}}
+    record["steps"][0]["futureStepField"] = True
+    if kind == "json":
+        with open(Path(where) / "runs.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"op": "run", "run": record, "outputs": []}) + "\n")
+    else:
+        import psycopg
+
+        with psycopg.connect(where, autocommit=True) as conn:
+            conn.execute("UPDATE runs SET record = %s WHERE id = %s", (json.dumps(record), run.id))
+
+
+def test_a_field_from_a_newer_version_is_tolerated(backend: tuple[str, str], new_store: StoreMaker) -> None:
+    store = new_store()
+    store.save_run(a_run(1, status="running"))
+    write_as_a_newer_version(*backend, a_run(1))
+    reader = new_store()
+    assert reader.get_run("run-00001") == a_run(1)
+    assert [r.id for r in reader.list_runs(RunFilter(), 5, None).runs] == ["run-00001"]
+
+
+def test_a_batch_lands_whole(new_store: StoreMaker) -> None:
+    store = new_store()
+    store.save_runs([a_run(i) for i in range(5)])
+    batch = [a_run(i, status="failed") for i in range(5)]
+    store.save_runs(batch)
+    assert [r.status for r in new_store().list_runs(RunFilter(), 10, None).runs] == ["failed"] * 5
+    store.save_runs([a_run(i, status="running") for i in range(2)], durable=False)  # intermediate states
+    assert [r.status for r in new_store().list_runs(RunFilter(), 10, None).runs] == ["failed"] * 3 + ["running"] * 2
+
+
+def _writer(kind: str, where: str, name: str, start: Any, results: Any) -> None:
+    """One process: waits for the start, then adds its worker, tries the shared name, and saves its runs."""
+    store = open_backend(kind, where)
+    start.wait(PROCESS_DEADLINE_S)
+    store.add_worker(Worker(name=name, model="codex_cli"))
+    try:
+        store.add_worker(Worker(name="shared", model="codex_cli"))
+        won = True
+    except InvalidRequestError:
+        won = False
+    offset = 0 if name == "a" else 1
+    for i in range(WRITES_PER_PROCESS):
+        run = a_run(2 * i + offset, worker=name)
+        store.save_run(run)
+        if i % 10 == 0:  # each also keeps re-saving the common run: a batch with one of its own
+            common = a_run(99_999, worker=name)
+            store.save_runs([common, a_run(2 * i + offset, status="failed", worker=name)])
+    results.put((name, won))
+
+
+def test_two_processes_writing_at_once_lose_no_update(backend: tuple[str, str], new_store: StoreMaker) -> None:
+    new_store().check_writable()  # created (and migrated) before the writers race
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    results = ctx.Queue()
+    writers = [ctx.Process(target=_writer, args=(*backend, name, start, results)) for name in ("a", "b")]
+    for process in writers:
+        process.start()
+    start.set()
+    outcomes = {}
+    try:
+        for _ in writers:
+            name, won = results.get(timeout=PROCESS_DEADLINE_S)
+            outcomes[name] = won
+    except queue_mod.Empty:
+        pytest.fail(f"a writer process did not finish: exit codes {[p.exitcode for p in writers]}")
+    finally:
+        for process in writers:
+            process.join(PROCESS_DEADLINE_S)
+    assert sorted(outcomes.values()) == [False, True], "exactly one process got the shared worker name"
+    store = new_store()
+    assert sorted(w.name for w in store.list_workers()) == ["a", "b", "shared"]
+    ids = every_run(store, limit=50)
+    assert len(ids) == 2 * WRITES_PER_PROCESS + 1 and len(set(ids)) == len(ids)
+    for i in range(2 * WRITES_PER_PROCESS):
+        run = store.get_run(f"run-{i:05d}")
+        assert run is not None and run.workers == ["a" if i % 2 == 0 else "b"]
+        last_saved = "failed" if (i // 2) % 10 == 0 else "completed"
+        assert run.status == last_saved, "each process's last save of a run is the one kept"
+
+
+def test_doctor_names_the_backend_and_never_the_password(postgres_url: str, tmp_path: Path) -> None:
+    import anyio
+
+    from mcp_collab import readiness
+
+    secret_url = postgres_url.replace("postgres@", "postgres:s3cret-pw@")
+    settings = Settings.from_env({"MCP_COLLAB_STATE_DIR": str(tmp_path), "MCP_COLLAB_STORE_URL": secret_url})
+    assert "s3cret-pw" not in repr(settings)
+    assert describe_store(settings).startswith("PostgreSQL at postgresql://postgres@127.0.0.1:")
+    report = anyio.run(readiness.check, settings)
+    [check] = [c for c in report.checks if c.name == "store"]
+    assert check.ok and "reachable" in check.detail and "s3cret-pw" not in check.detail
+    down = "postgresql://postgres:s3cret-pw@127.0.0.1:1/nowhere"
+    settings = Settings.from_env({"MCP_COLLAB_STATE_DIR": str(tmp_path), "MCP_COLLAB_STORE_URL": down})
+    [check] = [c for c in anyio.run(readiness.check, settings).checks if c.name == "store"]
+    assert not check.ok and "127.0.0.1:1/nowhere" in check.detail and "s3cret-pw" not in check.detail
+    with pytest.raises(
+        StoreError, match=r"cannot open the run store postgresql://postgres@127\.0\.0\.1:1/nowhere"
+    ) as err:
+        open_store(settings)
+    assert "s3cret-pw" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_command_keeps_runs_in_the_database_the_url_names(
+    base_env: dict[str, str], postgres_url: str, tmp_path: Path
+) -> None:
+    from tests.conftest import fake_cli
+    from tests.test_cli import mc
+
+    env = {
+        **base_env,
+        "MCP_COLLAB_CODEX_BIN": fake_cli("slow"),
+        "CODEX_FAKE_SECONDS": "0.1",
+        "MCP_COLLAB_STORE_URL": postgres_url,
+    }
+    assert mc(env, "workers", "add", "w", "--model", "codex_cli").returncode == 0
+    done = mc(env, "dispatch", "write the parser", "--json")
+    assert done.returncode == 0, done.stderr
+    run_id = json.loads(done.stdout)["id"]
+    assert not (tmp_path / "state" / "runs.jsonl").exists(), "nothing went to the JSON store"
+    with PostgresStore(postgres_url) as store:  # what another host would read
+        stored = store.get_run(run_id)
+    assert stored is not None and stored.status == "completed" and stored.workers == ["w"]
+    assert run_id in mc(env, "runs").stdout
+    doctor = mc(env, "doctor")
+    assert "store" in doctor.stdout and "PostgreSQL" in doctor.stdout
+
+
+def test_a_bad_store_url_is_refused_without_echoing_it(base_env: dict[str, str]) -> None:
+    from tests.test_cli import mc, one_line_refusal
+
+    for bad in ("mysql://u:hunter2pw@h/db", "postgresql://u:hunter2pw@h:99999/db", "postgresql://u:hunter2pw@h"):
+        refusal = one_line_refusal(mc({**base_env, "MCP_COLLAB_STORE_URL": bad}, "runs"))
+        assert "MCP_COLLAB_STORE_URL" in refusal and "postgresql://user:password@host:5432/dbname" in refusal
+        assert "hunter2pw" not in refusal
+    unreachable = {**base_env, "MCP_COLLAB_STORE_URL": "postgresql://u:hunter2pw@127.0.0.1:1/db"}
+    refusal = mc(unreachable, "runs")
+    assert refusal.returncode != 0 and "Traceback" not in refusal.stderr
+    assert "postgresql://u@127.0.0.1:1/db" in refusal.stderr and "hunter2pw" not in refusal.stderr
+
+
+def test_a_list_totals_tokens_and_dollars_over_every_matching_run(new_store: StoreMaker) -> None:
+    store = new_store()
+    for i in range(6):
+        run = a_run(i, worker="w2" if i % 2 else "w1", status="failed" if i == 5 else "completed")
+        run.steps[0].usage = Usage(input_tokens=100, output_tokens=10 * i)
+        run.steps[0].cost_usd = None if i == 4 else 0.25
+        run.steps[0].diff = "+" * (LONG * 2) if i == 0 else ""
+        store.save_run(run)
+    whole = store.list_runs(RunFilter(), 2, None).totals
+    assert whole is not None and whole.runs == 6 and whole.cost_usd == 1.25 and whole.uncosted_steps == 1
+    assert whole.usage.input_tokens == 600 and whole.usage.output_tokens == 150 and whole.usage.reasoning_tokens is None
+    of_w2 = new_store().list_runs(RunFilter(worker="w2"), 1, None).totals
+    assert of_w2 is not None and (of_w2.runs, of_w2.cost_usd, of_w2.usage.output_tokens) == (3, 0.75, 90)
+    failed = store.list_runs(RunFilter(status="failed"), 1, None).totals
+    assert failed is not None and failed.runs == 1 and failed.usage.output_tokens == 50
+    assert store.get_run("run-00000").steps[0].diff == "+" * (LONG * 2)  # type: ignore[union-attr]
