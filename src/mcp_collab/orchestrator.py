@@ -101,6 +101,7 @@ class WorkerOrchestrator:
             get_strategy(strategy)  # an unknown name is refused with the accepted ones, not answered with nothing
         run_filter = RunFilter(status=status, strategy=strategy, worker=worker)
         await self.runs.ready()
+        await self.recorder.catch_up()  # a list shows each run as it stands now
         return await anyio.to_thread.run_sync(self.store.list_runs, run_filter, limit, cursor)
 
     @contextlib.asynccontextmanager
