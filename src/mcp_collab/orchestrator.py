@@ -84,6 +84,7 @@ class WorkerOrchestrator:
     # -- runs --------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> Run:
+        await self.recorder.catch_up()  # the run as it stands now, not as it stood 50 ms ago
         return await self.runs.get_run(run_id)
 
     async def list_runs(
