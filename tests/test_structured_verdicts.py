@@ -370,3 +370,21 @@ async def test_an_endpoint_that_refuses_the_schema_is_asked_again_without_it_and
     assert (review.status, review.verdict, review.verdict_source) == ("completed", "approve", "text")
     assert review.verdict_note is not None and "refused a schema-shaped answer" in review.verdict_note
     assert [r.output_schema is not None for r in stub.requests_for("openai")] == [True, False]
+
+
+@pytest.mark.anyio
+async def test_a_scripted_runtime_can_give_a_structured_verdict(make_settings: Any) -> None:
+    from mcp_collab.models import DispatchRequest, WorkerSpec
+    from mcp_collab.orchestrator import WorkerOrchestrator
+    from mcp_collab.testing import Reply, ScriptedRuntime
+
+    def respond(req: Any) -> Reply:
+        if req.output_schema is None:
+            return Reply("wrote it")
+        return Reply("VERDICT: REQUEST_CHANGES", structured={"reasons": "fine", "verdict": "approve"})
+
+    orch = WorkerOrchestrator(make_settings(), runtimes={"cli": ScriptedRuntime("cli", respond=respond)})
+    await orch.register_worker(WorkerSpec(name="c", model="codex_cli"))
+    await orch.register_worker(WorkerSpec(name="g", model="gemini_cli"))
+    run = await orch.dispatch(DispatchRequest(task="t", strategy="codex_writes_gemini_reviews"))
+    assert run.verdict == "approve" and run.steps[1].verdict_source == "structured"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -30,6 +31,9 @@ class Reply:
     session_id: str | None = None
     delay_s: float = 0.0
     progress: tuple[str, ...] = ()
+    # The schema-shaped answer a judging step asked for (``StepRequest.output_schema``), e.g.
+    # ``{"reasons": "...", "verdict": "approve"}``; given only when the request asked for one.
+    structured: Any = None
 
 
 Script = Reply | RuntimeFailure
@@ -74,4 +78,5 @@ class ScriptedRuntime:
             ),
             session_id=item.session_id or f"{self.mode}-session-{len(self.requests)}",
             exit_code=0 if self.mode == "cli" else None,
+            structured=item.structured if request.output_schema is not None else None,
         )
