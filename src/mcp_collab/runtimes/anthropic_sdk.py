@@ -16,10 +16,11 @@ from typing import Any
 import anyio
 
 from ..config import Settings
-from ..errors import RuntimeFatal, RuntimeUnavailable
+from ..errors import RuntimeFatal
 from ..models import RuntimeMode, Usage
 from .base import OUTPUT_SCHEMA_NAME, RuntimeResult, StepRequest
 from .failures import Call, FailureTable, answered, refused_by_client, timed_out, unreachable
+from .sdk_clients import ClientCache, api_key, import_sdk
 
 API = "Anthropic Messages API"
 
@@ -46,25 +47,17 @@ class AnthropicSDKRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._clients: dict[tuple[str, str | None], Any] = {}
+        self._clients = ClientCache(lambda client: client.close())
 
     def _client(self) -> Any:
-        try:
-            import anthropic  # imported on first use: the server starts without paying for it
-        except ImportError as exc:
-            raise RuntimeUnavailable(
-                "the anthropic package is not installed; install mcp-collab with its dependencies",
-                code="missing_package",
-            ) from exc
-        key = self.settings.environ.get("ANTHROPIC_API_KEY", "").strip()
-        if not key:
-            raise RuntimeUnavailable("ANTHROPIC_API_KEY is not set", code="missing_credentials")
+        anthropic = import_sdk("anthropic", "anthropic")
+        key = api_key(self.settings, "ANTHROPIC_API_KEY")
         base_url = self.settings.endpoints["anthropic"].url
-        client = self._clients.get((key, base_url))
-        if client is None:
-            client = anthropic.AsyncAnthropic(api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries)
-            self._clients[(key, base_url)] = client
-        return client
+        return self._clients.get(
+            key,
+            base_url,
+            lambda: anthropic.AsyncAnthropic(api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries),
+        )
 
     async def run(self, request: StepRequest) -> RuntimeResult:
         client = self._client()
@@ -120,9 +113,7 @@ class AnthropicSDKRuntime:
         )
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        await self._clients.aclose()
 
 
 def _usage(usage: Any) -> Usage | None:

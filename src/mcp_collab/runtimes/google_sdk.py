@@ -15,10 +15,10 @@ from typing import Any
 import anyio
 
 from ..config import Settings
-from ..errors import RuntimeUnavailable
 from ..models import RuntimeMode, Usage
 from .base import RuntimeResult, StepRequest, structured_from_text
 from .failures import Call, FailureTable, Rule, answered, refused_by_client, timed_out, unreachable
+from .sdk_clients import ClientCache, api_key, import_sdk
 
 
 @functools.cache
@@ -47,27 +47,18 @@ class GoogleSDKRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._clients: dict[tuple[str, str | None], Any] = {}
+        self._clients = ClientCache(lambda client: client.aio.aclose())
 
     def _client(self) -> Any:
-        try:
-            from google import genai
-            from google.genai import types
-        except ImportError as exc:
-            raise RuntimeUnavailable(
-                "the google-genai package is not installed; install mcp-collab with its dependencies",
-                code="missing_package",
-            ) from exc
-        env = self.settings.environ
-        key = (env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or "").strip()
-        if not key:
-            raise RuntimeUnavailable("neither GEMINI_API_KEY nor GOOGLE_API_KEY is set", code="missing_credentials")
-        base_url = env.get("GOOGLE_GEMINI_BASE_URL", "").strip() or None
-        client = self._clients.get((key, base_url))
-        if client is None:
-            client = genai.Client(vertexai=False, api_key=key, http_options=types.HttpOptions(base_url=base_url))
-            self._clients[(key, base_url)] = client
-        return client
+        genai = import_sdk("google.genai", "google-genai")
+        types = import_sdk("google.genai.types", "google-genai")
+        key = api_key(self.settings, "GEMINI_API_KEY", "GOOGLE_API_KEY")
+        base_url = self.settings.endpoints["gemini"].url
+        return self._clients.get(
+            key,
+            base_url,
+            lambda: genai.Client(vertexai=False, api_key=key, http_options=types.HttpOptions(base_url=base_url)),
+        )
 
     async def run(self, request: StepRequest) -> RuntimeResult:
         client = self._client()
@@ -115,6 +106,4 @@ class GoogleSDKRuntime:
         )
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aio.aclose()
-        self._clients.clear()
+        await self._clients.aclose()

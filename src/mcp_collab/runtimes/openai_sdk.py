@@ -22,10 +22,11 @@ import time
 from typing import Any
 
 from ..config import Settings
-from ..errors import RuntimeFailure, RuntimeFatal, RuntimeUnavailable
+from ..errors import RuntimeFailure, RuntimeFatal
 from ..models import RuntimeMode, Usage
 from .base import OUTPUT_SCHEMA_NAME, Resume, RuntimeResult, StepRequest, structured_from_text
 from .failures import Call, FailureTable, answered, refused_by_client, timed_out, unreachable
+from .sdk_clients import ClientCache, api_key, import_sdk
 
 # What a server without a /responses route answers there (FastAPI, Ollama, vLLM: 404; some
 # gateways: 405). Any other failure is the endpoint's answer to the request itself.
@@ -69,27 +70,19 @@ class OpenAISDKRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._clients: dict[tuple[str, str | None], Any] = {}
+        self._clients = ClientCache(lambda client: client.close())
         # Per base URL: the endpoint was found to have no Responses API (auto mode).
         self._chat_only: set[str] = set()
 
     def _client(self) -> Any:
-        try:
-            import openai  # imported on first use: the server starts without paying for it
-        except ImportError as exc:
-            raise RuntimeUnavailable(
-                "the openai package is not installed; install mcp-collab with its dependencies",
-                code="missing_package",
-            ) from exc
-        key = self.settings.environ.get("OPENAI_API_KEY", "").strip()
-        if not key:
-            raise RuntimeUnavailable("OPENAI_API_KEY is not set", code="missing_credentials")
+        openai = import_sdk("openai", "openai")
+        key = api_key(self.settings, "OPENAI_API_KEY")
         base_url = self.settings.endpoints["openai"].url
-        client = self._clients.get((key, base_url))
-        if client is None:
-            client = openai.AsyncOpenAI(api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries)
-            self._clients[(key, base_url)] = client
-        return client
+        return self._clients.get(
+            key,
+            base_url,
+            lambda: openai.AsyncOpenAI(api_key=key, base_url=base_url, max_retries=self.settings.sdk_max_retries),
+        )
 
     async def run(self, request: StepRequest) -> RuntimeResult:
         client = self._client()
@@ -222,9 +215,7 @@ class OpenAISDKRuntime:
         return _shaped(result, request, RESPONSES)
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        await self._clients.aclose()
 
 
 def _shaped(result: RuntimeResult, request: StepRequest, api: str) -> RuntimeResult:
