@@ -19,9 +19,10 @@ import pytest
 
 from mcp_collab.config import Settings
 from mcp_collab.errors import InvalidRequestError, StoreError
-from mcp_collab.models import Run, RunWorktree, Step, Usage, Worker
+from mcp_collab.models import Run, RunWorktree, Usage, Worker
 from mcp_collab.store import JsonStore, RunFilter, RunStore, cursor_after, describe_store, open_store
 from mcp_collab.store.postgres import PostgresStore
+from tests.test_store import a_run
 
 LONG = 2_000  # the preview both stores keep in a run's record; longer texts are stored apart
 # Runs each writer process saves in the concurrency test: enough that their writes interleave.
@@ -30,24 +31,6 @@ WRITES_PER_PROCESS = 40
 PROCESS_DEADLINE_S = 90
 
 StoreMaker = Callable[[], RunStore]
-
-
-def a_run(
-    i: int, *, status: str = "completed", strategy: str = "single_worker", worker: str = "w1", output: str = ""
-) -> Run:
-    return Run(
-        id=f"run-{i:05d}",
-        task=f"task {i}",
-        strategy=strategy,
-        status=status,  # type: ignore[arg-type]
-        created_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i),
-        workers=[worker],
-        steps=[
-            Step(
-                index=0, role="worker", worker_name=worker, worker_model="codex_cli", runtime_mode="cli", output=output
-            )
-        ],
-    )
 
 
 @pytest.fixture(params=["json", "postgres"])
