@@ -245,8 +245,11 @@ def test_serve_on_a_directory_it_may_not_write_says_so_in_one_line(tmp_path: Pat
     state = tmp_path / "state"
     state.mkdir()
     os.chmod(tmp_path, 0o755)
+    # Another user, who may still read everything (CAP_DAC_READ_SEARCH: the checkout and its venv
+    # can be anywhere, a private temp dir included) but write only where permissions allow.
     done = serve(
         {**base_env, "MCP_COLLAB_STATE_DIR": str(state), "HOME": "/nonexistent"},
         setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+        "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
     )  # fmt: skip
     assert_one_line_refusal(done, "Permission denied", str(state))
