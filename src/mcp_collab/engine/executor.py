@@ -15,14 +15,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import anyio
 
 from .. import workspace
 from ..config import Settings
 from ..errors import InvalidRequestError
-from ..models import ProcessRef, Run, RuntimeMode, Step, Worker
+from ..models import FallbackPolicy, ProcessRef, Run, RuntimeMode, Step, Worker
 from ..runtimes.base import PartialOutput, Resume, RuntimeResult, StepRequest, WorkerRuntime
 from ..runtimes.cli.supervisor import process_start_ticks, spawned
 from ..runtimes.selector import run_with_fallback
@@ -88,6 +88,61 @@ def budget_left(run: Run) -> str | None:
     return f"stopped: the run's cost ${run.cost_usd:.6g} reached its budget of ${budget:g} (maxCostUsd)"
 
 
+class StepSite(Protocol):
+    """Where a running step reports: this server's run (its listeners and the store), or a Temporal
+    activity (its heartbeats)."""
+
+    partials: dict[int, PartialOutput]  # what each running step has produced so far, by index
+
+    def emit(self, message: str) -> None:
+        """A progress message."""
+
+    async def changed(self) -> None:
+        """The step's state changed (started, spawned, failed before it started)."""
+
+
+class _RunSite:
+    """A step of a run this process executes: its progress goes to the run's listeners, its
+    intermediate states to the store (written behind)."""
+
+    def __init__(self, active: ActiveRun, recorder: RunRecorder) -> None:
+        self.active = active
+        self.recorder = recorder
+        self.partials = active.partials
+
+    def emit(self, message: str) -> None:
+        self.active.emit(message)
+
+    async def changed(self) -> None:
+        await self.recorder.save(self.active.run, durable=False)
+
+
+def begin_step(
+    run: Run,
+    worker: Worker,
+    role: Role,
+    mode: RuntimeMode,
+    settings: Settings,
+    directory: Path | None,
+    round: int | None,
+    branch: str | None,
+) -> Step:
+    """The next step of ``run`` as it starts (the caller appends it and stamps its start)."""
+    return Step(
+        index=len(run.steps),
+        role=role.name,
+        round=round,
+        branch=branch,
+        worker_name=worker.name,
+        worker_model=worker.model,
+        runtime_mode=mode,
+        status="running",
+        directory=str(directory) if directory is not None else None,
+        # Reviewers stay read-only; writing roles get what the operator allows (never more).
+        access=role.access if role.access == "read_only" else settings.writer_access,
+    )
+
+
 class StepExecutor:
     def __init__(self, settings: Settings, runtimes: Mapping[RuntimeMode, WorkerRuntime], recorder: RunRecorder):
         self.settings = settings
@@ -109,29 +164,40 @@ class StepExecutor:
         resume: Resume | None = None,
         choices: Sequence[str] = (),
     ) -> Step:
+        """A step of a run this process executes: appended to the run, run, recorded."""
         run, plan = active.run, active.plan
-        # A judging step is asked for its verdict (findings, choice) as a schema-shaped answer too.
-        judgement = Judgement(role.verdicts, role.findings, tuple(choices)) if role.judges or choices else None
         spent = budget_left(run)
         if spent is not None:
             active.emit(spent)
             raise BudgetSpent(spent)
-        step = Step(
-            index=len(run.steps),
-            role=role.name,
-            round=round,
-            branch=branch,
-            worker_name=worker.name,
-            worker_model=worker.model,
-            runtime_mode=plan.modes[worker.name],
-            status="running",
-            started_at=datetime.now(UTC),
-            directory=str(directory) if directory is not None else None,
-        )
-        # Reviewers stay read-only; writing roles get what the operator allows (never more).
-        access = role.access if role.access == "read_only" else self.settings.writer_access
-        step.access = access
+        step = begin_step(run, worker, role, plan.modes[worker.name], self.settings, directory, round, branch)
+        step.started_at = datetime.now(UTC)
         run.steps.append(step)
+        site = _RunSite(active, self.recorder)
+        await self.perform(
+            site, step, worker, role, prompt, policy=plan.policies[worker.name], resume=resume, choices=choices
+        )
+        add_up(run)
+        return step
+
+    async def perform(
+        self,
+        site: StepSite,
+        step: Step,
+        worker: Worker,
+        role: Role,
+        prompt: str,
+        *,
+        policy: FallbackPolicy,
+        resume: Resume | None = None,
+        choices: Sequence[str] = (),
+    ) -> None:
+        """Run a begun step (``begin_step``) to its end, wherever it runs: this server's own run, or
+        an activity of a run on Temporal. ``site`` hears of its progress and intermediate states."""
+        # A judging step is asked for its verdict (findings, choice) as a schema-shaped answer too.
+        judgement = Judgement(role.verdicts, role.findings, tuple(choices)) if role.judges or choices else None
+        directory = Path(step.directory) if step.directory is not None else None
+        access = step.access or "read_only"
         with contextlib.ExitStack() as held:
             child_cwd = None
             if directory is not None:
@@ -143,14 +209,16 @@ class StepExecutor:
                     step.status = "failed"
                     step.error = str(exc)
                     step.ended_at = datetime.now(UTC)
-                    await self.recorder.save(run, durable=False)
-                    active.emit(f"{step_label(step)} failed before it started: {exc}")
-                    return step
+                    await site.changed()
+                    site.emit(f"{step_label(step)} failed before it started: {exc}")
+                    return
             schema = judgement.schema() if judgement is not None else None
             # A writing step's own change: its directory before and after (a git working tree's only).
             writes = access != "read_only" and child_cwd is not None
             before = await workspace.snapshot(child_cwd, self.roots) if writes else None
-            result = await self._execute(active, step, worker, prompt, access, directory, child_cwd, resume, schema)
+            result = await self._execute(
+                site, step, worker, prompt, policy, access, directory, child_cwd, resume, schema
+            )
             if before is not None:
                 after = await workspace.snapshot(child_cwd, self.roots)
                 if after is not None and after != before:
@@ -158,7 +226,6 @@ class StepExecutor:
                     step.diff = self.settings.redact(text or "")
         if judgement is not None and result is not None and step.status == "completed":
             self._judge(step, judgement, result)
-        return step
 
     def _judge(self, step: Step, judgement: Judgement, result: RuntimeResult) -> None:
         """The step's verdict, findings and choice: from the runtime's structured answer when it gave
@@ -179,10 +246,11 @@ class StepExecutor:
 
     async def _execute(
         self,
-        active: ActiveRun,
+        site: StepSite,
         step: Step,
         worker: Worker,
         prompt: str,
+        policy: FallbackPolicy,
         access: str,
         cwd: Path | None,
         child_cwd: Path | None,
@@ -191,14 +259,14 @@ class StepExecutor:
     ) -> RuntimeResult | None:
         """Run the step through its runtime (and fallback) and record the outcome; the runtime's
         result when the step completed."""
-        run, progress = active.run, active.emit
+        progress = site.emit
         mode = step.runtime_mode
         assert mode is not None
         t0 = time.monotonic()
-        await self.recorder.save(run, durable=False)
+        await site.changed()
         progress(f"{step_label(step)} started: {step.role} {worker.name} via {mode}")
         timeout = worker.timeout_seconds or self.settings.step_timeout_s
-        partial = active.partials[step.index] = PartialOutput()
+        partial = site.partials[step.index] = PartialOutput()
         request = StepRequest(
             worker=worker,
             prompt=prompt,
@@ -209,13 +277,13 @@ class StepExecutor:
             working_directory=cwd,
             child_cwd=child_cwd,
             on_progress=progress,
-            on_spawn=functools.partial(self._record_process, run, step),
+            on_spawn=functools.partial(self._record_process, site, step),
             partial=partial,
             resume=resume,
             output_schema=output_schema,
         )
-        outcome = await run_with_fallback(self.runtimes, request, mode, active.plan.policies[worker.name])
-        active.partials.pop(step.index, None)
+        outcome = await run_with_fallback(self.runtimes, request, mode, policy)
+        site.partials.pop(step.index, None)
         step.process = None
         redact = self.settings.redact
         step.attempts = [a.model_copy(update={"error": redact.optional(a.error)}) for a in outcome.attempts]
@@ -244,7 +312,6 @@ class StepExecutor:
             step.model = result.model
             step.cli_version = result.cli_version
             step.cost_usd, step.cost_source = self.settings.prices.cost(result.model, result.usage, result.cost_usd)
-            add_up(run)
             step.session_id = result.session_id
             step.exit_code = result.exit_code
             step.status = "completed"
@@ -262,13 +329,13 @@ class StepExecutor:
         progress(f"{step_label(step)} {step.status}: {step.role} {worker.name} via {via}")
         return outcome.result if step.status == "completed" else None
 
-    async def _record_process(self, run: Run, step: Step, pid: int) -> None:
+    async def _record_process(self, site: StepSite, step: Step, pid: int) -> None:
         tree = spawned(pid)
         if tree is None:  # not a supervised spawn (a runtime of a test's): the pid is all we know
             step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=process_start_ticks(pid))
         else:
             step.process = ProcessRef(pid=pid, pgid=pid, start_ticks=tree.start_ticks, marker=tree.marker)
-        await self.recorder.save(run, durable=False)
+        await site.changed()
 
 
 class EngineContext:
