@@ -1,8 +1,9 @@
 """What every run store promises, the same tests over each backend: the JSON log and PostgreSQL.
 
 Workers, runs, paging newest first with cursors, filters, retention that never touches unfinished
-runs, long outputs kept whole, records from a newer version tolerated, and concurrent writers in
-several processes losing no update.
+runs, long outputs kept whole, records from a newer version tolerated, concurrent writers in
+several processes losing no update, and leases: taken, renewed, lapsed for good, fencing the saves
+of a run its owner lost, and exactly one of several processes recovering one run.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 import pytest
 
 from mcp_collab.config import Settings
-from mcp_collab.errors import InvalidRequestError, StoreError
-from mcp_collab.models import Run, RunWorktree, Usage, Worker
+from mcp_collab.errors import InvalidRequestError, LeaseLostError, RunTakenOverError, StoreError
+from mcp_collab.models import Lease, Run, RunOwner, RunWorktree, Usage, Worker
 from mcp_collab.store import JsonStore, RunFilter, RunStore, cursor_after, describe_store, open_store
 from mcp_collab.store.postgres import PostgresStore
 from tests.test_store import a_run
@@ -364,3 +365,161 @@ def test_a_list_totals_tokens_and_dollars_over_every_matching_run(new_store: Sto
     failed = store.list_runs(RunFilter(status="failed"), 1, None).totals
     assert failed is not None and failed.runs == 1 and failed.usage.output_tokens == 50
     assert store.get_run("run-00000").steps[0].diff == "+" * (LONG * 2)  # type: ignore[union-attr]
+
+
+# -- leases: which server processes are alive, and who may write a run ----------------------------
+
+# Seconds a lease lives in these tests when it must outlive the test.
+LONG_TTL_S = 600.0
+# Processes racing to recover one run.
+RECOVERERS = 4
+
+
+def a_lease(kind: str = "server", **fields: Any) -> Lease:
+    return Lease(kind=kind, host="host-a", pid=4242, start_ticks=7, **fields)  # type: ignore[arg-type]
+
+
+def owned(run: Run, lease: str | None, pid: int = 4242) -> Run:
+    run.owner = RunOwner(host="host-a", pid=pid, start_ticks=7, lease=lease)
+    return run
+
+
+def test_a_lease_is_taken_renewed_seen_by_others_and_dropped(new_store: StoreMaker) -> None:
+    store, other = new_store(), new_store()
+    taken = store.renew_lease(a_lease(), LONG_TTL_S)
+    assert taken.started_at is not None and taken.expires_at is not None and taken.expires_at > taken.started_at
+    worker = store.renew_lease(a_lease("worker", queue="gpu", roots=["/srv/repos", "/home/x"]), LONG_TTL_S)
+    assert other.lease_alive(taken.id) and other.lease_alive(worker.id)
+    assert [lease.id for lease in other.live_leases("server")] == [taken.id]
+    [seen] = other.live_leases("worker")
+    assert (seen.queue, seen.roots, seen.pid, seen.start_ticks) == ("gpu", ["/srv/repos", "/home/x"], 4242, 7)
+    assert {lease.id for lease in other.live_leases()} == {taken.id, worker.id}
+    renewed = store.renew_lease(taken, LONG_TTL_S)
+    assert renewed.id == taken.id and renewed.started_at == taken.started_at
+    assert renewed.expires_at is not None and renewed.expires_at > taken.expires_at
+    other.drop_lease(taken.id)
+    other.drop_lease(taken.id)  # gone already: nothing happens
+    assert not store.lease_alive(taken.id) and [v.id for v in store.live_leases()] == [worker.id]
+    with pytest.raises(LeaseLostError, match="lapsed"):
+        store.renew_lease(renewed, LONG_TTL_S)  # a dropped lease is not taken back
+    assert not store.lease_alive("no-such-lease")
+
+
+def test_a_lapsed_lease_is_dead_to_everyone_and_never_taken_back(new_store: StoreMaker) -> None:
+    store = new_store()
+    # A TTL of 0 lapses the moment it is granted, by the store's own clock: no waiting on time.
+    lapsed = store.renew_lease(a_lease(), 0)
+    alive = store.renew_lease(a_lease(), LONG_TTL_S)
+    reader = new_store()
+    assert not reader.lease_alive(lapsed.id) and reader.lease_alive(alive.id)
+    assert [lease.id for lease in reader.live_leases()] == [alive.id]
+    with pytest.raises(LeaseLostError, match=f"{lapsed.id}.*lapsed before it was renewed"):
+        reader.renew_lease(lapsed, LONG_TTL_S)
+    assert not store.lease_alive(lapsed.id), "the refused renewal did not bring it back"
+    assert store.renew_lease(alive, LONG_TTL_S).id == alive.id, "a live one is still renewed"
+
+
+def test_a_recovered_run_is_never_written_again_by_the_owner_that_lost_it(new_store: StoreMaker) -> None:
+    owner, recoverer = new_store(), new_store()
+    owner.save_run(owned(a_run(1, status="running"), "lease-a"))
+    owner.save_run(owned(a_run(2, status="running"), "lease-a"))
+    recovered = owned(a_run(1, status="interrupted"), "lease-b", pid=5151)
+    assert not recoverer.take_over_run(recovered, "lease-other"), "only from the lease it was orphaned under"
+    assert recoverer.take_over_run(recovered, "lease-a")
+    late = owned(a_run(1, status="interrupted"), "lease-c", pid=6161)
+    assert not new_store().take_over_run(late, "lease-a"), "it was recovered already"
+    with pytest.raises(RunTakenOverError, match="run-00001 was recovered by another server"):
+        owner.save_runs([owned(a_run(1), "lease-a"), owned(a_run(2), "lease-a")])  # the owner, resumed
+    reader = new_store()
+    assert reader.get_run("run-00001") == recovered, "the recovered state stands"
+    assert reader.get_run("run-00002") == owned(a_run(2), "lease-a"), "the rest of the batch landed"
+    with pytest.raises(RunTakenOverError):
+        owner.save_run(owned(a_run(1, status="running"), "lease-a"))
+    assert reader.get_run("run-00001") == recovered
+    assert [r.id for r in reader.unfinished_runs()] == []
+    again = owned(a_run(1), "lease-b", pid=5151)
+    again.result = "applied by whoever reads it now"
+    new_store().save_run(again)  # its new owner's lease is the one stored: saved
+    assert reader.get_run("run-00001") == again
+
+
+def test_a_run_stored_before_leases_is_recovered_from_its_leaseless_owner(new_store: StoreMaker) -> None:
+    store = new_store()
+    store.save_run(owned(a_run(1, status="queued"), None))
+    store.save_run(owned(a_run(1, status="running"), None))  # an old owner saves as before
+    assert not store.take_over_run(owned(a_run(1, status="interrupted"), "lease-b"), "lease-a")
+    assert new_store().take_over_run(owned(a_run(1, status="interrupted"), "lease-b"), None)
+    stored = store.get_run("run-00001")
+    assert stored is not None and stored.status == "interrupted" and stored.owner is not None
+    assert stored.owner.lease == "lease-b"
+
+
+def _recoverer(kind: str, where: str, pid: int, start: Any, results: Any) -> None:
+    store = open_backend(kind, where)
+    start.wait(PROCESS_DEADLINE_S)
+    won = store.take_over_run(owned(a_run(1, status="interrupted"), f"lease-{pid}", pid=pid), "lease-a")
+    results.put((pid, won))
+
+
+def test_of_processes_recovering_one_run_at_once_exactly_one_does(
+    backend: tuple[str, str], new_store: StoreMaker
+) -> None:
+    new_store().save_run(owned(a_run(1, status="running"), "lease-a"))
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    results = ctx.Queue()
+    racers = [ctx.Process(target=_recoverer, args=(*backend, 100 + i, start, results)) for i in range(RECOVERERS)]
+    for process in racers:
+        process.start()
+    start.set()
+    outcomes = {}
+    try:
+        for _ in racers:
+            pid, won = results.get(timeout=PROCESS_DEADLINE_S)
+            outcomes[pid] = won
+    except queue_mod.Empty:
+        pytest.fail(f"a recovering process did not finish: exit codes {[p.exitcode for p in racers]}")
+    finally:
+        for process in racers:
+            process.join(PROCESS_DEADLINE_S)
+    [winner] = [pid for pid, won in outcomes.items() if won]
+    stored = new_store().get_run("run-00001")
+    assert stored is not None and stored.owner is not None
+    assert (stored.status, stored.owner.pid, stored.owner.lease) == ("interrupted", winner, f"lease-{winner}")
+
+
+def test_a_database_of_an_earlier_schema_is_migrated_at_open_keeping_its_runs(postgres_url: str) -> None:
+    import psycopg
+
+    from mcp_collab.store import postgres
+
+    run = owned(a_run(1, status="running"), None)
+    run.steps[0].cost_usd, run.steps[0].usage = 0.5, Usage(input_tokens=10)
+    with psycopg.connect(postgres_url, autocommit=True) as conn, conn.transaction():  # as the first release left it
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for statement in postgres.MIGRATIONS[0]:
+            conn.execute(statement)  # type: ignore[arg-type]  # our own constant SQL
+        conn.execute("INSERT INTO schema_migrations (version) VALUES (1)")
+        conn.execute(
+            "INSERT INTO runs (id, created_at, status, strategy, workers, record) VALUES (%s, %s, %s, %s, %s, %s)",
+            (run.id, run.created_at, run.status, run.strategy, run.workers, run.model_dump_json(by_alias=True)),
+        )
+        conn.execute(
+            "INSERT INTO run_steps (run_id, idx, worker, cost_usd, has_usage, input_tokens) "
+            "VALUES (%s, 0, %s, 0.5, true, 10)",
+            (run.id, run.workers[0]),
+        )
+    with PostgresStore(postgres_url) as store:
+        assert store.get_run(run.id) == run
+        totals = store.list_runs(RunFilter(), 5, None).totals
+        assert totals is not None and (totals.runs, totals.cost_usd, totals.usage.input_tokens) == (1, 0.5, 10)
+        assert store.take_over_run(owned(a_run(1, status="interrupted"), "lease-b"), None), "an owner without a lease"
+        with psycopg.connect(postgres_url) as conn:
+            versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == list(range(1, postgres.SCHEMA_VERSION + 1))
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (%s, now())", (postgres.SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="migrated by a newer mcp-collab"):
+        PostgresStore(postgres_url)

@@ -10,6 +10,8 @@ edge of the runtime that met them, with ``raise ... from exc``::
     │   ├── NoFittingWorkerError  no registered worker fits a strategy's role
     │   └── UnknownRunError
     ├── StoreError              the run store cannot be used (newer schema, unreadable, unwritable)
+    │   ├── LeaseLostError      this process's lease lapsed; whatever it owned may be recovered elsewhere
+    │   └── RunTakenOverError   a run was recovered by another server; a save of it was refused
     ├── WorktreeError           a run's git worktree could not be made, read, applied or removed
     └── RuntimeFailure          a step's runtime failed; ``kind`` drives the fallback policy
         ├── RuntimeUnavailable  missing credentials, binary or package: nothing was attempted
@@ -54,6 +56,17 @@ class UnknownRunError(InvalidRequestError):
 
 class StoreError(CollabError):
     """The run store cannot be used as it is; nothing was overwritten."""
+
+
+class LeaseLostError(StoreError):
+    """This process's lease lapsed before it was renewed (the process was stopped, or cut off from
+    the store, for longer than the lease's TTL). It is never taken back: another server may already
+    have recovered what it owned."""
+
+
+class RunTakenOverError(StoreError):
+    """A save of a run was refused because another server recovered the run meanwhile (its owner's
+    lease had lapsed); the recovered state stands, nothing was overwritten."""
 
 
 class WorktreeError(CollabError):

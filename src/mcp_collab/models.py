@@ -7,6 +7,7 @@ one of these models; ``contracts/`` holds their JSON Schema (``python -m mcp_col
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
@@ -230,11 +231,35 @@ class ProcessRef(WireModel):
 
 
 class RunOwner(WireModel):
-    """The server process executing a run; a restart interrupts runs whose owner is gone."""
+    """The server process executing a run (after a recovery: the server that recovered it). A run
+    whose owner is gone -- its lease lapsed, or on this host its process died -- is recovered by
+    whichever server notices."""
 
     host: str
     pid: int
     start_ticks: int | None = None
+    lease: str | None = Field(
+        default=None, description="The owner's lease in the run store; none on runs stored before leases."
+    )
+
+
+LeaseKind = Literal["server", "worker"]
+
+
+class Lease(WireModel):
+    """A process's claim, kept in the run store, that it is alive: renewed before ``expires_at``
+    (by the store's clock), dropped at a clean exit. Whatever a lease owns is orphaned once it
+    lapses, and a lapsed lease is never taken back."""
+
+    id: str = Field(default_factory=lambda: secrets.token_hex(16))
+    kind: LeaseKind
+    host: str
+    pid: int
+    start_ticks: int | None = None
+    queue: str | None = None  # the task queue a worker serves
+    roots: list[str] = Field(default_factory=list)  # a worker's workspace roots; none for a server
+    started_at: datetime | None = None  # set by the store when the lease is first taken
+    expires_at: datetime | None = None  # None: not taken yet
 
 
 class Step(WireModel):

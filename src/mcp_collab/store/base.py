@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from ..errors import InvalidRequestError
-from ..models import Run, RunPage, RunStatus, Worker
+from ..models import Lease, LeaseKind, Run, RunPage, RunStatus, Worker
 
 # A run's place in the history, as cursors spell it: its creation time (UTC, fixed width, so the
 # text sorts like the time) and its id. Every backend issues and reads the same cursors.
@@ -54,7 +54,16 @@ class RunStore(Protocol):
     def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
         """Several runs' new states, atomically and durably, in one write. ``durable=False``: they
         are intermediate states, and must survive the server's death but not a power cut (the
-        next durable write may carry them to disk)."""
+        next durable write may carry them to disk).
+
+        A run whose stored owner holds another lease than the saved one's (another server
+        recovered it, see ``take_over_run``) is not written: the others are, then
+        RunTakenOverError names it."""
+
+    def take_over_run(self, run: Run, previous_lease: str | None) -> bool:
+        """Store ``run`` (a recovered state, with its recoverer as owner) only if the stored run is
+        still queued or running under ``previous_lease`` (None: an owner from before leases): a
+        compare-and-set, so of servers recovering one run at once exactly one does. True if stored."""
 
     def get_run(self, run_id: str) -> Run | None: ...
 
@@ -66,6 +75,21 @@ class RunStore(Protocol):
 
     def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
         """Runs newest first; ``cursor`` is the ``nextCursor`` of the previous page."""
+
+    # -- leases: which processes are alive, by the store's clock --------------------------------
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
+        """Take a new lease (``expires_at`` None) or extend a held one to ``ttl_s`` seconds from now;
+        returns it with its start and new expiry. A lease that lapsed (or was dropped) is never
+        taken back: LeaseLostError."""
+
+    def live_leases(self, kind: LeaseKind | None = None) -> list[Lease]:
+        """The leases not expired now (of one kind, or all), oldest first."""
+
+    def lease_alive(self, lease_id: str) -> bool: ...
+
+    def drop_lease(self, lease_id: str) -> None:
+        """Give a lease up (a clean exit); nothing happens if it is gone already."""
 
 
 def cursor_after(run: Run) -> str:

@@ -4,6 +4,8 @@ Layout, in the state directory::
 
     store.lock            flock'ed around every read-modify-write and every catch-up read
     runs.jsonl            the log: a header line, then one JSON object per change
+    leases.json           the live leases (which server processes are alive), replaced atomically
+                          under the lock at each renewal
     outputs/RUN/N.txt     the full output of step N of run RUN, written once when the step ends
     store.json            (schema 1, before the log) migrated on first open, then kept as
                           store.json.migrated-v1
@@ -52,15 +54,15 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from ..errors import InvalidRequestError, StoreError
-from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Run, RunPage, Usage, Worker
+from ..errors import InvalidRequestError, LeaseLostError, RunTakenOverError, StoreError
+from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Lease, LeaseKind, Run, RunPage, Usage, Worker
 from .base import KEY_FORMAT as _KEY_FORMAT
 from .base import RunFilter
 from .base import decode_cursor as _decode_cursor
@@ -71,6 +73,8 @@ log = logging.getLogger("mcp_collab.store")
 STORE_SCHEMA_VERSION = 2
 LOG_NAME = "runs.jsonl"
 LOCK_NAME = "store.lock"
+LEASES_NAME = "leases.json"
+LEASES_SCHEMA_VERSION = 1
 OUTPUTS_DIR = "outputs"
 V1_NAME = "store.json"
 DAMAGED_MARK = ".damaged-"
@@ -106,6 +110,7 @@ class _Entry:
     step_diffs: tuple[int, ...] = ()
     # Per step: its worker, its dollars (None: unknown) and its tokens as stored, for the totals.
     accounts: tuple[tuple[str, float | None, dict[str, Any] | None], ...] = ()
+    lease: str | None = None  # the lease of the run's owner (None: no owner, or one from before leases)
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class JsonStore:
         self.directory = directory
         self.log_path = directory / LOG_NAME
         self.lock_path = directory / LOCK_NAME
+        self.leases_path = directory / LEASES_NAME
         self.outputs_path = directory / OUTPUTS_DIR
         self._mutex = threading.RLock()
         self._workers: dict[str, Worker] = {}
@@ -250,9 +256,25 @@ class JsonStore:
         states) skips the fsync, which the next durable write makes for both."""
 
         def change() -> None:
-            self._append([self._run_record(r) for r in runs], sync=durable)
+            taken = [r for r in runs if (e := self._index.get(r.id)) is not None and e.lease != _lease_of(r)]
+            refused = {r.id for r in taken}
+            kept = [r for r in runs if r.id not in refused]
+            if kept:
+                self._append([self._run_record(r) for r in kept], sync=durable)
+            if taken:
+                raise _taken_over(taken[0], self._index[taken[0].id].lease)
 
         self._write(change)
+
+    def take_over_run(self, run: Run, previous_lease: str | None) -> bool:
+        def change() -> bool:
+            entry = self._index.get(run.id)
+            if entry is None or entry.status in TERMINAL_RUN_STATUSES or entry.lease != previous_lease:
+                return False
+            self._append([self._run_record(run)])
+            return True
+
+        return self._write(change)
 
     def get_run(self, run_id: str) -> Run | None:
         return self._read(lambda: self._load_run(run_id, full=True))
@@ -318,6 +340,78 @@ class JsonStore:
             return ordered
 
         return self._write(change)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
+        """Under the lock: read the lease file, take or extend ``lease``, forget lapsed ones, and
+        replace the file atomically. Time is this host's clock: a JSON store has one host."""
+
+        def change() -> Lease:
+            with self._locked():
+                now = datetime.now(UTC)
+                leases = {k: v for k, v in self._read_leases().items() if _live(v, now)}
+                held = leases.get(lease.id)
+                if held is None and lease.expires_at is not None:
+                    raise LeaseLostError(_lapsed(lease, self.leases_path))
+                renewed = lease.model_copy(
+                    update={
+                        "started_at": held.started_at if held is not None else now,
+                        "expires_at": now + timedelta(seconds=ttl_s),
+                    }
+                )
+                leases[lease.id] = renewed
+                self._write_leases(leases)
+                return renewed
+
+        return self._guarded(change, action="write")
+
+    def live_leases(self, kind: LeaseKind | None = None) -> list[Lease]:
+        now = datetime.now(UTC)
+        leases = self._guarded(self._read_leases, action="read").values()
+        live = [v for v in leases if _live(v, now) and (kind is None or v.kind == kind)]
+        return sorted(live, key=lambda v: (v.started_at or now, v.id))
+
+    def lease_alive(self, lease_id: str) -> bool:
+        lease = self._guarded(self._read_leases, action="read").get(lease_id)
+        return lease is not None and _live(lease, datetime.now(UTC))
+
+    def drop_lease(self, lease_id: str) -> None:
+        def change() -> None:
+            with self._locked():
+                leases = self._read_leases()
+                if leases.pop(lease_id, None) is not None:
+                    self._write_leases(leases)
+
+        self._guarded(change, action="write")
+
+    def _read_leases(self) -> dict[str, Lease]:
+        """The lease file as last replaced (a complete file always: it is replaced atomically)."""
+        try:
+            raw = self.leases_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or doc.get("kind") != "mcp-collab-leases":
+                raise ValueError("not a lease file")
+            if not isinstance(doc.get("schemaVersion"), int) or doc["schemaVersion"] > LEASES_SCHEMA_VERSION:
+                raise ValueError(f"schemaVersion {doc.get('schemaVersion')!r}")
+            leases = [Lease.model_validate(v, context=STORED) for v in doc.get("leases", [])]
+        except (ValueError, ValidationError) as exc:
+            raise StoreError(
+                f"the lease file {self.leases_path} cannot be read ({str(exc).splitlines()[0]}); move it aside: "
+                "every live server takes its lease anew and interrupts the runs it held"
+            ) from None
+        return {v.id: v for v in leases}
+
+    def _write_leases(self, leases: dict[str, Lease]) -> None:
+        doc = {
+            "schemaVersion": LEASES_SCHEMA_VERSION,
+            "kind": "mcp-collab-leases",
+            "leases": [v.model_dump(mode="json", by_alias=True) for v in leases.values()],
+        }
+        _atomic_write(self.leases_path, _line(doc))
 
     # -- reading records ---------------------------------------------------------------------
 
@@ -616,6 +710,7 @@ class JsonStore:
                 diffs=value.diffs,
                 step_diffs=value.step_diffs,
                 accounts=value.accounts,
+                lease=value.lease,
             )
             previous = self._index.get(run_id)
             if previous is None:
@@ -847,6 +942,7 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
                 diffs=tuple(diffs),
                 step_diffs=tuple(step_diffs),
                 accounts=_accounts(run.get("steps")),
+                lease=_stored_lease(run.get("owner")),
             )
         if op == "unrun" and isinstance(record["id"], str):
             return op, record["id"]
@@ -857,6 +953,34 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
     except (KeyError, TypeError, ValueError) as exc:
         raise _Damaged(f"the line at byte {offset} is not a valid {op} record ({type(exc).__name__})") from None
     raise _Damaged(f"the line at byte {offset} is not a record this version knows (op {str(op)[:40]!r})")
+
+
+def _stored_lease(owner: Any) -> str | None:
+    lease = owner.get("lease") if isinstance(owner, dict) else None
+    return lease if isinstance(lease, str) else None
+
+
+def _live(lease: Lease, now: datetime) -> bool:
+    return lease.expires_at is not None and lease.expires_at > now
+
+
+def _lapsed(lease: Lease, where: object) -> str:
+    return (
+        f"the lease {lease.id} of this {lease.kind} (pid {lease.pid} on {lease.host}) in {where} lapsed before it "
+        "was renewed (the process was stopped or cut off from the store for longer than its TTL); whatever it "
+        "owned may have been recovered by another server"
+    )
+
+
+def _lease_of(run: Run) -> str | None:
+    return run.owner.lease if run.owner is not None else None
+
+
+def _taken_over(run: Run, holder: str | None) -> RunTakenOverError:
+    return RunTakenOverError(
+        f"run {run.id} was recovered by another server (it is now owned under lease {holder}, not "
+        f"{_lease_of(run)}); this save of it was refused and the recovered state stands"
+    )
 
 
 def _accounts(steps: Any) -> tuple[tuple[str, float | None, dict[str, Any] | None], ...]:

@@ -5,9 +5,12 @@ Selected by ``MCP_COLLAB_STORE_URL=postgresql://...`` (see ``open_store``). Tabl
     schema_migrations  version, applied_at: the migrations below that this database has had
     workers            name (key), seq (the order they were added), record (the worker as JSON)
     runs               id (key), created_at, status, strategy, workers (the columns filters and
-                       paging use, indexed), record (the run as JSON, long texts cut to a preview)
+                       paging use, indexed), owner_lease (the lease a save must hold), record (the
+                       run as JSON, long texts cut to a preview)
     run_texts          run_id, kind (output | diff), idx, body: a step's output or a worktree's
                        diff longer than the preview, whole, read only when one run is read
+    leases             id (key), kind, host, pid, ..., expires_at: which processes are alive, by
+                       the database's clock (``now()``), so the hosts' clocks need not agree
 
 The record is JSON text, not ``jsonb``: ``jsonb`` (and ``text``) cannot hold the NUL character, and
 a CLI's output may contain one; long texts are ``bytea`` for the same reason. Nothing is lost.
@@ -16,6 +19,9 @@ Each call is one transaction on a connection of its own (a small pool shared by 
 orchestrator calls from), so concurrent writers in several processes or on several hosts lose no
 update: a save replaces one run's row and texts atomically; ``save_runs`` commits its batch at once;
 adding a worker whose name is taken is refused by the primary key, not by a read-then-write race.
+A run's owner is fenced by its lease: a save is applied only while the stored owner holds the same
+lease (``ON CONFLICT ... WHERE``, evaluated on the row's latest version under its lock), and a
+recovery is one conditional ``UPDATE``, so two servers never both recover one run.
 
 Migrations are versioned and applied at start under an advisory lock (two servers starting at
 once do not both apply one); a database migrated by a newer mcp-collab is refused untouched.
@@ -38,8 +44,8 @@ from psycopg import sql
 from pydantic import ValidationError
 
 from ..config import shown_store_url, store_url_secrets
-from ..errors import InvalidRequestError, StoreError
-from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Run, RunPage, Usage, Worker
+from ..errors import InvalidRequestError, LeaseLostError, RunTakenOverError, StoreError
+from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Lease, LeaseKind, Run, RunPage, Usage, Worker
 from .base import KEY_FORMAT, RunFilter, decode_cursor, encode_cursor, key_time
 
 log = logging.getLogger("mcp_collab.store")
@@ -102,11 +108,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX run_steps_by_worker ON run_steps (worker)",
     ),
+    (
+        """CREATE TABLE leases (
+            id text PRIMARY KEY,
+            kind text NOT NULL,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            start_ticks bigint,
+            queue text,
+            roots text[] NOT NULL,
+            started_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL
+        )""",
+        "CREATE INDEX leases_by_expiry ON leases (expires_at)",
+        # Runs stored before leases have none: their owners are judged as before.
+        "ALTER TABLE runs ADD COLUMN owner_lease text",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _TERMINAL = sorted(TERMINAL_RUN_STATUSES)
-_RUN_COLUMNS = "id, created_at, status, strategy, workers, record"
+_RUN_COLUMNS = "id, created_at, status, strategy, workers, record, owner_lease"
+_LEASE_COLUMNS = "id, kind, host, pid, start_ticks, queue, roots, started_at, expires_at"
 _USAGE_FIELDS = tuple(Usage.model_fields)
 _STEP_COLUMNS = "run_id, idx, worker, cost_usd, has_usage, " + ", ".join(_USAGE_FIELDS)
 
@@ -189,6 +212,7 @@ class PostgresStore:
                 conn.execute(
                     "INSERT INTO run_texts (run_id, kind, idx, body) SELECT id, 'probe', -1, '' FROM runs LIMIT 0"
                 )
+                conn.execute("UPDATE leases SET expires_at = expires_at WHERE false")
                 if conn.execute("SHOW transaction_read_only").fetchone() == ("on",):
                     raise StoreError(f"the run store {self.shown} is read-only (a standby?); point it at the primary")
 
@@ -230,55 +254,62 @@ class PostgresStore:
         self.save_runs([run])
 
     def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
-        """Several runs' new states in one transaction: all of them land, or none. ``durable=False``
+        """Several runs' new states in one transaction: all of them land, or none -- except a run
+        another server recovered (its stored owner holds another lease): that one is left as it is
+        stored, and RunTakenOverError names it once the others are committed. ``durable=False``
         (intermediate states): the commit does not wait for the database's WAL flush
         (``synchronous_commit = off`` for this transaction only); a crash of our server loses
         nothing, a crash of the database at most the last moments, and the next durable commit
         flushes both."""
         if not runs:
             return
-        rows, texts, steps = [], [], []
-        for run in runs:
-            record, long_texts = _split(run)
-            rows.append(
-                (run.id, run.created_at.astimezone(UTC), run.status, run.strategy, list(run.workers), _json(record))
-            )
-            texts.append((run.id, long_texts))
-            for i, step in enumerate(run.steps):
-                usage = [getattr(step.usage, name) if step.usage else None for name in _USAGE_FIELDS]
-                steps.append((run.id, i, step.worker_name, step.cost_usd, step.usage is not None, *usage))
+        rows = [_Row(run) for run in runs]
 
-        def write(conn: psycopg.Connection[Any]) -> None:
+        def write(conn: psycopg.Connection[Any]) -> list[tuple[str, str | None]]:
             with conn.transaction(), conn.cursor() as cur:
                 if not durable:
                     cur.execute("SET LOCAL synchronous_commit = off")
                 cur.executemany(
-                    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
+                    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at, status = EXCLUDED.status, "
-                    "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record",
-                    rows,
+                    "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record "
+                    "WHERE runs.owner_lease IS NOT DISTINCT FROM EXCLUDED.owner_lease RETURNING id",
+                    [row.values for row in rows],
+                    returning=True,
                 )
-                cur.execute("DELETE FROM run_steps WHERE run_id = ANY(%s)", ([run.id for run in runs],))
-                if steps:
-                    placeholders = ", ".join(["%s"] * (5 + len(_USAGE_FIELDS)))
-                    cur.executemany(f"INSERT INTO run_steps ({_STEP_COLUMNS}) VALUES ({placeholders})", steps)
-                for run_id, long_texts in texts:
-                    keys = [f"{kind}:{idx}" for kind, idx, _ in long_texts]
-                    cur.execute(
-                        "DELETE FROM run_texts WHERE run_id = %s AND NOT (kind || ':' || idx = ANY(%s))",
-                        (run_id, keys),
-                    )
-                    if long_texts:
-                        # A text is written when it first appears; later saves of the run leave it
-                        # unless it changed.
-                        cur.executemany(
-                            "INSERT INTO run_texts (run_id, kind, idx, body) VALUES (%s, %s, %s, %s) "
-                            "ON CONFLICT (run_id, kind, idx) DO UPDATE SET body = EXCLUDED.body "
-                            "WHERE run_texts.body IS DISTINCT FROM EXCLUDED.body",
-                            [(run_id, kind, idx, body.encode("utf-8")) for kind, idx, body in long_texts],
-                        )
+                written = {found[0] for _ in cur.results() for found in cur.fetchall()}
+                _write_parts(cur, [row for row in rows if row.id in written])
+                refused = [row.id for row in rows if row.id not in written]
+                if not refused:
+                    return []
+                cur.execute("SELECT id, owner_lease FROM runs WHERE id = ANY(%s)", (refused,))
+                return [(run_id, lease) for run_id, lease in cur.fetchall()]
 
-        self._call(write, "write")
+        taken = self._call(write, "write")
+        if taken:
+            run_id, holder = taken[0]
+            raise RunTakenOverError(
+                f"run {run_id} was recovered by another server (it is now owned under lease {holder}); this save "
+                "of it was refused and the recovered state stands"
+            )
+
+    def take_over_run(self, run: Run, previous_lease: str | None) -> bool:
+        row = _Row(run)
+
+        def take(conn: psycopg.Connection[Any]) -> bool:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(
+                    "UPDATE runs SET created_at = %s, status = %s, strategy = %s, workers = %s, record = %s, "
+                    "owner_lease = %s WHERE id = %s AND status <> ALL(%s) "
+                    "AND owner_lease IS NOT DISTINCT FROM %s RETURNING id",
+                    (*row.values[1:], run.id, _TERMINAL, previous_lease),
+                )
+                if cur.fetchone() is None:
+                    return False
+                _write_parts(cur, [row])
+                return True
+
+        return self._call(take, "write")
 
     def get_run(self, run_id: str) -> Run | None:
         def read(conn: psycopg.Connection[Any]) -> Run | None:
@@ -378,6 +409,61 @@ class PostgresStore:
 
         return self._call(change, "write")
 
+    # -- leases ------------------------------------------------------------------------------
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
+        """Take or extend ``lease`` to ``ttl_s`` seconds from the database's ``now()``; lapsed
+        leases are forgotten on the way. A held lease that lapsed is not taken back: LeaseLostError."""
+        values = (lease.id, lease.kind, lease.host, lease.pid, lease.start_ticks, lease.queue, list(lease.roots))
+
+        def renew(conn: psycopg.Connection[Any]) -> Any:
+            with conn.transaction():
+                conn.execute("DELETE FROM leases WHERE expires_at <= now()")
+                row = conn.execute(
+                    "UPDATE leases SET expires_at = now() + make_interval(secs => %s) "
+                    "WHERE id = %s AND expires_at > now() RETURNING started_at, expires_at",
+                    (ttl_s, lease.id),
+                ).fetchone()
+                if row is None and lease.expires_at is None:
+                    row = conn.execute(
+                        f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, now(), "
+                        "now() + make_interval(secs => %s)) ON CONFLICT (id) DO NOTHING "
+                        "RETURNING started_at, expires_at",
+                        (*values, ttl_s),
+                    ).fetchone()
+                return row
+
+        row = self._call(renew, "write")
+        if row is None:
+            raise LeaseLostError(
+                f"the lease {lease.id} of this {lease.kind} (pid {lease.pid} on {lease.host}) in the run store "
+                f"{self.shown} lapsed before it was renewed (the process was stopped or cut off from the database "
+                "for longer than its TTL); whatever it owned may have been recovered by another server"
+            )
+        return lease.model_copy(update={"started_at": row[0], "expires_at": row[1]})
+
+    def live_leases(self, kind: LeaseKind | None = None) -> list[Lease]:
+        rows = self._call(
+            lambda c: c.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE expires_at > now() "
+                "AND (%(kind)s::text IS NULL OR kind = %(kind)s::text) ORDER BY started_at, id",
+                {"kind": kind},
+            ).fetchall()
+        )
+        fields = ("id", "kind", "host", "pid", "start_ticks", "queue", "roots", "started_at", "expires_at")
+        return [Lease.model_validate(dict(zip(fields, row, strict=True)), context=STORED) for row in rows]
+
+    def lease_alive(self, lease_id: str) -> bool:
+        row = self._call(
+            lambda c: c.execute(
+                "SELECT EXISTS (SELECT 1 FROM leases WHERE id = %s AND expires_at > now())", (lease_id,)
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
+    def drop_lease(self, lease_id: str) -> None:
+        self._call(lambda c: c.execute("DELETE FROM leases WHERE id = %s", (lease_id,)), "write")
+
     # -- inside ------------------------------------------------------------------------------
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
@@ -461,6 +547,48 @@ def _conditions(filter: RunFilter) -> tuple[list[sql.Composable], list[Any]]:
 
 def _where(conditions: list[sql.Composable]) -> sql.Composable:
     return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+
+
+class _Row:
+    """What a save writes of one run: its row of ``runs``, its long texts and its steps' accounts."""
+
+    def __init__(self, run: Run) -> None:
+        record, self.texts = _split(run)
+        owner_lease = run.owner.lease if run.owner is not None else None
+        self.values = (
+            run.id, run.created_at.astimezone(UTC), run.status, run.strategy, list(run.workers), _json(record),
+            owner_lease,
+        )  # fmt: skip
+        self.id = run.id
+        self.steps = []
+        for i, step in enumerate(run.steps):
+            usage = [getattr(step.usage, name) if step.usage else None for name in _USAGE_FIELDS]
+            self.steps.append((run.id, i, step.worker_name, step.cost_usd, step.usage is not None, *usage))
+
+
+def _write_parts(cur: psycopg.Cursor[Any], rows: list[_Row]) -> None:
+    """The steps' accounts and the long texts of runs whose row was just written."""
+    if not rows:
+        return
+    cur.execute("DELETE FROM run_steps WHERE run_id = ANY(%s)", ([row.id for row in rows],))
+    steps = [step for row in rows for step in row.steps]
+    if steps:
+        placeholders = ", ".join(["%s"] * (5 + len(_USAGE_FIELDS)))
+        cur.executemany(f"INSERT INTO run_steps ({_STEP_COLUMNS}) VALUES ({placeholders})", steps)
+    for row in rows:
+        keys = [f"{kind}:{idx}" for kind, idx, _ in row.texts]
+        cur.execute(
+            "DELETE FROM run_texts WHERE run_id = %s AND NOT (kind || ':' || idx = ANY(%s))",
+            (row.id, keys),
+        )
+        if row.texts:
+            # A text is written when it first appears; later saves of the run leave it unless it changed.
+            cur.executemany(
+                "INSERT INTO run_texts (run_id, kind, idx, body) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (run_id, kind, idx) DO UPDATE SET body = EXCLUDED.body "
+                "WHERE run_texts.body IS DISTINCT FROM EXCLUDED.body",
+                [(row.id, kind, idx, body.encode("utf-8")) for kind, idx, body in row.texts],
+            )
 
 
 def _split(run: Run) -> tuple[dict[str, Any], list[tuple[str, int, str]]]:
