@@ -40,6 +40,10 @@ DEFAULT_RUN_TIMEOUT_S = 4 * 3600.0
 # Retention: finished runs beyond the newest N, or older than D days, are pruned with their outputs.
 DEFAULT_RETAIN_RUNS = 10_000
 DEFAULT_RETAIN_DAYS = 90.0
+# A server's lease on the run store lives this long unless renewed (three times per TTL): long
+# enough to ride out a database restart or a stalled disk, short enough that a host that vanished
+# has its runs recovered within half a minute.
+DEFAULT_LEASE_TTL_S = 30.0
 # Caps on what one caller can make us hold: a task's text, and runs waiting for a slot.
 DEFAULT_MAX_TASK_CHARS = 200_000
 DEFAULT_MAX_QUEUED_RUNS = 100
@@ -241,6 +245,8 @@ class Settings:
     retain_days: float | None = DEFAULT_RETAIN_DAYS
     # The PostgreSQL database that holds the runs (MCP_COLLAB_STORE_URL); None: the JSON store in state_dir.
     store_url: StoreUrl | None = None
+    # How long a server's lease on the store outlives its last renewal (MCP_COLLAB_LEASE_TTL_S).
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     # The variables the runtimes declare in runtimes/registry.py, read and checked once, by name.
     runtime_texts: Mapping[str, str] = field(default_factory=lambda: _runtime_settings({})[0])
     runtime_counts: Mapping[str, int] = field(default_factory=lambda: _runtime_settings({})[1])
@@ -291,6 +297,7 @@ class Settings:
             retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
             retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
             store_url=_store_url(env),
+            lease_ttl_s=_positive(env, "MCP_COLLAB_LEASE_TTL_S", DEFAULT_LEASE_TTL_S),
             runtime_texts=runtime_texts,
             runtime_counts=runtime_counts,
             openai_wire_api=_choice(env, "MCP_COLLAB_OPENAI_WIRE_API", "auto", WIRE_APIS),  # type: ignore[arg-type]

@@ -5,6 +5,14 @@ Runs live in a task group owned by ``running()``, not in the request that starte
 that times out, cancels or disconnects never kills a run. A run's program (its strategy) runs
 inside the run's own cancel scope, so a cancel or the run's wall-clock limit stops every branch
 and, through the supervisor, kills every process tree.
+
+Ownership is by lease: inside ``running()`` the server holds a lease in the run store, renewed in
+the background and dropped at a clean exit, and every run it admits names it. A run whose owner's
+lease lapsed (or, on this host, whose owner process is gone) is orphaned, and whoever notices --
+start-up, a wait on the run, the periodic sweep of any server -- recovers it with a
+compare-and-set in the store, so exactly one server does. A server that finds its own lease lapsed
+(it was stopped, or cut off from the store) interrupts the runs it held and takes a new lease; a
+run another server recovered meanwhile is never written by it again (the store refuses the save).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from datetime import UTC, datetime
 
 import anyio
@@ -26,8 +34,16 @@ import anyio.to_thread
 
 from .. import worktrees
 from ..config import Settings
-from ..errors import InvalidRequestError, StoreError, UnknownRunError, WorktreeError, shown
-from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Run, RunOwner, RunStatus, Worker, clone
+from ..errors import (
+    InvalidRequestError,
+    LeaseLostError,
+    RunTakenOverError,
+    StoreError,
+    UnknownRunError,
+    WorktreeError,
+    shown,
+)
+from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, RunStatus, Worker, clone
 from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_running, process_start_ticks
 from ..store import RunStore
 from . import continuation
@@ -48,19 +64,36 @@ CANCEL_WAIT_S = 30.0
 PRUNE_EVERY = 100
 # How often a wait on a run executed by another server process re-reads the store.
 FOREIGN_POLL_S = 0.5
+# A server renews its lease this many times per TTL (MCP_COLLAB_LEASE_TTL_S), and sweeps the store
+# for orphaned runs as often: two renewals in a row can fail before the lease lapses.
+LEASE_RENEWALS_PER_TTL = 3
 
 
-def this_process() -> RunOwner:
-    return RunOwner(host=socket.gethostname(), pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()))
+def this_process(lease: str | None = None) -> RunOwner:
+    pid = os.getpid()
+    return RunOwner(host=socket.gethostname(), pid=pid, start_ticks=process_start_ticks(pid), lease=lease)
 
 
-def owner_alive(owner: RunOwner | None) -> bool:
-    """Is the server process that owns a run still running (on this host, and the same process)?"""
+def owner_alive(owner: RunOwner | None, live_leases: Container[str]) -> bool:
+    """Is the server that owns a run still at it? The one predicate recovery rests on: an engine
+    whose runs are owned elsewhere extends it here.
+
+    On this host, an owner process that is verifiably gone is gone at once, so a crash is recovered
+    at the next start, not a TTL later. Otherwise an owner with a lease is alive while the lease is
+    (``live_leases``: read from the store *after* the run, so a lease taken before the run was
+    stored is in it if still alive). An owner from before leases is judged as it always was: by
+    /proc on this host, and alive on any other."""
     if owner is None:
         return False
-    if owner.host != socket.gethostname():
-        return True  # not ours to judge: a store shared across hosts is the other host's business
-    return process_running(owner.pid, owner.start_ticks)
+    if owner.host == socket.gethostname() and not process_running(owner.pid, owner.start_ticks):
+        return False
+    if owner.lease is None:
+        return True
+    return owner.lease in live_leases
+
+
+def _described(owner: RunOwner | None) -> str:
+    return f"pid {owner.pid} on {owner.host}" if owner is not None else "unknown"
 
 
 def where(run: Run) -> str:
@@ -88,7 +121,9 @@ class RunLifecycle:
         self._tg: anyio.abc.TaskGroup | None = None
         self._active: dict[str, ActiveRun] = {}
         self._limiter = anyio.CapacityLimiter(settings.max_concurrent_runs)
-        self._owner = this_process()
+        self._owner = this_process()  # with a lease inside running()
+        self._lease: Lease | None = None
+        self._recovering = anyio.Lock()  # one recovery pass at a time in this process
         self._finished = 0
         # Dispatches between the queue check and their run's entry in _active: counted with the
         # queued runs, so the cap holds however many dispatches arrive at once.
@@ -114,9 +149,11 @@ class RunLifecycle:
         Leaving the block (the server stops) interrupts whatever is still running and kills its
         processes."""
         await anyio.to_thread.run_sync(self.store.check_writable)
-        async with anyio.create_task_group() as tg:
+        async with self._leased(), anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self.recorder.write_behind)
+            tg.start_soon(self._keep_lease)
+            tg.start_soon(self._sweep)
             # Recovery can take a while (killing a dead server's process trees): it runs beside the
             # first requests instead of before them, so a client's start-up probe is answered at
             # once; reads of runs wait for it (``ready``), new runs need not.
@@ -127,6 +164,78 @@ class RunLifecycle:
             finally:
                 self._tg = None
                 tg.cancel_scope.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _leased(self) -> AsyncIterator[None]:
+        """Hold a lease in the store (see ``_keep_lease``); dropped once the runs' last states are
+        stored under it."""
+        await self._take_lease()
+        try:
+            yield
+        finally:
+            await self._drop_lease()
+
+    async def _take_lease(self) -> None:
+        me = this_process()
+        fresh = Lease(kind="server", host=me.host, pid=me.pid, start_ticks=me.start_ticks)
+        self._lease = await anyio.to_thread.run_sync(self.store.renew_lease, fresh, self.settings.lease_ttl_s)
+        self._owner = this_process(lease=self._lease.id)
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease until cancelled; a lease found lapsed costs the runs held under it."""
+        while True:
+            await anyio.sleep(self.settings.lease_ttl_s / LEASE_RENEWALS_PER_TTL)
+            assert self._lease is not None
+            try:
+                self._lease = await anyio.to_thread.run_sync(
+                    self.store.renew_lease, self._lease, self.settings.lease_ttl_s
+                )
+            except LeaseLostError as exc:
+                log.error("%s; the runs it held here are interrupted", exc)
+                await self._lease_lost(self._lease.id)
+            except StoreError as exc:
+                # Tried again next time; if the store stays out of reach past the TTL, the lease lapses.
+                log.error("the lease of this server was not renewed: %s", exc)
+
+    async def _lease_lost(self, lost: str) -> None:
+        """Every run held under the lapsed lease ``lost`` stops (processes killed); its last state is
+        stored unless another server recovered it first, whose state then stands. New runs get a
+        new lease."""
+        try:
+            await self._take_lease()
+        except StoreError as exc:
+            log.error("no new lease was taken (tried again at the next renewal): %s", exc)
+        finally:
+            for active in list(self._active.values()):
+                owner = active.run.owner
+                if owner is not None and owner.lease == lost:
+                    active.stop_reason = active.stop_reason or (
+                        "interrupted",
+                        "this server lost its lease on the run store (it was stopped or cut off from the store "
+                        f"for longer than MCP_COLLAB_LEASE_TTL_S={self.settings.lease_ttl_s:g}s); its processes "
+                        "were killed",
+                    )
+                    active.scope.cancel()
+
+    async def _sweep(self) -> None:
+        """Recover orphaned runs of any server, as often as the lease is renewed, until cancelled."""
+        while True:
+            await anyio.sleep(self.settings.lease_ttl_s / LEASE_RENEWALS_PER_TTL)
+            try:
+                await self.recover()
+            except StoreError as exc:
+                log.error("the sweep for orphaned runs was not completed: %s", exc)
+
+    async def _drop_lease(self) -> None:
+        if self._lease is None:
+            return
+        lease, self._lease = self._lease, None
+        self._owner = this_process()
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self.store.drop_lease, lease.id)
+            except StoreError as exc:
+                log.warning("the lease of this server was not dropped (it lapses by itself): %s", exc)
 
     async def _start_up(self, done: anyio.Event) -> None:
         try:
@@ -229,11 +338,19 @@ class RunLifecycle:
 
     async def _orphan_checked(self, run: Run) -> Run:
         """A run still open in the store whose server died after we started is recovered now,
-        instead of waiting for the next restart."""
-        if run.status in TERMINAL_RUN_STATUSES or run.id in self._active or owner_alive(run.owner):
+        instead of waiting for the next restart or sweep."""
+        if run.status in TERMINAL_RUN_STATUSES or run.id in self._active:
+            return run
+        if owner_alive(run.owner, await self._live_leases([run])):
             return run
         await self.recover()
         return await self.get_run(run.id)
+
+    async def _live_leases(self, runs: list[Run]) -> set[str]:
+        """The live leases, read after ``runs`` were (only when one of their owners has a lease)."""
+        if not any(run.owner is not None and run.owner.lease is not None for run in runs):
+            return set()
+        return {lease.id for lease in await anyio.to_thread.run_sync(self.store.live_leases)}
 
     async def _heartbeat(self, active: ActiveRun, on_progress: ProgressCallback) -> None:
         started = time.monotonic()
@@ -402,6 +519,14 @@ class RunLifecycle:
             self._close_accounts(run)
             try:
                 await self.recorder.save(run)
+            except RunTakenOverError as exc:
+                # Another server recovered the run while this one had lost its lease: the stored
+                # state is the run's, and those waiting here hear it.
+                log.warning("run %s: %s", run.id, exc)
+                with contextlib.suppress(StoreError):  # unreadable now: they hear ours, the store keeps its own
+                    stored = await anyio.to_thread.run_sync(self.store.get_run, run.id)
+                    if stored is not None:
+                        active.plan.run = run = stored
             except StoreError as exc:
                 # Those who wait on the run still hear how it ended; the store keeps its last
                 # state, and the next start marks it interrupted.
@@ -449,41 +574,70 @@ class RunLifecycle:
         return pruned
 
     async def recover(self) -> list[Run]:
-        """Runs left queued or running by a server that is gone become interrupted; their processes die."""
-        recovered = []
-        for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
-            if run.id in self._active or owner_alive(run.owner):
-                continue
-            await self._kill_leftovers(run)
-            for step in run.steps:
-                if step.status == "running":
-                    step.status = "interrupted"
-                    step.error = "the server running this step stopped"
-                    step.process = None
-                    step.ended_at = datetime.now(UTC)
-                elif step.status == "pending":
-                    step.status = "skipped"
-            who = f"pid {run.owner.pid}" if run.owner else "unknown"
-            run.status = "interrupted"
-            run.error = f"interrupted: the server that ran it ({who}) stopped before it finished; found at restart"
-            run.ended_at = datetime.now(UTC)
-            await self.recorder.save(run)
-            recovered.append(run)
-            log.warning("run %s was left %s by a stopped server; marked interrupted", run.id, run.status)
-        return recovered
+        """Runs whose owner is gone (``owner_alive``) become interrupted and, on this host, their
+        processes die. Each is taken over with a compare-and-set in the store: of servers noticing
+        one orphan at once, exactly one recovers it. Returns the runs this call recovered."""
+        async with self._recovering:
+            recovered = []
+            unfinished = await anyio.to_thread.run_sync(self.store.unfinished_runs)
+            live = await self._live_leases(unfinished)  # read after the runs: see owner_alive
+            for run in unfinished:
+                if run.id in self._active or owner_alive(run.owner, live):
+                    continue
+                if await self._recover_one(run):
+                    recovered.append(run)
+            return recovered
+
+    async def _recover_one(self, run: Run) -> bool:
+        previous = run.owner
+        await self._kill_leftovers(run)
+        now = datetime.now(UTC)
+        for step in run.steps:
+            if step.status == "running":
+                step.status = "interrupted"
+                step.error = "the server running this step stopped"
+                step.process = None
+                step.ended_at = now
+            elif step.status == "pending":
+                step.status = "skipped"
+        left = run.status
+        # Its process verifiably gone (or an owner from before leases): it stopped. Else its lease lapsed.
+        gone = previous is None or previous.lease is None or not owner_alive(previous, {previous.lease})
+        why = "stopped" if gone else "stopped or lost touch with the run store (its lease lapsed)"
+        run.status = "interrupted"
+        run.error = (
+            f"interrupted: the server that ran it ({_described(previous)}) {why} before it finished; "
+            f"recovered by {_described(self._owner)}"
+        )
+        run.ended_at = now
+        # The recovering server owns the run's last state: a late save by the owner that lost it is refused.
+        run.owner = self._owner
+        self.recorder.redact.scrub(run)
+        taken = await anyio.to_thread.run_sync(
+            self.store.take_over_run, run, previous.lease if previous is not None else None
+        )
+        if taken:
+            log.warning("run %s was left %s by a server that is gone; marked interrupted", run.id, left)
+        return taken
 
     async def _kill_leftovers(self, run: Run) -> None:
         """Every process a dead server started for ``run``: each recorded step's tree (its leader
         and group while the leader is verified by start time, everything carrying its marker), and
         everything carrying a marker of that server, which covers a spawn whose record never reached
-        the store before the crash. A dead server served only this store, so all of it is ours."""
+        the store before the crash. A dead server served only this store, so all of it is ours; a
+        live one whose lease lapsed may since have started other runs, so only the recorded trees
+        are killed (it kills the rest itself when it finds its lease lapsed)."""
         trees = [
             ProcessTree(p.pid, p.pgid, start_ticks=p.start_ticks, marker=p.marker, live=False)
             for p in (step.process for step in run.steps)
             if p is not None
         ]
         owner = run.owner
-        if owner is not None and owner.host == socket.gethostname():
+        if (
+            owner is not None
+            and owner.host == socket.gethostname()
+            and not process_running(owner.pid, owner.start_ticks)
+        ):
             tag = owner_tag(owner.pid, owner.start_ticks)
             if tag is not None:
                 trees.append(ProcessTree(None, None, live=False, server_tag=tag, since_ticks=owner.start_ticks))
