@@ -277,6 +277,8 @@ def test_two_processes_writing_at_once_lose_no_update(backend: tuple[str, str], 
         for process in writers:
             process.join(PROCESS_DEADLINE_S)
     assert sorted(outcomes.values()) == [False, True], "exactly one process got the shared worker name"
+    for filter in (RunFilter(), RunFilter(worker="a"), RunFilter(status="failed", worker="b")):
+        assert listed_totals(new_store(), filter) == reference_totals(new_store(), filter), "the totals kept up"
     store = new_store()
     assert sorted(w.name for w in store.list_workers()) == ["a", "b", "shared"]
     ids = every_run(store, limit=50)
@@ -523,3 +525,143 @@ def test_a_database_of_an_earlier_schema_is_migrated_at_open_keeping_its_runs(po
         conn.execute("INSERT INTO schema_migrations VALUES (%s, now())", (postgres.SCHEMA_VERSION + 1,))
     with pytest.raises(StoreError, match="migrated by a newer mcp-collab"):
         PostgresStore(postgres_url)
+
+
+def reference_totals(store: RunStore, filter: RunFilter) -> tuple[Any, ...]:
+    """A list's totals worked out from the matching runs themselves, read one by one."""
+    runs = [store.get_run(run_id) for run_id in every_run(store, filter, limit=50)]
+    counted, cost, uncosted = 0, 0.0, 0
+    tokens: dict[str, int | None] = dict.fromkeys(Usage.model_fields)
+    for run in runs:
+        assert run is not None
+        steps = [s for s in run.steps if filter.worker is None or s.worker_name == filter.worker]
+        if filter.worker is not None and not steps:
+            continue
+        counted += 1
+        for step in steps:
+            cost += step.cost_usd or 0.0
+            uncosted += step.cost_usd is None and step.usage is not None
+            for name in tokens:
+                value = getattr(step.usage, name) if step.usage else None
+                if value is not None:
+                    tokens[name] = (tokens[name] or 0) + value
+    return (counted, round(cost, 9), uncosted, tokens)
+
+
+def listed_totals(store: RunStore, filter: RunFilter) -> tuple[Any, ...]:
+    totals = store.list_runs(filter, 1, None).totals
+    assert totals is not None
+    return (totals.runs, totals.cost_usd, totals.uncosted_steps, totals.usage.model_dump())
+
+
+def costed(i: int, *, status: str = "completed", workers: tuple[str, ...] = ("w1",), cost: float | None = 0.25) -> Run:
+    run = a_run(i, status=status, worker=workers[0])
+    run.workers = list(dict.fromkeys(workers))
+    run.steps = [
+        run.steps[0].model_copy(
+            update={
+                "index": k,
+                "worker_name": name,
+                "cost_usd": cost,
+                "usage": Usage(input_tokens=100 + i, output_tokens=10 * k, reasoning_tokens=i if i % 2 else None),
+            }
+        )
+        for k, name in enumerate(workers)
+    ]
+    return run
+
+
+def every_kind_of_change(store: RunStore, other: RunStore) -> None:
+    """Saves, replacements from another store object, intermediate states, a recovery, a refused
+    save and a prune, over runs with several workers, unpriced steps and no steps."""
+    store.save_runs([costed(i, workers=("w1", "w2") if i % 3 else ("w2",)) for i in range(12)])
+    store.save_run(costed(20, status="running", workers=("w1",), cost=None))  # a step with usage, no price
+    store.save_run(costed(21, status="queued").model_copy(update={"steps": []}))  # a run with no step yet
+    other.save_run(costed(3, status="failed", workers=("w1", "w1", "w3"), cost=0.125))  # replaced elsewhere
+    other.save_runs([costed(4, status="running", workers=("w2",)), costed(5, workers=("w1",))], durable=False)
+    store.save_run(owned(costed(30, status="running", workers=("w3",)), "lease-a"))
+    assert store.take_over_run(owned(costed(30, status="interrupted", workers=("w3", "w1")), "lease-b"), "lease-a")
+    with pytest.raises(RunTakenOverError):  # refused: the totals do not move
+        other.save_run(owned(costed(30, workers=("w2", "w2", "w2"), cost=9.0), "lease-a"))
+    assert store.prune(max_runs=9, max_age_days=None) == ["run-00000", "run-00001", "run-00002"]
+
+
+def test_list_totals_stay_exact_through_every_kind_of_change(new_store: StoreMaker) -> None:
+    store = new_store()
+    every_kind_of_change(store, new_store())
+    filters = [
+        RunFilter(),
+        RunFilter(worker="w1"),
+        RunFilter(worker="w2"),
+        RunFilter(worker="w3"),
+        RunFilter(status="failed"),
+        RunFilter(status="running", worker="w1"),
+        RunFilter(strategy="single_worker", status="completed", worker="w2"),
+        RunFilter(strategy="consensus"),
+        RunFilter(worker="nobody"),
+    ]
+    for filter in filters:
+        assert listed_totals(new_store(), filter) == reference_totals(store, filter), filter
+    assert listed_totals(store, RunFilter())[:3] == (12, 3.875, 1)
+
+
+def test_the_databases_running_totals_agree_with_a_recount_of_its_history(postgres_url: str) -> None:
+    import psycopg
+
+    from mcp_collab.store.postgres import _recount_totals
+
+    with PostgresStore(postgres_url) as store, PostgresStore(postgres_url) as other:
+        every_kind_of_change(store, other)
+
+    def table() -> dict[tuple[str, str, str], tuple[Any, ...]]:
+        with psycopg.connect(postgres_url) as conn:
+            rows = conn.execute("SELECT * FROM run_totals").fetchall()
+        assert all(not any(row[3:]) for row in rows if row[3] == 0), "a key with no run left adds nothing"
+        return {row[:3]: row[3:] for row in rows if row[3] != 0}
+
+    kept = table()
+    with psycopg.connect(postgres_url) as conn, conn.cursor() as cur:
+        _recount_totals(cur)
+    assert len(kept) > 5 and table() == kept
+
+
+# Processes saving the same few runs over and over, and the saves each makes: enough that their
+# transactions overlap, first inserts of the same new run included.
+SAME_RUN_WRITERS = 4
+SAME_RUN_SAVES = 60
+
+
+def _same_runs_writer(kind: str, where: str, n: int, start: Any, results: Any) -> None:
+    store = open_backend(kind, where)
+    start.wait(PROCESS_DEADLINE_S)
+    for k in range(SAME_RUN_SAVES):
+        i = k % 3
+        workers = tuple(f"w{(n + k + j) % 3}" for j in range(1 + (k + n) % 3))
+        store.save_run(costed(i, status=("running", "completed", "failed")[(n + k) % 3], workers=workers))
+    results.put(n)
+
+
+def test_writers_saving_the_same_runs_at_once_keep_the_totals_exact(
+    backend: tuple[str, str], new_store: StoreMaker
+) -> None:
+    new_store().check_writable()
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    results = ctx.Queue()
+    writers = [
+        ctx.Process(target=_same_runs_writer, args=(*backend, n, start, results)) for n in range(SAME_RUN_WRITERS)
+    ]
+    for process in writers:
+        process.start()
+    start.set()
+    try:
+        done = sorted(results.get(timeout=PROCESS_DEADLINE_S) for _ in writers)
+    except queue_mod.Empty:
+        pytest.fail(f"a writer process did not finish: exit codes {[p.exitcode for p in writers]}")
+    finally:
+        for process in writers:
+            process.join(PROCESS_DEADLINE_S)
+    assert done == list(range(SAME_RUN_WRITERS))
+    store = new_store()
+    for filter in (RunFilter(), RunFilter(worker="w0"), RunFilter(worker="w1"), RunFilter(status="failed")):
+        assert listed_totals(store, filter) == reference_totals(store, filter), filter

@@ -11,6 +11,9 @@ Selected by ``MCP_COLLAB_STORE_URL=postgresql://...`` (see ``open_store``). Tabl
                        diff longer than the preview, whole, read only when one run is read
     leases             id (key), kind, host, pid, ..., expires_at: which processes are alive, by
                        the database's clock (``now()``), so the hosts' clocks need not agree
+    run_totals         (status, strategy, worker) -> runs, dollars, uncosted steps, tokens: the
+                       totals of a list, kept up to date by every change of a run (worker '': whole
+                       runs; a name: that worker's steps only), so a list never sums the history
 
 The record is JSON text, not ``jsonb``: ``jsonb`` (and ``text``) cannot hold the NUL character, and
 a CLI's output may contain one; long texts are ``bytea`` for the same reason. Nothing is lost.
@@ -23,6 +26,12 @@ A run's owner is fenced by its lease: a save is applied only while the stored ow
 lease (``ON CONFLICT ... WHERE``, evaluated on the row's latest version under its lock), and a
 recovery is one conditional ``UPDATE``, so two servers never both recover one run.
 
+Every change of runs (a save, a recovery, a prune) first takes a transaction-scoped advisory lock
+per run id (in one global order: no deadlock), reads what those runs add to the totals, changes
+them, reads it again, and adds the difference to ``run_totals`` in the same transaction: writers
+in any number of processes keep the totals exact, and a save that changes no total (most
+intermediate states) writes no ``run_totals`` row at all.
+
 Migrations are versioned and applied at start under an advisory lock (two servers starting at
 once do not both apply one); a database migrated by a newer mcp-collab is refused untouched.
 
@@ -32,11 +41,14 @@ Every failure is one ``StoreError`` naming the database (never its password) and
 from __future__ import annotations
 
 import contextlib
+import decimal
 import json
 import logging
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import psycopg
@@ -62,6 +74,12 @@ CONNECT_TIMEOUT_S = 10
 ACQUIRE_TIMEOUT_S = 60.0
 # The advisory lock key migrations run under (any constant; "mcpcollab" in ASCII, cut to 63 bits).
 MIGRATION_LOCK = 0x6D6370636F6C6C61
+# The first key of the per-run advisory locks (two-key form: "mcru" in ASCII); the second is the
+# run id's CRC-32. Two runs sharing a CRC only wait for each other.
+RUN_LOCKS = 0x6D637275
+# Runs forgotten per transaction by a prune: each holds an advisory lock until its commit, and the
+# database's lock table is shared (max_locks_per_transaction x max_connections, 6,400 by default).
+PRUNE_CHUNK = 500
 
 # Each migration is a list of statements, applied once, in order, in one transaction. Never edit
 # one that has shipped: add the next.
@@ -123,6 +141,55 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX leases_by_expiry ON leases (expires_at)",
         # Runs stored before leases have none: their owners are judged as before.
         "ALTER TABLE runs ADD COLUMN owner_lease text",
+    ),
+    (
+        """CREATE TABLE run_totals (
+            status text NOT NULL,
+            strategy text NOT NULL,
+            worker text NOT NULL,
+            runs bigint NOT NULL,
+            cost_usd numeric NOT NULL,
+            uncosted_steps bigint NOT NULL,
+            input_tokens bigint NOT NULL,
+            input_tokens_reports bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            output_tokens_reports bigint NOT NULL,
+            total_tokens bigint NOT NULL,
+            total_tokens_reports bigint NOT NULL,
+            cached_input_tokens bigint NOT NULL,
+            cached_input_tokens_reports bigint NOT NULL,
+            cache_write_tokens bigint NOT NULL,
+            cache_write_tokens_reports bigint NOT NULL,
+            reasoning_tokens bigint NOT NULL,
+            reasoning_tokens_reports bigint NOT NULL,
+            PRIMARY KEY (status, strategy, worker)
+        )""",
+        # The totals of the runs stored so far, counted once (later changes keep them up to date).
+        """INSERT INTO run_totals
+           SELECT status, strategy, worker, count(*), sum(cost), sum(uncosted),
+                  sum(i), sum(ir), sum(o), sum(orr), sum(t), sum(tr), sum(c), sum(cr), sum(w), sum(wr), sum(r), sum(rr)
+           FROM (
+               SELECT r.status, r.strategy, '' AS worker, coalesce(sum(s.cost_usd::numeric), 0) AS cost,
+                      count(*) FILTER (WHERE s.cost_usd IS NULL AND s.has_usage) AS uncosted,
+                      coalesce(sum(s.input_tokens), 0) AS i, count(s.input_tokens) AS ir,
+                      coalesce(sum(s.output_tokens), 0) AS o, count(s.output_tokens) AS orr,
+                      coalesce(sum(s.total_tokens), 0) AS t, count(s.total_tokens) AS tr,
+                      coalesce(sum(s.cached_input_tokens), 0) AS c, count(s.cached_input_tokens) AS cr,
+                      coalesce(sum(s.cache_write_tokens), 0) AS w, count(s.cache_write_tokens) AS wr,
+                      coalesce(sum(s.reasoning_tokens), 0) AS r, count(s.reasoning_tokens) AS rr
+               FROM runs r LEFT JOIN run_steps s ON s.run_id = r.id GROUP BY r.id
+               UNION ALL
+               SELECT r.status, r.strategy, s.worker, coalesce(sum(s.cost_usd::numeric), 0),
+                      count(*) FILTER (WHERE s.cost_usd IS NULL AND s.has_usage),
+                      coalesce(sum(s.input_tokens), 0), count(s.input_tokens),
+                      coalesce(sum(s.output_tokens), 0), count(s.output_tokens),
+                      coalesce(sum(s.total_tokens), 0), count(s.total_tokens),
+                      coalesce(sum(s.cached_input_tokens), 0), count(s.cached_input_tokens),
+                      coalesce(sum(s.cache_write_tokens), 0), count(s.cache_write_tokens),
+                      coalesce(sum(s.reasoning_tokens), 0), count(s.reasoning_tokens)
+               FROM runs r JOIN run_steps s ON s.run_id = r.id GROUP BY r.id, s.worker
+           ) AS per_run
+           GROUP BY status, strategy, worker""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -266,19 +333,20 @@ class PostgresStore:
         rows = [_Row(run) for run in runs]
 
         def write(conn: psycopg.Connection[Any]) -> list[tuple[str, str | None]]:
-            with conn.transaction(), conn.cursor() as cur:
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
                 if not durable:
                     cur.execute("SET LOCAL synchronous_commit = off")
-                cur.executemany(
-                    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                    "ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at, status = EXCLUDED.status, "
-                    "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record "
-                    "WHERE runs.owner_lease IS NOT DISTINCT FROM EXCLUDED.owner_lease RETURNING id",
-                    [row.values for row in rows],
-                    returning=True,
-                )
-                written = {found[0] for _ in cur.results() for found in cur.fetchall()}
-                _write_parts(cur, [row for row in rows if row.id in written])
+                with _counting(cur, [row.id for row in rows]):
+                    cur.executemany(
+                        f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at, status = EXCLUDED.status, "
+                        "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record "
+                        "WHERE runs.owner_lease IS NOT DISTINCT FROM EXCLUDED.owner_lease RETURNING id",
+                        [row.values for row in rows],
+                        returning=True,
+                    )
+                    written = {found[0] for _ in cur.results() for found in cur.fetchall()}
+                    _write_parts(cur, [row for row in rows if row.id in written])
                 refused = [row.id for row in rows if row.id not in written]
                 if not refused:
                     return []
@@ -297,7 +365,7 @@ class PostgresStore:
         row = _Row(run)
 
         def take(conn: psycopg.Connection[Any]) -> bool:
-            with conn.transaction(), conn.cursor() as cur:
+            with conn.transaction(), conn.cursor() as cur, _counting(cur, [run.id]):
                 cur.execute(
                     "UPDATE runs SET created_at = %s, status = %s, strategy = %s, workers = %s, record = %s, "
                     "owner_lease = %s WHERE id = %s AND status <> ALL(%s) "
@@ -350,20 +418,22 @@ class PostgresStore:
             _where(page_conditions)
         )
         page_params.append(limit + 1)  # one more than asked: is there a next page?
-        sums = ", ".join(f"sum(s.{name})" for name in _USAGE_FIELDS)
-        of_worker = sql.SQL(" AND s.worker = %s") if filter.worker is not None else sql.SQL("")
-        totals_query = sql.SQL(
-            "WITH matched AS (SELECT id FROM runs{where}) "
-            "SELECT (SELECT count(*) FROM matched), count(DISTINCT s.run_id), coalesce(sum(s.cost_usd), 0), "
-            "count(*) FILTER (WHERE s.cost_usd IS NULL AND s.has_usage), {sums} "
-            "FROM run_steps s JOIN matched m ON m.id = s.run_id WHERE true{of_worker}"
-        ).format(where=_where(conditions), sums=sql.SQL(sums), of_worker=of_worker)
-        totals_params = [*params, *([filter.worker] if filter.worker is not None else [])]
+        # Every filter is a sum of a few run_totals rows: whole runs (worker '') or one worker's steps.
+        of_key: list[sql.Composable] = [sql.SQL("worker = %s")]
+        key_params = [filter.worker or ""]
+        for column, value in (("status", filter.status), ("strategy", filter.strategy)):
+            if value is not None:
+                of_key.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+                key_params.append(value)
+        totals_query = sql.SQL("SELECT {} FROM run_totals{}").format(
+            sql.SQL(", ").join(sql.SQL("coalesce(sum({}), 0)").format(sql.Identifier(c)) for c in _TOTALS),
+            _where(of_key),
+        )
 
         def read(conn: psycopg.Connection[Any]) -> tuple[list[Any], Any]:
             with conn.transaction():  # one snapshot: the page and the totals agree
                 rows = conn.execute(query, page_params).fetchall()
-                summed = conn.execute(totals_query, totals_params).fetchone()
+                summed = conn.execute(totals_query, key_params).fetchone()
             return rows, summed
 
         rows, summed = self._call(read)
@@ -374,12 +444,14 @@ class PostgresStore:
         if more and kept:
             last_id, _, last_created = kept[-1]
             next_cursor = encode_cursor(last_created.astimezone(UTC).strftime(KEY_FORMAT), last_id)
-        all_runs, runs_with_steps, cost, uncosted, *usage = summed
+        counted, cost, uncosted, *usage = summed
         totals = CostTotals(
-            runs=all_runs if filter.worker is None else runs_with_steps,
+            runs=int(counted),
             cost_usd=round(float(cost), 9),
-            uncosted_steps=uncosted,
-            usage=Usage(**{name: None if v is None else int(v) for name, v in zip(_USAGE_FIELDS, usage, strict=True)}),
+            uncosted_steps=int(uncosted),
+            usage=Usage(
+                **{name: int(usage[2 * i]) if usage[2 * i + 1] else None for i, name in enumerate(_USAGE_FIELDS)}
+            ),
         )
         return RunPage(runs=runs, next_cursor=next_cursor, totals=totals)
 
@@ -390,24 +462,36 @@ class PostgresStore:
             return []
         cutoff = (now or datetime.now(UTC)) - timedelta(days=max_age_days) if max_age_days is not None else None
 
-        def change(conn: psycopg.Connection[Any]) -> list[str]:
+        def doomed(conn: psycopg.Connection[Any]) -> list[str]:
             rows = conn.execute(
                 """WITH finished AS (
                        SELECT id, created_at,
                               row_number() OVER (ORDER BY created_at DESC, id DESC) AS newest
                        FROM runs WHERE status = ANY(%(terminal)s)
                    )
-                   DELETE FROM runs WHERE id IN (
-                       SELECT id FROM finished
-                       WHERE (%(keep)s::bigint IS NOT NULL AND newest > %(keep)s::bigint)
-                          OR (%(cutoff)s::timestamptz IS NOT NULL AND created_at < %(cutoff)s::timestamptz)
-                   ) AND status = ANY(%(terminal)s)
-                   RETURNING id, created_at""",
+                   SELECT id FROM finished
+                   WHERE (%(keep)s::bigint IS NOT NULL AND newest > %(keep)s::bigint)
+                      OR (%(cutoff)s::timestamptz IS NOT NULL AND created_at < %(cutoff)s::timestamptz)""",
                 {"terminal": _TERMINAL, "keep": max_runs, "cutoff": cutoff},
             ).fetchall()
-            return [run_id for run_id, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+            return [run_id for (run_id,) in rows]
 
-        return self._call(change, "write")
+        def forget(ids: list[str]) -> Callable[[psycopg.Connection[Any]], list[tuple[str, datetime]]]:
+            def change(conn: psycopg.Connection[Any]) -> list[tuple[str, datetime]]:
+                with conn.transaction(), conn.cursor() as cur, _counting(cur, ids):
+                    cur.execute(
+                        "DELETE FROM runs WHERE id = ANY(%s) AND status = ANY(%s) RETURNING id, created_at",
+                        (ids, _TERMINAL),
+                    )
+                    return [(run_id, created) for run_id, created in cur.fetchall()]
+
+            return change
+
+        ids = self._call(doomed, "write")
+        gone: list[tuple[str, datetime]] = []
+        for start in range(0, len(ids), PRUNE_CHUNK):
+            gone += self._call(forget(ids[start : start + PRUNE_CHUNK]), "write")
+        return [run_id for run_id, _ in sorted(gone, key=lambda r: (r[1], r[0]))]
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -589,6 +673,100 @@ def _write_parts(cur: psycopg.Cursor[Any], rows: list[_Row]) -> None:
                 "WHERE run_texts.body IS DISTINCT FROM EXCLUDED.body",
                 [(row.id, kind, idx, body.encode("utf-8")) for kind, idx, body in row.texts],
             )
+
+
+# What run_totals keeps per key, in its column order: runs, dollars, uncosted steps, then per token
+# field its sum and how many steps reported it (a sum none reported is unknown, not 0).
+_TOTALS = ("runs", "cost_usd", "uncosted_steps", *(c for f in _USAGE_FIELDS for c in (f, f"{f}_reports")))
+_Key = tuple[str, str, str]
+
+
+def _contribution_sql() -> str:
+    """What every run adds to run_totals, in SQL, one row per key (status, strategy, worker, then
+    ``_TOTALS``): the recount, which must agree with ``_contributions``."""
+    tokens = ", ".join(f"coalesce(sum(s.{f}), 0) AS {f}, count(s.{f}) AS {f}_reports" for f in _USAGE_FIELDS)
+    per_run = (
+        "SELECT r.status, r.strategy, {worker} AS worker, coalesce(sum(s.cost_usd::numeric), 0) AS cost_usd, "
+        "count(*) FILTER (WHERE s.cost_usd IS NULL AND s.has_usage) AS uncosted_steps, " + tokens + " "
+        "FROM runs r {join} run_steps s ON s.run_id = r.id GROUP BY r.id{by}"
+    )
+    whole = per_run.format(worker="''", join="LEFT JOIN", by="")
+    by_worker = per_run.format(worker="s.worker", join="JOIN", by=", s.worker")
+    summed = ", ".join(f"sum({c})" for c in _TOTALS[1:])
+    return (
+        f"SELECT status, strategy, worker, count(*), {summed} FROM ({whole} UNION ALL {by_worker}) AS per_run "
+        "GROUP BY status, strategy, worker"
+    )
+
+
+# The steps' accounts of some runs, as the totals need them (a run without steps: one row of NULLs).
+# The dollars are cast to numeric by the database, as the recount casts them: sums of them are exact.
+_ACCOUNTS = (
+    "SELECT r.id, r.status, r.strategy, s.worker, s.cost_usd::numeric, s.has_usage, "
+    + ", ".join(f"s.{f}" for f in _USAGE_FIELDS)
+    + " FROM runs r LEFT JOIN run_steps s ON s.run_id = r.id WHERE r.id = ANY(%s)"
+)
+_ADD_TOTALS = (
+    f"INSERT INTO run_totals (status, strategy, worker, {', '.join(_TOTALS)}) "
+    f"VALUES (%s, %s, %s, {', '.join(['%s'] * len(_TOTALS))}) ON CONFLICT (status, strategy, worker) DO UPDATE SET "
+    + ", ".join(f"{c} = run_totals.{c} + EXCLUDED.{c}" for c in _TOTALS)
+)
+# Decimal arithmetic without rounding for any sum of dollars a history holds (the default rounds at 28 digits).
+_EXACT = decimal.Context(prec=200)
+
+
+def _contributions(cur: psycopg.Cursor[Any], ids: list[str]) -> dict[_Key, list[Any]]:
+    """What the runs ``ids`` add to run_totals, by key: to their whole-run key (worker '') and to
+    each worker that took a step, that worker's steps only. A plain join summed here: a query
+    that sums it costs more to plan than to run."""
+    cur.execute(_ACCOUNTS, (ids,))
+    totals: dict[_Key, list[Any]] = {}
+    counted: set[tuple[str, str]] = set()
+    with decimal.localcontext(_EXACT):
+        for run_id, status, strategy, worker, cost, has_usage, *tokens in cur.fetchall():
+            for name in ("",) if worker is None else ("", worker):
+                vector = totals.setdefault((status, strategy, name), [0, Decimal(0), *([0] * (len(_TOTALS) - 2))])
+                if (run_id, name) not in counted:
+                    counted.add((run_id, name))
+                    vector[0] += 1
+                if worker is None:
+                    continue  # a run without steps counts, and adds nothing else
+                if cost is not None:
+                    vector[1] += cost
+                elif has_usage:
+                    vector[2] += 1
+                for i, value in enumerate(tokens):
+                    if value is not None:
+                        vector[3 + 2 * i] += value
+                        vector[4 + 2 * i] += 1
+    return totals
+
+
+@contextlib.contextmanager
+def _counting(cur: psycopg.Cursor[Any], ids: list[str]) -> Iterator[None]:
+    """Keep run_totals exact across a change of the runs ``ids`` made inside the block: lock them
+    (advisory, transaction-scoped, in one global order), read what they add before and after, and
+    add the difference. Zero differences write nothing."""
+    keys = sorted({zlib.crc32(run_id.encode("utf-8")) - (1 << 31) for run_id in ids})
+    cur.execute("SELECT count(pg_advisory_xact_lock(%s, k)) FROM unnest(%s::int4[]) AS k", (RUN_LOCKS, keys))
+    before = _contributions(cur, ids)
+    yield
+    after = _contributions(cur, ids)
+    zero = [0] * len(_TOTALS)
+    changes = []
+    with decimal.localcontext(_EXACT):
+        for key in sorted(before.keys() | after.keys()):  # one order in every process: no deadlock on a row
+            delta = [new - old for new, old in zip(after.get(key, zero), before.get(key, zero), strict=True)]
+            if any(delta):
+                changes.append((*key, *delta))
+    if changes:
+        cur.executemany(_ADD_TOTALS, changes)
+
+
+def _recount_totals(cur: psycopg.Cursor[Any]) -> None:
+    """run_totals counted afresh from every run (for a history loaded behind the store's back)."""
+    cur.execute("DELETE FROM run_totals")
+    cur.execute(f"INSERT INTO run_totals (status, strategy, worker, {', '.join(_TOTALS)}) {_contribution_sql()}")
 
 
 def _split(run: Run) -> tuple[dict[str, Any], list[tuple[str, int, str]]]:
