@@ -22,6 +22,7 @@ import signal
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast, get_args
 
 import anyio
@@ -30,7 +31,7 @@ from pydantic import ValidationError
 from . import __version__
 from .config import Settings
 from .engine.executor import step_label
-from .errors import CollabError, NoFittingWorkerError, UnknownRunError
+from .errors import CollabError, InvalidRequestError, NoFittingWorkerError, UnknownRunError
 from .models import (
     RUNTIME_MODES,
     WORKER_MODELS,
@@ -199,7 +200,26 @@ def _parser() -> argparse.ArgumentParser:
     workers.add_argument("--cli-model")
     workers.add_argument("--timeout-seconds", type=float)
     workers.add_argument("--working-directory")
-    for command in (serve, doctor, runs, dispatch, workers):
+    worker = sub.add_parser(
+        "worker",
+        help="run steps of runs on Temporal (MCP_COLLAB_ENGINE=temporal) on this machine",
+        description="Serve the runs' workflows and this machine's own step queue. A dispatch whose working "
+        "directory lies in this worker's roots is sent to its queue. Runs until SIGTERM or Ctrl-C.",
+    )
+    worker.add_argument(
+        "--queue", required=True, help="this worker's step queue (workers sharing one need the same roots)"
+    )
+    worker.add_argument(
+        "--root",
+        action="append",
+        dest="roots",
+        help="a workspace root it serves (repeat; default MCP_COLLAB_WORKSPACE_ROOTS)",
+    )
+    worker.add_argument(
+        "--slots", type=int, help="steps at once (default: MCP_COLLAB_MAX_CONCURRENT_RUNS, from the machine)"
+    )
+    worker.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    for command in (serve, doctor, runs, dispatch, workers, worker):
         # Also after the command name; SUPPRESS keeps an absent one from undoing `mcp-collab --debug CMD`.
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -228,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         settings = Settings.from_env()
-        handler = {"doctor": _doctor, "runs": _runs, "dispatch": _dispatch, "workers": _workers}[args.command]
+        handler = {"doctor": _doctor, "runs": _runs, "dispatch": _dispatch, "workers": _workers, "worker": _worker}[
+            args.command
+        ]
         return anyio.run(handler, settings, args)
     except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:  # the top-level handler
         return _failed(exc, debug=args.debug)
@@ -301,6 +323,45 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=app.bind.host, port=args.port, log_config=None, log_level=args.log_level.lower())
     uvicorn.Server(config).run()
     return 0
+
+
+def _real_roots(given: list[str]) -> tuple[Path, ...]:
+    from .security import confine
+
+    return tuple(confine(r, [Path(os.path.realpath(r))], field="--root") for r in given)
+
+
+async def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Serve steps for runs on Temporal until SIGTERM or Ctrl-C (running steps are then cancelled
+    and their process trees killed; their runs end with the step interrupted)."""
+    import dataclasses
+
+    from .engine.temporal.worker import serve_worker
+
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter(settings.redact))
+    if args.roots:
+        # Each root must exist here: a worker announces real paths, the server routes by them.
+        roots = await anyio.to_thread.run_sync(_real_roots, args.roots)
+        settings = dataclasses.replace(settings, workspace_roots=roots)
+    if args.slots is not None and args.slots < 1:
+        raise InvalidRequestError(f"--slots must be 1 or more, got {args.slots}")
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    stop.set()
+                    return
+
+        tg.start_soon(on_signals)
+        await serve_worker(settings, args.queue, args.slots or settings.max_concurrent_runs, stop=stop)
+        tg.cancel_scope.cancel()
+    return EXIT_OK
 
 
 def _cell(value: object) -> str:

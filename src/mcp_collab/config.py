@@ -155,6 +155,47 @@ def _endpoints(env: Mapping[str, str]) -> dict[str, Endpoint]:
     return found
 
 
+# Where runs execute (MCP_COLLAB_ENGINE): in this server process, or as Temporal workflows whose
+# steps run on `mcp-collab worker` processes on any machine.
+Engine = Literal["local", "temporal"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+DEFAULT_TEMPORAL_ADDRESS = "127.0.0.1:7233"  # `temporal server start-dev`'s own default
+DEFAULT_TEMPORAL_NAMESPACE = "default"
+# The task queue run workflows are scheduled on; steps go to the queue of a worker that has their directory.
+DEFAULT_TEMPORAL_QUEUE = "mcp-collab"
+
+
+@dataclass(frozen=True)
+class TemporalSettings:
+    """Where the Temporal service is (MCP_COLLAB_TEMPORAL_*). The API key is a secret: never shown."""
+
+    address: str = DEFAULT_TEMPORAL_ADDRESS
+    namespace: str = DEFAULT_TEMPORAL_NAMESPACE
+    queue: str = DEFAULT_TEMPORAL_QUEUE
+    tls: bool = False
+    api_key: str | None = field(default=None, repr=False)
+
+
+def _temporal(env: Mapping[str, str]) -> TemporalSettings:
+    address = env.get("MCP_COLLAB_TEMPORAL_ADDRESS", "").strip() or DEFAULT_TEMPORAL_ADDRESS
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+        raise ConfigError(
+            "MCP_COLLAB_TEMPORAL_ADDRESS is not host:port; set it like 127.0.0.1:7233 or "
+            "my-namespace.a1b2c.tmprl.cloud:7233"
+        )
+    queue = env.get("MCP_COLLAB_TEMPORAL_QUEUE", "").strip() or DEFAULT_TEMPORAL_QUEUE
+    api_key = env.get("MCP_COLLAB_TEMPORAL_API_KEY", "").strip() or None
+    return TemporalSettings(
+        address=address,
+        namespace=env.get("MCP_COLLAB_TEMPORAL_NAMESPACE", "").strip() or DEFAULT_TEMPORAL_NAMESPACE,
+        queue=queue,
+        # An API key (Temporal Cloud) is only ever sent over TLS.
+        tls=_choice(env, "MCP_COLLAB_TEMPORAL_TLS", "1" if api_key else "0", ("1", "0")) == "1",
+        api_key=api_key,
+    )
+
+
 # The URL schemes that select the PostgreSQL store (libpq accepts both).
 STORE_URL_SCHEMES = ("postgresql", "postgres")
 
@@ -245,6 +286,9 @@ class Settings:
     retain_days: float | None = DEFAULT_RETAIN_DAYS
     # The PostgreSQL database that holds the runs (MCP_COLLAB_STORE_URL); None: the JSON store in state_dir.
     store_url: StoreUrl | None = None
+    # Where runs execute: this process (local) or Temporal (MCP_COLLAB_ENGINE=temporal).
+    engine: Engine = "local"
+    temporal: TemporalSettings = field(default_factory=TemporalSettings)
     # How long a server's lease on the store outlives its last renewal (MCP_COLLAB_LEASE_TTL_S).
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     # The variables the runtimes declare in runtimes/registry.py, read and checked once, by name.
@@ -297,6 +341,8 @@ class Settings:
             retain_runs=_optional_int(env, "MCP_COLLAB_RETAIN_RUNS", DEFAULT_RETAIN_RUNS),
             retain_days=_optional(env, "MCP_COLLAB_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
             store_url=_store_url(env),
+            engine=_choice(env, "MCP_COLLAB_ENGINE", "local", ENGINES),  # type: ignore[arg-type]
+            temporal=_temporal(env),
             lease_ttl_s=_positive(env, "MCP_COLLAB_LEASE_TTL_S", DEFAULT_LEASE_TTL_S),
             runtime_texts=runtime_texts,
             runtime_counts=runtime_counts,

@@ -238,6 +238,9 @@ class RunOwner(WireModel):
     host: str
     pid: int
     start_ticks: int | None = None
+    # "temporal": the run is a Temporal workflow (its own workers execute it, whatever becomes of
+    # the server that started it); unset: the server process named here executes it.
+    engine: Literal["temporal"] | None = None
     lease: str | None = Field(
         default=None, description="The owner's lease in the run store; none on runs stored before leases."
     )

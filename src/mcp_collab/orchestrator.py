@@ -57,7 +57,12 @@ class WorkerOrchestrator:
         self.registry = WorkerRegistry(settings, self.store)
         self.recorder = RunRecorder(self.store, settings.redact)
         self.executor = StepExecutor(settings, self.runtimes, self.recorder)
-        self.runs = RunLifecycle(settings, self.store, self.recorder, self.executor, self.registry.list)
+        lifecycle: type[RunLifecycle] = RunLifecycle
+        if settings.engine == "temporal":
+            from .engine.temporal.client import TemporalRuns  # temporalio only loads for this engine
+
+            lifecycle = TemporalRuns
+        self.runs = lifecycle(settings, self.store, self.recorder, self.executor, self.registry.list)
 
     async def __aenter__(self) -> WorkerOrchestrator:
         return self

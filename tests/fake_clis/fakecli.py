@@ -242,7 +242,13 @@ def main(mode: str) -> None:
         emit({"type": "item.completed", "item": {"id": "a", "type": "agent_message", "text": json.dumps(sys.argv[1:])}})
         emit({"type": "turn.completed", "usage": {"input_tokens": 1, "output_tokens": 1}})
     elif mode == "ok":
-        finish("fake codex did the task")
+        finish(os.environ.get("CODEX_FAKE_SAY", "fake codex did the task"))
+    elif mode == "write":
+        # A writer: a file of its own in the directory it was started in, named by CODEX_FAKE_FILE.
+        name = os.environ.get("CODEX_FAKE_FILE", "fake-work.txt")
+        with open(name, "w", encoding="utf-8") as fh:
+            fh.write(f"written by the fake in {os.getcwd()}\n")
+        finish(f"wrote {name} in {os.getcwd()}")
     else:
         sys.stderr.write(f"unknown fake mode {mode}\n")
         sys.exit(2)

@@ -22,7 +22,7 @@ import anyio
 from .. import workspace
 from ..config import Settings
 from ..errors import InvalidRequestError
-from ..models import FallbackPolicy, ProcessRef, Run, RuntimeMode, Step, Worker
+from ..models import Access, FallbackPolicy, ProcessRef, Run, RuntimeMode, Step, Worker
 from ..runtimes.base import PartialOutput, Resume, RuntimeResult, StepRequest, WorkerRuntime
 from ..runtimes.cli.supervisor import process_start_ticks, spawned
 from ..runtimes.selector import run_with_fallback
@@ -122,7 +122,8 @@ def begin_step(
     worker: Worker,
     role: Role,
     mode: RuntimeMode,
-    settings: Settings,
+    *,
+    writer_access: Access,
     directory: Path | None,
     round: int | None,
     branch: str | None,
@@ -139,7 +140,7 @@ def begin_step(
         status="running",
         directory=str(directory) if directory is not None else None,
         # Reviewers stay read-only; writing roles get what the operator allows (never more).
-        access=role.access if role.access == "read_only" else settings.writer_access,
+        access=role.access if role.access == "read_only" else writer_access,
     )
 
 
@@ -170,7 +171,16 @@ class StepExecutor:
         if spent is not None:
             active.emit(spent)
             raise BudgetSpent(spent)
-        step = begin_step(run, worker, role, plan.modes[worker.name], self.settings, directory, round, branch)
+        step = begin_step(
+            run,
+            worker,
+            role,
+            plan.modes[worker.name],
+            writer_access=self.settings.writer_access,
+            directory=directory,
+            round=round,
+            branch=branch,
+        )
         step.started_at = datetime.now(UTC)
         run.steps.append(step)
         site = _RunSite(active, self.recorder)
@@ -338,28 +348,99 @@ class StepExecutor:
         await site.changed()
 
 
-class EngineContext:
-    """The engine as a strategy's program sees it (``strategies.base.RunContext``)."""
+class ProgramContext:
+    """What every engine's ``RunContext`` shares: the plan as a strategy reads it, and how the
+    program ends the run (``settle`` applies it)."""
 
-    def __init__(self, active: ActiveRun, executor: StepExecutor, settings: Settings, spaces: Spaces) -> None:
-        self.active = active
-        self.executor = executor
-        self.settings = settings
-        self.spaces = spaces
+    def __init__(self, task: str, max_rounds: int | None, cast: Sequence[tuple[Role, Worker]]) -> None:
+        self._task = task
+        self._max_rounds = max_rounds
+        self._cast = list(cast)
         self.result: str | None = None
         self.verdict_of: Step | None = None
         self.chosen: str | None = None
 
     @property
     def task(self) -> str:
-        return self.active.plan.task
+        return self._task
 
     @property
     def max_rounds(self) -> int | None:
-        return self.active.plan.max_rounds
+        return self._max_rounds
 
     def cast(self, role: Role) -> list[Worker]:
-        return [w for r, w in self.active.plan.cast if r.name == role.name]
+        return [w for r, w in self._cast if r.name == role.name]
+
+    def require(self, step: Step) -> Step:
+        if step.status != "completed":
+            raise StepFailed(f"{step_label(step)} ({step.role}, worker {step.worker_name}) failed: {step.error}")
+        return step
+
+    def fail(self, reason: str) -> NoReturn:
+        raise StepFailed(reason)
+
+    def finish(self, *, result: str | None = None, verdict_of: Step | None = None, chosen: str | None = None) -> None:
+        if result is not None:
+            self.result = result
+        if verdict_of is not None:
+            self.verdict_of = verdict_of
+        if chosen is not None:
+            self.chosen = chosen
+
+    def settle(self, run: Run, failure: str | None) -> None:
+        """The run's outcome once its program returned (``failure``: why it ended failed)."""
+        if failure is not None:
+            run.status = "failed"
+            run.error = failure
+        else:
+            run.status = "completed"
+            done = [s for s in run.steps if s.status == "completed"]
+            run.result = self.result if self.result is not None else (done[-1].output if done else None)
+        judged = self.verdict_of or next((s for s in reversed(run.steps) if s.verdict is not None), None)
+        if judged is not None and judged.verdict is not None:
+            run.verdict, run.findings = judged.verdict, list(judged.findings)
+        run.chosen = self.chosen
+
+
+def close_accounts(run: Run) -> None:
+    """A run's totals once it ended: duration, tokens, dollars, and which steps have no price."""
+    add_up(run)
+    start = run.started_at or run.created_at
+    if run.ended_at is not None:
+        run.duration_ms = max(0, int((run.ended_at - start).total_seconds() * 1000))
+    uncosted = [s for s in run.steps if s.cost_source == "unknown" and s.usage is not None]
+    if uncosted:
+        named = sorted({s.model for s in uncosted if s.model})
+        why = [f"no price is known for {', '.join(named)} (add one with MCP_COLLAB_PRICES)"] if named else []
+        if any(s.model is None for s in uncosted):
+            why.append("the vendor did not name the model used (set the worker's cliModel or sdkModel)")
+        note = f"the cost leaves out {len(uncosted)} step(s): {'; '.join(why)}"
+        if note not in run.notes:
+            run.notes.append(note)
+
+
+def stop_open_steps(run: Run, status: str, reason: str, now: datetime) -> None:
+    """Steps still open when a run stopped abnormally: running ones end ``status`` (cancelled,
+    failed, else interrupted), pending ones are skipped."""
+    for step in run.steps:
+        if step.status == "running":
+            step.status = {"cancelled": "cancelled", "failed": "failed"}.get(status, "interrupted")  # type: ignore[assignment]
+            step.error = step.error or reason
+            step.process = None
+            step.ended_at = now
+        elif step.status == "pending":
+            step.status = "skipped"
+
+
+class EngineContext(ProgramContext):
+    """The engine as a strategy's program sees it (``strategies.base.RunContext``)."""
+
+    def __init__(self, active: ActiveRun, executor: StepExecutor, settings: Settings, spaces: Spaces) -> None:
+        super().__init__(active.plan.task, active.plan.max_rounds, active.plan.cast)
+        self.active = active
+        self.executor = executor
+        self.settings = settings
+        self.spaces = spaces
 
     async def space(self, label: str | None = None) -> Space:
         return await self.spaces.make(label)
@@ -415,19 +496,3 @@ class EngineContext:
         if spent:
             raise spent[0]
         return results  # type: ignore[return-value]  # every slot was filled
-
-    def require(self, step: Step) -> Step:
-        if step.status != "completed":
-            raise StepFailed(f"{step_label(step)} ({step.role}, worker {step.worker_name}) failed: {step.error}")
-        return step
-
-    def fail(self, reason: str) -> NoReturn:
-        raise StepFailed(reason)
-
-    def finish(self, *, result: str | None = None, verdict_of: Step | None = None, chosen: str | None = None) -> None:
-        if result is not None:
-            self.result = result
-        if verdict_of is not None:
-            self.verdict_of = verdict_of
-        if chosen is not None:
-            self.chosen = chosen

@@ -48,7 +48,7 @@ from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process
 from ..store import RunStore
 from . import continuation
 from .delivery import prune_worktrees
-from .executor import EngineContext, StepExecutor, StepFailed, add_up, cap_text, step_label
+from .executor import EngineContext, StepExecutor, StepFailed, cap_text, close_accounts, step_label
 from .plan import ActiveRun, Plan, ProgressCallback, make_plan
 from .recorder import RunRecorder
 from .spaces import Spaces
@@ -85,6 +85,8 @@ def owner_alive(owner: RunOwner | None, live_leases: Container[str]) -> bool:
     /proc on this host, and alive on any other."""
     if owner is None:
         return False
+    if owner.engine == "temporal":
+        return True  # Temporal executes it; the temporal engine reconciles it with its workflow
     if owner.host == socket.gethostname() and not process_running(owner.pid, owner.start_ticks):
         return False
     if owner.lease is None:
@@ -472,25 +474,15 @@ class RunLifecycle:
             enabled=self.settings.worktrees,
         )
         context = EngineContext(active, self.executor, self.settings, spaces)
+        failure = None
         try:
             await plan.strategy.run(context)
-        except StepFailed as stop:
-            run.status = "failed"
-            run.error = self.settings.redact(stop.reason)
-        except WorktreeError as exc:
-            run.status = "failed"
-            run.error = self.settings.redact(str(exc))
-        else:
-            run.status = "completed"
-            done = [s for s in run.steps if s.status == "completed"]
-            run.result = context.result if context.result is not None else (done[-1].output if done else None)
-        judged = context.verdict_of or next((s for s in reversed(run.steps) if s.verdict is not None), None)
-        if judged is not None and judged.verdict is not None:
-            run.verdict, run.findings = judged.verdict, list(judged.findings)
-        run.chosen = context.chosen
+        except (StepFailed, WorktreeError) as exc:
+            failure = self.settings.redact(exc.reason if isinstance(exc, StepFailed) else str(exc))
+        context.settle(run, failure)
         await spaces.finish()
         run.ended_at = datetime.now(UTC)
-        self._close_accounts(run)
+        close_accounts(run)
         await self.recorder.save(run)
         active.emit(f"run {run.id} {run.status}")
 
@@ -516,7 +508,7 @@ class RunLifecycle:
             if active.spaces is not None:
                 await active.spaces.finish()  # the work done before the stop stays on its branch
             run.ended_at = now
-            self._close_accounts(run)
+            close_accounts(run)
             try:
                 await self.recorder.save(run)
             except RunTakenOverError as exc:
@@ -534,22 +526,6 @@ class RunLifecycle:
                     run.error = f"{run.error}; its end could not be stored: {exc}"
                 log.error("run %s ended %s but could not be stored: %s", run.id, run.status, exc)
             active.emit(f"run {run.id} {run.status}: {run.error or reason}")
-
-    def _close_accounts(self, run: Run) -> None:
-        """A run's totals once it ended: duration, tokens, dollars, and which steps have no price."""
-        add_up(run)
-        start = run.started_at or run.created_at
-        if run.ended_at is not None:
-            run.duration_ms = max(0, int((run.ended_at - start).total_seconds() * 1000))
-        uncosted = [s for s in run.steps if s.cost_source == "unknown" and s.usage is not None]
-        if uncosted:
-            named = sorted({s.model for s in uncosted if s.model})
-            why = [f"no price is known for {', '.join(named)} (add one with MCP_COLLAB_PRICES)"] if named else []
-            if any(s.model is None for s in uncosted):
-                why.append("the vendor did not name the model used (set the worker's cliModel or sdkModel)")
-            note = f"the cost leaves out {len(uncosted)} step(s): {'; '.join(why)}"
-            if note not in run.notes:
-                run.notes.append(note)
 
     async def prune(
         self, *, max_runs: int | None = None, max_age_days: float | None = None, everything: bool = False

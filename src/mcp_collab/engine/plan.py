@@ -77,7 +77,21 @@ class ActiveRun:
             listener(message)
 
 
-def make_plan(settings: Settings, request: DispatchRequest, registered: list[Worker]) -> Plan:
+Confiner = Callable[[str, "tuple[Path, ...]"], Path]
+
+
+def make_plan(
+    settings: Settings,
+    request: DispatchRequest,
+    registered: list[Worker],
+    *,
+    roots: tuple[Path, ...] | None = None,
+    confiner: Confiner = confine,
+    default_cwd: bool = True,
+) -> Plan:
+    """``roots`` and ``confiner``: where directories may be and how they are checked (this
+    machine's roots, resolved on its disk, unless the steps run on other machines); ``default_cwd``:
+    resolve the directory of a step that names none here (else where the step runs)."""
     if len(request.task) > settings.max_task_chars:
         raise InvalidRequestError(
             f"task is {len(request.task)} characters; the limit is {settings.max_task_chars} "
@@ -105,12 +119,14 @@ def make_plan(settings: Settings, request: DispatchRequest, registered: list[Wor
     policies = {
         w.name: choose_policy(w, default=settings.fallback_policy, dispatch=request.fallback_policy) for w in workers
     }
-    roots = settings.workspace_roots
-    cwd = confine(request.working_directory, roots) if request.working_directory else None
+    roots = settings.workspace_roots if roots is None else roots
+    cwd = confiner(request.working_directory, roots) if request.working_directory else None
     for worker in workers:
         if cwd is None and worker.working_directory:
-            confine(worker.working_directory, roots)  # the roots may have narrowed since it registered
-    default_cwd = None if cwd is not None or all(w.working_directory for w in workers) else default_directory(settings)
+            confiner(worker.working_directory, roots)  # the roots may have narrowed since it registered
+    fallback = None
+    if default_cwd and cwd is None and not all(w.working_directory for w in workers):
+        fallback = default_directory(settings)
     run = Run(
         id=new_run_id(),
         task=settings.redact(request.task),
@@ -120,9 +136,7 @@ def make_plan(settings: Settings, request: DispatchRequest, registered: list[Wor
         workers=[w.name for _, w in cast],
         max_cost_usd=request.max_cost_usd if request.max_cost_usd is not None else settings.max_cost_usd,
     )
-    return Plan(
-        run, strategy, cast, modes, policies, cwd, default_cwd, task=request.task, max_rounds=request.max_rounds
-    )
+    return Plan(run, strategy, cast, modes, policies, cwd, fallback, task=request.task, max_rounds=request.max_rounds)
 
 
 def default_directory(settings: Settings) -> Path:

@@ -45,6 +45,18 @@ class InPlaceSpace:
     def directory(self) -> Path | None:
         return self._directory
 
+    @property
+    def before(self) -> str | None:
+        """The snapshot the diff is taken against (None: no diff to take)."""
+        return self._before
+
+    @classmethod
+    def resumed(cls, directory: Path | None, roots: Sequence[Path], before: str | None) -> InPlaceSpace:
+        """A space begun elsewhere (another activity of a run on Temporal), from its snapshot."""
+        space = cls(directory, roots)
+        space._before = before
+        return space
+
     async def begin(self) -> None:
         with self._pinned() as cwd:
             self._before = await workspace.snapshot(cwd, self._roots) if cwd is not None else None
@@ -101,6 +113,11 @@ class Spaces:
         self._inspected = False
         self._lock = anyio.Lock()
         self.trees: list[worktrees.Worktree] = []
+
+    def seed(self, repo: worktrees.Repo | None) -> None:
+        """The repository as an earlier inspection of this run found it (so every writer of a run
+        on Temporal starts from the same base, whichever activity makes its space)."""
+        self._repo, self._inspected = repo, True
 
     async def repository(self) -> worktrees.Repo | None:
         async with self._lock:
@@ -178,13 +195,13 @@ class Spaces:
         where = self.directory or "the workers' own directories"
         self.run.notes.append(f"writers worked in place in {where}: {why}")
 
-    async def finish(self) -> None:
+    async def finish(self, *, max_diff_bytes: int = STORED_DIFF_BYTES) -> None:
         """Record each worktree's work as a commit on its branch, and its diff against the base."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(FINALIZE_TIMEOUT_S):
             for tree, record in zip(self.trees, self.run.worktrees, strict=False):
                 try:
                     record.tip = await worktrees.commit(tree, f"mcp-collab: work of {self.run.id}") or tree.base_commit
-                    record.diff = await worktrees.diff(tree, max_bytes=STORED_DIFF_BYTES)
+                    record.diff = await worktrees.diff(tree, max_bytes=max_diff_bytes)
                 except (OSError, WorktreeError) as exc:
                     note = f"the work in {tree.path} could not be recorded: {exc}"
                     self.run.notes.append(note)

@@ -1,0 +1,201 @@
+"""What a worker runs for a run's workflow: steps, spaces, diffs, and saving the run.
+
+A step runs through the same ``StepExecutor`` as on the local engine (the runtime, its fallback,
+confinement of its directory, process trees, redaction), reporting through heartbeats instead of a
+local run's listeners. Temporal cancels a step by cancelling its activity's task; the supervisor
+then kills the step's process tree, as a local cancel does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from temporalio import activity
+
+from ... import worktrees
+from ...config import Settings
+from ...models import Run, Step
+from ...runtimes.base import PartialOutput, Resume
+from ...store import RunStore
+from ...strategies import MAX_QUOTED_DIFF_CHARS, get_strategy
+from ..delivery import rebuild
+from ..executor import StepExecutor, answer_bytes, cap_text
+from ..plan import default_directory
+from ..recorder import RunRecorder
+from ..spaces import InPlaceSpace, Spaces
+from .jobs import (
+    HEARTBEAT_EVERY_S,
+    STEP_DIFF_BYTES,
+    STEP_OUTPUT_BYTES,
+    STORED_DIFF_BYTES,
+    Beat,
+    DiffJob,
+    Finished,
+    FinishJob,
+    OpenedSpace,
+    SaveRun,
+    SpaceJob,
+    StepJob,
+)
+
+# What a worker's operator allows writers, from least to most; a step gets no more than both allow.
+_ACCESS_ORDER = ("read_only", "workspace_write", "bypass")
+
+
+def repo_to_dict(repo: worktrees.Repo | None) -> dict[str, object] | None:
+    if repo is None:
+        return None
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(repo).items()}
+
+
+def repo_from_dict(data: dict[str, Any] | None) -> worktrees.Repo | None:
+    if data is None:
+        return None
+    paths = {"top", "git_dir", "common_dir"}
+    fields: dict[str, Any] = {k: Path(v) if k in paths else v for k, v in data.items()}
+    return worktrees.Repo(**fields)
+
+
+def fit(text: str, limit: int) -> tuple[str, bool]:
+    """``text`` cut in the middle to at most ``limit`` bytes of UTF-8."""
+    if answer_bytes(text) <= limit:
+        return text, False
+    return cap_text(text, limit if text.isascii() else limit // 4)
+
+
+class _ActivitySite:
+    """A step's reports, as heartbeats: its last message and its process, for those who wait."""
+
+    def __init__(self) -> None:
+        self.partials: dict[int, PartialOutput] = {}
+        self.beat = Beat()
+
+    def emit(self, message: str) -> None:
+        self.beat = self.beat.model_copy(update={"message": message})
+        activity.heartbeat(self.beat)
+
+    async def changed(self) -> None:
+        activity.heartbeat(self.beat)
+
+    async def keep_beating(self) -> None:
+        """Heartbeats while the step works: how Temporal knows the worker lives, and how a cancel
+        reaches the step."""
+        while True:
+            activity.heartbeat(self.beat)
+            await anyio.sleep(HEARTBEAT_EVERY_S)
+
+
+class Activities:
+    def __init__(self, settings: Settings, store: RunStore, executor: StepExecutor) -> None:
+        self.settings = settings
+        self.store = store
+        self.executor = executor
+        self.recorder = RunRecorder(store, settings.redact)
+
+    def all(self) -> list[Any]:
+        return [
+            self.run_step,
+            self.open_space,
+            self.inspect_repository,
+            self.space_diff,
+            self.finish_spaces,
+            self.default_directory,
+        ]
+
+    @activity.defn(name="run_step")
+    async def run_step(self, job: StepJob) -> Step:
+        role = get_strategy(job.strategy).role(job.role)
+        step = job.step
+        if step.access is not None and step.access != "read_only":
+            # The server's operator chose the writers' access; this worker's operator may allow less.
+            mine = self.settings.writer_access
+            step.access = min(step.access, mine, key=_ACCESS_ORDER.index)
+        site = _ActivitySite()
+        resume = Resume(job.resume_session, job.resume_message or job.prompt) if job.resume_session else None
+        async with anyio.create_task_group() as beating:
+            beating.start_soon(site.keep_beating)
+            try:
+                await self.executor.perform(
+                    site, step, job.worker, role, job.prompt, policy=job.policy, resume=resume, choices=job.choices
+                )
+            finally:
+                beating.cancel_scope.cancel()
+        output, cut = fit(step.output, STEP_OUTPUT_BYTES)
+        if cut:
+            step.output, step.output_truncated = output, True
+        if step.diff:
+            step.diff = fit(step.diff, STEP_DIFF_BYTES)[0]
+        self.settings.redact.scrub(step)
+        return step
+
+    @activity.defn(name="save_run")
+    async def save_run(self, job: SaveRun) -> None:
+        """The workflow's state of a run into the store (the outputs it left out kept from there)."""
+        run = job.run
+        if job.carried:
+            stored = await anyio.to_thread.run_sync(self.store.get_run, run.id)
+            if stored is not None:
+                for i in job.carried:
+                    if i < len(stored.steps) and i < len(run.steps):
+                        run.steps[i].output = stored.steps[i].output
+                        run.steps[i].diff = stored.steps[i].diff
+        await self.recorder.save(run)
+
+    def _spaces(self, run: Run, directory: str | None) -> Spaces:
+        return Spaces(
+            run,
+            directory=Path(directory) if directory else None,
+            roots=self.settings.workspace_roots,
+            base_dir=self.settings.worktrees_dir,
+            enabled=self.settings.worktrees,
+        )
+
+    @activity.defn(name="inspect_repository")
+    async def inspect_repository(self, job: SpaceJob) -> dict[str, object] | None:
+        spaces = self._spaces(Run(id=job.run_id, task="", strategy=""), job.directory)
+        return repo_to_dict(await spaces.repository())
+
+    @activity.defn(name="open_space")
+    async def open_space(self, job: SpaceJob) -> OpenedSpace:
+        scratch = Run(id=job.run_id, task="", strategy="")
+        spaces = self._spaces(scratch, job.directory)
+        if job.inspected:
+            spaces.seed(repo_from_dict(job.repo))
+        space = await spaces.make(job.label)
+        return OpenedSpace(
+            directory=str(space.directory) if space.directory is not None else None,
+            repo=repo_to_dict(await spaces.repository()),
+            worktree=scratch.worktrees[-1] if scratch.worktrees else None,
+            repository=scratch.repository,
+            before=space.before if isinstance(space, InPlaceSpace) else None,
+            notes=scratch.notes,
+        )
+
+    @activity.defn(name="space_diff")
+    async def space_diff(self, job: DiffJob) -> str | None:
+        if job.worktree is not None and job.repository is not None:
+            owner = Run(id=job.run_id, task="", strategy="", repository=job.repository)
+            text = await worktrees.diff(rebuild(owner, job.worktree), max_bytes=MAX_QUOTED_DIFF_CHARS)
+            return text or None
+        directory = Path(job.directory) if job.directory else None
+        return await InPlaceSpace.resumed(directory, self.settings.workspace_roots, job.before).diff()
+
+    @activity.defn(name="finish_spaces")
+    async def finish_spaces(self, job: FinishJob) -> Finished:
+        """Each worktree's work as a commit on its branch, and its diff against the base."""
+        scratch = Run(id=job.run_id, task="", strategy="", repository=job.repository)
+        scratch.worktrees = [w.model_copy() for w in job.worktrees]
+        spaces = self._spaces(scratch, None)
+        spaces.trees = [rebuild(scratch, w) for w in scratch.worktrees]
+        await spaces.finish(max_diff_bytes=STORED_DIFF_BYTES)
+        return Finished(worktrees=scratch.worktrees, notes=scratch.notes)
+
+    @activity.defn(name="default_directory")
+    async def default_directory(self, run_id: str) -> str:
+        """Where this worker runs a step that names no directory."""
+        return str(await anyio.to_thread.run_sync(functools.partial(default_directory, self.settings)))

@@ -1,0 +1,345 @@
+"""The server's side of runs on Temporal: dispatch starts a workflow, wait and cancel go through
+it, and the store (which the workflow keeps current) is what every reader sees.
+
+A dispatch goes to a worker that has its directory: the live workers' leases in the store say
+which queue serves which workspace roots. The directory is checked here by its path only (the
+server need not have the disk); the worker opens and confines it again when each step starts.
+The server owns nothing of a run once it started: it can restart, or another server can take over,
+and the run goes on; a run whose workflow ended without recording its end is reconciled (found
+interrupted) by whoever reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from ...config import Settings
+from ...errors import CollabError, InvalidRequestError, StoreError, shown
+from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, Worker
+from ...store import RunStore
+from ..executor import StepExecutor, step_label
+from ..lifecycle import CANCEL_WAIT_S, HEARTBEAT_S, RunLifecycle, where
+from ..plan import ProgressCallback, make_plan
+from ..recorder import RunRecorder
+from .jobs import STOP_SIGNAL, WORKFLOW_NAME, Beat, CastEntry, RunJob
+
+if TYPE_CHECKING:
+    from temporalio.client import Client, WorkflowHandle
+
+log = logging.getLogger("mcp_collab.engine")
+
+# How often a wait re-reads the run (the workflow saves each change) and the steps' heartbeats.
+POLL_S = 0.25
+
+
+class TemporalUnavailable(CollabError):
+    """The Temporal service could not be reached or refused a call; the message names the address."""
+
+
+async def connect(settings: Settings) -> Client:
+    from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    where = settings.temporal
+    try:
+        return await Client.connect(
+            where.address,
+            namespace=where.namespace,
+            data_converter=pydantic_data_converter,
+            tls=where.tls,
+            api_key=where.api_key,
+        )
+    except RuntimeError as exc:  # the bridge's connection errors
+        raise TemporalUnavailable(
+            f"cannot reach Temporal at {where.address} (namespace {where.namespace}): {exc}. Start it "
+            "(`temporal server start-dev`) or set MCP_COLLAB_TEMPORAL_ADDRESS / MCP_COLLAB_TEMPORAL_NAMESPACE"
+        ) from exc
+
+
+def worker_lease(queue: str, roots: Sequence[Path], tag: str) -> Lease:
+    from ...runtimes.cli.supervisor import process_start_ticks
+
+    return Lease(
+        kind="worker",
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        start_ticks=process_start_ticks(os.getpid()),
+        queue=queue,
+        roots=[str(r) for r in roots],
+    )
+
+
+def within(path: str, roots: Sequence[Path]) -> Path:
+    """``path`` checked by its text alone (the steps run on other machines): absolute, no ``..``,
+    inside one of ``roots``. Each worker opens and confines it again when a step starts."""
+    candidate = Path(path)
+    if not candidate.is_absolute() or ".." in candidate.parts:
+        raise InvalidRequestError(
+            f"workingDirectory {shown(path)} must be an absolute path without '..' on the workers' machines"
+        )
+    normal = Path(os.path.normpath(candidate))
+    if not any(normal == root or normal.is_relative_to(root) for root in roots):
+        served = ", ".join(map(str, roots)) or "none (no worker is serving)"
+        raise InvalidRequestError(
+            f"no live mcp-collab worker has {shown(path)} in its workspace roots; the workers serve: {served}"
+        )
+    return normal
+
+
+def route(directories: Sequence[Path], leases: Sequence[Lease]) -> str:
+    """The step queue of the workers that have every directory of a run (the deepest root wins)."""
+    if not leases:
+        raise InvalidRequestError(
+            "no mcp-collab worker is serving: start one on a machine with the CLIs and the repositories "
+            "(`mcp-collab worker --queue NAME --root DIR`)"
+        )
+    queues: list[str] = []
+    for directory in directories:
+        best: tuple[int, str] | None = None
+        for lease in leases:
+            for root in map(Path, lease.roots):
+                if (directory == root or directory.is_relative_to(root)) and lease.queue:
+                    depth = len(root.parts)
+                    if best is None or depth > best[0]:
+                        best = (depth, lease.queue)
+        if best is None:
+            raise InvalidRequestError(f"no live mcp-collab worker has {directory} in its workspace roots")
+        queues.append(best[1])
+    if len(set(queues)) > 1:
+        pairs = ", ".join(f"{d} on {q}" for d, q in zip(directories, queues, strict=True))
+        raise InvalidRequestError(
+            f"a run's steps must all run where one worker queue has their directories, but they are spread: {pairs}"
+        )
+    if queues:
+        return queues[0]
+    return sorted(leases, key=lambda lease: lease.started_at or datetime.min.replace(tzinfo=UTC))[0].queue or ""
+
+
+class TemporalRuns(RunLifecycle):
+    """``RunLifecycle`` for runs executed as Temporal workflows by ``mcp-collab worker`` processes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: RunStore,
+        recorder: RunRecorder,
+        executor: StepExecutor,
+        workers: Callable[[], Awaitable[list[Worker]]],
+    ) -> None:
+        super().__init__(settings, store, recorder, executor, workers)
+        self._client: Client | None = None
+        self._connecting = anyio.Lock()
+
+    async def client(self) -> Client:
+        async with self._connecting:
+            if self._client is None:
+                self._client = await connect(self.settings)
+            return self._client
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(self.store.check_writable)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._starting = anyio.Event()
+            tg.start_soon(self._start_up, self._starting)
+            try:
+                yield
+            finally:
+                self._tg = None
+                tg.cancel_scope.cancel()
+
+    # -- starting ------------------------------------------------------------------------------
+
+    async def dispatch(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
+        run = await self.start(request)
+        return await self.wait(run.id, None, on_progress=on_progress)
+
+    async def start(self, request: DispatchRequest) -> Run:
+        leases = await anyio.to_thread.run_sync(self.store.live_leases, "worker")
+        roots = tuple(sorted({Path(r) for lease in leases for r in lease.roots}))
+        registered = await self._workers()
+        plan = make_plan(self.settings, request, registered, roots=roots, confiner=within, default_cwd=False)
+        directories = [plan.cwd] if plan.cwd is not None else []
+        directories += [Path(w.working_directory) for _, w in plan.cast if plan.cwd is None and w.working_directory]
+        queue = route(directories, leases)
+        run = plan.run
+        run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), engine="temporal")
+        await self.recorder.save(run)
+        job = RunJob(
+            run=run,
+            queue=queue,
+            task=plan.task,
+            cast=[CastEntry(role=role.name, worker=worker) for role, worker in plan.cast],
+            modes=plan.modes,
+            policies=plan.policies,
+            cwd=str(plan.cwd) if plan.cwd is not None else None,
+            max_rounds=plan.max_rounds,
+            run_timeout_s=self.settings.run_timeout_s,
+            step_timeout_s=self.settings.step_timeout_s,
+            writer_access=self.settings.writer_access,
+        )
+        try:
+            client = await self.client()
+            await client.start_workflow(WORKFLOW_NAME, job, id=run.id, task_queue=self.settings.temporal.queue)
+        except (TemporalUnavailable, RuntimeError, _rpc_error()) as exc:
+            run.status, run.ended_at = "failed", datetime.now(UTC)
+            run.error = f"the run could not be started on Temporal at {self.settings.temporal.address}: {exc}"
+            await self.recorder.save(run)
+            raise TemporalUnavailable(run.error) from exc
+        return run.model_copy()
+
+    async def continue_run(self, parent_id: str, message: str, worker: str | None = None) -> Run:
+        raise InvalidRequestError(
+            "continue_worker_run is not available with MCP_COLLAB_ENGINE=temporal yet; dispatch a new run "
+            "that names the earlier one's worktree as its workingDirectory"
+        )
+
+    # -- waiting and cancelling ----------------------------------------------------------------
+
+    async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
+        run = await self.get_run(run_id)
+        if not _on_temporal(run):
+            return await super().wait(run_id, timeout_s, on_progress=on_progress)
+        if run.status in TERMINAL_RUN_STATUSES:
+            return run
+        ended = anyio.Event()
+        said: dict[int, str] = {s.index: s.status for s in run.steps}
+        last_beat: dict[int, str] = {}
+        started = time.monotonic()
+        handle = (await self.client()).get_workflow_handle(run_id)
+
+        async def until_closed() -> None:
+            with contextlib.suppress(Exception):  # any outcome: the store says how the run ended
+                await handle.result()
+            ended.set()
+
+        with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(until_closed)
+                next_heartbeat = started + HEARTBEAT_S
+                while run.status not in TERMINAL_RUN_STATUSES:
+                    with anyio.move_on_after(POLL_S):
+                        await ended.wait()
+                    run = await self.get_run(run_id)
+                    if ended.is_set() and run.status not in TERMINAL_RUN_STATUSES:
+                        run = await self._reconcile(run, handle)
+                    if on_progress is None:
+                        continue
+                    for step in run.steps:
+                        if said.get(step.index) != step.status:
+                            said[step.index] = step.status
+                            verb = "started" if step.status == "running" else step.status
+                            on_progress(
+                                f"{step_label(step)} {verb}: {step.role} {step.worker_name} via {step.runtime_mode}"
+                            )
+                    for index, message in (await self._beats(handle)).items():
+                        if message and last_beat.get(index) != message:
+                            last_beat[index] = message
+                            on_progress(message)
+                    if time.monotonic() >= next_heartbeat:
+                        next_heartbeat += HEARTBEAT_S
+                        waited = time.monotonic() - started
+                        on_progress(f"run {run.id} still {run.status}: {where(run)}, {waited:.0f}s waited")
+                tg.cancel_scope.cancel()
+        if on_progress is not None and run.status in TERMINAL_RUN_STATUSES:
+            on_progress(f"run {run.id} {run.status}" + (f": {run.error}" if run.error else ""))
+        return run
+
+    async def _beats(self, handle: WorkflowHandle[Any, Any]) -> dict[int, str]:
+        """The last message of each running step's heartbeat, by the order Temporal lists them."""
+        try:
+            description = await handle.describe()
+        except _rpc_error():
+            return {}
+        found: dict[int, str] = {}
+        converter = (await self.client()).data_converter
+        for i, pending in enumerate(description.raw_description.pending_activities):
+            payloads = pending.heartbeat_details.payloads
+            if payloads:
+                beats = await converter.decode(payloads, [Beat])
+                if beats and isinstance(beats[-1], Beat):
+                    found[i] = beats[-1].message
+        return found
+
+    async def cancel(self, run_id: str, *, reason: str = "cancelled on request") -> tuple[Run, bool]:
+        run = await self.get_run(run_id)
+        if run.status in TERMINAL_RUN_STATUSES:
+            return run, False
+        if not _on_temporal(run):
+            return await super().cancel(run_id, reason=reason)
+        handle = (await self.client()).get_workflow_handle(run_id)
+        try:
+            await handle.signal(STOP_SIGNAL, reason)
+        except _rpc_error():
+            return await self._reconcile(run, handle), True
+        run = await self.wait(run_id, CANCEL_WAIT_S)
+        return run, True
+
+    # -- reconciling ---------------------------------------------------------------------------
+
+    async def recover(self) -> list[Run]:
+        """Runs a dead local server left (as the local engine does), and runs on Temporal whose
+        workflow ended without recording the run's end."""
+        recovered = await super().recover()
+        for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
+            if _on_temporal(run):
+                client = await self.client()
+                fixed = await self._reconcile(run, client.get_workflow_handle(run.id))
+                if fixed.status in TERMINAL_RUN_STATUSES:
+                    recovered.append(fixed)
+        return recovered
+
+    async def _reconcile(self, run: Run, handle: WorkflowHandle[Any, Any]) -> Run:
+        """A run the store shows open whose workflow is closed (terminated, timed out, failed, or never
+        started): interrupted, saying what Temporal says."""
+        from temporalio.client import WorkflowExecutionStatus
+
+        try:
+            status = (await handle.describe()).status
+        except _rpc_error() as exc:
+            if "not found" not in str(exc).lower():
+                return run  # Temporal unreachable: nothing can be said yet
+            status = None
+        if status == WorkflowExecutionStatus.RUNNING:
+            return run
+        latest = await self.get_run(run.id)  # the workflow may have saved the end meanwhile
+        if latest.status in TERMINAL_RUN_STATUSES:
+            return latest
+        how = "was never started" if status is None else f"ended as {status.name} without recording the run's end"
+        now = datetime.now(UTC)
+        for step in latest.steps:
+            if step.status == "running":
+                step.status, step.error, step.ended_at = "interrupted", "its workflow stopped", now
+            elif step.status == "pending":
+                step.status = "skipped"
+        latest.status, latest.ended_at = "interrupted", now
+        latest.error = f"interrupted: its Temporal workflow {run.id} {how}"
+        try:
+            await self.recorder.save(latest)
+        except StoreError as exc:
+            log.error("run %s: %s", run.id, exc)
+        return latest
+
+
+def _on_temporal(run: Run) -> bool:
+    return run.owner is not None and run.owner.engine == "temporal"
+
+
+def _rpc_error() -> type[Exception]:
+    from temporalio.service import RPCError
+
+    return RPCError

@@ -1,0 +1,113 @@
+"""What crosses Temporal between the server, a run's workflow and the workers' activities.
+
+Plain pydantic models (serialized by temporalio's pydantic converter). A run's state is sent to the
+store once per change, and a step's output once: the workflow leaves out the outputs the store
+already holds (``SaveRun.carried``), so neither a payload nor the workflow's history grows with the
+run's length beyond its new text.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from ...models import Access, FallbackPolicy, Run, RuntimeMode, RunWorktree, Step, Worker
+
+# Temporal refuses a payload over 2 MiB: what a step sends back is kept under that (the full answer
+# of a longer step is cut in the middle, as the output of a failed step is, and the step says so).
+STEP_OUTPUT_BYTES = 1 << 20
+STEP_DIFF_BYTES = 512 << 10
+STORED_DIFF_BYTES = 1 << 20
+# A step's activity tells Temporal it is alive this often; a worker silent for HEARTBEAT_TIMEOUT_S
+# has died (its step is interrupted, never retried: a CLI may have edited files).
+HEARTBEAT_EVERY_S = 1.0
+HEARTBEAT_TIMEOUT_S = 20.0
+# Short activities (a worktree, a diff, saving the run) get this long; they retry, being idempotent.
+SHORT_ACTIVITY_S = 300.0
+
+WORKFLOW_NAME = "mcp-collab-run"
+STOP_SIGNAL = "stop"
+
+
+class CastEntry(BaseModel):
+    role: str
+    worker: Worker
+
+
+class RunJob(BaseModel):
+    """Everything a run's workflow needs, decided at dispatch (the plan)."""
+
+    run: Run
+    queue: str  # the task queue of the workers that have the run's directory
+    task: str  # as the caller wrote it (the run record keeps it redacted)
+    cast: list[CastEntry]
+    modes: dict[str, RuntimeMode]
+    policies: dict[str, FallbackPolicy]
+    cwd: str | None = None
+    max_rounds: int | None = None
+    run_timeout_s: float
+    step_timeout_s: float
+    writer_access: Access = "workspace_write"  # the server's; a worker allows no more than its own
+
+
+class SaveRun(BaseModel):
+    run: Run
+    # Steps whose output and diff the store already holds: sent empty, kept from the stored record.
+    carried: list[int] = Field(default_factory=list)
+
+
+class StepJob(BaseModel):
+    run_id: str
+    strategy: str
+    role: str
+    step: Step  # begun by the workflow: index, role, worker, runtime, directory, access
+    worker: Worker
+    prompt: str
+    policy: FallbackPolicy
+    resume_session: str | None = None
+    resume_message: str | None = None
+    choices: list[str] = Field(default_factory=list)
+
+
+class Beat(BaseModel):
+    """A step's heartbeat: what it last said, for those who wait on the run."""
+
+    message: str = ""
+    pid: int | None = None
+
+
+class SpaceJob(BaseModel):
+    run_id: str
+    directory: str | None
+    label: str | None = None
+    # The repository as the run's first space found it (worktrees.Repo as a dict), so every writer
+    # starts from the very same base; None with ``inspected``: not a repository.
+    repo: dict[str, object] | None = None
+    inspected: bool = False
+
+
+class OpenedSpace(BaseModel):
+    directory: str | None
+    repo: dict[str, object] | None = None
+    worktree: RunWorktree | None = None
+    repository: str | None = None
+    before: str | None = None  # an in-place space: the snapshot its diff is taken against
+    notes: list[str] = Field(default_factory=list)
+
+
+class DiffJob(BaseModel):
+    run_id: str
+    repository: str | None = None
+    worktree: RunWorktree | None = None
+    directory: str | None = None
+    before: str | None = None
+
+
+class FinishJob(BaseModel):
+    run_id: str
+    repository: str | None
+    worktrees: list[RunWorktree]
+
+
+class Finished(BaseModel):
+    worktrees: list[RunWorktree]
+    notes: list[str] = Field(default_factory=list)

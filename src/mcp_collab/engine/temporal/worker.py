@@ -1,0 +1,126 @@
+"""``mcp-collab worker``: runs steps for runs on Temporal, on a machine that has the CLIs, the
+repositories and the credentials.
+
+A worker serves two task queues: the runs' workflow queue (every worker may host any run's
+workflow; it is light) and its own step queue, named by ``--queue``, where the steps, spaces and
+diffs of runs whose directory lies in its workspace roots are sent. Workers that serve one queue
+must have the same roots (two machines with the same checkout may share a queue). A worker
+announces its queue and roots in the store (a lease it renews), which is how the server routes a
+dispatch to a worker that has the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ...config import Settings
+from ...errors import ConfigError
+from ...runtimes.registry import RUNTIMES
+from ...store import open_store
+from ..executor import StepExecutor
+from ..recorder import RunRecorder
+from .client import connect, worker_lease
+from .jobs import HEARTBEAT_EVERY_S, STEP_OUTPUT_BYTES
+
+log = logging.getLogger("mcp_collab.worker")
+
+# The lease a worker holds while it serves (the server routes only to live workers); renewed at a
+# third of its life, so two missed renewals in a row are survivable.
+WORKER_LEASE_TTL_S = 30.0
+# A worker that is told to stop gives its running steps this long to end (then they are cancelled
+# and their process trees killed).
+GRACEFUL_SHUTDOWN_S = 10.0
+
+
+async def serve_worker(
+    settings: Settings, queue: str, slots: int, *, stop: anyio.Event | None = None, ready: anyio.Event | None = None
+) -> None:
+    """Serve until ``stop`` is set (or the task is cancelled)."""
+    from temporalio.worker import Worker
+    from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+    from .activities import Activities
+    from .workflow import RunWorkflow
+
+    if not queue or queue == settings.temporal.queue:
+        raise ConfigError(
+            f"--queue must name this worker's own step queue, not the runs' workflow queue ({settings.temporal.queue})"
+        )
+    store = open_store(settings)
+    await anyio.to_thread.run_sync(store.check_writable)
+    client = await connect(settings)
+    runtimes = {mode: spec.create(settings) for mode, spec in RUNTIMES.items()}
+    executor = StepExecutor(settings, runtimes, RunRecorder(store, settings.redact))
+    activities = Activities(settings, store, executor)
+    # The workflow imports the engine's own modules (strategies, models) as they are: passed through
+    # the sandbox, not reloaded per run. Workflow code stays deterministic by its own discipline.
+    runner = SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("mcp_collab", "anyio", "sniffio")
+    )
+    beat = timedelta(seconds=HEARTBEAT_EVERY_S)
+    common: dict[str, Any] = {"graceful_shutdown_timeout": timedelta(seconds=GRACEFUL_SHUTDOWN_S)}
+    runs = Worker(
+        client,
+        task_queue=settings.temporal.queue,
+        workflows=[RunWorkflow],
+        activities=[activities.save_run],
+        workflow_runner=runner,
+        **common,
+    )
+    steps = Worker(
+        client,
+        task_queue=queue,
+        activities=activities.all(),
+        max_concurrent_activities=slots,
+        max_heartbeat_throttle_interval=beat,
+        default_heartbeat_throttle_interval=beat,
+        **common,
+    )
+    lease = worker_lease(queue, settings.workspace_roots, secrets.token_hex(8))
+    try:
+        async with runs, steps, anyio.create_task_group() as tg:
+            await _renew(store, lease)  # routable from now on
+            tg.start_soon(_keep_renewing, store, lease)
+            log.info(
+                "worker %s serving step queue %s (%d slots) and runs on %s at %s, namespace %s; roots: %s",
+                lease.id, queue, slots, settings.temporal.queue, settings.temporal.address,
+                settings.temporal.namespace, ", ".join(map(str, settings.workspace_roots)) or "none",
+            )  # fmt: skip
+            if ready is not None:
+                ready.set()
+            await (stop.wait() if stop is not None else anyio.sleep_forever())
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(store.drop_lease, lease.id)
+            for runtime in runtimes.values():
+                await runtime.aclose()
+
+
+async def _renew(store: Any, lease: Any) -> None:
+    await anyio.to_thread.run_sync(store.renew_lease, lease, WORKER_LEASE_TTL_S)
+
+
+async def _keep_renewing(store: Any, lease: Any) -> None:
+    while True:
+        await anyio.sleep(WORKER_LEASE_TTL_S / 3)
+        try:
+            await _renew(store, lease)
+        except Exception as exc:  # a store hiccup must not stop the steps; the next renewal may land
+            log.error("the worker's lease was not renewed: %s", exc)
+
+
+def describe(queue: str, roots: Sequence[object], slots: int) -> str:
+    return f"queue {queue}, {slots} slots, roots {', '.join(map(str, roots))} on {socket.gethostname()}:{os.getpid()}"
+
+
+__all__ = ["STEP_OUTPUT_BYTES", "describe", "serve_worker"]

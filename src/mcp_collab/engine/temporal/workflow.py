@@ -1,0 +1,349 @@
+"""A run as a Temporal workflow: the strategy's program, unchanged, over a ``RunContext`` whose
+steps, spaces and diffs are activities.
+
+The workflow is the run's one writer: it holds the run's state and saves it (a local activity) at
+each change, so the store shows the run as it stands and the next server reads it. Everything that
+touches a disk or a process runs in an activity on the queue of the workers that have the run's
+directory. Workflow code must be deterministic: time is ``workflow.now()``, concurrency is
+asyncio's, and nothing here reads a clock, a file or the network.
+
+A step's activity is never retried: a CLI may have edited files before it died. A worker that dies
+mid-step stops heartbeating; Temporal then fails the activity and the step ends ``interrupted``,
+and the run with it. A stop (cancel) is a signal: the program's task is cancelled, which cancels
+its running activities (their process trees are killed) and the run ends ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError, TimeoutType
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from ...models import RunStatus, Step, Worker
+    from ...strategies import Role, Space, Strategy, get_strategy
+    from ..executor import (
+        BudgetSpent,
+        ProgramContext,
+        StepFailed,
+        add_up,
+        begin_step,
+        budget_left,
+        close_accounts,
+        step_label,
+        stop_open_steps,
+    )
+    from .jobs import (
+        HEARTBEAT_TIMEOUT_S,
+        SHORT_ACTIVITY_S,
+        STOP_SIGNAL,
+        WORKFLOW_NAME,
+        DiffJob,
+        Finished,
+        FinishJob,
+        OpenedSpace,
+        RunJob,
+        SaveRun,
+        SpaceJob,
+        StepJob,
+    )
+
+T = TypeVar("T")
+
+# A step may take the step timeout plus this long before Temporal gives up on it (the worker's own
+# timeout ends it first, with the step's output and a clear error).
+STEP_GRACE_S = 120.0
+ONCE = RetryPolicy(maximum_attempts=1)
+SHORT_RETRIES = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1))
+
+
+class RemoteSpace:
+    """A space made by a worker: a worktree, or the run's directory in place."""
+
+    def __init__(self, context: WorkflowContext, opened: OpenedSpace) -> None:
+        self._context = context
+        self._opened = opened
+
+    @property
+    def directory(self) -> Path | None:
+        return Path(self._opened.directory) if self._opened.directory is not None else None
+
+    async def diff(self) -> str | None:
+        opened = self._opened
+        if opened.worktree is None and opened.before is None:
+            return None
+        job = DiffJob(
+            run_id=self._context.run.id,
+            repository=opened.repository,
+            worktree=opened.worktree,
+            directory=opened.directory,
+            before=opened.before,
+        )
+        return await self._context.short("space_diff", job, str)
+
+
+class WorkflowContext(ProgramContext):
+    """The engine as a strategy's program sees it when the run is a workflow."""
+
+    def __init__(self, job: RunJob, strategy: Strategy) -> None:
+        roles = {role.name: role for role in strategy.roles}
+        super().__init__(job.task, job.max_rounds, [(roles[c.role], c.worker) for c in job.cast])
+        self.job = job
+        self.run = job.run
+        self.strategy = strategy
+        self.default_cwd: str | None = None
+        self._space_lock = asyncio.Lock()
+        self._save_lock = asyncio.Lock()
+        self._repo: dict[str, object] | None = None
+        self._inspected = False
+        self._saved_outputs: set[int] = set()
+
+    # -- activities ----------------------------------------------------------------------------
+
+    async def short(self, name: str, arg: object, result_type: type[T]) -> T | None:
+        """A short, idempotent activity on the run's queue (a worktree, a diff)."""
+        result: T | None = await workflow.execute_activity(
+            name,
+            arg,
+            result_type=result_type,
+            task_queue=self.job.queue,
+            start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
+            retry_policy=SHORT_RETRIES,
+        )
+        return result
+
+    async def save(self) -> None:
+        """The run's state into the store; outputs the store already holds are not sent again."""
+        async with self._save_lock:
+            carried = sorted(self._saved_outputs)
+            steps = [
+                s.model_copy(update={"output": "", "diff": ""}) if s.index in self._saved_outputs else s
+                for s in self.run.steps
+            ]
+            sent = self.run.model_copy(update={"steps": steps})
+            await workflow.execute_local_activity(
+                "save_run",
+                SaveRun(run=sent, carried=carried),
+                start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
+                retry_policy=SHORT_RETRIES,
+            )
+            self._saved_outputs.update(s.index for s in self.run.steps if s.status not in ("running", "pending"))
+
+    # -- RunContext ------------------------------------------------------------------------------
+
+    def directory_of(self, worker: Worker) -> str | None:
+        if self.job.cwd is not None:
+            return self.job.cwd
+        return worker.working_directory or self.default_cwd
+
+    async def space(self, label: str | None = None) -> Space:
+        async with self._space_lock:  # one inspection of the repository, so every writer shares its base
+            first = self.job.cast[0].worker if self.job.cast else None
+            directory = self.job.cwd or (self.directory_of(first) if first is not None else None)
+            opened = await self.short(
+                "open_space",
+                SpaceJob(
+                    run_id=self.run.id,
+                    directory=directory,
+                    label=label,
+                    repo=self._repo,
+                    inspected=self._inspected,
+                ),
+                OpenedSpace,
+            )
+            assert opened is not None
+            self._repo, self._inspected = opened.repo, True
+            if opened.worktree is not None:
+                self.run.worktrees.append(opened.worktree)
+                self.run.repository = opened.repository
+            self.run.notes += [n for n in opened.notes if n not in self.run.notes]
+            return RemoteSpace(self, opened)
+
+    async def in_repository(self) -> bool:
+        async with self._space_lock:
+            if not self._inspected:
+                first = self.job.cast[0].worker if self.job.cast else None
+                directory = self.job.cwd or (self.directory_of(first) if first is not None else None)
+                job = SpaceJob(run_id=self.run.id, directory=directory)
+                self._repo, self._inspected = await self.short("inspect_repository", job, dict), True
+            return self._repo is not None
+
+    async def step(
+        self,
+        worker: Worker,
+        role: Role,
+        prompt: str,
+        *,
+        space: Space | None = None,
+        round: int | None = None,
+        branch: str | None = None,
+        continues: Step | None = None,
+        choices: Sequence[str] = (),
+    ) -> Step:
+        run = self.run
+        spent = budget_left(run)
+        if spent is not None:
+            raise BudgetSpent(spent)
+        directory = space.directory if space is not None and space.directory is not None else None
+        where = str(directory) if directory is not None else self.directory_of(worker)
+        step = begin_step(
+            run,
+            worker,
+            role,
+            self.job.modes[worker.name],
+            writer_access=self.job.writer_access,
+            directory=Path(where) if where is not None else None,
+            round=round,
+            branch=branch,
+        )
+        step.started_at = workflow.now()
+        run.steps.append(step)
+        await self.save()
+        resume = continues is not None and continues.session_id and continues.worker_name == worker.name
+        job = StepJob(
+            run_id=run.id,
+            strategy=self.strategy.name,
+            role=role.name,
+            step=step,
+            worker=worker,
+            prompt=prompt,
+            policy=self.job.policies[worker.name],
+            resume_session=continues.session_id if resume and continues is not None else None,
+            resume_message=prompt if resume else None,
+            choices=list(choices),
+        )
+        timeout = (worker.timeout_seconds or self.job.step_timeout_s) + STEP_GRACE_S
+        try:
+            done = await workflow.execute_activity(
+                "run_step",
+                job,
+                result_type=Step,
+                task_queue=self.job.queue,
+                start_to_close_timeout=timedelta(seconds=timeout),
+                heartbeat_timeout=timedelta(seconds=HEARTBEAT_TIMEOUT_S),
+                retry_policy=ONCE,  # a CLI may have edited files: never run a step twice
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            if isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT:
+                reason = (
+                    f"the worker running this step (task queue {self.job.queue}) stopped: no heartbeat for "
+                    f"{HEARTBEAT_TIMEOUT_S:g}s. A step is never run twice (it may have edited files)"
+                )
+                step.status, step.error = "interrupted", reason
+                step.ended_at = workflow.now()
+                lost = f"{step_label(step)} ({step.role}, worker {worker.name}) was interrupted: {reason}"
+                raise WorkerLost(lost) from exc
+            if isinstance(cause, TimeoutError):
+                step.status = "failed"
+                step.error = f"the step exceeded {timeout:g}s on its worker and was stopped ({cause.type})"
+            elif isinstance(cause, ApplicationError):
+                step.status, step.error = "failed", f"the worker could not run the step: {cause.message}"
+            else:
+                raise  # cancelled: the run's stop handles it
+            step.ended_at = workflow.now()
+            done = step
+        assert isinstance(done, Step)
+        run.steps[step.index] = done
+        add_up(run)
+        await self.save()
+        return done
+
+    async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+        spent: list[BudgetSpent] = []
+
+        async def one(branch: Callable[[], Awaitable[T]]) -> T | None:
+            try:
+                return await branch()
+            except BudgetSpent as stop:
+                spent.append(stop)  # the other branches finish their step, then stop
+                return None
+
+        tasks = [asyncio.ensure_future(one(b)) for b in branches]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if spent:
+            raise spent[0]
+        return results  # type: ignore[return-value]  # every slot was filled
+
+
+class WorkerLost(StepFailed):
+    """A step's worker died: the run ends interrupted."""
+
+
+@workflow.defn(name=WORKFLOW_NAME)
+class RunWorkflow:
+    def __init__(self) -> None:
+        self._stop: tuple[RunStatus, str] | None = None
+
+    @workflow.signal(name=STOP_SIGNAL)
+    def stop(self, reason: str) -> None:
+        if self._stop is None:
+            self._stop = ("cancelled", reason)
+
+    @workflow.run
+    async def run(self, job: RunJob) -> str:
+        strategy = get_strategy(job.run.strategy)
+        context = WorkflowContext(job, strategy)
+        run = context.run
+        run.status = "running"
+        run.started_at = workflow.now()
+        if job.cwd is None and not all(c.worker.working_directory for c in job.cast):
+            context.default_cwd = await context.short("default_directory", run.id, str)
+        await context.save()
+        program = asyncio.ensure_future(strategy.run(context))
+        failure: str | None = None
+        try:
+            await workflow.wait_condition(lambda: program.done() or self._stop is not None, timeout=job.run_timeout_s)
+        except builtins.TimeoutError:
+            self._stop = (
+                "failed",
+                f"the run hit its wall-clock limit of {job.run_timeout_s:g}s (MCP_COLLAB_RUN_TIMEOUT); "
+                "its processes were killed",
+            )
+        except asyncio.CancelledError:  # cancelled through Temporal itself (not our stop signal)
+            self._stop = self._stop or ("cancelled", "the run's workflow was cancelled in Temporal")
+        if not program.done():
+            program.cancel()
+        try:
+            await asyncio.shield(asyncio.gather(program, return_exceptions=False))
+        except WorkerLost as lost:
+            self._stop = ("interrupted", lost.reason)
+        except StepFailed as stop:
+            failure = stop.reason
+        except (asyncio.CancelledError, ActivityError):
+            self._stop = self._stop or ("interrupted", "the run's workflow was cancelled")
+        if self._stop is not None:
+            status, reason = self._stop
+            run.status, run.error = status, run.error or reason
+            stop_open_steps(run, status, reason, workflow.now())
+        else:
+            context.settle(run, failure)
+        await self._finish(context)
+        return run.status
+
+    async def _finish(self, context: WorkflowContext) -> None:
+        run = context.run
+        if run.worktrees:
+            job = FinishJob(run_id=run.id, repository=run.repository, worktrees=run.worktrees)
+            finished = await context.short("finish_spaces", job, Finished)
+            assert finished is not None
+            run.worktrees = finished.worktrees
+            run.notes += finished.notes
+        run.ended_at = workflow.now()
+        close_accounts(run)
+        await context.save()

@@ -1,0 +1,194 @@
+"""Runs on Temporal (MCP_COLLAB_ENGINE=temporal): Temporal's real dev server on loopback, the MCP
+server in this process, and `mcp-collab worker` processes standing in for other machines (each with
+its own queue, workspace roots and CLI install) sharing the run store."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mcp_collab.config import Settings
+from mcp_collab.errors import InvalidRequestError
+from mcp_collab.models import DispatchRequest, Run, WorkerSpec
+from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.store import open_store
+from tests.conftest import alive, fake_cli, read_pids
+from tests.support.git_repo import init_repo
+from tests.support.temporal import TemporalDev, WorkerProcess
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def temporal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalDev]:
+    server = TemporalDev(tmp_path_factory.mktemp("temporal")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def env(base_env: dict[str, str], temporal: TemporalDev, tmp_path: Path) -> dict[str, str]:
+    """The environment the server and the workers share: the store, Temporal, a queue of runs of
+    this test's own (tests share one dev server)."""
+    return {
+        **base_env,
+        "MCP_COLLAB_ENGINE": "temporal",
+        "MCP_COLLAB_TEMPORAL_ADDRESS": temporal.address,
+        "MCP_COLLAB_TEMPORAL_QUEUE": f"runs-{tmp_path.name}",
+        "MCP_COLLAB_CODEX_BIN": fake_cli("ok"),
+    }
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start worker processes; every one is stopped when the test ends."""
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str], queue: str, *roots: Path, slots: int = 4, **extra: str) -> WorkerProcess:
+        for root in roots:
+            root.mkdir(parents=True, exist_ok=True)
+        worker = WorkerProcess({**env, **extra}, f"{queue}-{tmp_path.name}", list(roots), slots=slots)
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+async def server(env: dict[str, str]) -> WorkerOrchestrator:
+    orchestrator = WorkerOrchestrator(Settings.from_env(env), runtimes={})
+    await orchestrator.register_worker(WorkerSpec(name="coder", model="codex_cli"))
+    return orchestrator
+
+
+@pytest.fixture
+async def serving(env: dict[str, str]) -> AsyncIterator[WorkerOrchestrator]:
+    orchestrator = await server(env)
+    async with orchestrator, orchestrator.running():
+        yield orchestrator
+
+
+async def until(orchestrator: WorkerOrchestrator, run_id: str, check: Callable[[Run], bool]) -> Run:
+    """The run once ``check`` holds (re-read as the workflow saves it)."""
+    with anyio.fail_after(60):
+        while True:
+            run = await orchestrator.get_run(run_id)
+            if check(run):
+                return run
+            await anyio.sleep(0.1)
+
+
+async def test_a_run_is_a_workflow_whose_step_runs_on_the_worker_that_has_the_directory(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    machines(env, "alpha", tmp_path / "alpha", CODEX_FAKE_SAY="alpha did it")
+    machines(env, "beta", tmp_path / "beta", CODEX_FAKE_SAY="beta did it")
+    (tmp_path / "beta" / "project").mkdir()
+    progress: list[str] = []
+    run = await serving.dispatch(
+        DispatchRequest(task="fix it", working_directory=str(tmp_path / "beta" / "project")),
+        on_progress=progress.append,
+    )
+    assert run.status == "completed", run.error
+    assert run.result == "beta did it", "the step ran on the worker whose roots hold the directory"
+    [step] = run.steps
+    assert step.status == "completed" and step.runtime_mode == "cli" and step.usage is not None
+    assert step.directory == str(tmp_path / "beta" / "project")
+    assert any("step 1 started" in m for m in progress) and any("completed" in m for m in progress)
+    stored = open_store(Settings.from_env(env)).get_run(run.id)
+    assert stored is not None and stored.status == "completed" and stored.steps[0].output == "beta did it"
+
+    alpha = await serving.dispatch(DispatchRequest(task="again", working_directory=str(tmp_path / "alpha")))
+    assert alpha.result == "alpha did it"
+
+
+async def test_a_directory_no_worker_has_is_refused_before_anything_starts(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    machines(env, "alpha", tmp_path / "alpha")
+    with pytest.raises(InvalidRequestError, match="no live mcp-collab worker has .* in its workspace roots"):
+        await serving.start(DispatchRequest(task="x", working_directory=str(tmp_path / "elsewhere")))
+    with pytest.raises(InvalidRequestError, match="absolute path"):
+        await serving.start(DispatchRequest(task="x", working_directory="alpha/../.."))
+    assert (await serving.list_runs()).runs == [], "nothing was stored"
+
+
+async def test_cancel_reaches_the_step_on_another_process_and_kills_its_process_tree(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    machines(
+        env,
+        "alpha",
+        tmp_path / "alpha",
+        MCP_COLLAB_CODEX_BIN=fake_cli("hang"),
+        CODEX_FAKE_PIDFILE=str(pids),
+    )
+    run = await serving.start(DispatchRequest(task="hang", working_directory=str(tmp_path / "alpha")))
+    await until(serving, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running" and pids.exists())
+    with anyio.fail_after(60):
+        while len(read_pids(pids)) < 2:  # the fake and its children are up
+            await anyio.sleep(0.05)
+    cancelled, changed = await serving.cancel(run.id)
+    assert changed and cancelled.status == "cancelled"
+    assert cancelled.steps[0].status == "cancelled"
+    with anyio.fail_after(30):
+        while any(alive(pid) for pid in read_pids(pids)):
+            await anyio.sleep(0.05)
+
+
+async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_run_ends(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    worker = machines(
+        env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("slow"), CODEX_FAKE_SECONDS="600"
+    )
+    run = await serving.start(DispatchRequest(task="long", working_directory=str(tmp_path / "alpha")))
+    await until(serving, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
+    worker.kill()
+    ended = await serving.wait(run.id, 120)
+    assert ended.status == "interrupted", ended
+    [step] = ended.steps
+    assert step.status == "interrupted" and "no heartbeat" in (step.error or "")
+    assert "never run twice" in (ended.error or "")
+
+
+async def test_a_restart_of_the_mcp_server_interrupts_nothing(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("slow"), CODEX_FAKE_SECONDS="3")
+    first = await server(env)
+    async with first, first.running():
+        run = await first.start(DispatchRequest(task="outlive me", working_directory=str(tmp_path / "alpha")))
+        await until(first, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
+    # The first server is gone (as a crash or a restart leaves it); the next one reads the run.
+    second = await server(env)
+    async with second, second.running():
+        ended = await second.wait(run.id, 120)
+    assert ended.status == "completed", ended.error
+    assert ended.result == "slow work finished after 3s"
+
+
+async def test_strategies_run_unchanged_writers_in_worktrees_made_by_the_worker(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("write"))
+    await serving.register_worker(WorkerSpec(name="second", model="codex_cli"))
+    await serving.register_worker(WorkerSpec(name="judge", model="codex_cli"))
+    run = await serving.dispatch(
+        DispatchRequest(
+            task="contend", strategy="best_of_n", workers=["coder", "second", "judge"], working_directory=str(repo)
+        )
+    )
+    assert [s.role for s in run.steps] == ["writer", "writer", "judge"]
+    assert len(run.worktrees) == 2 and all(w.tip and "fake-work.txt" in w.diff for w in run.worktrees)
+    assert len({w.base_commit for w in run.worktrees}) == 1, "both writers started from the same base"
+    assert subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout == ""
