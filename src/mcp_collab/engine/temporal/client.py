@@ -241,11 +241,12 @@ class TemporalRuns(RunLifecycle):
                         continue
                     for step in run.steps:
                         if said.get(step.index) != step.status:
+                            who = f"{step.role} {step.worker_name} via {step.runtime_mode}"
+                            if step.index not in said:  # a step that ended between two reads started too
+                                on_progress(f"{step_label(step)} started: {who}")
                             said[step.index] = step.status
-                            verb = "started" if step.status == "running" else step.status
-                            on_progress(
-                                f"{step_label(step)} {verb}: {step.role} {step.worker_name} via {step.runtime_mode}"
-                            )
+                            if step.status != "running":
+                                on_progress(f"{step_label(step)} {step.status}: {who}")
                     for index, message in (await self._beats(handle)).items():
                         if message and last_beat.get(index) != message:
                             last_beat[index] = message
