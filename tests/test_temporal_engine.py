@@ -10,14 +10,17 @@ from pathlib import Path
 
 import anyio
 import pytest
+from mcp import Client
 
 from mcp_collab.config import Settings
 from mcp_collab.errors import InvalidRequestError
 from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.server import build_server
 from mcp_collab.store import open_store
 from tests.conftest import alive, fake_cli, read_pids
 from tests.support.git_repo import init_repo
+from tests.support.mcp_helpers import call
 from tests.support.temporal import TemporalDev, WorkerProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -64,7 +67,8 @@ def machines(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
 
 async def server(env: dict[str, str]) -> WorkerOrchestrator:
     orchestrator = WorkerOrchestrator(Settings.from_env(env), runtimes={})
-    await orchestrator.register_worker(WorkerSpec(name="coder", model="codex_cli"))
+    if not await orchestrator.list_workers():
+        await orchestrator.register_worker(WorkerSpec(name="coder", model="codex_cli"))
     return orchestrator
 
 
@@ -113,7 +117,7 @@ async def test_a_directory_no_worker_has_is_refused_before_anything_starts(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:
     machines(env, "alpha", tmp_path / "alpha")
-    with pytest.raises(InvalidRequestError, match="no live mcp-collab worker has .* in its workspace roots"):
+    with pytest.raises(InvalidRequestError, match=r"no live mcp-collab worker has .* in its workspace roots"):
         await serving.start(DispatchRequest(task="x", working_directory=str(tmp_path / "elsewhere")))
     with pytest.raises(InvalidRequestError, match="absolute path"):
         await serving.start(DispatchRequest(task="x", working_directory="alpha/../.."))
@@ -147,9 +151,8 @@ async def test_cancel_reaches_the_step_on_another_process_and_kills_its_process_
 async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_run_ends(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:
-    worker = machines(
-        env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("slow"), CODEX_FAKE_SECONDS="600"
-    )
+    worker = machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("slow"), CODEX_FAKE_SECONDS="600")
+    machines(env, "beta", tmp_path / "beta")  # another machine goes on hosting the run's workflow
     run = await serving.start(DispatchRequest(task="long", working_directory=str(tmp_path / "alpha")))
     await until(serving, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
     worker.kill()
@@ -191,4 +194,43 @@ async def test_strategies_run_unchanged_writers_in_worktrees_made_by_the_worker(
     assert [s.role for s in run.steps] == ["writer", "writer", "judge"]
     assert len(run.worktrees) == 2 and all(w.tip and "fake-work.txt" in w.diff for w in run.worktrees)
     assert len({w.base_commit for w in run.worktrees}) == 1, "both writers started from the same base"
-    assert subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout == ""
+    assert (
+        subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout == ""
+    )
+
+
+async def test_every_tool_behaves_as_with_the_local_engine_through_a_real_mcp_client(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("slow"), CODEX_FAKE_SECONDS="2")
+    where = str(tmp_path / "alpha")
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async with Client(build_server(Settings.from_env(env), {})) as client:  # type: ignore[arg-type]
+        await call(client, "spawn_worker", name="coder", model="codex_cli")
+        result = await client.call_tool(
+            "dispatch_task",
+            {"task": "work", "workingDirectory": where, "waitSeconds": 40},
+            progress_callback=on_progress,
+        )
+        run = result.structured_content
+        assert run is not None and run["status"] == "completed", result.content
+        assert any("step 1 started" in m for m in messages), messages
+        assert any("step 1 completed" in m for m in messages), messages
+
+        # A short wait answers with the run still going; wait_worker_run picks it up; cancel ends it.
+        started = await call(client, "dispatch_task", task="long", workingDirectory=where, waitSeconds=0)
+        assert started["status"] in ("queued", "running")
+        listed = await call(client, "list_worker_runs")
+        assert {r["id"] for r in listed["runs"]} == {run["id"], started["id"]}
+        waited = await call(client, "wait_worker_run", runId=started["id"], timeoutSeconds=40)
+        assert waited["status"] == "completed" and waited["result"] == "slow work finished after 2s"
+        output = await call(client, "read_run_output", runId=started["id"], step=0)
+        assert "slow work finished" in output["text"]
+
+        third = await call(client, "dispatch_task", task="stop me", workingDirectory=where, waitSeconds=0)
+        cancelled = await call(client, "cancel_worker_run", runId=third["id"])
+        assert cancelled["cancelled"] is True and cancelled["run"]["status"] == "cancelled"

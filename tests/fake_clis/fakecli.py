@@ -244,7 +244,11 @@ def main(mode: str) -> None:
     elif mode == "ok":
         finish(os.environ.get("CODEX_FAKE_SAY", "fake codex did the task"))
     elif mode == "write":
-        # A writer: a file of its own in the directory it was started in, named by CODEX_FAKE_FILE.
+        # A writer: a file of its own in the directory it was started in, named by CODEX_FAKE_FILE;
+        # under codex's read-only sandbox (-s read-only) it writes nothing, as codex would.
+        if "read-only" in sys.argv:
+            finish(f"read {os.getcwd()} and wrote nothing")
+            return
         name = os.environ.get("CODEX_FAKE_FILE", "fake-work.txt")
         with open(name, "w", encoding="utf-8") as fh:
             fh.write(f"written by the fake in {os.getcwd()}\n")

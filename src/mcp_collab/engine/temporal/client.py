@@ -43,6 +43,9 @@ log = logging.getLogger("mcp_collab.engine")
 
 # How often a wait re-reads the run (the workflow saves each change) and the steps' heartbeats.
 POLL_S = 0.25
+# A run is stored before its workflow starts: one younger than this with no workflow yet is being
+# started (by this server or another), not lost.
+START_GRACE_S = 120.0
 
 
 class TemporalUnavailable(CollabError):
@@ -69,7 +72,7 @@ async def connect(settings: Settings) -> Client:
         ) from exc
 
 
-def worker_lease(queue: str, roots: Sequence[Path], tag: str) -> Lease:
+def worker_lease(queue: str, roots: Sequence[Path]) -> Lease:
     from ...runtimes.cli.supervisor import process_start_ticks
 
     return Lease(
@@ -317,6 +320,8 @@ class TemporalRuns(RunLifecycle):
             status = None
         if status == WorkflowExecutionStatus.RUNNING:
             return run
+        if status is None and (datetime.now(UTC) - run.created_at).total_seconds() < START_GRACE_S:
+            return run  # stored, its workflow about to start
         latest = await self.get_run(run.id)  # the workflow may have saved the end meanwhile
         if latest.status in TERMINAL_RUN_STATUSES:
             return latest

@@ -12,10 +12,6 @@ dispatch to a worker that has the directory.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -23,13 +19,14 @@ import anyio
 import anyio.to_thread
 
 from ...config import Settings
-from ...errors import ConfigError
+from ...errors import ConfigError, LeaseLostError, StoreError
+from ...models import Lease
 from ...runtimes.registry import RUNTIMES
-from ...store import open_store
+from ...store import RunStore, open_store
 from ..executor import StepExecutor
 from ..recorder import RunRecorder
 from .client import connect, worker_lease
-from .jobs import HEARTBEAT_EVERY_S, STEP_OUTPUT_BYTES
+from .jobs import HEARTBEAT_EVERY_S
 
 log = logging.getLogger("mcp_collab.worker")
 
@@ -85,11 +82,12 @@ async def serve_worker(
         default_heartbeat_throttle_interval=beat,
         **common,
     )
-    lease = worker_lease(queue, settings.workspace_roots, secrets.token_hex(8))
+    held = [worker_lease(queue, settings.workspace_roots)]
     try:
         async with runs, steps, anyio.create_task_group() as tg:
-            await _renew(store, lease)  # routable from now on
-            tg.start_soon(_keep_renewing, store, lease)
+            held[0] = await _renew(store, held[0])  # routable from now on
+            lease = held[0]
+            tg.start_soon(_keep_renewing, store, held)
             log.info(
                 "worker %s serving step queue %s (%d slots) and runs on %s at %s, namespace %s; roots: %s",
                 lease.id, queue, slots, settings.temporal.queue, settings.temporal.address,
@@ -101,26 +99,29 @@ async def serve_worker(
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(store.drop_lease, lease.id)
+            await anyio.to_thread.run_sync(store.drop_lease, held[0].id)
             for runtime in runtimes.values():
                 await runtime.aclose()
 
 
-async def _renew(store: Any, lease: Any) -> None:
-    await anyio.to_thread.run_sync(store.renew_lease, lease, WORKER_LEASE_TTL_S)
+async def _renew(store: RunStore, lease: Lease) -> Lease:
+    return await anyio.to_thread.run_sync(store.renew_lease, lease, WORKER_LEASE_TTL_S)
 
 
-async def _keep_renewing(store: Any, lease: Any) -> None:
+async def _keep_renewing(store: RunStore, held: list[Lease]) -> None:
     while True:
         await anyio.sleep(WORKER_LEASE_TTL_S / 3)
         try:
-            await _renew(store, lease)
-        except Exception as exc:  # a store hiccup must not stop the steps; the next renewal may land
+            held[0] = await _renew(store, held[0])
+        except LeaseLostError:
+            # Cut off from the store for a while: the worker owns no run, so it just announces
+            # itself again (the server routes to it once more).
+            log.warning("the worker's lease lapsed; taking a new one")
+            held[0] = await _renew(
+                store,
+                held[0].model_copy(
+                    update={"id": Lease(kind="worker", host="", pid=0).id, "expires_at": None, "started_at": None}
+                ),
+            )
+        except StoreError as exc:  # a store hiccup must not stop the steps; the next renewal may land
             log.error("the worker's lease was not renewed: %s", exc)
-
-
-def describe(queue: str, roots: Sequence[object], slots: int) -> str:
-    return f"queue {queue}, {slots} slots, roots {', '.join(map(str, roots))} on {socket.gethostname()}:{os.getpid()}"
-
-
-__all__ = ["STEP_OUTPUT_BYTES", "describe", "serve_worker"]
