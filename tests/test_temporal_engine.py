@@ -61,8 +61,10 @@ def machines(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         return worker.start()
 
     yield start
-    for worker in started:
+    for i, worker in enumerate(started):
         worker.stop()
+        # What each worker said, for a failure's post-mortem.
+        (tmp_path / f"worker-{i}-{worker.queue}.log").write_text("".join(worker.lines), encoding="utf-8")
 
 
 async def server(env: dict[str, str]) -> WorkerOrchestrator:
@@ -151,16 +153,26 @@ async def test_cancel_reaches_the_step_on_another_process_and_kills_its_process_
 async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_run_ends(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:
-    worker = machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("slow"), CODEX_FAKE_SECONDS="600")
+    pids = tmp_path / "pids"
+    # A CLI that goes quiet and ignores SIGTERM, with children: it outlives the worker's death.
+    hang = {"MCP_COLLAB_CODEX_BIN": fake_cli("hang"), "CODEX_FAKE_PIDFILE": str(pids)}
+    worker = machines(env, "alpha", tmp_path / "alpha", **hang)
     machines(env, "beta", tmp_path / "beta")  # another machine goes on hosting the run's workflow
     run = await serving.start(DispatchRequest(task="long", working_directory=str(tmp_path / "alpha")))
     await until(serving, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
+    with anyio.fail_after(60):
+        while len(read_pids(pids)) < 2:  # the CLI and its children are up
+            await anyio.sleep(0.05)
     worker.kill()
     ended = await serving.wait(run.id, 120)
     assert ended.status == "interrupted", ended
     [step] = ended.steps
     assert step.status == "interrupted" and "no heartbeat" in (step.error or "")
     assert "never run twice" in (ended.error or "")
+    # The killed worker could not kill its step's CLI; the next worker started on this machine does.
+    assert any(alive(pid) for pid in read_pids(pids))
+    machines(env, "alpha", tmp_path / "alpha", **hang)
+    assert not any(alive(pid) for pid in read_pids(pids))
 
 
 async def test_a_restart_of_the_mcp_server_interrupts_nothing(
@@ -234,3 +246,21 @@ async def test_every_tool_behaves_as_with_the_local_engine_through_a_real_mcp_cl
         third = await call(client, "dispatch_task", task="stop me", workingDirectory=where, waitSeconds=0)
         cancelled = await call(client, "cancel_worker_run", runId=third["id"])
         assert cancelled["cancelled"] is True and cancelled["run"]["status"] == "cancelled"
+
+
+async def test_a_follow_up_continues_on_the_worker_that_holds_the_parents_worktree(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    repo = init_repo(tmp_path / "beta" / "repo", {"README.md": "hello\n"})
+    machines(env, "alpha", tmp_path / "alpha")
+    machines(env, "beta", tmp_path / "beta", MCP_COLLAB_CODEX_BIN=fake_cli("write"))
+    parent = await serving.dispatch(DispatchRequest(task="start", working_directory=str(repo)))
+    assert parent.status == "completed" and len(parent.worktrees) == 1
+    follow = await serving.continue_run(parent.id, "now the tests")
+    done = await serving.wait(follow.id, 60)
+    assert done.status == "completed", done.error
+    assert done.parent_id == parent.id
+    [step] = done.steps
+    assert step.directory is not None and step.directory.startswith(parent.worktrees[0].path)
+    assert any("continues in the worktree of" in note for note in done.notes)
+    assert done.worktrees and done.worktrees[0].branch == parent.worktrees[0].branch

@@ -241,6 +241,7 @@ class RunOwner(WireModel):
     # "temporal": the run is a Temporal workflow (its own workers execute it, whatever becomes of
     # the server that started it); unset: the server process named here executes it.
     engine: Literal["temporal"] | None = None
+    queue: str | None = None  # a run on Temporal: the step queue of the workers that run it
     lease: str | None = Field(
         default=None, description="The owner's lease in the run store; none on runs stored before leases."
     )

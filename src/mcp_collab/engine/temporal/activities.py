@@ -22,7 +22,7 @@ from ...config import Settings
 from ...models import Run, Step
 from ...runtimes.base import PartialOutput, Resume
 from ...store import RunStore
-from ...strategies import MAX_QUOTED_DIFF_CHARS, get_strategy
+from ...strategies import MAX_QUOTED_DIFF_CHARS, STRATEGIES, Role
 from ..delivery import rebuild
 from ..executor import StepExecutor, answer_bytes, cap_text
 from ..plan import default_directory
@@ -34,6 +34,7 @@ from .jobs import (
     STEP_OUTPUT_BYTES,
     STORED_DIFF_BYTES,
     Beat,
+    ContinueSpaceJob,
     DiffJob,
     Finished,
     FinishJob,
@@ -105,12 +106,15 @@ class Activities:
             self.space_diff,
             self.finish_spaces,
             self.default_directory,
+            self.continue_space,
         ]
 
     @activity.defn(name="run_step")
     async def run_step(self, job: StepJob) -> Step:
-        role = get_strategy(job.strategy).role(job.role)
         step = job.step
+        declared = STRATEGIES.get(job.strategy)
+        role = next((r for r in declared.roles if r.name == job.role), None) if declared is not None else None
+        role = role or Role(job.role, None, step.access or "read_only")
         if step.access is not None and step.access != "read_only":
             # The server's operator chose the writers' access; this worker's operator may allow less.
             mine = self.settings.writer_access
@@ -170,6 +174,23 @@ class Activities:
         return OpenedSpace(
             directory=str(space.directory) if space.directory is not None else None,
             repo=repo_to_dict(await spaces.repository()),
+            worktree=scratch.worktrees[-1] if scratch.worktrees else None,
+            repository=scratch.repository,
+            before=space.before if isinstance(space, InPlaceSpace) else None,
+            notes=scratch.notes,
+        )
+
+    @activity.defn(name="continue_space")
+    async def continue_space(self, job: ContinueSpaceJob) -> OpenedSpace | None:
+        """Where a follow-up works: the parent's worktree while it is active, else a new one, else
+        the step's directory (``Spaces.continue_in``)."""
+        scratch = Run(id=job.run_id, task="", strategy="")
+        spaces = self._spaces(scratch, None)
+        space = await spaces.continue_in(job.parent, job.worktree, job.step)
+        if space is None:
+            return None
+        return OpenedSpace(
+            directory=str(space.directory) if space.directory is not None else None,
             worktree=scratch.worktrees[-1] if scratch.worktrees else None,
             repository=scratch.repository,
             before=space.before if isinstance(space, InPlaceSpace) else None,

@@ -30,11 +30,13 @@ from ...config import Settings
 from ...errors import CollabError, InvalidRequestError, StoreError, shown
 from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, Worker
 from ...store import RunStore
+from ...strategies.prompts import MAX_QUOTED_OUTPUT_CHARS, quote
+from .. import continuation
 from ..executor import StepExecutor, step_label
 from ..lifecycle import CANCEL_WAIT_S, HEARTBEAT_S, RunLifecycle, where
-from ..plan import ProgressCallback, make_plan
+from ..plan import Plan, ProgressCallback, make_plan
 from ..recorder import RunRecorder
-from .jobs import STOP_SIGNAL, WORKFLOW_NAME, Beat, CastEntry, RunJob
+from .jobs import STOP_SIGNAL, WORKFLOW_NAME, Beat, CastEntry, ContinueJob, RunJob
 
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
@@ -179,21 +181,35 @@ class TemporalRuns(RunLifecycle):
         directories = [plan.cwd] if plan.cwd is not None else []
         directories += [Path(w.working_directory) for _, w in plan.cast if plan.cwd is None and w.working_directory]
         queue = route(directories, leases)
+        cast = [CastEntry(role=role.name, worker=worker, access=role.access) for role, worker in plan.cast]
+        return await self._launch(plan, queue, cast=cast, cwd=str(plan.cwd) if plan.cwd is not None else None)
+
+    async def _launch(
+        self,
+        plan: Plan,
+        queue: str,
+        *,
+        cast: list[CastEntry],
+        cwd: str | None,
+        follow_up: ContinueJob | None = None,
+    ) -> Run:
+        """Store the run, then start its workflow; a run whose workflow could not start ends failed."""
         run = plan.run
-        run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), engine="temporal")
+        run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), engine="temporal", queue=queue)
         await self.recorder.save(run)
         job = RunJob(
             run=run,
             queue=queue,
             task=plan.task,
-            cast=[CastEntry(role=role.name, worker=worker) for role, worker in plan.cast],
+            cast=cast,
             modes=plan.modes,
             policies=plan.policies,
-            cwd=str(plan.cwd) if plan.cwd is not None else None,
+            cwd=cwd,
             max_rounds=plan.max_rounds,
             run_timeout_s=self.settings.run_timeout_s,
             step_timeout_s=self.settings.step_timeout_s,
             writer_access=self.settings.writer_access,
+            continuation=follow_up,
         )
         try:
             client = await self.client()
@@ -206,9 +222,27 @@ class TemporalRuns(RunLifecycle):
         return run.model_copy()
 
     async def continue_run(self, parent_id: str, message: str, worker: str | None = None) -> Run:
-        raise InvalidRequestError(
-            "continue_worker_run is not available with MCP_COLLAB_ENGINE=temporal yet; dispatch a new run "
-            "that names the earlier one's worktree as its workingDirectory"
+        """A follow-up on the workers that ran the parent (they hold its worktree and session)."""
+        parent = await self.get_run(parent_id)
+        if not _on_temporal(parent) or parent.owner is None or parent.owner.queue is None:
+            raise InvalidRequestError(
+                f"run {parent.id} ran on this server's own engine, not on Temporal: its worktree and the "
+                "worker's session are on the machine that ran it; continue it with MCP_COLLAB_ENGINE=local there"
+            )
+        plan = continuation.make_plan(self.settings, parent, message, worker, await self._workers())
+        info = plan.continuation
+        assert info is not None
+        [(role, chosen)] = plan.cast
+        step = info.step.model_copy(update={"output": quote(info.step.output, MAX_QUOTED_OUTPUT_CHARS), "diff": ""})
+        lean = parent.model_copy(
+            update={"steps": [step], "worktrees": [w.model_copy(update={"diff": ""}) for w in parent.worktrees]}
+        )
+        return await self._launch(
+            plan,
+            parent.owner.queue,
+            cast=[CastEntry(role=role.name, worker=chosen, access=role.access)],
+            cwd=step.directory,
+            follow_up=ContinueJob(parent=lean, step=step, message=message, worktree=info.worktree),
         )
 
     # -- waiting and cancelling ----------------------------------------------------------------

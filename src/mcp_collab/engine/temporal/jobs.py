@@ -31,6 +31,16 @@ STOP_SIGNAL = "stop"
 class CastEntry(BaseModel):
     role: str
     worker: Worker
+    access: Access = "read_only"  # a role the strategy does not declare (a follow-up's) takes this
+
+
+class ContinueJob(BaseModel):
+    """A follow-up (continue_worker_run): the parent as far as the follow-up needs it."""
+
+    parent: Run  # its task, worktrees and repository, and only the step continued (output capped)
+    step: Step
+    message: str
+    worktree: RunWorktree | None = None
 
 
 class RunJob(BaseModel):
@@ -47,6 +57,7 @@ class RunJob(BaseModel):
     run_timeout_s: float
     step_timeout_s: float
     writer_access: Access = "workspace_write"  # the server's; a worker allows no more than its own
+    continuation: ContinueJob | None = None
 
 
 class SaveRun(BaseModel):
@@ -92,6 +103,13 @@ class OpenedSpace(BaseModel):
     repository: str | None = None
     before: str | None = None  # an in-place space: the snapshot its diff is taken against
     notes: list[str] = Field(default_factory=list)
+
+
+class ContinueSpaceJob(BaseModel):
+    run_id: str
+    parent: Run
+    step: Step
+    worktree: RunWorktree | None = None
 
 
 class DiffJob(BaseModel):

@@ -21,6 +21,7 @@ import anyio.to_thread
 from ...config import Settings
 from ...errors import ConfigError, LeaseLostError, StoreError
 from ...models import Lease
+from ...runtimes.cli.supervisor import kill_orphans
 from ...runtimes.registry import RUNTIMES
 from ...store import RunStore, open_store
 from ..executor import StepExecutor
@@ -82,6 +83,10 @@ async def serve_worker(
         default_heartbeat_throttle_interval=beat,
         **common,
     )
+    # A worker of this machine that was killed outright left its steps' CLIs running: they die now.
+    left = await kill_orphans()
+    if left:
+        log.warning("killed the leftover step processes of %d stopped worker(s) or server(s)", left)
     held = [worker_lease(queue, settings.workspace_roots)]
     try:
         async with runs, steps, anyio.create_task_group() as tg:

@@ -30,6 +30,7 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from ...models import RunStatus, Step, Worker
     from ...strategies import Role, Space, Strategy, get_strategy
+    from ..continuation import history_prompt
     from ..executor import (
         BudgetSpent,
         ProgramContext,
@@ -46,6 +47,8 @@ with workflow.unsafe.imports_passed_through():
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
+        ContinueJob,
+        ContinueSpaceJob,
         DiffJob,
         Finished,
         FinishJob,
@@ -95,11 +98,13 @@ class WorkflowContext(ProgramContext):
 
     def __init__(self, job: RunJob, strategy: Strategy) -> None:
         roles = {role.name: role for role in strategy.roles}
-        super().__init__(job.task, job.max_rounds, [(roles[c.role], c.worker) for c in job.cast])
+        cast = [(roles.get(c.role) or Role(c.role, None, c.access), c.worker) for c in job.cast]
+        super().__init__(job.task, job.max_rounds, cast)
         self.job = job
         self.run = job.run
         self.strategy = strategy
         self.default_cwd: str | None = None
+        self.roles_from = strategy.name  # the strategy whose roles the steps take (a follow-up: its parent's)
         self._space_lock = asyncio.Lock()
         self._save_lock = asyncio.Lock()
         self._repo: dict[str, object] | None = None
@@ -188,6 +193,26 @@ class WorkflowContext(ProgramContext):
         continues: Step | None = None,
         choices: Sequence[str] = (),
     ) -> Step:
+        resume = None
+        if continues is not None and continues.session_id and continues.worker_name == worker.name:
+            resume = (continues.session_id, prompt)
+        return await self.run_step(
+            worker, role, prompt, space=space, round=round, branch=branch, resume=resume, choices=choices
+        )
+
+    async def run_step(
+        self,
+        worker: Worker,
+        role: Role,
+        prompt: str,
+        *,
+        space: Space | None = None,
+        round: int | None = None,
+        branch: str | None = None,
+        resume: tuple[str, str] | None = None,
+        choices: Sequence[str] = (),
+    ) -> Step:
+        """A step as an activity; ``resume``: the vendor session to resume and the message it takes."""
         run = self.run
         spent = budget_left(run)
         if spent is not None:
@@ -207,17 +232,16 @@ class WorkflowContext(ProgramContext):
         step.started_at = workflow.now()
         run.steps.append(step)
         await self.save()
-        resume = continues is not None and continues.session_id and continues.worker_name == worker.name
         job = StepJob(
             run_id=run.id,
-            strategy=self.strategy.name,
+            strategy=self.roles_from,
             role=role.name,
             step=step,
             worker=worker,
             prompt=prompt,
             policy=self.job.policies[worker.name],
-            resume_session=continues.session_id if resume and continues is not None else None,
-            resume_message=prompt if resume else None,
+            resume_session=resume[0] if resume is not None else None,
+            resume_message=resume[1] if resume is not None else None,
             choices=list(choices),
         )
         timeout = (worker.timeout_seconds or self.job.step_timeout_s) + STEP_GRACE_S
@@ -305,7 +329,8 @@ class RunWorkflow:
         if job.cwd is None and not all(c.worker.working_directory for c in job.cast):
             context.default_cwd = await context.short("default_directory", run.id, str)
         await context.save()
-        program = asyncio.ensure_future(strategy.run(context))
+        follow_up = job.continuation
+        program = asyncio.ensure_future(strategy.run(context) if follow_up is None else _continue(context, follow_up))
         failure: str | None = None
         try:
             await workflow.wait_condition(lambda: program.done() or self._stop is not None, timeout=job.run_timeout_s)
@@ -347,3 +372,29 @@ class RunWorkflow:
         run.ended_at = workflow.now()
         close_accounts(run)
         await context.save()
+
+
+async def _continue(context: WorkflowContext, follow_up: ContinueJob) -> None:
+    """A follow-up's program (``engine.continuation``'s, with its space and step as activities)."""
+    [(role, worker)] = context._cast
+    context.roles_from = follow_up.parent.strategy
+    job = ContinueSpaceJob(
+        run_id=context.run.id, parent=follow_up.parent, step=follow_up.step, worktree=follow_up.worktree
+    )
+    opened = await context.short("continue_space", job, OpenedSpace)
+    space: RemoteSpace | None = None
+    if opened is not None:
+        space = RemoteSpace(context, opened)
+        if opened.worktree is not None:
+            context.run.worktrees.append(opened.worktree)
+            context.run.repository = opened.repository
+        context.run.notes += [n for n in opened.notes if n not in context.run.notes]
+    diff = await space.diff() if space is not None else None
+    prompt = history_prompt(follow_up.parent, follow_up.step, follow_up.message, diff)
+    session = follow_up.step.session_id
+    step = await context.run_step(
+        worker, role, prompt, space=space, resume=(session, follow_up.message) if session else None
+    )
+    if session is None and step.status == "completed":
+        step.continuation = "history"
+    context.require(step)

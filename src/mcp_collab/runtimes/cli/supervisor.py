@@ -357,6 +357,47 @@ def new_marker() -> str:
     return f"{server_tag()}-{secrets.token_hex(16)}"
 
 
+def orphaned_tags() -> dict[str, int]:
+    """The marker tags (``pid-startticks``) of spawners (servers, workers) that are gone while
+    processes they started live on, with each spawner's start time. Only what this process may read
+    is seen (its own user's processes)."""
+    if not os.path.isdir("/proc"):
+        return {}
+    me = os.getpid()
+    needle = f"\0{MARKER_VAR}=".encode()
+    found: dict[str, int] = {}
+    for pid, row in _proc_table().items():
+        if row.zombie or pid == me:
+            continue
+        environ = _read_proc(pid, "environ")
+        if environ is None:
+            continue
+        environ = b"\0" + environ
+        at = environ.find(needle)
+        if at < 0:
+            continue
+        end = environ.find(b"\0", at + 1)
+        parts = environ[at + len(needle) : end if end > 0 else None].split(b"-")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            continue
+        spawner, ticks = int(parts[0]), int(parts[1])
+        tag = f"{spawner}-{ticks}"
+        if tag not in found and not process_running(spawner, ticks):
+            found[tag] = ticks
+    return found
+
+
+async def kill_orphans() -> int:
+    """Kill every process tree whose spawner died without killing it (a worker or server that was
+    killed outright); returns how many dead spawners had left some."""
+    import anyio.to_thread
+
+    tags = await anyio.to_thread.run_sync(orphaned_tags)
+    for tag, ticks in tags.items():
+        await kill_tree(ProcessTree(None, None, live=False, server_tag=tag, since_ticks=ticks))
+    return len(tags)
+
+
 @dataclass(frozen=True)
 class ProcessTree:
     """Everything one step started, and how to find it again.
