@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 from mcp import Client
+from mcp.types import CallToolResult
 
 from mcp_collab.config import Settings
 from mcp_collab.errors import InvalidRequestError
@@ -22,6 +23,7 @@ from tests.conftest import alive, fake_cli, read_pids
 from tests.support.git_repo import init_repo
 from tests.support.mcp_helpers import call
 from tests.support.temporal import TemporalDev, WorkerProcess
+from tests.test_mcp_tasks import CreatedTask, Tasks, poll_until_over, task_request
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 
@@ -264,3 +266,38 @@ async def test_a_follow_up_continues_on_the_worker_that_holds_the_parents_worktr
     assert step.directory is not None and step.directory.startswith(parent.worktrees[0].path)
     assert any("continues in the worktree of" in note for note in done.notes)
     assert done.worktrees and done.worktrees[0].branch == parent.worktrees[0].branch
+
+
+async def test_a_run_on_temporal_is_an_mcp_task_a_client_polls_and_cancels(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("slow"), CODEX_FAKE_SECONDS="2")
+    where = str(tmp_path / "alpha")
+    server = build_server(Settings.from_env(env), {})
+    async with Client(server, mode="2026-07-28", extensions=[Tasks()]) as client:  # type: ignore[arg-type]
+        await call(client, "spawn_worker", name="coder", model="codex_cli")
+        created = await client.session.call_tool(
+            "dispatch_task", {"task": "take your time", "workingDirectory": where}, allow_claimed=True
+        )
+        assert isinstance(created, CreatedTask) and created.status == "working", created
+        done = await poll_until_over(client, created.task_id)
+        assert done["status"] == "completed", done
+        run = CallToolResult.model_validate(done["result"]).structured_content
+        assert run is not None and run["id"] == created.task_id and run["result"] == "slow work finished after 2s"
+
+    machines(env, "beta", tmp_path / "beta", MCP_COLLAB_CODEX_BIN=fake_cli("hang"), CODEX_FAKE_PIDFILE=str(pids))
+    async with Client(build_server(Settings.from_env(env), {}), mode="2026-07-28", extensions=[Tasks()]) as client:  # type: ignore[arg-type]
+        created = await client.session.call_tool(
+            "dispatch_task", {"task": "hang", "workingDirectory": str(tmp_path / "beta")}, allow_claimed=True
+        )
+        assert isinstance(created, CreatedTask)
+        with anyio.fail_after(60):
+            while len(read_pids(pids)) < 2:
+                await anyio.sleep(0.05)
+        await task_request(client, "tasks/cancel", created.task_id)
+        over = await poll_until_over(client, created.task_id)
+        assert over["status"] == "cancelled", over
+        with anyio.fail_after(30):
+            while any(alive(pid) for pid in read_pids(pids)):
+                await anyio.sleep(0.05)

@@ -48,6 +48,9 @@ POLL_S = 0.25
 # A run is stored before its workflow starts: one younger than this with no workflow yet is being
 # started (by this server or another), not lost.
 START_GRACE_S = 120.0
+# The steps' heartbeats are read this often by a waiter with a progress listener (each read is a
+# call to Temporal).
+BEATS_EVERY_S = 1.0
 
 
 class TemporalUnavailable(CollabError):
@@ -268,6 +271,7 @@ class TemporalRuns(RunLifecycle):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(until_closed)
                 next_heartbeat = started + HEARTBEAT_S
+                next_beats = started
                 while run.status not in TERMINAL_RUN_STATUSES:
                     with anyio.move_on_after(POLL_S):
                         await ended.wait()
@@ -284,6 +288,9 @@ class TemporalRuns(RunLifecycle):
                             said[step.index] = step.status
                             if step.status != "running":
                                 on_progress(f"{step_label(step)} {step.status}: {who}")
+                    if time.monotonic() < next_beats:
+                        continue
+                    next_beats = time.monotonic() + BEATS_EVERY_S
                     for index, message in (await self._beats(handle)).items():
                         if message and last_beat.get(index) != message:
                             last_beat[index] = message
