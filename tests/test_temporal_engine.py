@@ -212,6 +212,16 @@ async def test_strategies_run_unchanged_writers_in_worktrees_made_by_the_worker(
         subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout == ""
     )
 
+    # The work comes back through the worker that holds it.
+    applied = await serving.apply(run.id, "1")
+    assert applied.applied and applied.files == ("fake-work.txt",), applied.message
+    assert (repo / "fake-work.txt").read_text(encoding="utf-8").startswith("written by the fake")
+    discarded = await serving.discard(run.id)
+    assert set(discarded.branches) == {w.branch for w in run.worktrees}
+    assert not any(Path(w.path).exists() for w in run.worktrees)
+    stored = await serving.get_run(run.id)
+    assert [w.state for w in stored.worktrees] == ["discarded", "discarded"]
+
 
 async def test_every_tool_behaves_as_with_the_local_engine_through_a_real_mcp_client(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Mapping
 import anyio.to_thread
 
 from .config import Settings
-from .engine import delivery
 from .engine.delivery import Delivered
 from .engine.executor import StepExecutor
 from .engine.lifecycle import RunLifecycle
@@ -136,14 +135,14 @@ class WorkerOrchestrator:
         """Apply a finished run's branch to the user's working tree: all of it, or a clear refusal
         naming the files in the way (the working tree, index and branches untouched)."""
         run = await self.get_run(run_id)
-        delivered = await delivery.apply(self.settings, run, label)
+        delivered = await self.runs.deliver(run, "apply", label)
         if delivered.applied:
             await self.recorder.save(run)
         return delivered
 
     async def discard(self, run_id: str) -> Delivered:
         """Remove a finished run's worktrees and branches."""
-        delivered = await delivery.discard(await self.get_run(run_id))
+        delivered = await self.runs.deliver(await self.get_run(run_id), "discard")
         await self.recorder.save(delivered.run)
         return delivered
 

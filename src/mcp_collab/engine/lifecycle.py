@@ -46,8 +46,8 @@ from ..errors import (
 from ..models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, RunStatus, Worker, clone
 from ..runtimes.cli.supervisor import ProcessTree, kill_tree, owner_tag, process_running, process_start_ticks
 from ..store import RunStore
-from . import continuation
-from .delivery import prune_worktrees
+from . import continuation, delivery
+from .delivery import Delivered, prune_worktrees
 from .executor import EngineContext, StepExecutor, StepFailed, cap_text, close_accounts, step_label
 from .plan import ActiveRun, Plan, ProgressCallback, make_plan
 from .recorder import RunRecorder
@@ -526,6 +526,13 @@ class RunLifecycle:
                     run.error = f"{run.error}; its end could not be stored: {exc}"
                 log.error("run %s ended %s but could not be stored: %s", run.id, run.status, exc)
             active.emit(f"run {run.id} {run.status}: {run.error or reason}")
+
+    async def deliver(self, run: Run, action: str, label: str | None = None) -> Delivered:
+        """Apply a finished run's branch (``apply``) or remove its worktrees (``discard``), where the
+        worktrees are: on this machine for runs this engine executed."""
+        if action == "apply":
+            return await delivery.apply(self.settings, run, label)
+        return await delivery.discard(run)
 
     async def prune(
         self, *, max_runs: int | None = None, max_age_days: float | None = None, everything: bool = False

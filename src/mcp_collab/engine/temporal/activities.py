@@ -19,10 +19,12 @@ from temporalio import activity
 
 from ... import worktrees
 from ...config import Settings
+from ...errors import CollabError
 from ...models import Run, Step
 from ...runtimes.base import PartialOutput, Resume
 from ...store import RunStore
 from ...strategies import MAX_QUOTED_DIFF_CHARS, STRATEGIES, Role
+from .. import delivery
 from ..delivery import rebuild
 from ..executor import StepExecutor, answer_bytes, cap_text
 from ..plan import default_directory
@@ -35,6 +37,8 @@ from .jobs import (
     STORED_DIFF_BYTES,
     Beat,
     ContinueSpaceJob,
+    DeliveredJob,
+    DeliverJob,
     DiffJob,
     Finished,
     FinishJob,
@@ -107,6 +111,7 @@ class Activities:
             self.finish_spaces,
             self.default_directory,
             self.continue_space,
+            self.deliver,
         ]
 
     @activity.defn(name="run_step")
@@ -215,6 +220,25 @@ class Activities:
         spaces.trees = [rebuild(scratch, w) for w in scratch.worktrees]
         await spaces.finish(max_diff_bytes=STORED_DIFF_BYTES)
         return Finished(worktrees=scratch.worktrees, notes=scratch.notes)
+
+    @activity.defn(name="deliver")
+    async def deliver(self, job: DeliverJob) -> DeliveredJob:
+        """Apply a run's branch to the user's working tree here, or remove its worktrees."""
+        try:
+            if job.action == "apply":
+                done = await delivery.apply(self.settings, job.run, job.label)
+            else:
+                done = await delivery.discard(job.run)
+        except CollabError as exc:
+            return DeliveredJob(worktrees=job.run.worktrees, branches=[], applied=False, files=[], message="",
+                                refused=str(exc))  # fmt: skip
+        return DeliveredJob(
+            worktrees=done.run.worktrees,
+            branches=list(done.branches),
+            applied=done.applied,
+            files=list(done.files),
+            message=done.message,
+        )
 
     @activity.defn(name="default_directory")
     async def default_directory(self, run_id: str) -> str:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -31,12 +32,23 @@ from ...errors import CollabError, InvalidRequestError, StoreError, shown
 from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, Worker
 from ...store import RunStore
 from ...strategies.prompts import MAX_QUOTED_OUTPUT_CHARS, quote
-from .. import continuation
+from .. import continuation, delivery
+from ..delivery import Delivered
 from ..executor import StepExecutor, step_label
 from ..lifecycle import CANCEL_WAIT_S, HEARTBEAT_S, RunLifecycle, where
 from ..plan import Plan, ProgressCallback, make_plan
 from ..recorder import RunRecorder
-from .jobs import STOP_SIGNAL, WORKFLOW_NAME, Beat, CastEntry, ContinueJob, RunJob
+from .jobs import (
+    DELIVER_WORKFLOW,
+    STOP_SIGNAL,
+    WORKFLOW_NAME,
+    Beat,
+    CastEntry,
+    ContinueJob,
+    DeliveredJob,
+    DeliverJob,
+    RunJob,
+)
 
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
@@ -248,6 +260,37 @@ class TemporalRuns(RunLifecycle):
             follow_up=ContinueJob(parent=lean, step=step, message=message, worktree=info.worktree),
         )
 
+    async def deliver(self, run: Run, action: str, label: str | None = None) -> Delivered:
+        """On the workers that hold the run's worktrees (a small workflow of one activity)."""
+        if not _on_temporal(run) or run.owner is None or run.owner.queue is None:
+            return await super().deliver(run, action, label)
+        if action == "apply":
+            delivery.pick(run, label)  # a refusal that needs no worker is said at once
+        job = DeliverJob(
+            run=run.model_copy(update={"steps": [], "result": None}),
+            queue=run.owner.queue,
+            action="apply" if action == "apply" else "discard",
+            label=label,
+        )
+        client = await self.client()
+        try:
+            done = await client.execute_workflow(
+                DELIVER_WORKFLOW,
+                job,
+                id=f"{run.id}-{action}-{secrets.token_hex(4)}",
+                task_queue=self.settings.temporal.queue,
+                result_type=DeliveredJob,
+            )
+        except (RuntimeError, _rpc_error(), _workflow_failure()) as exc:
+            raise TemporalUnavailable(
+                f"the work of run {run.id} could not be {'applied' if action == 'apply' else 'discarded'} on the "
+                f"workers of queue {run.owner.queue}: {getattr(exc, 'cause', None) or exc}"
+            ) from exc
+        if done.refused is not None:
+            raise InvalidRequestError(done.refused)
+        run.worktrees = done.worktrees
+        return Delivered(run, tuple(done.branches), done.applied, tuple(done.files), done.message)
+
     # -- waiting and cancelling ----------------------------------------------------------------
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
@@ -390,3 +433,9 @@ def _rpc_error() -> type[Exception]:
     from temporalio.service import RPCError
 
     return RPCError
+
+
+def _workflow_failure() -> type[Exception]:
+    from temporalio.client import WorkflowFailureError
+
+    return WorkflowFailureError

@@ -8,6 +8,8 @@ run's length beyond its new text.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from ...models import Access, FallbackPolicy, Run, RuntimeMode, RunWorktree, Step, Worker
@@ -25,6 +27,7 @@ HEARTBEAT_TIMEOUT_S = 20.0
 SHORT_ACTIVITY_S = 300.0
 
 WORKFLOW_NAME = "mcp-collab-run"
+DELIVER_WORKFLOW = "mcp-collab-deliver"
 STOP_SIGNAL = "stop"
 
 
@@ -129,3 +132,21 @@ class FinishJob(BaseModel):
 class Finished(BaseModel):
     worktrees: list[RunWorktree]
     notes: list[str] = Field(default_factory=list)
+
+
+class DeliverJob(BaseModel):
+    """Apply or discard a finished run's work, on the workers that hold its worktrees."""
+
+    run: Run  # without its steps: what delivery reads is the run's worktrees, repository and choice
+    queue: str
+    action: Literal["apply", "discard"]
+    label: str | None = None
+
+
+class DeliveredJob(BaseModel):
+    worktrees: list[RunWorktree]
+    branches: list[str]
+    applied: bool
+    files: list[str]
+    message: str
+    refused: str | None = None  # a refusal (the work is in the way, already discarded ...): nothing changed

@@ -47,7 +47,7 @@ async def serve_worker(
     from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
     from .activities import Activities
-    from .workflow import RunWorkflow
+    from .workflow import DeliverWorkflow, RunWorkflow
 
     if not queue or queue == settings.temporal.queue:
         raise ConfigError(
@@ -69,7 +69,7 @@ async def serve_worker(
     runs = Worker(
         client,
         task_queue=settings.temporal.queue,
-        workflows=[RunWorkflow],
+        workflows=[RunWorkflow, DeliverWorkflow],
         activities=[activities.save_run],
         workflow_runner=runner,
         **common,

@@ -43,12 +43,15 @@ with workflow.unsafe.imports_passed_through():
         stop_open_steps,
     )
     from .jobs import (
+        DELIVER_WORKFLOW,
         HEARTBEAT_TIMEOUT_S,
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
         ContinueJob,
         ContinueSpaceJob,
+        DeliveredJob,
+        DeliverJob,
         DiffJob,
         Finished,
         FinishJob,
@@ -398,3 +401,20 @@ async def _continue(context: WorkflowContext, follow_up: ContinueJob) -> None:
     if session is None and step.status == "completed":
         step.continuation = "history"
     context.require(step)
+
+
+@workflow.defn(name=DELIVER_WORKFLOW)
+class DeliverWorkflow:
+    """Apply or discard a run's work where its worktrees are (one activity on the run's queue)."""
+
+    @workflow.run
+    async def run(self, job: DeliverJob) -> DeliveredJob:
+        result: DeliveredJob = await workflow.execute_activity(
+            "deliver",
+            job,
+            result_type=DeliveredJob,
+            task_queue=job.queue,
+            start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
+            retry_policy=ONCE,  # applying twice could meet its own first half: the operator retries
+        )
+        return result
