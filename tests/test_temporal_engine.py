@@ -311,3 +311,22 @@ async def test_a_run_on_temporal_is_an_mcp_task_a_client_polls_and_cancels(
         with anyio.fail_after(30):
             while any(alive(pid) for pid in read_pids(pids)):
                 await anyio.sleep(0.05)
+
+
+async def test_a_review_loop_runs_its_rounds_on_temporal_as_on_the_local_engine(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    # The fake reviewer never writes "approve": the loop runs every round it is allowed.
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("write"))
+    await serving.register_worker(WorkerSpec(name="reviewer", model="codex_cli"))
+    run = await serving.dispatch(
+        DispatchRequest(
+            task="improve", strategy="review_loop", workers=["coder", "reviewer"], working_directory=str(repo),
+            max_rounds=2,
+        )
+    )  # fmt: skip
+    assert run.status == "completed", run.error
+    assert [(s.role, s.round) for s in run.steps] == [("writer", 1), ("reviewer", 1), ("writer", 2), ("reviewer", 2)]
+    assert run.steps[2].directory == run.steps[0].directory, "the revision works in the same worktree"
+    assert len(run.worktrees) == 1 and "fake-work.txt" in run.worktrees[0].diff
