@@ -131,6 +131,13 @@ class MemoryStore:
         with self.lock:
             self.runs.update((copy.id, copy) for copy in copies)
 
+    def save_runs_now(self, runs: list[Run]) -> bool:
+        self.save_runs(runs, durable=False)
+        return True
+
+    def sync(self) -> None:
+        return None  # nothing on disk
+
     def get_run(self, run_id: str) -> Run | None:
         with self.lock:
             return self.runs.get(run_id)

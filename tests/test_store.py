@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,6 +74,28 @@ def test_two_stores_on_one_directory_lose_no_update_and_see_each_other(tmp_path:
         a.add_worker(Worker(name="from-b", model="codex_cli"))
     assert b.remove_worker("from-a") is not None
     assert [w.name for w in a.list_workers()] == ["from-b"]
+
+
+def test_a_save_at_once_is_one_append_and_anything_more_is_left_to_a_save_off_the_loop(tmp_path: Path) -> None:
+    store, other = JsonStore(tmp_path), JsonStore(tmp_path)
+    assert not store.save_runs_now([a_run(1)]), "no log yet: creating one takes an fsync of its own"
+    store.save_run(a_run(1))
+    before = (tmp_path / "runs.jsonl").read_bytes()
+
+    assert store.save_runs_now([a_run(2, status="queued")])
+    after = (tmp_path / "runs.jsonl").read_bytes()
+    assert after.startswith(before) and after[len(before) :].count(b"\n") == 1
+    store.sync()
+    assert other.get_run("run-00002") == a_run(2, status="queued")
+
+    assert not store.save_runs_now([a_run(3, output="x" * (PREVIEW_CHARS + 1))]), "a long output has a file"
+    other.save_run(a_run(4))
+    assert not store.save_runs_now([a_run(5)]), "another process appended: catching up reads the log"
+    store.save_run(a_run(5))
+    with open(tmp_path / "store.lock", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)  # another process reading the store
+        assert not store.save_runs_now([a_run(6)])
+    assert [r.id for r in JsonStore(tmp_path).all_runs()] == ["run-00001", "run-00002", "run-00004", "run-00005"]
 
 
 def test_long_outputs_live_beside_the_log_and_come_back_whole(tmp_path: Path) -> None:

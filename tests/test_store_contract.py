@@ -237,6 +237,19 @@ def test_a_batch_lands_whole(new_store: StoreMaker) -> None:
     assert [r.status for r in new_store().list_runs(RunFilter(), 10, None).runs] == ["failed"] * 3 + ["running"] * 2
 
 
+def test_a_run_saved_at_once_reads_like_any_and_a_sync_makes_every_save_durable(new_store: StoreMaker) -> None:
+    store = new_store()
+    store.save_run(a_run(1))
+    queued = a_run(2, status="queued")
+    if not store.save_runs_now([queued]):  # not at once: nothing was written, and the caller saves it off the loop
+        assert new_store().get_run("run-00002") is None
+        store.save_runs([queued], durable=False)
+    store.save_runs([a_run(3, status="running")], durable=False)
+    store.sync()
+    reader = new_store()
+    assert reader.get_run("run-00002") == queued and reader.get_run("run-00003") == a_run(3, status="running")
+
+
 def _writer(kind: str, where: str, name: str, start: Any, results: Any) -> None:
     """One process: waits for the start, then adds its worker, tries the shared name, and saves its runs."""
     store = open_backend(kind, where)

@@ -65,6 +65,15 @@ class RunStore(Protocol):
         still queued or running under ``previous_lease`` (None: an owner from before leases): a
         compare-and-set, so of servers recovering one run at once exactly one does. True if stored."""
 
+    def save_runs_now(self, runs: list[Run]) -> bool:
+        """``save_runs(runs, durable=False)`` done at once without blocking (the one write safe on an
+        event loop), when it takes no more than an append to a store nobody else is using; False
+        when that cannot be done now (nothing was written): call ``save_runs`` off the loop then.
+        Raises StoreError as ``save_runs`` does when the write itself fails."""
+
+    def sync(self) -> None:
+        """Make every state saved so far durable, those saved with ``durable=False`` included."""
+
     def get_run(self, run_id: str) -> Run | None: ...
 
     def unfinished_runs(self) -> list[Run]:

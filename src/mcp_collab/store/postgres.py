@@ -379,6 +379,22 @@ class PostgresStore:
 
         return self._call(take, "write")
 
+    def save_runs_now(self, runs: list[Run]) -> bool:
+        """Always False: a write is a network round trip, never done on an event loop; callers then
+        call ``save_runs`` off the loop."""
+        return False
+
+    def sync(self) -> None:
+        """Every commit made with ``synchronous_commit = off`` is durable once a later commit that
+        waits for the WAL flush has flushed the WAL past it: one such commit, of a transaction that
+        writes nothing but its own id."""
+
+        def flush(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():  # committed as durable saves are, at the database's setting
+                conn.execute("SELECT pg_current_xact_id()")  # an id makes the commit write (and flush) WAL
+
+        self._call(flush, "write")
+
     def get_run(self, run_id: str) -> Run | None:
         def read(conn: psycopg.Connection[Any]) -> Run | None:
             with conn.transaction():  # one snapshot: the record and its texts agree
