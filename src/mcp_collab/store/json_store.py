@@ -1057,6 +1057,7 @@ def _accounts(steps: Any) -> tuple[tuple[str, float | None, dict[str, Any] | Non
 
 
 _USAGE_FIELDS = tuple(Usage.model_fields)
+_USAGE_NAMES = tuple((name, to_camel(name)) for name in _USAGE_FIELDS)  # (field, its name on disk)
 
 
 class _Sums:
@@ -1102,8 +1103,8 @@ def _contributions(entry: _Entry) -> dict[str | None, list[float]]:
                 vector[1] += cost
             elif usage is not None:
                 vector[2] += 1
-            for i, field_name in enumerate(_USAGE_FIELDS):
-                value = _token(usage, field_name)
+            for i, (field_name, stored_name) in enumerate(_USAGE_NAMES):
+                value = _token(usage, field_name, stored_name)
                 if value is not None:
                     vector[3 + 2 * i] += value
                     vector[4 + 2 * i] += 1
@@ -1111,11 +1112,11 @@ def _contributions(entry: _Entry) -> dict[str | None, list[float]]:
     return vectors
 
 
-def _token(usage: dict[str, Any] | None, name: str) -> int | None:
+def _token(usage: dict[str, Any] | None, name: str, stored_name: str) -> int | None:
     """A token count as stored (camelCase on disk); anything else is not a count."""
     if usage is None:
         return None
-    value = usage.get(to_camel(name), usage.get(name))
+    value = usage.get(stored_name, usage.get(name))
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
