@@ -1,16 +1,24 @@
-"""The queued-runs cap holds however many dispatches arrive at once."""
+"""Admission: the queued-runs cap holds however many dispatches arrive at once, and a run whose
+admission cannot be made durable is refused and stopped, whatever it had started meanwhile."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
 from mcp import Client
 
 from mcp_collab.config import Settings
+from mcp_collab.errors import StoreError
+from mcp_collab.models import DispatchRequest, WorkerSpec
+from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import RuntimeResult, StepRequest
 from mcp_collab.server import build_server
+from mcp_collab.store import JsonStore
+from tests.conftest import alive, fake_cli, read_pids
 from tests.support.mcp_helpers import call
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -71,3 +79,38 @@ async def test_a_thousand_pipelined_dispatches_never_pass_the_queue_cap(make_set
         held.release.set()
         for run_id in accepted[:3]:
             assert (await call(client, "wait_worker_run", runId=run_id, timeoutSeconds=30))["status"] == "completed"
+
+
+class FailingSync(JsonStore):
+    """A disk whose fsync fails (EIO) once the step's CLI and its daemon are running: a fault no real
+    disk here produces on demand. Every other write works."""
+
+    def __init__(self, directory: Path, pidfile: Path) -> None:
+        super().__init__(directory)
+        self.pidfile = pidfile
+
+    def sync(self) -> None:
+        deadline = time.monotonic() + 30
+        while len(read_pids(self.pidfile)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # this is the store's own thread: the run goes on meanwhile
+        raise StoreError(f"cannot write the run store at {self.log_path}: Input/output error (EIO)")
+
+
+async def test_a_run_whose_admission_cannot_be_made_durable_is_refused_and_leaves_nothing_running(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pids.txt"
+    settings = make_settings(MCP_COLLAB_CODEX_BIN=fake_cli("daemon"), CODEX_FAKE_PIDFILE=str(pidfile))
+    store = FailingSync(settings.store_dir, pidfile)
+    async with WorkerOrchestrator(settings, store=store) as orch, orch.running():
+        await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
+        with pytest.raises(StoreError, match="Input/output error"):
+            await orch.start(DispatchRequest(task="start a daemon"))
+        [queued] = (await orch.list_runs()).runs
+        run = await orch.wait(queued.id, 10)
+    started = read_pids(pidfile)
+    assert len(started) == 2, "the CLI and its daemon had started while the fsync was under way"
+    with anyio.fail_after(5):
+        while any(alive(p) for p in started):
+            await anyio.sleep(0.02)
+    assert run.status == "failed" and "Input/output error" in (run.error or "")

@@ -191,6 +191,56 @@ async def test_kill_9_of_the_server_mid_step_leaves_no_process_of_the_step_alive
     assert sorted(set(survivors)) == [], f"{len(set(survivors))} processes survived {SERVER_ROUNDS} kill -9 rounds"
 
 
+# A server whose fsync never returns: it writes a run's admission and starts the run, but never gets
+# to answer the dispatch (start() answers once the admission is durable). Its intermediate states
+# are never written either: the admission is all the store gets of the run.
+UNSYNCED_SERVER = """
+import os, time
+import anyio
+import mcp_collab.engine.recorder
+from mcp_collab.config import Settings
+from mcp_collab.models import DispatchRequest, WorkerSpec
+from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.store import JsonStore
+
+class NeverSynced(JsonStore):
+    def sync(self) -> None:
+        time.sleep(3600)
+
+mcp_collab.engine.recorder.WRITE_BEHIND_DELAY_S = 3600
+
+async def main() -> None:
+    settings = Settings.from_env(dict(os.environ))
+    async with WorkerOrchestrator(settings, store=NeverSynced(settings.store_dir)) as orch, orch.running():
+        await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
+        await orch.start(DispatchRequest(task="start a daemon"))
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_server_killed_before_a_runs_admission_was_synced_leaves_nothing_of_the_run_alive(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pids.txt"
+    env = {**base_env, "MCP_COLLAB_CODEX_BIN": fake_cli("daemon"), "CODEX_FAKE_PIDFILE": str(pidfile)}
+    server = await anyio.open_process([sys.executable, "-c", UNSYNCED_SERVER], env=env)
+    try:
+        with anyio.fail_after(30):
+            while len(read_pids(pidfile)) < 2:  # the CLI, then its setsid daemon, are on record
+                await anyio.sleep(0.02)
+        assert server.returncode is None, "the dispatch was not answered: its admission never reached the disk"
+    finally:
+        server.kill()
+        await server.wait()
+
+    async with WorkerOrchestrator(Settings.from_env(base_env)) as orch, orch.running():
+        [run] = (await orch.list_runs()).runs  # read once recovery at start is done
+    assert run.status == "interrupted" and "stopped before it finished" in (run.error or "")
+    assert await survivors_of(read_pids(pidfile)) == []
+
+
 @pytest.mark.anyio
 async def test_recovery_kills_what_carries_the_steps_marker_and_spares_a_process_that_reused_its_pid(
     make_settings: Callable[..., Settings], tmp_path: Path

@@ -451,7 +451,11 @@ async def _runs(settings: Settings, args: argparse.Namespace) -> int:
             return EXIT_REFUSED
         message = sys.stdin.read() if args.message == "-" else args.message
         return await _follow(
-            settings, args, lambda orchestrator: orchestrator.continue_run(args.run_id, message, args.worker)
+            settings,
+            args,
+            lambda orchestrator, progress: orchestrator.continue_run(
+                args.run_id, message, args.worker, on_progress=progress
+            ),
         )
     if args.action in ("apply", "discard"):
         if not args.run_id:
@@ -602,20 +606,36 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         max_rounds=args.max_rounds,
         max_cost_usd=args.max_cost_usd,
     )
-    return await _follow(settings, args, lambda orchestrator: orchestrator.start(request))
+    return await _follow(
+        settings, args, lambda orchestrator, progress: orchestrator.start(request, on_progress=progress)
+    )
 
 
 async def _follow(
-    settings: Settings, args: argparse.Namespace, start: Callable[[WorkerOrchestrator], Awaitable[Run]]
+    settings: Settings,
+    args: argparse.Namespace,
+    start: Callable[[WorkerOrchestrator, Callable[[str], None]], Awaitable[Run]],
 ) -> int:
     """Start a run (a dispatch, a follow-up) and follow it to its end with live progress."""
     interrupted = False
+    # The run says its first steps while it is being started: said after the line naming it.
+    early: list[str] | None = []
+
+    def progress(message: str) -> None:
+        if early is not None:
+            early.append(message)
+        else:
+            _tell(f"… {message}")
+
     # Ctrl-C cancels the run (recorded as cancelled, its processes killed) instead of tearing the
     # orchestrator down under it, which would record it interrupted as if the server had died.
     with anyio.open_signal_receiver(signal.SIGINT) as signals:
         async with WorkerOrchestrator(settings) as orchestrator, orchestrator.running():
-            run = await start(orchestrator)
+            run = await start(orchestrator, progress)
             _tell(f"… run {run.id} {run.status} (Ctrl-C cancels it)")
+            said, early = early or [], None
+            for message in said:
+                _tell(f"… {message}")
 
             async def cancel_on_ctrl_c(run_id: str) -> None:
                 nonlocal interrupted
@@ -627,7 +647,7 @@ async def _follow(
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cancel_on_ctrl_c, run.id)
-                run = await orchestrator.wait(run.id, None, on_progress=lambda m: _tell(f"… {m}"))
+                run = await orchestrator.wait(run.id, None, on_progress=progress)
                 tg.cancel_scope.cancel()
     if args.json:
         _print_json(run.model_dump_json(by_alias=True, indent=2))

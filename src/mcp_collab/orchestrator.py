@@ -118,12 +118,14 @@ class WorkerOrchestrator:
     async def dispatch(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
         return await self.runs.dispatch(request, on_progress=on_progress)
 
-    async def start(self, request: DispatchRequest) -> Run:
-        return await self.runs.start(request)
+    async def start(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
+        return await self.runs.start(request, on_progress=on_progress)
 
-    async def continue_run(self, run_id: str, message: str, worker: str | None = None) -> Run:
+    async def continue_run(
+        self, run_id: str, message: str, worker: str | None = None, *, on_progress: ProgressCallback | None = None
+    ) -> Run:
         """A follow-up to a finished run, as a new run linked to it; returns it queued."""
-        return await self.runs.continue_run(run_id, message, worker)
+        return await self.runs.continue_run(run_id, message, worker, on_progress=on_progress)
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         return await self.runs.wait(run_id, timeout_s, on_progress=on_progress)

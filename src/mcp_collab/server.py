@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ParamSpec, TypeVar, cast
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
@@ -446,10 +447,11 @@ async def dispatch_task(
         max_cost_usd=maxCostUsd,
     )
     orchestrator = _state(ctx).orchestrator
-    # Durable before anything runs: work that could not be recorded must not start (a full disk
-    # refuses the dispatch instead).
-    run = await orchestrator.start(request)
-    async with _progress(ctx, run.id) as report:
+    async with _progress(ctx) as report:
+        # Recorded before anything runs, durable before this returns: work that could not be
+        # recorded never starts (a full disk refuses the dispatch instead).
+        run = await orchestrator.start(request, on_progress=report)
+        report.run_id = run.id
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
     return for_client(run)
 
@@ -465,8 +467,9 @@ async def continue_worker_run(
     """A follow-up to a finished run's worker, in the same place, resuming its vendor session where
     it can (else from the recorded history). A new run, linked by parentId; wait as for dispatch_task."""
     orchestrator = _state(ctx).orchestrator
-    run = await orchestrator.continue_run(runId, message, worker)
-    async with _progress(ctx, run.id) as report:
+    async with _progress(ctx) as report:
+        run = await orchestrator.continue_run(runId, message, worker, on_progress=report)
+        report.run_id = run.id
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
     return for_client(run)
 
@@ -957,17 +960,27 @@ def _redacted(ctx: Any, result: Any) -> Any:
     return result
 
 
+class _Progress:
+    """The orchestrator's progress callback for one tool call; ``run_id`` names the run in heartbeats
+    (set once the run exists)."""
+
+    def __init__(self, send: MemoryObjectSendStream[str], run_id: str | None) -> None:
+        self._send = send
+        self.run_id = run_id
+
+    def __call__(self, message: str) -> None:
+        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+            self._send.send_nowait(message)  # a slow client loses progress lines, never the run
+
+
 @asynccontextmanager
-async def _progress(ctx: Context, run_id: str) -> AsyncIterator[Callable[[str], None]]:
+async def _progress(ctx: Context, run_id: str | None = None) -> AsyncIterator[_Progress]:
     """A sync callback for the orchestrator whose messages become MCP progress notifications, with a
     heartbeat whenever nothing was sent for ``heartbeat_s``: a client that restarts its timeout on
     progress then never times out while a run is quiet, whatever the orchestrator reports."""
     heartbeat_s = _state(ctx).heartbeat_s
     send, receive = anyio.create_memory_object_stream[str](max_buffer_size=PROGRESS_BUFFER)
-
-    def report(message: str) -> None:
-        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
-            send.send_nowait(message)  # a slow client loses progress lines, never the run
+    report = _Progress(send, run_id)
 
     async def forward() -> None:
         count = 0
@@ -981,7 +994,7 @@ async def _progress(ctx: Context, run_id: str) -> AsyncIterator[Callable[[str], 
                     except anyio.EndOfStream:
                         return
                 if message is None:
-                    message = f"run {run_id}: still waiting, {time.monotonic() - started:.0f}s so far"
+                    message = f"run {report.run_id}: still waiting, {time.monotonic() - started:.0f}s so far"
                 count += 1
                 await ctx.report_progress(count, None, message)
 

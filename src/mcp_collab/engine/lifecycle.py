@@ -259,22 +259,25 @@ class RunLifecycle:
         if on_progress is not None:
             active.listeners.append(on_progress)
         if self._tg is not None:
-            self._tg.start_soon(self._background, active)
+            await self._begin(active)
             await active.done.wait()
         else:
+            await self._accepted(active)
             await self._background(active)
         return clone(active.run)
 
-    async def start(self, request: DispatchRequest) -> Run:
+    async def start(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
         """Plan the run and start it in the background (inside ``running``); returns it queued, on
-        disk: work that could not be recorded never starts."""
+        disk: work that could not be recorded never starts. ``on_progress`` hears the run from its
+        first step (until a ``wait`` given the same callback ends, or the run does)."""
         if self._tg is None:
             raise RuntimeError("start() needs the orchestrator's task group: use `async with orchestrator.running()`")
         active = await self._admit(request)
-        self._tg.start_soon(self._background, active)
-        return active.run.model_copy()  # just admitted: nothing nested to share yet
+        return await self._started(active, on_progress)
 
-    async def continue_run(self, parent_id: str, message: str, worker: str | None = None) -> Run:
+    async def continue_run(
+        self, parent_id: str, message: str, worker: str | None = None, *, on_progress: ProgressCallback | None = None
+    ) -> Run:
         """Start a follow-up to a finished run (see ``engine.continuation``); returns it queued."""
         if self._tg is None:
             raise RuntimeError("continue_run() needs the task group: use `async with orchestrator.running()`")
@@ -282,15 +285,48 @@ class RunLifecycle:
         active = await self._admit_plan(
             lambda registered: continuation.make_plan(self.settings, parent, message, worker, registered)
         )
+        return await self._started(active, on_progress)
+
+    async def _started(self, active: ActiveRun, on_progress: ProgressCallback | None) -> Run:
+        admitted = clone(active.run)  # as admitted: the run itself changes from now on
+        if on_progress is not None:
+            active.listeners.append(on_progress)
+        await self._begin(active)
+        return admitted
+
+    async def _begin(self, active: ActiveRun) -> None:
+        """Start an admitted run in the background; return once its admission is durable. The run
+        does not wait for that fsync: it starts while the fsync is under way (see ``_accepted``)."""
+        assert self._tg is not None
         self._tg.start_soon(self._background, active)
-        return active.run.model_copy()
+        await self._accepted(active)
+
+    async def _accepted(self, active: ActiveRun) -> None:
+        """Until the run's admission, written without an fsync, is durable; then what it said
+        meanwhile is said. Its processes may already be running: that is safe because the record was
+        written before they started (a server killed now leaves it for recovery, which kills them),
+        and a power cut that loses the record kills them too. If the fsync fails, the run is stopped
+        (its processes killed, recorded failed if the store still takes it) and the caller refused."""
+        if active.held is None:
+            return
+        # Shielded: a caller that gives up must not leave the run's progress held back for good.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.recorder.sync()
+            except StoreError as exc:
+                active.held = None
+                if active.stop_reason is None:
+                    active.stop_reason = ("failed", str(exc))
+                active.scope.cancel()
+                raise
+            active.release()
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         """The run when it ends, or as it stands after ``timeout_s``; progress and heartbeats meanwhile."""
         active = self._active.get(run_id)
         if active is None:
             return await self._wait_elsewhere(run_id, timeout_s)
-        if on_progress is not None:
+        if on_progress is not None and on_progress not in active.listeners:  # start() may have added it
             active.listeners.append(on_progress)
         try:
             with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
@@ -301,7 +337,8 @@ class RunLifecycle:
                     tg.cancel_scope.cancel()
         finally:
             if on_progress is not None:
-                active.listeners.remove(on_progress)
+                with contextlib.suppress(ValueError):
+                    active.listeners.remove(on_progress)
         if active.done.is_set():
             return clone(active.run)
         # Still going: report what is on disk, never a state (say, "completed") whose save has not
@@ -388,8 +425,8 @@ class RunLifecycle:
             made = planner(registered)
             plan = await made if inspect.isawaitable(made) else made
             plan.run.owner = self._owner
-            await self.recorder.save(plan.run)
-            active = ActiveRun(plan=plan, redact=self.settings.redact)
+            owed = await self.recorder.accept(plan.run)
+            active = ActiveRun(plan=plan, redact=self.settings.redact, held=[] if owed else None)
             self._active[plan.run.id] = active
         finally:
             self._admitting -= 1

@@ -66,6 +66,9 @@ class ActiveRun:
     partials: dict[int, PartialOutput] = field(default_factory=dict)  # by step index, while it runs
     redact: Redactor = field(default_factory=Redactor)
     spaces: Spaces | None = None  # once the run started
+    # Progress said while the run's admission is not yet durable, held back until it is (``release``):
+    # nobody hears of a run a power cut could still lose. None: nothing held.
+    held: list[str] | None = None
 
     @property
     def run(self) -> Run:
@@ -73,8 +76,18 @@ class ActiveRun:
 
     def emit(self, message: str) -> None:
         message = self.redact(message)
+        if self.held is not None:
+            self.held.append(message)
+            return
         for listener in list(self.listeners):
             listener(message)
+
+    def release(self) -> None:
+        """The admission is durable: what was held back is said now, and everything from now on."""
+        held, self.held = self.held or [], None
+        for message in held:
+            for listener in list(self.listeners):
+                listener(message)
 
 
 Confiner = Callable[[str, "tuple[Path, ...]"], Path]

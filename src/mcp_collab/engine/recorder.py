@@ -33,6 +33,41 @@ class RunRecorder:
         self._pending_ready = anyio.Event()
         self._behind = False  # a write-behind task is running
         self._last_error: str | None = None
+        # Group commit of admissions written without an fsync (``accept``): how many were written,
+        # how many of them are known durable, and the fsync under way (one serves every waiter).
+        self._written = 0
+        self._synced = 0
+        self._syncing: anyio.Event | None = None
+
+    async def accept(self, run: Run) -> bool:
+        """Store a run just admitted, before anything of it starts. Written at once on the event loop
+        when the store allows it: the record then survives the server's death, which is what
+        recovery needs to find the run and kill whatever it started, but not yet a power cut (which
+        kills those processes too): the caller owes a ``sync`` before anyone hears of the run, and
+        returns True. Else saved durably off the loop, as any durable save: False, nothing owed."""
+        self.redact.scrub(run)
+        if self.store.save_runs_now([run]):
+            self._written += 1
+            return True
+        await self.save(run)
+        return False
+
+    async def sync(self) -> None:
+        """Until every run ``accept`` wrote is durable: one fsync, off the loop, serves every caller
+        waiting at once (group commit); a durable save made since counts too."""
+        target = self._written
+        while self._synced < target:
+            if self._syncing is not None:
+                await self._syncing.wait()  # begun before our write, maybe: then go round again
+                continue
+            self._syncing = done = anyio.Event()
+            covered = self._written
+            try:
+                await anyio.to_thread.run_sync(self.store.sync)
+                self._synced = max(self._synced, covered)
+            finally:
+                self._syncing = None
+                done.set()
 
     async def save(self, run: Run, *, durable: bool = True) -> None:
         """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
@@ -52,7 +87,9 @@ class RunRecorder:
             return
         async with self._write_lock:
             self._pending.pop(run.id, None)
+            covered = self._written  # its fsync makes every earlier write durable
             await anyio.to_thread.run_sync(self.store.save_run, run)
+            self._synced = max(self._synced, covered)
 
     async def flush(self, run_id: str) -> None:
         """Make a run's state written behind durable now (before a caller is told about it)."""
