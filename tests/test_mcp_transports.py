@@ -13,6 +13,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
+from tests.conftest import fake_cli
 from tests.support.mcp_helpers import call, free_port, until_listening
 from tests.support.vendor_stub import StubReply, StubRequest, VendorStub
 
@@ -72,6 +73,25 @@ async def test_the_seed_acceptance_over_real_stdio(real_env: dict[str, str], stu
     step = fell["steps"][0]
     assert (fell["status"], step["runtimeMode"], step["fallbackFrom"]) == ("completed", "cli", "openai_sdk")
     assert listed["runs"][0]["steps"][0]["fallbackFrom"] == "openai_sdk"
+
+
+async def test_a_client_that_asks_for_progress_over_stdio_hears_the_run_from_its_first_step(
+    base_env: dict[str, str],
+) -> None:
+    env = {**base_env, "PATH": os.environ["PATH"], "MCP_COLLAB_CODEX_BIN": fake_cli("ok")}
+    heard: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        heard.append(message or "")
+
+    async with Client(server_params(env)) as client:
+        await call(client, "spawn_worker", name="w", model="codex_cli")
+        asked = await client.call_tool("dispatch_task", {"task": "x", "waitSeconds": 30}, progress_callback=on_progress)
+        unasked = await call(client, "dispatch_task", task="y", waitSeconds=30)
+    assert not asked.is_error and (asked.structured_content or {})["status"] == "completed"
+    assert unasked["status"] == "completed"
+    assert heard[0] == "step 1 started: worker w via cli", heard
+    assert "step 1 completed: worker w via cli" in heard and heard[-1].endswith("completed")
 
 
 async def test_nothing_but_json_rpc_reaches_stdout(base_env: dict[str, str]) -> None:

@@ -451,7 +451,8 @@ async def dispatch_task(
         # Recorded before anything runs, durable before this returns: work that could not be
         # recorded never starts (a full disk refuses the dispatch instead).
         run = await orchestrator.start(request, on_progress=report)
-        report.run_id = run.id
+        if report is not None:
+            report.run_id = run.id
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
     return for_client(run)
 
@@ -469,7 +470,8 @@ async def continue_worker_run(
     orchestrator = _state(ctx).orchestrator
     async with _progress(ctx) as report:
         run = await orchestrator.continue_run(runId, message, worker, on_progress=report)
-        report.run_id = run.id
+        if report is not None:
+            report.run_id = run.id
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
     return for_client(run)
 
@@ -960,6 +962,10 @@ def _redacted(ctx: Any, result: Any) -> Any:
     return result
 
 
+# How deep the SDK's dispatch context may be wrapped before ``_wants_progress`` gives up looking.
+DISPATCH_WRAPPERS = 3
+
+
 class _Progress:
     """The orchestrator's progress callback for one tool call; ``run_id`` names the run in heartbeats
     (set once the run exists)."""
@@ -973,11 +979,33 @@ class _Progress:
             self._send.send_nowait(message)  # a slow client loses progress lines, never the run
 
 
+def _wants_progress(ctx: Context) -> bool:
+    """Did the client ask for progress on this call? On the wire, a progress token in the request's
+    ``_meta`` (without one the SDK sends nothing). In process, the SDK's direct dispatch carries a
+    callback instead of a token, which it exposes nowhere public: its dispatch context is looked at,
+    and one of a shape not known here is taken as yes."""
+    request = ctx.request_context
+    if request.meta is not None and request.meta.get("progressToken") is not None:
+        return True
+    dispatch: Any = getattr(request.session, "_request_outbound", None)
+    for _ in range(DISPATCH_WRAPPERS):
+        if hasattr(dispatch, "_on_progress"):  # the direct (in-process) dispatch
+            return dispatch._on_progress is not None
+        if hasattr(dispatch, "_progress_token"):  # JSON-RPC: the token was in _meta, if anywhere
+            return dispatch._progress_token is not None
+        dispatch = getattr(dispatch, "_inner", None)  # a wrapper (the modern protocol's)
+    return True
+
+
 @asynccontextmanager
-async def _progress(ctx: Context, run_id: str | None = None) -> AsyncIterator[_Progress]:
+async def _progress(ctx: Context, run_id: str | None = None) -> AsyncIterator[_Progress | None]:
     """A sync callback for the orchestrator whose messages become MCP progress notifications, with a
     heartbeat whenever nothing was sent for ``heartbeat_s``: a client that restarts its timeout on
-    progress then never times out while a run is quiet, whatever the orchestrator reports."""
+    progress then never times out while a run is quiet, whatever the orchestrator reports. None when
+    the client asked for no progress: nothing would be sent, so nothing is forwarded."""
+    if not _wants_progress(ctx):
+        yield None
+        return
     heartbeat_s = _state(ctx).heartbeat_s
     send, receive = anyio.create_memory_object_stream[str](max_buffer_size=PROGRESS_BUFFER)
     report = _Progress(send, run_id)
