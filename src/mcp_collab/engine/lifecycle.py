@@ -326,21 +326,26 @@ class RunLifecycle:
         active = self._active.get(run_id)
         if active is None:
             return await self._wait_elsewhere(run_id, timeout_s)
-        if on_progress is not None and on_progress not in active.listeners:  # start() may have added it
-            active.listeners.append(on_progress)
-        try:
+        if on_progress is None:
+            # Nobody to keep informed: no heartbeat, so no task to start and cancel.
             with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
-                async with anyio.create_task_group() as tg:
-                    if on_progress is not None:
+                await active.done.wait()
+        else:
+            if on_progress not in active.listeners:  # start() may have added it
+                active.listeners.append(on_progress)
+            try:
+                with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+                    async with anyio.create_task_group() as tg:
                         tg.start_soon(self._heartbeat, active, on_progress)
-                    await active.done.wait()
-                    tg.cancel_scope.cancel()
-        finally:
-            if on_progress is not None:
+                        await active.done.wait()
+                        tg.cancel_scope.cancel()
+            finally:
                 with contextlib.suppress(ValueError):
                     active.listeners.remove(on_progress)
         if active.done.is_set():
-            return clone(active.run)
+            # The run as it ended, not a copy: nothing changes a run once it ended (callers only
+            # read it, and derive what they change), so every waiter may share it.
+            return active.run
         # Still going: report what is on disk, never a state (say, "completed") whose save has not
         # landed yet; a crash now would make the store, not our memory, the truth.
         await self.recorder.flush(run_id)
