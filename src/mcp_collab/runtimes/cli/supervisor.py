@@ -665,6 +665,8 @@ async def run_process(
     limit_hit: list[str] = []
     drained = anyio.Event()
 
+    fed = anyio.Event()
+
     async def feed_stdin() -> None:
         assert process.stdin is not None
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -672,6 +674,7 @@ async def run_process(
                 await process.stdin.send(spec.stdin)
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await process.stdin.aclose()
+        fed.set()
 
     async def drain(
         stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None, *, alive: bool
@@ -696,19 +699,22 @@ async def run_process(
             tg.start_soon(functools.partial(drain, process.stderr, err, None, alive=False))
         drained.set()
 
-    async def watchdog() -> None:
+    async def watch() -> None:
+        """Until the main process exits; at the wall-clock or idle limit, kill the tree first. The
+        limits are deadlines on the wait itself: no task of their own, nothing to cancel after."""
         wall_deadline = started + spec.timeout_s
         while True:
             now = time.monotonic()
             idle_deadline = last_output[0] + spec.idle_timeout_s
-            if now >= wall_deadline:
-                limit_hit.append("timeout")
-                break
-            if now >= idle_deadline:
-                limit_hit.append("idle")
-                break
-            await anyio.sleep(max(_POLL_S, min(wall_deadline, idle_deadline) - now))
-        await kill_tree(tree)
+            if now >= wall_deadline or now >= idle_deadline:
+                limit_hit.append("timeout" if now >= wall_deadline else "idle")
+                await kill_tree(tree)
+                await process.wait()
+                return
+            with anyio.move_on_after(max(_POLL_S, min(wall_deadline, idle_deadline) - now)) as waiting:
+                await process.wait()
+            if not waiting.cancelled_caught:
+                return
 
     try:
         if on_start is not None:
@@ -716,18 +722,17 @@ async def run_process(
         async with anyio.create_task_group() as tg:
             tg.start_soon(feed_stdin)
             tg.start_soon(drain_both)
-            async with anyio.create_task_group() as watch:
-                watch.start_soon(watchdog)
-                await process.wait()
-                watch.cancel_scope.cancel()
+            await watch()
             # The main process is gone; anything it left behind goes too (in its group, detached
             # with setsid, holding our pipes or not), so nothing outlives the step.
             if tree_left(tree):
                 await kill_tree(tree)
             settled = True
-            with anyio.move_on_after(DRAIN_GRACE_S):
-                await drained.wait()
-            tg.cancel_scope.cancel()
+            if not drained.is_set():
+                with anyio.move_on_after(DRAIN_GRACE_S):
+                    await drained.wait()
+            if not (drained.is_set() and fed.is_set()):
+                tg.cancel_scope.cancel()  # a pipe still held (by what was just killed) or unread
     finally:
         with anyio.CancelScope(shield=True):
             _spawned.pop(pid, None)
@@ -737,8 +742,9 @@ async def run_process(
                 # Cancelled: what the CLI printed before it died is still in the pipes; keep it.
                 with anyio.move_on_after(DRAIN_GRACE_S):
                     await drain_both()
-            with anyio.move_on_after(2):
-                await process.wait()
+            if process.returncode is None:
+                with anyio.move_on_after(2):
+                    await process.wait()
             await process.aclose()
     return ProcessOutcome(
         exit_code=process.returncode,
