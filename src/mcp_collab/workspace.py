@@ -148,8 +148,18 @@ def read_small(path: Path, limit: int = SMALL_FILE_BYTES) -> str | None:
         os.close(fd)
 
 
-def _is_git_dir(path: Path) -> bool:
-    return (path / "HEAD").is_file() and ((path / "objects").is_dir() or (path / "commondir").is_file())
+def _mode(path: str) -> int | None:
+    """The file type bits of ``path`` (links followed), or None when there is nothing there."""
+    try:
+        return stat.S_IFMT(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_git_dir(path: str) -> bool:
+    return _mode(os.path.join(path, "HEAD")) == stat.S_IFREG and (
+        _mode(os.path.join(path, "objects")) == stat.S_IFDIR or _mode(os.path.join(path, "commondir")) == stat.S_IFREG
+    )
 
 
 def locate(cwd: Path, roots: Sequence[Path]) -> RepoLayout | None:
@@ -160,25 +170,32 @@ def locate(cwd: Path, roots: Sequence[Path]) -> RepoLayout | None:
     workspace roots: the snapshot writes objects there, and the server writes nowhere a worker could
     not. A bare repository, or a directory inside a ``.git``, has no working tree: no diff."""
     try:
-        start = cwd.resolve(strict=True)
+        start = str(cwd.resolve(strict=True))
     except (OSError, RuntimeError):
         return None
-    for top in (start, *start.parents):
-        dotgit = top / ".git"
-        if dotgit.is_dir():
-            git_dir = dotgit
+    # Up from ``start``, in plain strings and one stat per candidate (a dispatch walks this for a
+    # directory outside any repository up to the root).
+    here = start
+    while True:
+        dotgit = os.path.join(here, ".git")
+        kind = _mode(dotgit)
+        if kind == stat.S_IFDIR:
+            top, git_dir = Path(here), Path(dotgit)
             break
-        if dotgit.exists():
-            text = read_small(dotgit)
+        if kind is not None:
+            text = read_small(Path(dotgit))
             if text is None or not text.startswith("gitdir:"):
                 log.warning("no diff: %s is neither a git directory nor a 'gitdir:' file", dotgit)
                 return None
+            top = Path(here)
             git_dir = top / text[len("gitdir:") :].strip()
             break
-        if _is_git_dir(top):
+        if _is_git_dir(here):
             return None
-    else:
-        return None
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
     common = git_dir
     if (pointer := read_small(git_dir / "commondir")) is not None:
         common = git_dir / pointer.strip()

@@ -31,7 +31,7 @@ from ..strategies import Role, Space
 from ..strategies.verdicts import Judgement
 from .plan import ActiveRun
 from .recorder import RunRecorder
-from .spaces import Spaces
+from .spaces import InPlaceSpace, Spaces
 
 T = TypeVar("T")
 
@@ -164,8 +164,11 @@ class StepExecutor:
         branch: str | None = None,
         resume: Resume | None = None,
         choices: Sequence[str] = (),
+        diffable: bool = True,
     ) -> Step:
-        """A step of a run this process executes: appended to the run, run, recorded."""
+        """A step of a run this process executes: appended to the run, run, recorded. ``diffable=False``:
+        its directory is known to be outside any git working tree, so no snapshot is taken for its
+        own diff."""
         run, plan = active.run, active.plan
         spent = budget_left(run)
         if spent is not None:
@@ -185,7 +188,15 @@ class StepExecutor:
         run.steps.append(step)
         site = _RunSite(active, self.recorder)
         await self.perform(
-            site, step, worker, role, prompt, policy=plan.policies[worker.name], resume=resume, choices=choices
+            site,
+            step,
+            worker,
+            role,
+            prompt,
+            policy=plan.policies[worker.name],
+            resume=resume,
+            choices=choices,
+            diffable=diffable,
         )
         add_up(run)
         return step
@@ -201,6 +212,7 @@ class StepExecutor:
         policy: FallbackPolicy,
         resume: Resume | None = None,
         choices: Sequence[str] = (),
+        diffable: bool = True,
     ) -> None:
         """Run a begun step (``begin_step``) to its end, wherever it runs: this server's own run, or
         an activity of a run on Temporal. ``site`` hears of its progress and intermediate states."""
@@ -224,7 +236,7 @@ class StepExecutor:
                     return
             schema = judgement.schema() if judgement is not None else None
             # A writing step's own change: its directory before and after (a git working tree's only).
-            writes = access != "read_only" and child_cwd is not None
+            writes = access != "read_only" and child_cwd is not None and diffable
             before = await workspace.snapshot(child_cwd, self.roots) if writes else None
             result = await self._execute(
                 site, step, worker, prompt, policy, access, directory, child_cwd, resume, schema
@@ -461,6 +473,7 @@ class EngineContext(ProgramContext):
         choices: Sequence[str] = (),
     ) -> Step:
         directory = space.directory if space is not None and space.directory is not None else None
+        diffable = not (isinstance(space, InPlaceSpace) and space.outside_repository and directory is not None)
         if directory is None:
             directory = self.active.plan.directory_of(worker)
         resume = None
@@ -476,6 +489,7 @@ class EngineContext(ProgramContext):
             branch=branch,
             resume=resume,
             choices=choices,
+            diffable=diffable,
         )
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,10 +153,36 @@ def make_plan(
     return Plan(run, strategy, cast, modes, policies, cwd, fallback, task=request.task, max_rounds=request.max_rounds)
 
 
+# default_directory's answers, by (the server's directory, the roots): the same on every dispatch.
+_DEFAULT_DIRECTORIES: dict[tuple[str, tuple[Path, ...]], Path] = {}
+
+
 def default_directory(settings: Settings) -> Path:
     """Where a step runs when neither the dispatch nor the worker names a directory: the server's
-    own directory when it lies inside a workspace root, else the first root."""
+    own directory when it lies inside a workspace root, else the first root.
+
+    Worked out once and remembered while it stays a directory (one ``stat`` per dispatch instead of
+    resolving every root): this only picks the directory; each step opens and confines it again
+    when it starts (``security.pin``), which is what keeps a step inside the roots."""
     roots = settings.workspace_roots
+    key = (os.getcwd(), tuple(roots))
+    known = _DEFAULT_DIRECTORIES.get(key)
+    if known is not None and _still_directory(known):
+        return known
+    found = _default_directory(roots)
+    _DEFAULT_DIRECTORIES[key] = found
+    return found
+
+
+def _still_directory(path: Path) -> bool:
+    """Is ``path`` still a directory itself (not a link to one)?"""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _default_directory(roots: Sequence[Path]) -> Path:
     with contextlib.suppress(InvalidRequestError):
         return confine(os.getcwd(), roots)
     for root in roots:

@@ -36,10 +36,13 @@ class InPlaceSpace:
     """The run's own working directory (no worktree): the diff is what changed in its git working
     tree between the space's creation and now, whatever state the tree was in before."""
 
-    def __init__(self, directory: Path | None, roots: Sequence[Path]) -> None:
+    def __init__(self, directory: Path | None, roots: Sequence[Path], *, outside_repository: bool = False) -> None:
         self._directory = directory
         self._roots = roots
         self._before: str | None = None
+        # Inspected when the space was made and found outside any git repository: nothing here
+        # has a diff (a step's own snapshot would look for the same repository and find none).
+        self.outside_repository = outside_repository
 
     @property
     def directory(self) -> Path | None:
@@ -131,10 +134,11 @@ class Spaces:
         repo = await self.repository()
         if repo is None:
             self._note_in_place()
-            space = InPlaceSpace(self.directory, self.roots)
             # Inspected just now and found outside any repository: a snapshot would look for the
             # same repository again and find none, so the space has no diff to take.
-            if not (self.enabled and self.directory is not None):
+            inspected = self.enabled and self.directory is not None
+            space = InPlaceSpace(self.directory, self.roots, outside_repository=inspected)
+            if not inspected:
                 await space.begin()
             return space
         tree = await worktrees.create(repo, run_id=self.run.id, label=label, base_dir=self.base_dir)
