@@ -7,6 +7,7 @@ one of these models; ``contracts/`` holds their JSON Schema (``python -m mcp_col
 
 from __future__ import annotations
 
+import functools
 import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
@@ -118,9 +119,16 @@ class WireModel(BaseModel):
     @classmethod
     def _tolerate_newer_fields(cls, data: Any, info: ValidationInfo) -> Any:
         if isinstance(data, dict) and isinstance(info.context, dict) and info.context.get("stored"):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-            return {k: v for k, v in data.items() if k in known}
+            known = _known_names(cls)
+            if not known.issuperset(data):
+                return {k: v for k, v in data.items() if k in known}
         return data
+
+
+@functools.cache
+def _known_names(model: type[BaseModel]) -> frozenset[str]:
+    """A model's field names and their aliases: what a stored record of it may hold and be read."""
+    return frozenset(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
 
 
 class WorkerSpec(WireModel):

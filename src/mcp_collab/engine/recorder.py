@@ -76,15 +76,16 @@ class RunRecorder:
         survive the server's death; the next durable save's fsync carries them to disk), so they
         cost the step nothing.
 
-        Every string of the run passes the redactor here, the one door to the store and, through the
-        run kept in memory, to every caller."""
-        self.redact.scrub(run)
+        Every string of the run passes the redactor on its way to the store, the one door to it and,
+        through the run kept in memory, to every caller (who see a run's memory only once it ended,
+        after its last save)."""
         if not durable and self._behind:
             # The live run is kept, not a copy: several saves of one run before the next batch cost
-            # one copy, taken when the batch is written.
+            # one copy (and one pass of the redactor), taken when the batch is written.
             self._pending[run.id] = run
             self._pending_ready.set()
             return
+        self.redact.scrub(run)
         async with self._write_lock:
             self._pending.pop(run.id, None)
             covered = self._written  # its fsync makes every earlier write durable
@@ -101,8 +102,7 @@ class RunRecorder:
         """Write the states still waiting behind now (without a sync), so a reader of the store (a
         list of runs) sees every run as it stands, not as it stood 50 ms ago."""
         async with self._write_lock:  # also waits for a batch being written right now
-            batch = [clone(run) for run in self._pending.values()]
-            self._pending.clear()
+            batch = self._take_pending()
             if batch:
                 await self._write_batch(batch)
 
@@ -115,14 +115,21 @@ class RunRecorder:
                 await anyio.sleep(WRITE_BEHIND_DELAY_S)  # a state superseded meanwhile is never written
                 self._pending_ready = anyio.Event()
                 async with self._write_lock:
-                    # Copied here, on the event loop, so the store's thread never sees a run change
-                    # under it.
-                    batch = [clone(run) for run in self._pending.values()]
-                    self._pending.clear()
+                    batch = self._take_pending()
                     if batch:
                         await self._write_batch(batch)
         finally:
             self._behind = False
+
+    def _take_pending(self) -> list[Run]:
+        """The states waiting behind, redacted and copied here, on the event loop, so the store's
+        thread never sees a run change under it."""
+        batch = []
+        for run in self._pending.values():
+            self.redact.scrub(run)
+            batch.append(clone(run))
+        self._pending.clear()
+        return batch
 
     async def _write_batch(self, batch: list[Run]) -> None:
         try:
