@@ -104,6 +104,7 @@ async def test_a_run_whose_admission_cannot_be_made_durable_is_refused_and_leave
     store = FailingSync(settings.store_dir, pidfile)
     async with WorkerOrchestrator(settings, store=store) as orch, orch.running():
         await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
+        await orch.list_runs()  # start-up recovery is over: the store is free for the admission's write
         with pytest.raises(StoreError, match="Input/output error"):
             await orch.start(DispatchRequest(task="start a daemon"))
         [queued] = (await orch.list_runs()).runs

@@ -213,6 +213,7 @@ async def main() -> None:
     settings = Settings.from_env(dict(os.environ))
     async with WorkerOrchestrator(settings, store=NeverSynced(settings.store_dir)) as orch, orch.running():
         await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
+        await orch.list_runs()  # start-up recovery is over: the store is free for the admission's write
         await orch.start(DispatchRequest(task="start a daemon"))
 
 anyio.run(main)
@@ -232,7 +233,8 @@ async def test_a_server_killed_before_a_runs_admission_was_synced_leaves_nothing
                 await anyio.sleep(0.02)
         assert server.returncode is None, "the dispatch was not answered: its admission never reached the disk"
     finally:
-        server.kill()
+        if server.returncode is None:
+            server.kill()
         await server.wait()
 
     async with WorkerOrchestrator(Settings.from_env(base_env)) as orch, orch.running():
