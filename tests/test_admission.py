@@ -13,7 +13,7 @@ from mcp import Client
 
 from mcp_collab.config import Settings
 from mcp_collab.errors import StoreError
-from mcp_collab.models import DispatchRequest, WorkerSpec
+from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import RuntimeResult, StepRequest
 from mcp_collab.server import build_server
@@ -115,3 +115,46 @@ async def test_a_run_whose_admission_cannot_be_made_durable_is_refused_and_leave
         while any(alive(p) for p in started):
             await anyio.sleep(0.02)
     assert run.status == "failed" and "Input/output error" in (run.error or "")
+
+
+class Journal(JsonStore):
+    """The JSON store, noting in order each run state written ("written") and each fsync that makes
+    everything written so far durable ("durable")."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.events: list[str] = []
+
+    def save_runs_now(self, runs: list[Run]) -> bool:
+        done = super().save_runs_now(runs)
+        if done:
+            self.events.append("written")
+        return done
+
+    def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
+        super().save_runs(runs, durable=durable)
+        self.events.append("durable" if durable else "written")
+
+    def sync(self) -> None:
+        super().sync()
+        self.events.append("durable")
+
+
+@pytest.mark.parametrize("ends", [True, False], ids=["a run that ends within the wait", "a run still queued"])
+async def test_a_dispatch_is_answered_only_once_the_run_it_reports_is_durable(
+    make_settings: Callable[..., Settings], ends: bool
+) -> None:
+    settings = make_settings(MCP_COLLAB_MAX_CONCURRENT_RUNS="1")
+    store, held = Journal(settings.store_dir), Held()
+    async with Client(build_server(settings, {"cli": held}, store)) as client:  # type: ignore[dict-item]
+        await call(client, "spawn_worker", name="w1", model="codex_cli")
+        if ends:
+            held.release.set()
+        else:
+            await call(client, "dispatch_task", task="holds the only slot", waitSeconds=0)
+        before = len(store.events)
+        run = await call(client, "dispatch_task", task="job", waitSeconds=30 if ends else 0)
+        told = store.events[before:]  # what was written and fsynced for it when the answer came
+        held.release.set()
+    assert run["status"] == ("completed" if ends else "queued")
+    assert told and told[0] == "written" and "durable" in told, f"answered before its record was fsynced: {told}"

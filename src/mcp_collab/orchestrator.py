@@ -107,6 +107,7 @@ class WorkerOrchestrator:
         run_filter = RunFilter(status=status, strategy=strategy, worker=worker)
         await self.runs.ready()
         await self.recorder.catch_up()  # a list shows each run as it stands now
+        await self.recorder.sync()  # and only runs whose admission is durable
         return await anyio.to_thread.run_sync(self.store.list_runs, run_filter, limit, cursor)
 
     @contextlib.asynccontextmanager
@@ -118,14 +119,22 @@ class WorkerOrchestrator:
     async def dispatch(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
         return await self.runs.dispatch(request, on_progress=on_progress)
 
-    async def start(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
-        return await self.runs.start(request, on_progress=on_progress)
+    async def start(
+        self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None, durable: bool = True
+    ) -> Run:
+        return await self.runs.start(request, on_progress=on_progress, durable=durable)
 
     async def continue_run(
-        self, run_id: str, message: str, worker: str | None = None, *, on_progress: ProgressCallback | None = None
+        self,
+        run_id: str,
+        message: str,
+        worker: str | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+        durable: bool = True,
     ) -> Run:
         """A follow-up to a finished run, as a new run linked to it; returns it queued."""
-        return await self.runs.continue_run(run_id, message, worker, on_progress=on_progress)
+        return await self.runs.continue_run(run_id, message, worker, on_progress=on_progress, durable=durable)
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         return await self.runs.wait(run_id, timeout_s, on_progress=on_progress)

@@ -448,9 +448,11 @@ async def dispatch_task(
     )
     orchestrator = _state(ctx).orchestrator
     async with _progress(ctx) as report:
-        # Recorded before anything runs, durable before this returns: work that could not be
-        # recorded never starts (a full disk refuses the dispatch instead).
-        run = await orchestrator.start(request, on_progress=report)
+        # Recorded before anything runs: work that could not be recorded never starts (a full disk
+        # refuses the dispatch instead). Durable before the client hears of it: a client that asked
+        # for progress hears from the start (heartbeats included), so then before this returns;
+        # else wait answers only with what is durable, which spares a fast run an fsync of its own.
+        run = await orchestrator.start(request, on_progress=report, durable=report is not None)
         if report is not None:
             report.run_id = run.id
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)
@@ -469,7 +471,7 @@ async def continue_worker_run(
     it can (else from the recorded history). A new run, linked by parentId; wait as for dispatch_task."""
     orchestrator = _state(ctx).orchestrator
     async with _progress(ctx) as report:
-        run = await orchestrator.continue_run(runId, message, worker, on_progress=report)
+        run = await orchestrator.continue_run(runId, message, worker, on_progress=report, durable=report is not None)
         if report is not None:
             report.run_id = run.id
         run = await orchestrator.wait(run.id, waitSeconds, on_progress=report)

@@ -136,6 +136,8 @@ class RunLifecycle:
 
     async def get_run(self, run_id: str) -> Run:
         await self.ready()
+        # Nothing leaves the server about a run before its admission is durable.
+        await self.recorder.sync()
         run = await anyio.to_thread.run_sync(self.store.get_run, run_id)
         if run is None:
             # How to list runs is the surface's to say (a tool, or a command).
@@ -266,32 +268,50 @@ class RunLifecycle:
             await self._background(active)
         return clone(active.run)
 
-    async def start(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
+    async def start(
+        self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None, durable: bool = True
+    ) -> Run:
         """Plan the run and start it in the background (inside ``running``); returns it queued, on
         disk: work that could not be recorded never starts. ``on_progress`` hears the run from its
-        first step (until a ``wait`` given the same callback ends, or the run does)."""
+        first step (until a ``wait`` given the same callback ends, or the run does).
+
+        ``durable=False``: return as soon as the run is recorded and started, its admission not yet
+        fsynced, for a caller that tells nobody of the run but through ``wait`` (which answers only
+        with what is durable) and ``on_progress`` (which hears nothing before that): the run's own
+        end, or the write-behind task, then makes it durable in an fsync it needed anyway."""
         if self._tg is None:
             raise RuntimeError("start() needs the orchestrator's task group: use `async with orchestrator.running()`")
         active = await self._admit(request)
-        return await self._started(active, on_progress)
+        return await self._started(active, on_progress, durable)
 
     async def continue_run(
-        self, parent_id: str, message: str, worker: str | None = None, *, on_progress: ProgressCallback | None = None
+        self,
+        parent_id: str,
+        message: str,
+        worker: str | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+        durable: bool = True,
     ) -> Run:
-        """Start a follow-up to a finished run (see ``engine.continuation``); returns it queued."""
+        """Start a follow-up to a finished run (see ``engine.continuation``); returns it queued
+        (``durable`` as for ``start``)."""
         if self._tg is None:
             raise RuntimeError("continue_run() needs the task group: use `async with orchestrator.running()`")
         parent = await self.get_run(parent_id)
         active = await self._admit_plan(
             lambda registered: continuation.make_plan(self.settings, parent, message, worker, registered)
         )
-        return await self._started(active, on_progress)
+        return await self._started(active, on_progress, durable)
 
-    async def _started(self, active: ActiveRun, on_progress: ProgressCallback | None) -> Run:
+    async def _started(self, active: ActiveRun, on_progress: ProgressCallback | None, durable: bool) -> Run:
         admitted = clone(active.run)  # as admitted: the run itself changes from now on
         if on_progress is not None:
             active.listeners.append(on_progress)
-        await self._begin(active)
+        if durable:
+            await self._begin(active)
+        else:
+            assert self._tg is not None
+            self._tg.start_soon(self._background, active)
         return admitted
 
     async def _begin(self, active: ActiveRun) -> None:
@@ -302,24 +322,30 @@ class RunLifecycle:
         await self._accepted(active)
 
     async def _accepted(self, active: ActiveRun) -> None:
-        """Until the run's admission, written without an fsync, is durable; then what it said
-        meanwhile is said. Its processes may already be running: that is safe because the record was
-        written before they started (a server killed now leaves it for recovery, which kills them),
-        and a power cut that loses the record kills them too. If the fsync fails, the run is stopped
-        (its processes killed, recorded failed if the store still takes it) and the caller refused."""
-        if active.held is None:
+        """Until the run's admission, written without an fsync, is durable (see ``_settled``). Its
+        processes may already be running: that is safe because the record was written before they
+        started (a server killed now leaves it for recovery, which kills them), and a power cut that
+        loses the record kills them too. If the fsync fails, the caller is refused with the cause."""
+        if active.held is None and active.admission_error is None:
             return
-        # Shielded: a caller that gives up must not leave the run's progress held back for good.
+        # Shielded: a caller that gives up must not leave the fsync half awaited (it is short).
         with anyio.CancelScope(shield=True):
-            try:
-                await self.recorder.sync()
-            except StoreError as exc:
-                active.held = None
-                if active.stop_reason is None:
-                    active.stop_reason = ("failed", str(exc))
-                active.scope.cancel()
-                raise
+            await self.recorder.sync()
+        if active.admission_error is not None:
+            raise active.admission_error
+
+    def _settled(self, active: ActiveRun, error: StoreError | None) -> None:
+        """The run's admission is durable: what it said meanwhile is said now. Or it could not be
+        made durable: the run is stopped (its processes killed, recorded failed if the store still
+        takes it) and nothing of what it said is."""
+        if error is None:
             active.release()
+            return
+        active.admission_error = error
+        active.held = None
+        if active.stop_reason is None:
+            active.stop_reason = ("failed", str(error))
+        active.scope.cancel()
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         """The run when it ends, or as it stands after ``timeout_s``; progress and heartbeats meanwhile."""
@@ -349,7 +375,7 @@ class RunLifecycle:
         # Still going: report what is on disk, never a state (say, "completed") whose save has not
         # landed yet; a crash now would make the store, not our memory, the truth.
         await self.recorder.flush(run_id)
-        return await self.get_run(run_id)
+        return await self.get_run(run_id)  # its admission made durable first
 
     async def cancel(self, run_id: str, *, reason: str = "cancelled on request") -> tuple[Run, bool]:
         """Stop a run: kill its processes, mark it and its open steps cancelled, keep partial output.
@@ -430,8 +456,9 @@ class RunLifecycle:
             made = planner(registered)
             plan = await made if inspect.isawaitable(made) else made
             plan.run.owner = self._owner
-            owed = await self.recorder.accept(plan.run)
-            active = ActiveRun(plan=plan, redact=self.settings.redact, held=[] if owed else None)
+            active = ActiveRun(plan=plan, redact=self.settings.redact, held=[])
+            if not await self.recorder.accept(plan.run, functools.partial(self._settled, active)):
+                active.held = None  # durable already: nothing to hold back
             self._active[plan.run.id] = active
         finally:
             self._admitting -= 1

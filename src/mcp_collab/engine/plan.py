@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ..config import Settings
-from ..errors import InvalidRequestError, listing, shown
+from ..errors import InvalidRequestError, StoreError, listing, shown
 from ..models import DispatchRequest, FallbackPolicy, Run, RunStatus, RuntimeMode, Worker
 from ..runtimes.base import PartialOutput
 from ..runtimes.selector import choose_mode, choose_policy
@@ -70,6 +70,7 @@ class ActiveRun:
     # Progress said while the run's admission is not yet durable, held back until it is (``release``):
     # nobody hears of a run a power cut could still lose. None: nothing held.
     held: list[str] | None = None
+    admission_error: StoreError | None = None  # why the admission could not be made durable
 
     @property
     def run(self) -> Run:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Callable
 
 import anyio
 import anyio.to_thread
@@ -15,6 +17,9 @@ from ..security import Redactor
 from ..store import RunStore
 
 log = logging.getLogger("mcp_collab.engine")
+
+# Told when a run's admission is durable (None), or why it could not be made so.
+Settled = Callable[[StoreError | None], None]
 
 # An intermediate state waits this long before it is written, so the states a run passes through
 # quickly (a step that answers at once: started, spawned, ended) cost one durable write, not three.
@@ -34,23 +39,35 @@ class RunRecorder:
         self._behind = False  # a write-behind task is running
         self._last_error: str | None = None
         # Group commit of admissions written without an fsync (``accept``): how many were written,
-        # how many of them are known durable, and the fsync under way (one serves every waiter).
+        # how many of them are known durable, the fsync under way (one serves every waiter), and
+        # who is told when theirs is durable (or could not be made so), by admission number.
         self._written = 0
         self._synced = 0
         self._syncing: anyio.Event | None = None
+        self._owed: list[tuple[int, Settled]] = []
 
-    async def accept(self, run: Run) -> bool:
+    async def accept(self, run: Run, settled: Settled) -> bool:
         """Store a run just admitted, before anything of it starts. Written at once on the event loop
         when the store allows it: the record then survives the server's death, which is what
         recovery needs to find the run and kill whatever it started, but not yet a power cut (which
-        kills those processes too): the caller owes a ``sync`` before anyone hears of the run, and
-        returns True. Else saved durably off the loop, as any durable save: False, nothing owed."""
+        kills those processes too). Returns True then: nobody may hear of the run before it is
+        durable, which the first of these makes it: a ``sync`` (a caller's, or the write-behind
+        task's within ``WRITE_BEHIND_DELAY_S``) or any durable save (say, the run's own end);
+        ``settled`` is called then, with the error if that fsync failed. Else (False) the run is
+        saved durably off the loop, as any durable save, and nothing is owed."""
         self.redact.scrub(run)
         if self.store.save_runs_now([run]):
             self._written += 1
+            self._owed.append((self._written, settled))
+            self._pending_ready.set()  # the write-behind task makes it durable if nothing else does
             return True
         await self.save(run)
         return False
+
+    @property
+    def owed(self) -> bool:
+        """Is an admission written but not yet durable?"""
+        return self._synced < self._written
 
     async def sync(self) -> None:
         """Until every run ``accept`` wrote is durable: one fsync, off the loop, serves every caller
@@ -64,10 +81,24 @@ class RunRecorder:
             covered = self._written
             try:
                 await anyio.to_thread.run_sync(self.store.sync)
-                self._synced = max(self._synced, covered)
+            except StoreError as exc:
+                self._settle(covered, exc)
+                raise
+            else:
+                self._settle(covered, None)
             finally:
                 self._syncing = None
                 done.set()
+
+    def _settle(self, covered: int, error: StoreError | None) -> None:
+        """Writes up to admission ``covered`` are durable, or could not be made so: say so to theirs.
+        Either way they are settled: a failed fsync is not tried again for them (their runs are
+        stopped with the cause), so readers of the store go on being answered."""
+        self._synced = max(self._synced, covered)
+        due = [settled for number, settled in self._owed if number <= covered]
+        self._owed = [(number, settled) for number, settled in self._owed if number > covered]
+        for settled in due:
+            settled(error)
 
     async def save(self, run: Run, *, durable: bool = True) -> None:
         """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
@@ -90,7 +121,8 @@ class RunRecorder:
             self._pending.pop(run.id, None)
             covered = self._written  # its fsync makes every earlier write durable
             await anyio.to_thread.run_sync(self.store.save_run, run)
-            self._synced = max(self._synced, covered)
+            if covered > self._synced:
+                self._settle(covered, None)
 
     async def flush(self, run_id: str) -> None:
         """Make a run's state written behind durable now (before a caller is told about it)."""
@@ -118,6 +150,10 @@ class RunRecorder:
                     batch = self._take_pending()
                     if batch:
                         await self._write_batch(batch)
+                if self.owed:
+                    # Admissions nothing made durable meanwhile (runs still going): now, in one fsync.
+                    with contextlib.suppress(StoreError):  # their runs are stopped with the cause
+                        await self.sync()
         finally:
             self._behind = False
 

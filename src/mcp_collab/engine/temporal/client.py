@@ -188,10 +188,12 @@ class TemporalRuns(RunLifecycle):
         run = await self.start(request)
         return await self.wait(run.id, None, on_progress=on_progress)
 
-    async def start(self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None) -> Run:
+    async def start(
+        self, request: DispatchRequest, *, on_progress: ProgressCallback | None = None, durable: bool = True
+    ) -> Run:
         # The run is stored durably before its workflow starts (``_launch``); progress comes through
         # wait, from the steps' heartbeats.
-        del on_progress
+        del on_progress, durable
         leases = await anyio.to_thread.run_sync(self.store.live_leases, "worker")
         roots = tuple(sorted({Path(r) for lease in leases for r in lease.roots}))
         registered = await self._workers()
@@ -240,11 +242,17 @@ class TemporalRuns(RunLifecycle):
         return run.model_copy()
 
     async def continue_run(
-        self, parent_id: str, message: str, worker: str | None = None, *, on_progress: ProgressCallback | None = None
+        self,
+        parent_id: str,
+        message: str,
+        worker: str | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+        durable: bool = True,
     ) -> Run:
         """A follow-up on the workers that ran the parent (they hold its worktree and session);
-        progress through wait, as for ``start``."""
-        del on_progress
+        stored durably, progress through wait, as for ``start``."""
+        del on_progress, durable
         parent = await self.get_run(parent_id)
         if not _on_temporal(parent) or parent.owner is None or parent.owner.queue is None:
             raise InvalidRequestError(
