@@ -49,6 +49,7 @@ from ..store import RunStore
 from . import continuation, delivery
 from .delivery import Delivered, prune_worktrees
 from .executor import EngineContext, StepExecutor, StepFailed, cap_text, close_accounts, step_label
+from .locks import held
 from .plan import ActiveRun, Plan, ProgressCallback, make_plan
 from .recorder import RunRecorder
 from .spaces import Spaces
@@ -484,7 +485,7 @@ class RunLifecycle:
         run = active.run
         try:
             with active.scope:
-                async with self._limiter:  # beyond the limit, runs wait here as `queued`
+                async with held(self._limiter):  # beyond the limit, runs wait here as `queued`
                     deadline = anyio.current_time() + self.settings.run_timeout_s
                     active.scope.deadline = deadline
                     try:

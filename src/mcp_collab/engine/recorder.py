@@ -15,6 +15,7 @@ from ..errors import StoreError
 from ..models import Run, clone
 from ..security import Redactor
 from ..store import RunStore
+from .locks import held
 
 log = logging.getLogger("mcp_collab.engine")
 
@@ -117,7 +118,7 @@ class RunRecorder:
             self._pending_ready.set()
             return
         self.redact.scrub(run)
-        async with self._write_lock:
+        async with held(self._write_lock):
             self._pending.pop(run.id, None)
             covered = self._written  # its fsync makes every earlier write durable
             await anyio.to_thread.run_sync(self.store.save_run, run)
@@ -133,7 +134,7 @@ class RunRecorder:
     async def catch_up(self) -> None:
         """Write the states still waiting behind now (without a sync), so a reader of the store (a
         list of runs) sees every run as it stands, not as it stood 50 ms ago."""
-        async with self._write_lock:  # also waits for a batch being written right now
+        async with held(self._write_lock):  # also waits for a batch being written right now
             batch = self._take_pending()
             if batch:
                 await self._write_batch(batch)
@@ -146,7 +147,7 @@ class RunRecorder:
                 await self._pending_ready.wait()
                 await anyio.sleep(WRITE_BEHIND_DELAY_S)  # a state superseded meanwhile is never written
                 self._pending_ready = anyio.Event()
-                async with self._write_lock:
+                async with held(self._write_lock):
                     batch = self._take_pending()
                     if batch:
                         await self._write_batch(batch)

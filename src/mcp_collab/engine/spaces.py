@@ -22,6 +22,7 @@ from ..errors import InvalidRequestError, WorktreeError
 from ..models import Run, RunWorktree, Step
 from ..security import pin
 from ..strategies import MAX_QUOTED_DIFF_CHARS
+from .locks import held
 
 log = logging.getLogger("mcp_collab.engine")
 
@@ -123,7 +124,7 @@ class Spaces:
         self._repo, self._inspected = repo, True
 
     async def repository(self) -> worktrees.Repo | None:
-        async with self._lock:
+        async with held(self._lock):
             if not self._inspected:
                 self._inspected = True
                 if self.enabled and self.directory is not None:
