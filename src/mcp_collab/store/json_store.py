@@ -303,19 +303,30 @@ class JsonStore:
             except BlockingIOError:
                 return False  # another process is writing or reading: wait for it off the loop
             try:
-                st = os.stat(self.log_path)
+                log_fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND)
             except FileNotFoundError:
                 return False  # the first write creates the log, with an fsync of its own
-            if (st.st_dev, st.st_ino) != self._identity or st.st_size != self._consumed:
-                return False  # another process appended or compacted: catching up reads the log
             try:
-                self._scan()  # the log is what we committed (the last line where we wrote it)
-            except _Damaged:
-                return False  # repaired under the write lock, off the loop
-            self._append(records, sync=False)
-            return True
+                st = os.fstat(log_fd)
+                if (st.st_dev, st.st_ino) != self._identity or st.st_size != self._consumed:
+                    return False  # another process appended or compacted: catching up reads the log
+                if not self._last_line_intact(log_fd):
+                    return False  # damage: found and repaired under the write lock, off the loop
+                self._append(records, sync=False, fd=log_fd)
+                return True
+            finally:
+                os.close(log_fd)
         finally:
             os.close(fd)  # closing releases the flock
+
+    def _last_line_intact(self, fd: int) -> bool:
+        """The check ``_scan`` makes of a log no longer than what we read: the last line we applied
+        still sits where it was written, unchanged."""
+        last = self._last
+        if last is None:
+            return True
+        line = os.pread(fd, last.length + 1, last.offset)
+        return len(line) == last.length + 1 and line[-1:] == b"\n" and zlib.crc32(line[:-1]) == last.crc
 
     def sync(self) -> None:
         """fdatasync the log: every append made so far is on disk, those made without an fsync too
@@ -750,24 +761,12 @@ class JsonStore:
         self._last = _Line(offset, len(raw), zlib.crc32(raw))
 
     def _apply_record(self, record: Any, offset: int, length: int) -> None:
-        op, value = _parse_record(record, offset)
+        op, value = _parse_record(record, offset, length)
         self._records += 1
         if op == "run":
             assert isinstance(value, _Entry)
             run_id = record["run"]["id"]
-            entry = _Entry(
-                created=value.created,
-                status=value.status,
-                strategy=value.strategy,
-                workers=value.workers,
-                offset=offset,
-                length=length,
-                outputs=value.outputs,
-                diffs=value.diffs,
-                step_diffs=value.step_diffs,
-                accounts=value.accounts,
-                lease=value.lease,
-            )
+            entry = value
             previous = self._index.get(run_id)
             if previous is None:
                 bisect.insort(self._order, (entry.created, run_id))
@@ -868,14 +867,18 @@ class JsonStore:
             return False
         return True
 
-    def _append(self, records: list[dict[str, Any]], *, sync: bool = True) -> None:
-        size = self._prepare_append()
+    def _append(self, records: list[dict[str, Any]], *, sync: bool = True, fd: int | None = None) -> None:
+        """Append ``records`` under the write lock; ``fd``: the log, already open for appending and
+        checked to be exactly what we read (``_append_now``)."""
+        size = self._prepare_append() if fd is None else self._consumed
         lines = [_line(r)[:-1] for r in records]
         payload = b"".join(line + b"\n" for line in lines)
-        try:
-            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
-        except OSError as exc:
-            raise _os_problem("write", self.log_path, exc) from exc
+        own = fd is None
+        if fd is None:
+            try:
+                fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+            except OSError as exc:
+                raise _os_problem("write", self.log_path, exc) from exc
         try:
             _write_all(fd, payload)
             if sync:
@@ -887,7 +890,8 @@ class JsonStore:
                 os.ftruncate(fd, size)
             raise _os_problem("write", self.log_path, exc) from exc
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
         position = size
         for record, line in zip(records, lines, strict=True):
             self._apply_record(record, position, len(line))
@@ -973,8 +977,9 @@ def _header_version(record: Any) -> int | None:
     return None
 
 
-def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]:
-    """What a log line says, checked for shape; ``_Damaged`` when it cannot be a record."""
+def _parse_record(record: Any, offset: int, length: int = 0) -> tuple[str, _Entry | Worker | str]:
+    """What a log line (``length`` bytes at ``offset``) says, checked for shape; ``_Damaged`` when it
+    cannot be a record."""
     op = record.get("op") if isinstance(record, dict) else None
     try:
         if op == "run":
@@ -993,7 +998,7 @@ def _parse_record(record: Any, offset: int) -> tuple[str, _Entry | Worker | str]
                 strategy=str(run["strategy"]),
                 workers=tuple(workers),
                 offset=offset,
-                length=0,
+                length=length,
                 outputs=tuple(outputs),
                 diffs=tuple(diffs),
                 step_diffs=tuple(step_diffs),
