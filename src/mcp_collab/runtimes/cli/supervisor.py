@@ -663,9 +663,9 @@ async def run_process(
     splitter = LineSplitter(on_line, spec.max_line_bytes, spool_dir=spec.spool_dir) if on_line else None
     last_output = [time.monotonic()]
     limit_hit: list[str] = []
-    drained = anyio.Event()
-
-    fed = anyio.Event()
+    drained = anyio.Event()  # both pipes read to their end
+    ended = [0]  # pipes read to their end so far
+    fed = [False]  # the prompt written and stdin closed
 
     async def feed_stdin() -> None:
         assert process.stdin is not None
@@ -674,7 +674,7 @@ async def run_process(
                 await process.stdin.send(spec.stdin)
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await process.stdin.aclose()
-        fed.set()
+        fed[0] = True
 
     async def drain(
         stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None, *, alive: bool
@@ -689,15 +689,17 @@ async def run_process(
                     lines.feed(chunk)
         if lines is not None:
             lines.close()
+        ended[0] += 1
+        if ended[0] == 2:
+            drained.set()
 
-    async def drain_both() -> None:
+    def start_draining(tg: anyio.abc.TaskGroup) -> None:
         assert process.stdout is not None and process.stderr is not None
-        async with anyio.create_task_group() as tg:
-            # Only stdout (the CLI's event stream) counts as a sign of life: codex with its endpoint
-            # down prints "Reconnecting..." to stderr forever.
-            tg.start_soon(functools.partial(drain, process.stdout, out, splitter, alive=True))
-            tg.start_soon(functools.partial(drain, process.stderr, err, None, alive=False))
-        drained.set()
+        ended[0] = 0
+        # Only stdout (the CLI's event stream) counts as a sign of life: codex with its endpoint
+        # down prints "Reconnecting..." to stderr forever.
+        tg.start_soon(functools.partial(drain, process.stdout, out, splitter, alive=True))
+        tg.start_soon(functools.partial(drain, process.stderr, err, None, alive=False))
 
     async def watch() -> None:
         """Until the main process exits; at the wall-clock or idle limit, kill the tree first. The
@@ -721,7 +723,7 @@ async def run_process(
             await on_start(pid)
         async with anyio.create_task_group() as tg:
             tg.start_soon(feed_stdin)
-            tg.start_soon(drain_both)
+            start_draining(tg)
             await watch()
             # The main process is gone; anything it left behind goes too (in its group, detached
             # with setsid, holding our pipes or not), so nothing outlives the step.
@@ -731,7 +733,7 @@ async def run_process(
             if not drained.is_set():
                 with anyio.move_on_after(DRAIN_GRACE_S):
                     await drained.wait()
-            if not (drained.is_set() and fed.is_set()):
+            if not (drained.is_set() and fed[0]):
                 tg.cancel_scope.cancel()  # a pipe still held (by what was just killed) or unread
     finally:
         with anyio.CancelScope(shield=True):
@@ -741,7 +743,8 @@ async def run_process(
             if not drained.is_set():
                 # Cancelled: what the CLI printed before it died is still in the pipes; keep it.
                 with anyio.move_on_after(DRAIN_GRACE_S):
-                    await drain_both()
+                    async with anyio.create_task_group() as again:
+                        start_draining(again)
             if process.returncode is None:
                 with anyio.move_on_after(2):
                     await process.wait()
