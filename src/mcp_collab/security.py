@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,10 @@ def _base64_cores(value: str) -> set[str]:
     return cores
 
 
+# Values of these exact types hold no string the redactor would have to look at.
+_TEXTLESS = frozenset({type(None), bool, int, float, datetime})
+
+
 class Redactor:
     """Replaces credentials in text by ``[REDACTED]``.
 
@@ -132,6 +137,8 @@ class Redactor:
         added later cannot be forgotten."""
         for name in type(model).model_fields:
             value = getattr(model, name)
+            if type(value) in _TEXTLESS:
+                continue  # most fields of a run: no string inside, nothing to walk
             cleaned = self._scrubbed(value)
             if cleaned is not value:
                 setattr(model, name, cleaned)

@@ -305,7 +305,10 @@ class RunLifecycle:
         return await self._started(active, on_progress, durable)
 
     async def _started(self, active: ActiveRun, on_progress: ProgressCallback | None, durable: bool) -> Run:
-        admitted = clone(active.run)  # as admitted: the run itself changes from now on
+        # As admitted: the run itself changes from now on. Nothing nested has been filled in yet (no
+        # step, no worktree), so its own lists, copied, make the snapshot.
+        run = active.run
+        admitted = run.model_copy(update={k: list(v) for k, v in run.__dict__.items() if type(v) is list})
         if on_progress is not None:
             active.listeners.append(on_progress)
         if durable:

@@ -77,6 +77,8 @@ class ActiveRun:
         return self.plan.run
 
     def emit(self, message: str) -> None:
+        if not self.listeners:
+            return  # nobody to tell (one who starts listening later hears from then on)
         message = self.redact(message)
         if self.held is not None:
             self.held.append(message)

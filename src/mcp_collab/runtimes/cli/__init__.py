@@ -36,18 +36,22 @@ PACKAGE_SEARCH_DEPTH = 4
 def cli_version(binary: str, vendor: Vendor) -> str | None:
     """The CLI's version, from the package.json of the npm package it belongs to: read, not asked
     (running a binary to ask costs a process per step, and an unknown one may not answer), and
-    remembered per binary path and modification time, so an upgrade is seen."""
+    remembered per binary and the file it leads to (its inode and modification time: one ``stat``
+    per step), so an upgrade is seen."""
     try:
-        real = os.path.realpath(binary)
-        mtime = os.stat(real).st_mtime_ns
+        target = os.stat(binary)
     except OSError:
         return None
-    return _package_version(real, mtime, vendor.package)
+    return _package_version(binary, (target.st_dev, target.st_ino, target.st_mtime_ns), vendor.package)
 
 
 @functools.lru_cache(maxsize=64)
-def _package_version(real: str, mtime: int, package: str) -> str | None:
-    del mtime  # part of the cache key only
+def _package_version(binary: str, target: tuple[int, int, int], package: str) -> str | None:
+    del target  # part of the cache key only
+    try:
+        real = os.path.realpath(binary)
+    except OSError:
+        return None
     directory = Path(real).parent
     for _ in range(PACKAGE_SEARCH_DEPTH):
         try:
