@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from mcp_collab.runtimes.cli import supervisor
 from mcp_collab.runtimes.cli.supervisor import BoundedCapture, LineSplitter, ProcessSpec, run_process
 from tests.conftest import alive, fake_cli, read_pids
 
@@ -121,6 +123,33 @@ async def test_a_setsid_daemon_started_by_a_step_dies_with_it(pidfile: Path, end
     if ending == "normal exit":
         assert outcomes[0].exit_code == 0
     assert await until_gone([leader, daemon]) == []
+
+
+@pytest.mark.parametrize(
+    "window", [supervisor.PID_WINDOW, 0], ids=["reading the pids since the leader", "listing /proc"]
+)
+async def test_the_end_check_finds_a_daemon_left_behind_by_either_way_of_looking(
+    pidfile: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    monkeypatch.setattr(supervisor, "PID_WINDOW", window)  # 0: every range of pids is too long to read
+    outcome = await run_process(spec("daemon", pidfile, CODEX_FAKE_SECONDS="0"))
+    assert outcome.exit_code == 0
+    pids = read_pids(pidfile)
+    assert len(pids) == 2, "the leader and its setsid daemon"
+    assert await until_gone(pids) == []
+
+
+def test_the_pids_since_a_leader_are_told_only_while_they_cannot_have_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "PID_WINDOW", 1 << 20)  # however busy the machine is meanwhile
+    before = supervisor._tasks_created()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    leader = subprocess.Popen(["true"])
+    leader.wait()
+    since = supervisor._pids_since(leader.pid, before)
+    assert since is not None and since.start == leader.pid + 1
+    assert supervisor._pids_since(leader.pid, before - (1 << 40)) is None, "a whole cycle of pids could have passed"
+    assert supervisor._pids_since(leader.pid, None) is None
 
 
 async def test_children_whose_leader_exited_at_once_die_with_the_step(pidfile: Path) -> None:

@@ -21,12 +21,13 @@ environment, a value unique to the spawn: this server's ``pid-startticks`` and 1
 The environment is inherited through fork, exec and ``setsid`` and it outlives our own death, so
 a scan of ``/proc/*/environ`` (readable for our own uid) finds the whole tree during the step and,
 from the marker recorded on the step (``ProcessRef``), again after a ``kill -9`` of the server.
-When a step ends, one pass over ``/proc/*/environ`` says whether anything is left, skipping the
-processes a pidfd shows to be older than the step's leader (``_ElderProcesses``), so it reads only
-the few started since; only then, and while a kill is in progress, the full scan reads every
-``stat`` too, and the environment only of processes started no earlier than the leader. The random
-part means no process carries a step's marker unless the step's own tree handed it down, and the
-leader's pid counts only with its
+When a step ends, one pass over ``/proc/*/environ`` says whether anything is left: of the pids
+allocated since the leader's, when there are few (pids are handed out in order; the kernel's count
+of tasks created rules out a wrap), else of every process but those a pidfd shows to be older than
+the step's leader (``_ElderProcesses``), so it reads only the few started since; only then, and
+while a kill is in progress, the full scan reads every ``stat`` too, and the environment only of
+processes started no earlier than the leader. The random part means no process carries a step's
+marker unless the step's own tree handed it down, and the leader's pid counts only with its
 recorded start time, so a reused pid is never killed. Recovery also takes every process carrying
 the dead server's ``pid-startticks`` tag: a dead server served only this store, and the tag covers
 a spawn whose record had not reached the store when the server died.
@@ -267,6 +268,8 @@ class LineSplitter:
 
 # /proc/PID/stat is one line of well under this; one read() takes it whole.
 _STAT_BYTES = 4096
+# /proc/stat: a few lines per CPU and one of interrupt counts; its "processes" line comes after them.
+_PROC_STAT_BYTES = 1 << 16
 # A process's environment is nearly always smaller than this: one read() takes it whole.
 _ENVIRON_BYTES = 64 * 1024
 
@@ -419,6 +422,9 @@ class ProcessTree:
     # The spawn's number in this server (``_ElderProcesses``): processes known before it are no
     # descendants of the leader. None: unknown, every process is read.
     spawn_number: int | None = None
+    # Tasks the kernel had created since boot just before the leader was forked (``_tasks_created``):
+    # with the last pid allocated, it tells which pids were allocated since (``_pids_since``).
+    tasks_before: int | None = None
 
 
 def _carries(pid: int | str, needles: Sequence[bytes]) -> bool:
@@ -569,18 +575,85 @@ _elders = _ElderProcesses()
 def tree_left(tree: ProcessTree) -> bool:
     """Is anything of a live ``tree`` still running once its leader has exited? The cheap check
     every step makes: one syscall for the group, then the environment of each process that may be
-    younger than the leader (``_ElderProcesses`` skips those known to be older) for the marker. It
-    sees what ``tree_members`` sees: with the leader gone, anything else is in the group, carries
-    the marker, or descends from something that does (and then that one is still here)."""
+    younger than the leader for the marker: those with the pids allocated since the leader's, when
+    they are few and can be told (``_pids_since``), else every process in /proc that
+    ``_ElderProcesses`` does not know to be older. It sees what ``tree_members`` sees: with the
+    leader gone, anything else is in the group, carries the marker, or descends from something
+    that does (and then that one is still here)."""
     if tree.pgid is not None and group_alive(tree.pgid):
         return True
     if not tree.marker or not os.path.isdir("/proc"):
         return False
     needles = (f"\0{MARKER_VAR}={tree.marker}\0".encode(),)
+    since = _pids_since(tree.pid, tree.tasks_before) if tree.pid is not None else None
+    if since is not None:
+        # Everything younger than the leader has one of these few pids: read them, not a listing
+        # of /proc (which costs more than the rest of the step's supervision on a busy machine).
+        return any(pid != os.getpid() and _carries(pid, needles) for pid in since)
     if tree.spawn_number is not None:
         return _elders.any_carrying(needles, tree.spawn_number)
     me = str(os.getpid())
     return any(entry.isdigit() and entry != me and _carries(entry, needles) for entry in os.listdir("/proc"))
+
+
+# The end check reads the pids allocated since the leader's one by one, up to this many (beyond, a
+# listing of /proc costs less).
+PID_WINDOW = 64
+# Where pids start again when they wrap around at pid_max (the kernel's RESERVED_PIDS).
+PID_WRAP_FLOOR = 300
+
+
+def _proc_number(path: str, field: int) -> int | None:
+    """Field ``field`` (0-based, whitespace-separated) of a small /proc file, as a number."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fields = os.read(fd, _STAT_BYTES).split()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(fields[field]) if len(fields) > field and fields[field].isdigit() else None
+
+
+def _tasks_created() -> int | None:
+    """Tasks (processes and threads, each taking a pid) the kernel created since boot: the
+    ``processes`` line of /proc/stat."""
+    try:
+        fd = os.open("/proc/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, _PROC_STAT_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    at = raw.find(b"\nprocesses ")
+    if at < 0:
+        return None
+    value = raw[at + len(b"\nprocesses ") :].split(b"\n", 1)[0].strip()
+    return int(value) if value.isdigit() else None
+
+
+def _pids_since(leader: int, tasks_before: int | None) -> range | None:
+    """The pids allocated after ``leader``'s, up to the last one allocated now, when that can be told.
+    Pids are handed out in increasing order and wrap around at pid_max: while the last one is above
+    the leader's and fewer tasks than a whole cycle of pids were created since ``tasks_before``
+    (taken just before the leader's fork), the pids allocated since are exactly those in between.
+    None when not, or when there are more than ``PID_WINDOW`` of them, or without /proc."""
+    if tasks_before is None:
+        return None
+    last = _proc_number("/proc/loadavg", 4)  # its last field: the last pid allocated (our namespace)
+    created = _tasks_created()  # read after it: it counts every allocation up to that pid, and more
+    pid_max = _proc_number("/proc/sys/kernel/pid_max", 0)
+    if last is None or created is None or pid_max is None or not leader <= last <= leader + PID_WINDOW:
+        return None
+    if created - tasks_before >= pid_max - PID_WRAP_FLOOR:
+        return None  # the pids may have gone round once since the leader's
+    return range(leader + 1, last + 1)
 
 
 def group_alive(pgid: int) -> bool:
@@ -643,6 +716,7 @@ async def run_process(
     started = time.monotonic()
     marker = new_marker()
     spawn_number = _elders.next_spawn()
+    tasks_before = _tasks_created()
     process = await anyio.open_process(
         list(spec.argv),
         stdin=subprocess.PIPE,
@@ -654,7 +728,12 @@ async def run_process(
     )
     pid = process.pid
     tree = ProcessTree(
-        pid=pid, pgid=pid, start_ticks=process_start_ticks(pid), marker=marker, spawn_number=spawn_number
+        pid=pid,
+        pgid=pid,
+        start_ticks=process_start_ticks(pid),
+        marker=marker,
+        spawn_number=spawn_number,
+        tasks_before=tasks_before,
     )
     _spawned[pid] = tree
     settled = False  # the tree was found empty after the leader exited
