@@ -81,6 +81,10 @@ _READ_CHUNK = 64 * 1024
 _POLL_S = 0.02
 
 LineSink = Callable[[str], None]
+# A pipe holds at least a page: a prompt no longer than this is written whole without waiting for
+# the CLI to read, so it needs no task of its own (a longer one is fed beside the reading of stdout,
+# so a CLI that writes before it reads never blocks us both).
+STDIN_AT_ONCE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -801,7 +805,10 @@ async def run_process(
         if on_start is not None:
             await on_start(pid)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(feed_stdin)
+            if len(spec.stdin) <= STDIN_AT_ONCE_BYTES:
+                await feed_stdin()  # the pipe takes it whole at once: no task of its own
+            else:
+                tg.start_soon(feed_stdin)
             start_draining(tg)
             await watch()
             # The main process is gone; anything it left behind goes too (in its group, detached
