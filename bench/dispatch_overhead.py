@@ -3,14 +3,20 @@ minus a raw spawn of that CLI, next to a bare MCPServer tool's round trip; all i
 
     .venv/bin/python bench/dispatch_overhead.py
 
-The fake CLI is a /bin/sh script speaking codex's `exec --json` events. Each round, alternating so
+The fake CLI is a /bin/sh script speaking codex's `exec --json` events. Each round, back to back so
 drift hits all alike: a raw spawn of the script (prompt on stdin, read to the end); a `dispatch_task`
 through the SDK's in-memory Client to `build_server` with the real cli runtime and store (so the
 figure holds the MCP edge, the orchestrator, the store's fsyncs, supervision and parsing); the same
 run through `WorkerOrchestrator` directly (start + wait), which tells the edge's share from the
 engine's; and one call of a bare MCPServer's one tool through the same kind of client. The server's
-own cost per dispatch is the dispatch minus the raw spawn. Target: at most the bare round trip + 2 ms
-at the median, durability kept.
+own cost per dispatch is the dispatch minus the raw spawn of the same round, at the median over the
+rounds (a round's pair shares the machine's state, so other load on a shared machine mostly cancels
+out). Target: at most the bare round trip + 2 ms, durability kept: the client hears of a run only
+once its record is fsynced.
+
+For information, the event loop's own CPU time per dispatch minus per raw spawn (the thread's CPU
+clock, which other processes' load hardly moves): what the server's work costs, without the waits
+(the run's fsync, thread hand-offs) that the wall-clock figure also holds.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from mcp_collab.models import DispatchRequest, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.server import build_server
 
-ROUNDS = 60
-WARMUP = 5  # the first rounds warm caches and the tools' registration
+ROUNDS = 200
+WARMUP = 10  # the first rounds warm caches and the tools' registration
 TARGET_OVER_BARE_S = 0.002
 
 
@@ -47,9 +53,20 @@ def bare_server() -> MCPServer:
     return server
 
 
-async def bench(tmp: Path) -> dict[str, list[float]]:
+class Timed:
+    """Wall-clock and this thread's CPU time of one block."""
+
+    def __enter__(self) -> Timed:
+        self.wall, self.cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.thread_time() - self.cpu
+
+
+async def bench(tmp: Path) -> dict[str, list[Timed]]:
     fake = write_script(tmp / "codex", "#!/bin/sh\ncat >/dev/null\n" + "".join(f"echo '{e}'\n" for e in FINAL_EVENTS))
-    times: dict[str, list[float]] = {"raw": [], "mcp": [], "orchestrator": [], "bare": []}
+    times: dict[str, list[Timed]] = {"raw": [], "mcp": [], "orchestrator": [], "bare": []}
     (tmp / "mcp").mkdir()
     (tmp / "orch").mkdir()
     mcp_env = server_env(tmp / "mcp", MCP_COLLAB_CODEX_BIN=str(fake))
@@ -64,44 +81,52 @@ async def bench(tmp: Path) -> dict[str, list[float]]:
         assert not spawned.is_error, spawned.content
         await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
         for i in range(ROUNDS + WARMUP):
-            t = time.perf_counter()
-            done = await anyio.run_process([str(fake), "exec", "--json", "-"], input=b"task", stderr=subprocess.PIPE)
-            raw_s = time.perf_counter() - t
+            with Timed() as raw:
+                done = await anyio.run_process(
+                    [str(fake), "exec", "--json", "-"], input=b"task", stderr=subprocess.PIPE
+                )
             assert done.returncode == 0
 
-            t = time.perf_counter()
-            result = await ours.call_tool("dispatch_task", {"task": f"task {i}", "waitSeconds": 30})
-            mcp_s = time.perf_counter() - t
+            with Timed() as mcp:
+                result = await ours.call_tool("dispatch_task", {"task": f"task {i}", "waitSeconds": 30})
             assert not result.is_error and (result.structured_content or {}).get("status") == "completed", result
 
-            t = time.perf_counter()
-            run = await orch.wait((await orch.start(DispatchRequest(task=f"task {i}"))).id, None)
-            orch_s = time.perf_counter() - t
+            with Timed() as alone:
+                run = await orch.wait((await orch.start(DispatchRequest(task=f"task {i}"))).id, None)
             assert run.status == "completed", run.error
 
-            t = time.perf_counter()
-            pong = await bare.call_tool("ping", {})
-            bare_s = time.perf_counter() - t
-            assert not pong.is_error
+            with Timed() as pong:
+                answer = await bare.call_tool("ping", {})
+            assert not answer.is_error
 
             if i >= WARMUP:
-                for key, value in (("raw", raw_s), ("mcp", mcp_s), ("orchestrator", orch_s), ("bare", bare_s)):
+                for key, value in (("raw", raw), ("mcp", mcp), ("orchestrator", alone), ("bare", pong)):
                     times[key].append(value)
     return times
+
+
+def over(times: dict[str, list[Timed]], key: str, clock: str) -> float:
+    """The median over the rounds of ``key`` minus the raw spawn of the same round."""
+    return median([getattr(a, clock) - getattr(r, clock) for a, r in zip(times[key], times["raw"], strict=True)])
 
 
 def main() -> int:
     with private_dir("dispatch-overhead") as tmp:
         times = anyio.run(bench, tmp)
-    raw, mcp, orch, bare = (median(times[k]) for k in ("raw", "mcp", "orchestrator", "bare"))
+    raw, mcp, alone, bare = (median([t.wall for t in times[k]]) for k in ("raw", "mcp", "orchestrator", "bare"))
+    server, engine = over(times, "mcp", "wall"), over(times, "orchestrator", "wall")
     print(f"raw spawn of the fake CLI:                     {ms(raw)} (median of {ROUNDS})")
-    print(f"dispatch_task through the MCP client:          {ms(mcp)}  -> server's cost +{ms(mcp - raw)}")
-    print(f"the same run through the orchestrator alone:   {ms(orch)}  -> engine's cost +{ms(orch - raw)}")
+    print(f"dispatch_task through the MCP client:          {ms(mcp)}  -> server's cost +{ms(server)}")
+    print(f"the same run through the orchestrator alone:   {ms(alone)}  -> engine's cost +{ms(engine)}")
     print(f"a bare MCPServer tool's round trip:            {ms(bare)}")
-    ok = mcp - raw <= bare + TARGET_OVER_BARE_S
     print(
-        f"{'PASS' if ok else 'FAIL'}: a dispatch costs the server +{ms(mcp - raw)}, the bare round trip "
-        f"{ms(bare)} (target: at most +{ms(TARGET_OVER_BARE_S)} over it; now +{ms(mcp - raw - bare)})"
+        f"event loop CPU per dispatch over a raw spawn:  +{ms(over(times, 'mcp', 'cpu'))} (engine alone "
+        f"+{ms(over(times, 'orchestrator', 'cpu'))}; bare round trip {ms(median([t.cpu for t in times['bare']]))})"
+    )
+    ok = server <= bare + TARGET_OVER_BARE_S
+    print(
+        f"{'PASS' if ok else 'FAIL'}: a dispatch costs the server +{ms(server)}, the bare round trip "
+        f"{ms(bare)} (target: at most +{ms(TARGET_OVER_BARE_S)} over it; now {ms(server - bare)})"
     )
     return 0 if ok else 1
 
