@@ -20,6 +20,8 @@ from mcp_collab.errors import ConfigError
         ({"MCP_COLLAB_MAX_CONCURRENT_RUNS": "0.5"}, "must be a whole number"),
         ({"MCP_COLLAB_RETAIN_RUNS": "2.5"}, "must be a whole number"),
         ({"MCP_COLLAB_CAPTURE_BYTES": "1e3.5"}, "is not a number"),
+        ({"MCP_COLLAB_TEMPORAL_ADDRESS": "https://x.tmprl.cloud"}, "is not host:port"),
+        ({"MCP_COLLAB_TEMPORAL_API_KEY": "k" * 20, "MCP_COLLAB_TEMPORAL_TLS": "0"}, "sent only over TLS"),
     ],
 )
 def test_malformed_settings_name_the_variable_and_what_is_accepted(env: dict[str, str], message: str) -> None:
@@ -33,6 +35,13 @@ def test_defaults_and_state_dir() -> None:
     assert s.store_dir == Path("/home/u/.local/state/mcp-collab")
     assert Settings.from_env({"HOME": "/h", "XDG_STATE_HOME": "/x"}).state_dir == Path("/x/mcp-collab")
     assert Settings.from_env({"HOME": "/h", "MCP_COLLAB_STATE_DIR": "/s"}).store_dir == Path("/s")
+
+
+def test_a_temporal_api_key_turns_tls_on_and_is_never_shown() -> None:
+    cloud = Settings.from_env({"HOME": "/h", "MCP_COLLAB_TEMPORAL_API_KEY": "sekrit-key-1234567890"}).temporal
+    assert cloud.tls and cloud.api_key == "sekrit-key-1234567890"
+    assert "sekrit" not in repr(cloud)
+    assert not Settings.from_env({"HOME": "/h"}).temporal.tls, "a dev server speaks plain gRPC"
 
 
 def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:

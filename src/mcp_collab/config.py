@@ -186,12 +186,18 @@ def _temporal(env: Mapping[str, str]) -> TemporalSettings:
         )
     queue = env.get("MCP_COLLAB_TEMPORAL_QUEUE", "").strip() or DEFAULT_TEMPORAL_QUEUE
     api_key = env.get("MCP_COLLAB_TEMPORAL_API_KEY", "").strip() or None
+    # An API key (Temporal Cloud) is only ever sent over TLS: it turns TLS on, and cannot be had without.
+    tls = _choice(env, "MCP_COLLAB_TEMPORAL_TLS", "1" if api_key else "0", ("1", "0")) == "1"
+    if api_key and not tls:
+        raise ConfigError(
+            "MCP_COLLAB_TEMPORAL_API_KEY is sent only over TLS, but MCP_COLLAB_TEMPORAL_TLS=0; "
+            "unset MCP_COLLAB_TEMPORAL_TLS (an API key turns TLS on) or unset the key"
+        )
     return TemporalSettings(
         address=address,
         namespace=env.get("MCP_COLLAB_TEMPORAL_NAMESPACE", "").strip() or DEFAULT_TEMPORAL_NAMESPACE,
         queue=queue,
-        # An API key (Temporal Cloud) is only ever sent over TLS.
-        tls=_choice(env, "MCP_COLLAB_TEMPORAL_TLS", "1" if api_key else "0", ("1", "0")) == "1",
+        tls=tls,
         api_key=api_key,
     )
 
