@@ -4,6 +4,7 @@ its own queue, workspace roots and CLI install) sharing the run store."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 from mcp import Client
 from mcp.types import CallToolResult
 
+from mcp_collab import readiness
 from mcp_collab.config import Settings
+from mcp_collab.engine.temporal import client as temporal_client
 from mcp_collab.errors import InvalidRequestError
 from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
@@ -22,7 +25,7 @@ from mcp_collab.store import open_store
 from tests.conftest import alive, fake_cli, read_pids
 from tests.support.git_repo import init_repo
 from tests.support.mcp_helpers import call
-from tests.support.temporal import TemporalDev, WorkerProcess
+from tests.support.temporal import TemporalDev, WorkerProcess, free_port
 from tests.test_mcp_tasks import CreatedTask, Tasks, poll_until_over, task_request
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -259,6 +262,10 @@ async def test_every_tool_behaves_as_with_the_local_engine_through_a_real_mcp_cl
         cancelled = await call(client, "cancel_worker_run", runId=third["id"])
         assert cancelled["cancelled"] is True and cancelled["run"]["status"] == "cancelled"
 
+        checks = {c["name"]: c for c in (await call(client, "check_runtimes"))["checks"]}
+        assert checks["engine:temporal"]["ok"] and checks["engine:workers"]["ok"]
+        assert f"alpha-{tmp_path.name}" in checks["engine:workers"]["detail"]
+
 
 async def test_a_follow_up_continues_on_the_worker_that_holds_the_parents_worktree(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
@@ -330,3 +337,81 @@ async def test_a_review_loop_runs_its_rounds_on_temporal_as_on_the_local_engine(
     assert [(s.role, s.round) for s in run.steps] == [("writer", 1), ("reviewer", 1), ("writer", 2), ("reviewer", 2)]
     assert run.steps[2].directory == run.steps[0].directory, "the revision works in the same worktree"
     assert len(run.worktrees) == 1 and "fake-work.txt" in run.worktrees[0].diff
+
+
+def engine_checks(report: readiness.ReadinessReport) -> dict[str, readiness.Check]:
+    return {c.name: c for c in report.checks if c.name.startswith("engine:")}
+
+
+async def test_doctor_names_temporal_and_the_workers_serving_and_fails_when_none_is(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path, postgres_url: str
+) -> None:
+    env = {**env, "MCP_COLLAB_STORE_URL": postgres_url}  # doctor reads the leases without migrating
+    settings = Settings.from_env(env)
+    fresh = engine_checks(await readiness.check(settings))["engine:workers"]
+    assert not fresh.ok and "not set up for this version yet" in fresh.detail, "no worker has opened the database"
+    assert fresh.hint is not None and "mcp-collab worker --queue" in fresh.hint
+
+    alpha = machines(env, "alpha", tmp_path / "alpha")
+    machines(env, "beta", tmp_path / "beta")
+
+    report = await readiness.check(settings)
+    checks = engine_checks(report)
+    assert checks["engine:temporal"].ok, checks["engine:temporal"]
+    assert "namespace default" in checks["engine:temporal"].detail
+    workers = checks["engine:workers"]
+    assert workers.ok and workers.detail.startswith("2 serving"), workers
+    assert f"alpha-{tmp_path.name} on {socket.gethostname()}" in workers.detail
+    assert str(tmp_path / "beta") in workers.detail, "each worker's roots are named"
+
+    alpha.stop()  # a clean exit drops its lease
+    workers = engine_checks(await readiness.check(settings))["engine:workers"]
+    assert workers.ok and workers.detail.startswith("1 serving") and "alpha" not in workers.detail
+
+
+async def test_doctor_says_no_worker_is_serving_and_how_to_start_one(env: dict[str, str]) -> None:
+    report = await readiness.check(Settings.from_env(env))
+    workers = engine_checks(report)["engine:workers"]
+    assert not workers.ok and workers.required and not report.ok
+    assert "no worker is serving" in workers.detail
+    assert workers.hint is not None and "mcp-collab worker --queue" in workers.hint
+    assert engine_checks(report)["engine:temporal"].ok
+
+
+async def test_doctor_says_when_temporal_does_not_answer_and_how_to_fix_it(
+    env: dict[str, str], temporal: TemporalDev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    refused = engine_checks(await readiness.check(Settings.from_env({**env, "MCP_COLLAB_TEMPORAL_ADDRESS": closed})))
+    check = refused["engine:temporal"]
+    assert not check.ok and check.required
+    assert f"cannot reach Temporal at {closed}" in check.detail and "refused" in check.detail.lower()
+    assert check.hint is not None and "temporal server start-dev" in check.hint
+    assert "MCP_COLLAB_TEMPORAL_ADDRESS" in check.hint
+
+    missing = Settings.from_env({**env, "MCP_COLLAB_TEMPORAL_NAMESPACE": "no-such-team"})
+    check = engine_checks(await readiness.check(missing))["engine:temporal"]
+    assert not check.ok and "has no namespace no-such-team" in check.detail
+    assert check.hint is not None and "namespace create --namespace no-such-team" in check.hint
+
+    tls = Settings.from_env({**env, "MCP_COLLAB_TEMPORAL_API_KEY": "a-cloud-api-key-0123456789"})
+    check = engine_checks(await readiness.check(tls))["engine:temporal"]
+    assert not check.ok and "TLS handshake failed" in check.detail, check
+    assert "a-cloud-api-key" not in check.model_dump_json()
+
+    # A port that accepts and never answers: the check gives up on its own, and says so.
+    monkeypatch.setattr(temporal_client, "PROBE_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        mute = f"127.0.0.1:{silent.getsockname()[1]}"
+        with anyio.fail_after(30):
+            report = await readiness.check(Settings.from_env({**env, "MCP_COLLAB_TEMPORAL_ADDRESS": mute}))
+    check = engine_checks(report)["engine:temporal"]
+    assert not check.ok and check.detail.startswith(f"no answer within 0.5s from Temporal at {mute}")
+
+
+async def test_the_local_engine_reports_no_engine_checks(base_env: dict[str, str]) -> None:
+    report = await readiness.check(Settings.from_env(base_env))
+    assert engine_checks(report) == {}
+    assert {c.name for c in report.checks} >= {"store"}

@@ -2,7 +2,9 @@
 
 Non-destructive: it looks for binaries and asks their version, checks that credentials are
 present (never reads out a value), imports the SDKs, writes one temp file beside the store, and
-reports damaged logs the store repaired and kept aside. For each runtime it says which endpoint it
+reports damaged logs the store repaired and kept aside. With MCP_COLLAB_ENGINE=temporal it asks
+Temporal whether the namespace answers and lists the workers serving steps (their leases in the
+store). For each runtime it says which endpoint it
 will call and what the server hands a CLI so that it does; a custom endpoint gets a TCP connect
 (no request, no key), so one that is set but down is reported before a step waits on it.
 Used by the ``check_runtimes`` tool, ``mcp-collab doctor`` and ``probes/run_probes.py``.
@@ -15,6 +17,7 @@ import importlib.metadata
 import os
 import subprocess
 import tempfile
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import anyio
@@ -28,10 +31,16 @@ from .runtimes.cli.vendors import VENDORS, EndpointPlan
 from .runtimes.registry import RuntimeSpec, sdk_runtimes
 from .store.json_store import CORRUPT_MARK, DAMAGED_MARK, LOG_NAME, PROBE_BYTES
 
+if TYPE_CHECKING:
+    from .store import RunStore
+
 VERSION_TIMEOUT_S = 20.0
 # A TCP connect to a custom endpoint: a loopback or LAN server answers in milliseconds, a remote
 # gateway well within this; beyond it the endpoint counts as unreachable.
 ENDPOINT_CONNECT_TIMEOUT_S = 3.0
+# The workers a report names one by one; past this it counts the rest (a check is one line).
+LISTED_WORKERS = 8
+START_WORKER = "mcp-collab worker --queue NAME --root DIR"
 
 
 class Check(WireModel):
@@ -174,12 +183,13 @@ def _package_version(dist: str, module: str) -> str | None:
         return "unknown version"
 
 
-def _store_checks(settings: Settings) -> list[Check]:
+def _store_checks(settings: Settings) -> tuple[list[Check], bool]:
     """Can a run be stored (room for a page, a writable directory, a log that is a file), and was
     damage found and repaired (its original kept aside for the operator to read)? With a database:
-    which one, and is it reachable and usable."""
+    which one, and is it reachable and usable. Also: whether it holds this version's schema (the JSON
+    store's is made as it is written; a database's by the first server or worker of this version)."""
     if settings.store_url is not None:
-        return [_database_check(settings.store_url.url)]
+        return _database_check(settings.store_url.url)
     directory = settings.state_dir
     log_path = directory / LOG_NAME
     try:
@@ -217,27 +227,105 @@ def _store_checks(settings: Settings) -> list[Check]:
                 "and delete them once reviewed",
             )
         )
-    return checks
+    return checks, True
 
 
-def _database_check(url: str) -> Check:
+def _database_check(url: str) -> tuple[list[Check], bool]:
     """Connect, read the schema version, change nothing (the server migrates at start, not doctor)."""
     from .store.postgres import probe  # the driver is imported only when a database is configured
 
     try:
-        detail = probe(url)
+        detail, current = probe(url)
+    except StoreError as exc:
+        return [
+            Check(
+                name="store",
+                ok=False,
+                detail=f"PostgreSQL: {exc}",
+                hint="start the database or fix MCP_COLLAB_STORE_URL (host, port, user, database), "
+                "or unset it to use the JSON store",
+            )
+        ], False
+    return [Check(name="store", ok=True, detail=f"PostgreSQL: {detail}")], current
+
+
+async def _temporal_check(settings: Settings) -> Check:
+    """Does Temporal answer at the configured address, with the namespace (bounded by the probe's timeout)?"""
+    name = "engine:temporal"
+    try:
+        from .engine.temporal.client import TemporalNamespaceMissing, TemporalUnavailable, probe
+
+        detail = await probe(settings)
+    except ImportError:
+        return Check(
+            name=name,
+            ok=False,
+            detail="MCP_COLLAB_ENGINE=temporal, but the temporalio package is not importable",
+            hint="pip install 'mcp-collab[temporal]', or unset MCP_COLLAB_ENGINE to run steps in this server",
+        )
+    except TemporalNamespaceMissing as exc:
+        namespace = settings.temporal.namespace
+        return Check(
+            name=name,
+            ok=False,
+            detail=str(exc),
+            hint=f"create it (a dev server: temporal operator namespace create --namespace {namespace}) "
+            "or set MCP_COLLAB_TEMPORAL_NAMESPACE",
+        )
+    except TemporalUnavailable as exc:
+        return Check(
+            name=name,
+            ok=False,
+            detail=str(exc),
+            hint="start Temporal (a trial: temporal server start-dev) or set MCP_COLLAB_TEMPORAL_ADDRESS and "
+            "MCP_COLLAB_TEMPORAL_NAMESPACE; Temporal Cloud also needs MCP_COLLAB_TEMPORAL_API_KEY (TLS follows it)",
+        )
+    return Check(name=name, ok=True, detail=detail)
+
+
+def _workers_check(settings: Settings, store: RunStore | None, usable: bool, current: bool) -> Check:
+    """Which ``mcp-collab worker`` processes serve steps now: the live workers' leases in the store
+    (the server routes a dispatch by them). Without a store at hand (doctor), the store is opened
+    without migrating it, when the store check passed (``usable``) and it holds this version's schema
+    (``current``: every worker sets it up at start, so without it none is serving)."""
+    from .store import open_store
+
+    name = "engine:workers"
+    start = f"on a machine with the CLIs, their credentials, the repositories and this store: {START_WORKER}"
+    none = "no worker is serving: a dispatch is refused until one is"
+    fix_store = "fix the store (see the store check): workers announce themselves there"
+    if store is None and not usable:
+        return Check(name=name, ok=False, detail="not known: the store cannot be read", hint=fix_store)
+    if store is None and not current:
+        return Check(name=name, ok=False, detail=f"{none} (the store is not set up for this version yet)", hint=start)
+    own = store is None
+    try:
+        if store is None:
+            store = open_store(settings, migrate=False)
+        leases = store.live_leases("worker")
     except StoreError as exc:
         return Check(
-            name="store",
+            name=name,
             ok=False,
-            detail=f"PostgreSQL: {exc}",
-            hint="start the database or fix MCP_COLLAB_STORE_URL (host, port, user, database), "
-            "or unset it to use the JSON store",
+            detail=f"the workers' leases could not be read: {exc}",
+            hint=fix_store,
         )
-    return Check(name="store", ok=True, detail=f"PostgreSQL: {detail}")
+    finally:
+        close = getattr(store, "close", None) if own else None  # a database's pool; the JSON store holds none
+        if close is not None:
+            close()
+    if not leases:
+        return Check(name=name, ok=False, detail=none, hint=start)
+    shown = [
+        f"{lease.queue} on {lease.host} (pid {lease.pid}): {', '.join(map(_display, lease.roots)) or 'no roots'}"
+        for lease in leases[:LISTED_WORKERS]
+    ]
+    more = f"; and {len(leases) - LISTED_WORKERS} more" if len(leases) > LISTED_WORKERS else ""
+    return Check(name=name, ok=True, detail=f"{len(leases)} serving: " + "; ".join(shown) + more)
 
 
-async def check(settings: Settings) -> ReadinessReport:
+async def check(settings: Settings, store: RunStore | None = None) -> ReadinessReport:
+    """``store``: the server's own, when it has one open (else the settings' store is opened to read)."""
     checks: list[Check] = []
     cli_ready: dict[str, bool] = {}
     binaries = {model: find_binary(settings, vendor) for model, vendor in VENDORS.items()}
@@ -248,6 +336,10 @@ async def check(settings: Settings) -> ReadinessReport:
 
     custom = [ep for ep in settings.endpoints.values() if ep.custom]
     unreachable: dict[str, str] = {}
+    engine: list[Check] = []
+
+    async def look_at_temporal() -> None:
+        engine.append(await _temporal_check(settings))  # before the workers' check, added below
 
     async def reach(endpoint: Endpoint) -> None:
         problem = await _reach(endpoint)
@@ -260,6 +352,8 @@ async def check(settings: Settings) -> ReadinessReport:
                 tg.start_soon(ask, model, binary)
         for endpoint in custom:
             tg.start_soon(reach, endpoint)
+        if settings.engine == "temporal":
+            tg.start_soon(look_at_temporal)
     for model, vendor in VENDORS.items():
         binary = binaries[model]
         if binary is None:
@@ -313,7 +407,12 @@ async def check(settings: Settings) -> ReadinessReport:
             )
         )
     # A database's connect can take seconds: off the event loop.
-    checks.extend(await anyio.to_thread.run_sync(_store_checks, settings))
+    store_checks, current = await anyio.to_thread.run_sync(_store_checks, settings)
+    checks.extend(store_checks)
+    if settings.engine == "temporal":
+        usable = store_checks[0].ok
+        engine.append(await anyio.to_thread.run_sync(_workers_check, settings, store, usable, current))
+        checks.extend(engine)
     plans = {model: vendor.endpoint(settings) for model, vendor in VENDORS.items()}
     endpoint_checks, blocked = _endpoint_checks(settings, plans, unreachable)
     checks.extend(endpoint_checks)

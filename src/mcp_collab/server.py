@@ -564,13 +564,13 @@ async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
 
 @tool_errors
 async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
-    """What can run here (CLIs, credentials, SDKs, endpoints, the store), with a hint per failure."""
+    """What can run here (CLIs, credentials, SDKs, endpoints, store, engine), with a hint per failure."""
     state = _state(ctx)
     # Reading the store first finds (and repairs, keeping the original aside) damage done to
     # it since the last call, so the report below lists it.
     with contextlib.suppress(StoreError):
         await state.orchestrator.list_workers()
-    return await readiness.check(state.settings)
+    return await readiness.check(state.settings, state.orchestrator.store)
 
 
 def _dispatch_description() -> str:

@@ -15,12 +15,13 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 
-def open_store(settings: Settings) -> RunStore:
-    """The run store the settings name, opened (a PostgreSQL database is migrated on open)."""
+def open_store(settings: Settings, *, migrate: bool = True) -> RunStore:
+    """The run store the settings name, opened (a PostgreSQL database is migrated on open, unless
+    ``migrate`` is False: a reader such as doctor changes nothing)."""
     if settings.store_url is not None:
         from .postgres import PostgresStore  # imported only when used: the default needs no driver
 
-        return PostgresStore(settings.store_url.url)
+        return PostgresStore(settings.store_url.url, migrate=migrate)
     return JsonStore(settings.store_dir)
 
 

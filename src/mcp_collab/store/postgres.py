@@ -250,13 +250,14 @@ class _Pool:
 
 
 class PostgresStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = url
         self.shown = shown_store_url(url)
         self._hidden = store_url_secrets(url)
         self.notices: list[str] = []  # nothing to report yet; the seam's callers read it
         self._pool = _Pool(url, POOL_SIZE)
-        self._call(self._migrate, "open")
+        if migrate:
+            self._call(self._migrate, "open")
 
     def close(self) -> None:
         self._pool.close()
@@ -809,9 +810,10 @@ def _worker(record: str) -> Worker:
     return Worker.model_validate(json.loads(record), context=STORED)
 
 
-def probe(url: str) -> str:
+def probe(url: str) -> tuple[str, bool]:
     """Whether the database a URL names is reachable and which schema it holds, changing nothing
-    (for doctor); StoreError, without the password, when it cannot be used."""
+    (for doctor): what to say, and whether the schema is this version's (else no process of this
+    version has opened it yet); StoreError, without the password, when it cannot be used."""
     shown = shown_store_url(url)
     hidden = store_url_secrets(url)
     try:
@@ -832,5 +834,5 @@ def probe(url: str) -> str:
     if version > SCHEMA_VERSION:
         raise StoreError(f"{shown} holds schema {version}, newer than this mcp-collab knows ({SCHEMA_VERSION})")
     if version < SCHEMA_VERSION:
-        return f"{shown} (reachable; schema {version}, the server migrates it to {SCHEMA_VERSION} at start)"
-    return f"{shown} (reachable, schema {version})"
+        return f"{shown} (reachable; schema {version}, the server migrates it to {SCHEMA_VERSION} at start)", False
+    return f"{shown} (reachable, schema {version})", True

@@ -15,11 +15,12 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +64,17 @@ START_GRACE_S = 120.0
 # The steps' heartbeats are read this often by a waiter with a progress listener (each read is a
 # call to Temporal).
 BEATS_EVERY_S = 1.0
+# doctor's look at Temporal: a frontend on a LAN answers a connect and a namespace lookup in
+# milliseconds, Temporal Cloud within a second or two; slower than this counts as not answering.
+PROBE_TIMEOUT_S = 5.0
 
 
 class TemporalUnavailable(CollabError):
     """The Temporal service could not be reached or refused a call; the message names the address."""
+
+
+class TemporalNamespaceMissing(TemporalUnavailable):
+    """Temporal answers, but has no namespace by the configured name."""
 
 
 async def connect(settings: Settings) -> Client:
@@ -87,6 +95,54 @@ async def connect(settings: Settings) -> Client:
             f"cannot reach Temporal at {where.address} (namespace {where.namespace}): {exc}. Start it "
             "(`temporal server start-dev`) or set MCP_COLLAB_TEMPORAL_ADDRESS / MCP_COLLAB_TEMPORAL_NAMESPACE"
         ) from exc
+
+
+def shown_temporal(settings: Settings) -> str:
+    """Where Temporal is, as a report may say it (never the API key)."""
+    where = settings.temporal
+    how = [w for w, on in (("TLS", where.tls), ("an API key", where.api_key is not None)) if on]
+    return f"{where.address}, namespace {where.namespace}" + (f" ({' and '.join(how)})" if how else "")
+
+
+async def probe(settings: Settings) -> str:
+    """Whether Temporal answers at the configured address and serves the namespace, changing nothing
+    (for doctor); TemporalUnavailable saying what is wrong, within PROBE_TIMEOUT_S."""
+    from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, GetSystemInfoRequest
+    from temporalio.client import Client
+    from temporalio.service import RPCError, RPCStatusCode
+
+    where, shown = settings.temporal, shown_temporal(settings)
+    limit = timedelta(seconds=PROBE_TIMEOUT_S)
+    try:
+        with anyio.fail_after(PROBE_TIMEOUT_S):
+            client = await Client.connect(
+                where.address, namespace=where.namespace, tls=where.tls, api_key=where.api_key, connect_timeout=limit
+            )
+            service = client.workflow_service
+            info = await service.get_system_info(GetSystemInfoRequest(), timeout=limit)
+            await service.describe_namespace(DescribeNamespaceRequest(namespace=where.namespace), timeout=limit)
+    except TimeoutError:
+        raise TemporalUnavailable(f"no answer within {PROBE_TIMEOUT_S:g}s from Temporal at {shown}") from None
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise TemporalNamespaceMissing(f"Temporal at {where.address} has no namespace {where.namespace}") from None
+        raise TemporalUnavailable(f"Temporal at {shown} refused: {exc.message or exc.status.name}") from None
+    except RuntimeError as exc:  # the bridge's connection errors
+        raise TemporalUnavailable(f"cannot reach Temporal at {shown}: {_connect_cause(exc, where.tls)}") from None
+    version = info.server_version or "(version not given)"
+    return f"Temporal {version} at {shown}: the namespace answers"
+
+
+def _connect_cause(exc: RuntimeError, tls: bool) -> str:
+    """The OS's words from the bridge's nested error text (``message: "Connection refused"``), else its first line."""
+    text = str(exc)
+    if tls and "InvalidContentType" in text:  # rustls met a peer that answered in plain text
+        return (
+            "the TLS handshake failed: the server answers without TLS "
+            "(for such a server: no API key, and MCP_COLLAB_TEMPORAL_TLS=0)"
+        )
+    found = re.findall(r'message: "([^"]+)"', text)
+    return found[-1] if found else text.strip().splitlines()[0][:300]
 
 
 def worker_lease(queue: str, roots: Sequence[Path]) -> Lease:
