@@ -358,7 +358,8 @@ async def test_doctor_names_temporal_and_the_workers_serving_and_fails_when_none
     report = await readiness.check(settings)
     checks = engine_checks(report)
     assert checks["engine:temporal"].ok, checks["engine:temporal"]
-    assert "namespace default" in checks["engine:temporal"].detail
+    assert "namespace default: the namespace answers; the runs' queue" in checks["engine:temporal"].detail
+    assert "2 pollers" in checks["engine:temporal"].detail, "both workers poll the runs' queue"
     workers = checks["engine:workers"]
     assert workers.ok and workers.detail.startswith("2 serving"), workers
     assert f"alpha-{tmp_path.name} on {socket.gethostname()}" in workers.detail
@@ -409,6 +410,21 @@ async def test_doctor_says_when_temporal_does_not_answer_and_how_to_fix_it(
             report = await readiness.check(Settings.from_env({**env, "MCP_COLLAB_TEMPORAL_ADDRESS": mute}))
     check = engine_checks(report)["engine:temporal"]
     assert not check.ok and check.detail.startswith(f"no answer within 0.5s from Temporal at {mute}")
+
+
+async def test_doctor_finds_a_temporal_whose_own_services_cannot_reach_each_other(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The dev server bound to an address other than 127.0.0.1 answers at its front door, but its
+    services dial each other on 127.0.0.1: a run could not start there. Its namespace looks fine."""
+    broken = TemporalDev(tmp_path / "broken", ip="127.0.0.2").start()
+    try:
+        report = await readiness.check(Settings.from_env({**env, "MCP_COLLAB_TEMPORAL_ADDRESS": broken.address}))
+    finally:
+        broken.stop()
+    check = engine_checks(report)["engine:temporal"]
+    assert not check.ok and "answers, but cannot serve the runs' queue" in check.detail, check
+    assert check.hint is not None and "--ip" in check.hint
 
 
 async def test_the_local_engine_reports_no_engine_checks(base_env: dict[str, str]) -> None:

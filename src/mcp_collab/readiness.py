@@ -250,10 +250,11 @@ def _database_check(url: str) -> tuple[list[Check], bool]:
 
 
 async def _temporal_check(settings: Settings) -> Check:
-    """Does Temporal answer at the configured address, with the namespace (bounded by the probe's timeout)?"""
+    """Does Temporal answer at the configured address, with the namespace and the runs' queue
+    (bounded by the probe's timeout)?"""
     name = "engine:temporal"
     try:
-        from .engine.temporal.client import TemporalNamespaceMissing, TemporalUnavailable, probe
+        from .engine.temporal.client import TemporalUnavailable, probe
 
         detail = await probe(settings)
     except ImportError:
@@ -263,23 +264,8 @@ async def _temporal_check(settings: Settings) -> Check:
             detail="MCP_COLLAB_ENGINE=temporal, but the temporalio package is not importable",
             hint="pip install 'mcp-collab[temporal]', or unset MCP_COLLAB_ENGINE to run steps in this server",
         )
-    except TemporalNamespaceMissing as exc:
-        namespace = settings.temporal.namespace
-        return Check(
-            name=name,
-            ok=False,
-            detail=str(exc),
-            hint=f"create it (a dev server: temporal operator namespace create --namespace {namespace}) "
-            "or set MCP_COLLAB_TEMPORAL_NAMESPACE",
-        )
     except TemporalUnavailable as exc:
-        return Check(
-            name=name,
-            ok=False,
-            detail=str(exc),
-            hint="start Temporal (a trial: temporal server start-dev) or set MCP_COLLAB_TEMPORAL_ADDRESS and "
-            "MCP_COLLAB_TEMPORAL_NAMESPACE; Temporal Cloud also needs MCP_COLLAB_TEMPORAL_API_KEY (TLS follows it)",
-        )
+        return Check(name=name, ok=False, detail=str(exc), hint=exc.hint)
     return Check(name=name, ok=True, detail=detail)
 
 

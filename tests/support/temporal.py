@@ -39,19 +39,20 @@ def temporal_binary() -> str:
 
 
 class TemporalDev:
-    """`temporal server start-dev` on 127.0.0.1, with its database in ``directory``."""
+    """`temporal server start-dev` on 127.0.0.1 (or another loopback ``ip``), with its database in ``directory``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ip: str = "127.0.0.1") -> None:
         self.directory = directory
+        self.ip = ip
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{ip}:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> TemporalDev:
         binary = temporal_binary()
         self.directory.mkdir(parents=True, exist_ok=True)
         argv = [
-            binary, "server", "start-dev", "--ip", "127.0.0.1", "--port", str(self.port),
+            binary, "server", "start-dev", "--ip", self.ip, "--port", str(self.port),
             "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--headless",
             "--db-filename", str(self.directory / "temporal.db"), "--log-level", "error",
         ]  # fmt: skip

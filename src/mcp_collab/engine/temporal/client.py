@@ -70,11 +70,12 @@ PROBE_TIMEOUT_S = 5.0
 
 
 class TemporalUnavailable(CollabError):
-    """The Temporal service could not be reached or refused a call; the message names the address."""
+    """The Temporal service could not be reached or refused a call; the message names the address,
+    ``hint`` (when the cause is known) what to do."""
 
-
-class TemporalNamespaceMissing(TemporalUnavailable):
-    """Temporal answers, but has no namespace by the configured name."""
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 async def connect(settings: Settings) -> Client:
@@ -104,15 +105,29 @@ def shown_temporal(settings: Settings) -> str:
     return f"{where.address}, namespace {where.namespace}" + (f" ({' and '.join(how)})" if how else "")
 
 
+START_TEMPORAL = (
+    "start Temporal (a trial: temporal server start-dev) or set MCP_COLLAB_TEMPORAL_ADDRESS and "
+    "MCP_COLLAB_TEMPORAL_NAMESPACE; Temporal Cloud also needs MCP_COLLAB_TEMPORAL_API_KEY (TLS follows it)"
+)
+
+
 async def probe(settings: Settings) -> str:
-    """Whether Temporal answers at the configured address and serves the namespace, changing nothing
-    (for doctor); TemporalUnavailable saying what is wrong, within PROBE_TIMEOUT_S."""
-    from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, GetSystemInfoRequest
+    """Whether Temporal answers at the configured address, serves the namespace and can serve the
+    runs' task queue (which takes its matching service too), changing nothing (for doctor);
+    TemporalUnavailable saying what is wrong and what to do, within PROBE_TIMEOUT_S."""
+    from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import (
+        DescribeNamespaceRequest,
+        DescribeTaskQueueRequest,
+        GetSystemInfoRequest,
+    )
     from temporalio.client import Client
     from temporalio.service import RPCError, RPCStatusCode
 
     where, shown = settings.temporal, shown_temporal(settings)
     limit = timedelta(seconds=PROBE_TIMEOUT_S)
+    step = "connect"
     try:
         with anyio.fail_after(PROBE_TIMEOUT_S):
             client = await Client.connect(
@@ -121,16 +136,49 @@ async def probe(settings: Settings) -> str:
             service = client.workflow_service
             info = await service.get_system_info(GetSystemInfoRequest(), timeout=limit)
             await service.describe_namespace(DescribeNamespaceRequest(namespace=where.namespace), timeout=limit)
+            step = "queue"
+            queue = await service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=where.namespace,
+                    task_queue=TaskQueue(name=where.queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                ),
+                timeout=limit,
+            )
     except TimeoutError:
-        raise TemporalUnavailable(f"no answer within {PROBE_TIMEOUT_S:g}s from Temporal at {shown}") from None
+        raise TemporalUnavailable(
+            f"no answer within {PROBE_TIMEOUT_S:g}s from Temporal at {shown}", START_TEMPORAL
+        ) from None
     except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise TemporalNamespaceMissing(f"Temporal at {where.address} has no namespace {where.namespace}") from None
-        raise TemporalUnavailable(f"Temporal at {shown} refused: {exc.message or exc.status.name}") from None
+        said = exc.message or exc.status.name
+        if exc.status == RPCStatusCode.NOT_FOUND and step == "connect":
+            raise TemporalUnavailable(
+                f"Temporal at {where.address} has no namespace {where.namespace}",
+                f"create it (a dev server: temporal operator namespace create --namespace {where.namespace}) "
+                "or set MCP_COLLAB_TEMPORAL_NAMESPACE",
+            ) from None
+        if exc.status in (RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
+            raise TemporalUnavailable(
+                f"Temporal at {shown} refused: {said}",
+                f"check MCP_COLLAB_TEMPORAL_API_KEY, and that it may use the namespace {where.namespace}",
+            ) from None
+        if step == "queue":
+            raise TemporalUnavailable(
+                f"Temporal at {shown} answers, but cannot serve the runs' queue {where.queue}: {said}",
+                "read the Temporal server's log: its own services do not reach each other (temporal server "
+                "start-dev bound with --ip to an address other than 127.0.0.1 or 0.0.0.0 does this)",
+            ) from None
+        raise TemporalUnavailable(f"Temporal at {shown} refused: {said}", START_TEMPORAL) from None
     except RuntimeError as exc:  # the bridge's connection errors
-        raise TemporalUnavailable(f"cannot reach Temporal at {shown}: {_connect_cause(exc, where.tls)}") from None
+        raise TemporalUnavailable(
+            f"cannot reach Temporal at {shown}: {_connect_cause(exc, where.tls)}", START_TEMPORAL
+        ) from None
     version = info.server_version or "(version not given)"
-    return f"Temporal {version} at {shown}: the namespace answers"
+    polling = len(queue.pollers)
+    return (
+        f"Temporal {version} at {shown}: the namespace answers; the runs' queue {where.queue} has "
+        f"{polling} poller{'' if polling == 1 else 's'} (workers seen lately)"
+    )
 
 
 def _connect_cause(exc: RuntimeError, tls: bool) -> str:
