@@ -161,9 +161,10 @@ async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_r
     pids = tmp_path / "pids"
     # A CLI that goes quiet and ignores SIGTERM, with children: it outlives the worker's death.
     hang = {"MCP_COLLAB_CODEX_BIN": fake_cli("hang"), "CODEX_FAKE_PIDFILE": str(pids)}
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})  # the writer gets a worktree there
     worker = machines(env, "alpha", tmp_path / "alpha", **hang)
     machines(env, "beta", tmp_path / "beta")  # another machine goes on hosting the run's workflow
-    run = await serving.start(DispatchRequest(task="long", working_directory=str(tmp_path / "alpha")))
+    run = await serving.start(DispatchRequest(task="long", working_directory=str(repo)))
     await until(serving, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
     with anyio.fail_after(60):
         while len(read_pids(pids)) < 2:  # the CLI and its children are up
@@ -174,6 +175,9 @@ async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_r
     [step] = ended.steps
     assert step.status == "interrupted" and "no heartbeat" in (step.error or "")
     assert "never run twice" in (ended.error or "")
+    # Its worktree is on the dead machine: the run ends without committing it, rather than wait for it.
+    assert any(f"no worker serves task queue alpha-{tmp_path.name} any more" in note for note in ended.notes)
+    assert [w.tip for w in ended.worktrees] == [None]
     # The killed worker could not kill its step's CLI; the next worker started on this machine does.
     assert any(alive(pid) for pid in read_pids(pids))
     machines(env, "alpha", tmp_path / "alpha", **hang)

@@ -155,6 +155,12 @@ class Activities:
                         run.steps[i].diff = stored.steps[i].diff
         await self.recorder.save(run)
 
+    @activity.defn(name="queue_served")
+    async def queue_served(self, queue: str) -> bool:
+        """Whether a live worker serves the step queue ``queue`` (by the workers' leases in the store)."""
+        leases = await anyio.to_thread.run_sync(self.store.live_leases, "worker")
+        return any(lease.queue == queue for lease in leases)
+
     def _spaces(self, run: Run, directory: str | None) -> Spaces:
         return Spaces(
             run,

@@ -70,7 +70,7 @@ async def serve_worker(
         client,
         task_queue=settings.temporal.queue,
         workflows=[RunWorkflow, DeliverWorkflow],
-        activities=[activities.save_run],
+        activities=[activities.save_run, activities.queue_served],  # the workflows' local activities
         workflow_runner=runner,
         **common,
     )

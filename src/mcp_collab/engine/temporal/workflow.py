@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from .jobs import (
         DELIVER_WORKFLOW,
         HEARTBEAT_TIMEOUT_S,
+        PICKUP_AFTER_LOSS_S,
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
@@ -116,14 +117,16 @@ class WorkflowContext(ProgramContext):
 
     # -- activities ----------------------------------------------------------------------------
 
-    async def short(self, name: str, arg: object, result_type: type[T]) -> T | None:
-        """A short, idempotent activity on the run's queue (a worktree, a diff)."""
+    async def short(self, name: str, arg: object, result_type: type[T], *, pickup_s: float | None = None) -> T | None:
+        """A short, idempotent activity on the run's queue (a worktree, a diff); ``pickup_s``: a
+        worker must take it within that long (else a SCHEDULE_TO_START timeout)."""
         result: T | None = await workflow.execute_activity(
             name,
             arg,
             result_type=result_type,
             task_queue=self.job.queue,
             start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
+            schedule_to_start_timeout=timedelta(seconds=pickup_s) if pickup_s is not None else None,
             retry_policy=SHORT_RETRIES,
         )
         return result
@@ -335,6 +338,7 @@ class RunWorkflow:
         follow_up = job.continuation
         program = asyncio.ensure_future(strategy.run(context) if follow_up is None else _continue(context, follow_up))
         failure: str | None = None
+        lost = False
         try:
             await workflow.wait_condition(lambda: program.done() or self._stop is not None, timeout=job.run_timeout_s)
         except builtins.TimeoutError:
@@ -349,8 +353,8 @@ class RunWorkflow:
             program.cancel()
         try:
             await asyncio.shield(asyncio.gather(program, return_exceptions=False))
-        except WorkerLost as lost:
-            self._stop = ("interrupted", lost.reason)
+        except WorkerLost as gone:
+            self._stop, lost = ("interrupted", gone.reason), True
         except StepFailed as stop:
             failure = stop.reason
         except (asyncio.CancelledError, ActivityError):
@@ -361,20 +365,49 @@ class RunWorkflow:
             stop_open_steps(run, status, reason, workflow.now())
         else:
             context.settle(run, failure)
-        await self._finish(context)
+        await self._finish(context, lost=lost)
         return run.status
 
-    async def _finish(self, context: WorkflowContext) -> None:
+    async def _finish(self, context: WorkflowContext, *, lost: bool = False) -> None:
         run = context.run
         if run.worktrees:
             job = FinishJob(run_id=run.id, repository=run.repository, worktrees=run.worktrees)
-            finished = await context.short("finish_spaces", job, Finished)
-            assert finished is not None
-            run.worktrees = finished.worktrees
-            run.notes += finished.notes
+            finished = await (
+                _finish_after_loss(context, job) if lost else context.short("finish_spaces", job, Finished)
+            )
+            if finished is not None:
+                run.worktrees = finished.worktrees
+                run.notes += finished.notes
         run.ended_at = workflow.now()
         close_accounts(run)
         await context.save()
+
+
+async def _finish_after_loss(context: WorkflowContext, job: FinishJob) -> Finished | None:
+    """The worktrees committed after their machine's worker died mid-step: by a worker of the queue
+    that takes the job (the one restarted, or another with the same roots); None, with a note, once
+    no live worker serves the queue, so the run ends instead of waiting for a machine that is gone."""
+    queue = context.job.queue
+    while True:
+        try:
+            return await context.short("finish_spaces", job, Finished, pickup_s=PICKUP_AFTER_LOSS_S)
+        except ActivityError as exc:
+            cause = exc.cause
+            if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START):
+                raise
+        served = await workflow.execute_local_activity(
+            "queue_served",
+            queue,
+            result_type=bool,
+            start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
+            retry_policy=SHORT_RETRIES,
+        )
+        if not served:
+            context.run.notes.append(
+                f"its worktrees were not committed: no worker serves task queue {queue} any more (the step's "
+                "worker was lost); they stay on that machine as the step left them"
+            )
+            return None
 
 
 async def _continue(context: WorkflowContext, follow_up: ContinueJob) -> None:
