@@ -184,6 +184,28 @@ async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_r
     assert not any(alive(pid) for pid in read_pids(pids))
 
 
+async def test_a_worker_stopped_mid_step_leaves_the_step_interrupted_and_the_run_ends(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    worker = machines(
+        env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"), CODEX_FAKE_PIDFILE=str(pids)
+    )
+    machines(env, "beta", tmp_path / "beta")  # hosts the run's workflow once alpha is gone
+    run = await serving.start(DispatchRequest(task="long", working_directory=str(repo)))
+    with anyio.fail_after(60):
+        while len(read_pids(pids)) < 2:  # the CLI and its children are up
+            await anyio.sleep(0.05)
+    assert worker.stop() == 0, "SIGTERM: the worker stops cleanly (as systemctl stop or restart does)"
+    assert not any(alive(pid) for pid in read_pids(pids)), "it killed its step's process tree on the way out"
+    ended = await serving.wait(run.id, 120)
+    assert ended.status == "interrupted", ended
+    [step] = ended.steps
+    assert step.status == "interrupted" and "was shut down before the step ended" in (step.error or "")
+    assert any(f"no worker serves task queue alpha-{tmp_path.name} any more" in note for note in ended.notes)
+
+
 async def test_a_restart_of_the_mcp_server_interrupts_nothing(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:

@@ -25,10 +25,10 @@ HEARTBEAT_EVERY_S = 1.0
 HEARTBEAT_TIMEOUT_S = 20.0
 # Short activities (a worktree, a diff, saving the run) get this long; they retry, being idempotent.
 SHORT_ACTIVITY_S = 300.0
-# After a step's worker was lost, the run's worktrees are committed by whichever worker of its queue
-# takes that job; each wait for one lasts this long, and once no live worker serves the queue (the
-# lost one's lease lapsed and none came back) the run ends without it.
-PICKUP_AFTER_LOSS_S = 15.0
+# A run's worktrees are committed at its end by whichever worker of its queue takes that job; each
+# wait for one lasts this long, and once no live worker serves the queue (a dead one's lease lapsed,
+# none came back) the run ends without it rather than wait for a machine that is gone.
+FINISH_PICKUP_S = 15.0
 
 WORKFLOW_NAME = "mcp-collab-run"
 DELIVER_WORKFLOW = "mcp-collab-deliver"

@@ -44,8 +44,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from .jobs import (
         DELIVER_WORKFLOW,
+        FINISH_PICKUP_S,
         HEARTBEAT_TIMEOUT_S,
-        PICKUP_AFTER_LOSS_S,
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
@@ -69,6 +69,11 @@ T = TypeVar("T")
 # timeout ends it first, with the step's output and a clear error).
 STEP_GRACE_S = 120.0
 ONCE = RetryPolicy(maximum_attempts=1)
+# The failure type Temporal's SDK gives an activity its worker cancelled at shutdown.
+WORKER_SHUTDOWN = "WorkerShutdown"
+# Changes of the workflow's course, marked in the histories of the runs that took them (workflow.patched),
+# so a run started by an earlier version replays on this one as it ran.
+SHUTDOWN_INTERRUPTS = "worker-shutdown-interrupts-the-step"
 SHORT_RETRIES = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1))
 
 
@@ -264,10 +269,22 @@ class WorkflowContext(ProgramContext):
             )
         except ActivityError as exc:
             cause = exc.cause
-            if isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT:
+            died = isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT
+            stopped = (
+                isinstance(cause, ApplicationError)
+                and cause.type == WORKER_SHUTDOWN
+                # Runs that met this before it counted as an interruption replay as they ran.
+                and workflow.patched(SHUTDOWN_INTERRUPTS)
+            )
+            if died or stopped:
+                how = (
+                    f"stopped: no heartbeat for {HEARTBEAT_TIMEOUT_S:g}s"
+                    if died
+                    else "was shut down before the step ended (its process tree was killed)"
+                )
                 reason = (
-                    f"the worker running this step (task queue {self.job.queue}) stopped: no heartbeat for "
-                    f"{HEARTBEAT_TIMEOUT_S:g}s. A step is never run twice (it may have edited files)"
+                    f"the worker running this step (task queue {self.job.queue}) {how}. "
+                    "A step is never run twice (it may have edited files)"
                 )
                 step.status, step.error = "interrupted", reason
                 step.ended_at = workflow.now()
@@ -338,7 +355,6 @@ class RunWorkflow:
         follow_up = job.continuation
         program = asyncio.ensure_future(strategy.run(context) if follow_up is None else _continue(context, follow_up))
         failure: str | None = None
-        lost = False
         try:
             await workflow.wait_condition(lambda: program.done() or self._stop is not None, timeout=job.run_timeout_s)
         except builtins.TimeoutError:
@@ -353,8 +369,8 @@ class RunWorkflow:
             program.cancel()
         try:
             await asyncio.shield(asyncio.gather(program, return_exceptions=False))
-        except WorkerLost as gone:
-            self._stop, lost = ("interrupted", gone.reason), True
+        except WorkerLost as lost:
+            self._stop = ("interrupted", lost.reason)
         except StepFailed as stop:
             failure = stop.reason
         except (asyncio.CancelledError, ActivityError):
@@ -365,16 +381,14 @@ class RunWorkflow:
             stop_open_steps(run, status, reason, workflow.now())
         else:
             context.settle(run, failure)
-        await self._finish(context, lost=lost)
+        await self._finish(context)
         return run.status
 
-    async def _finish(self, context: WorkflowContext, *, lost: bool = False) -> None:
+    async def _finish(self, context: WorkflowContext) -> None:
         run = context.run
         if run.worktrees:
             job = FinishJob(run_id=run.id, repository=run.repository, worktrees=run.worktrees)
-            finished = await (
-                _finish_after_loss(context, job) if lost else context.short("finish_spaces", job, Finished)
-            )
+            finished = await _finish_spaces(context, job)
             if finished is not None:
                 run.worktrees = finished.worktrees
                 run.notes += finished.notes
@@ -383,14 +397,14 @@ class RunWorkflow:
         await context.save()
 
 
-async def _finish_after_loss(context: WorkflowContext, job: FinishJob) -> Finished | None:
-    """The worktrees committed after their machine's worker died mid-step: by a worker of the queue
-    that takes the job (the one restarted, or another with the same roots); None, with a note, once
+async def _finish_spaces(context: WorkflowContext, job: FinishJob) -> Finished | None:
+    """The worktrees committed, by a worker of the run's queue that takes the job (after a worker
+    died or was stopped: the one restarted, or another with the same roots); None, with a note, once
     no live worker serves the queue, so the run ends instead of waiting for a machine that is gone."""
     queue = context.job.queue
     while True:
         try:
-            return await context.short("finish_spaces", job, Finished, pickup_s=PICKUP_AFTER_LOSS_S)
+            return await context.short("finish_spaces", job, Finished, pickup_s=FINISH_PICKUP_S)
         except ActivityError as exc:
             cause = exc.cause
             if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START):
@@ -404,8 +418,8 @@ async def _finish_after_loss(context: WorkflowContext, job: FinishJob) -> Finish
         )
         if not served:
             context.run.notes.append(
-                f"its worktrees were not committed: no worker serves task queue {queue} any more (the step's "
-                "worker was lost); they stay on that machine as the step left them"
+                f"its worktrees were not committed: no worker serves task queue {queue} any more; they stay "
+                "on that machine as its steps left them"
             )
             return None
 
