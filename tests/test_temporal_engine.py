@@ -4,14 +4,18 @@ its own queue, workspace roots and CLI install) sharing the run store."""
 
 from __future__ import annotations
 
+import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 
 from mcp_collab import readiness
@@ -24,7 +28,7 @@ from mcp_collab.server import build_server
 from mcp_collab.store import open_store
 from tests.conftest import alive, fake_cli, read_pids
 from tests.support.git_repo import init_repo
-from tests.support.mcp_helpers import call
+from tests.support.mcp_helpers import call, until_listening
 from tests.support.temporal import TemporalDev, WorkerProcess, free_port
 from tests.test_mcp_tasks import CreatedTask, Tasks, poll_until_over, task_request
 
@@ -457,3 +461,50 @@ async def test_the_local_engine_reports_no_engine_checks(base_env: dict[str, str
     report = await readiness.check(Settings.from_env(base_env))
     assert engine_checks(report) == {}
     assert {c.name for c in report.checks} >= {"store"}
+
+
+async def test_the_deployment_recipe_end_to_end(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path, postgres_url: str
+) -> None:
+    """README, "Deploying on several machines", in one test: PostgreSQL, Temporal, two workers with
+    their own queues and roots, `mcp-collab serve --transport http` with a bearer token, and an MCP
+    client over HTTP whose dispatches land on the worker that has each directory."""
+    env = {**env, "MCP_COLLAB_STORE_URL": postgres_url}
+    for name in ("alpha", "beta"):
+        (tmp_path / name / "service").mkdir(parents=True)
+        machines(env, name, tmp_path / name, CODEX_FAKE_SAY=f"done on {name}")
+    token = secrets.token_hex(32)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mcp_collab", "serve", "--transport", "http", "--port", str(port)],
+            env={**env, "MCP_COLLAB_HTTP_TOKEN": token}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        await until_listening(port, server, log)
+        async with httpx2.AsyncClient() as anonymous:
+            refused = await anonymous.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert refused.status_code == 401, "no token, no service"
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            async with Client(streamable_http_client(url, http_client=http)) as client:
+                await call(client, "spawn_worker", name="coder", model="codex_cli")
+                checks = {c["name"]: c for c in (await call(client, "check_runtimes"))["checks"]}
+                assert checks["engine:workers"]["ok"] and checks["engine:workers"]["detail"].startswith("2 serving")
+                runs = {}
+                for name in ("beta", "alpha"):
+                    where = str(tmp_path / name / "service")
+                    runs[name] = await call(
+                        client, "dispatch_task", task="fix it", workingDirectory=where, waitSeconds=40
+                    )
+        for name, run in runs.items():
+            assert run["status"] == "completed" and run["result"] == f"done on {name}", run
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    listed = subprocess.run(
+        [sys.executable, "-m", "mcp_collab", "runs"], env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert all(run["id"] in listed for run in runs.values()), listed
+    assert token not in log.read_text(encoding="utf-8", errors="replace"), "the token is never logged"
