@@ -508,3 +508,19 @@ async def test_the_deployment_recipe_end_to_end(
     ).stdout
     assert all(run["id"] in listed for run in runs.values()), listed
     assert token not in log.read_text(encoding="utf-8", errors="replace"), "the token is never logged"
+
+
+async def test_a_step_routed_to_a_worker_that_died_before_taking_it_ends_the_run_once_its_lease_lapses(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    env = {**env, "MCP_COLLAB_LEASE_TTL_S": "2"}
+    gone = machines(env, "alpha", tmp_path / "alpha")
+    machines(env, "beta", tmp_path / "beta")  # hosts the run's workflow
+    gone.kill()  # its lease is still live: the dispatch is routed to it
+    orchestrator = await server(env)
+    async with orchestrator, orchestrator.running():
+        run = await orchestrator.start(DispatchRequest(task="x", working_directory=str(tmp_path / "alpha")))
+        ended = await orchestrator.wait(run.id, 60)
+    assert ended.status == "interrupted", ended
+    assert "no worker serves task queue" in (ended.error or ""), ended.error
+    assert all(step.status != "running" for step in ended.steps)

@@ -334,6 +334,7 @@ class TemporalRuns(RunLifecycle):
             step_timeout_s=self.settings.step_timeout_s,
             writer_access=self.settings.writer_access,
             continuation=follow_up,
+            pickup_s=self.settings.lease_ttl_s,
         )
         try:
             client = await self.client()

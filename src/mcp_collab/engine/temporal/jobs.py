@@ -65,6 +65,9 @@ class RunJob(BaseModel):
     step_timeout_s: float
     writer_access: Access = "workspace_write"  # the server's; a worker allows no more than its own
     continuation: ContinueJob | None = None
+    # A step no worker took within this long is checked against the workers' leases: still served
+    # (every slot busy), it is asked for again; not, it never started and the run ends. None: no bound.
+    pickup_s: float | None = None
 
 
 class SaveRun(BaseModel):

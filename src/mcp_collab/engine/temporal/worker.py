@@ -31,9 +31,9 @@ from .jobs import HEARTBEAT_EVERY_S
 
 log = logging.getLogger("mcp_collab.worker")
 
-# The lease a worker holds while it serves (the server routes only to live workers); renewed at a
-# third of its life, so two missed renewals in a row are survivable.
-WORKER_LEASE_TTL_S = 30.0
+# A worker's lease (the server routes only to live workers) lasts MCP_COLLAB_LEASE_TTL_S, like a
+# server's, and is renewed this many times per TTL: two missed renewals in a row are survivable.
+RENEWALS_PER_TTL = 3
 # A worker that is told to stop gives its running steps this long to end (then they are cancelled
 # and their process trees killed).
 GRACEFUL_SHUTDOWN_S = 10.0
@@ -90,9 +90,9 @@ async def serve_worker(
     held = [worker_lease(queue, settings.workspace_roots)]
     try:
         async with runs, steps, anyio.create_task_group() as tg:
-            held[0] = await _renew(store, held[0])  # routable from now on
+            held[0] = await _renew(store, held[0], settings.lease_ttl_s)  # routable from now on
             lease = held[0]
-            tg.start_soon(_keep_renewing, store, held)
+            tg.start_soon(_keep_renewing, store, held, settings.lease_ttl_s)
             log.info(
                 "worker %s serving step queue %s (%d slots) and runs on %s at %s, namespace %s; roots: %s",
                 lease.id, queue, slots, settings.temporal.queue, settings.temporal.address,
@@ -109,15 +109,15 @@ async def serve_worker(
                 await runtime.aclose()
 
 
-async def _renew(store: RunStore, lease: Lease) -> Lease:
-    return await anyio.to_thread.run_sync(store.renew_lease, lease, WORKER_LEASE_TTL_S)
+async def _renew(store: RunStore, lease: Lease, ttl_s: float) -> Lease:
+    return await anyio.to_thread.run_sync(store.renew_lease, lease, ttl_s)
 
 
-async def _keep_renewing(store: RunStore, held: list[Lease]) -> None:
+async def _keep_renewing(store: RunStore, held: list[Lease], ttl_s: float) -> None:
     while True:
-        await anyio.sleep(WORKER_LEASE_TTL_S / 3)
+        await anyio.sleep(ttl_s / RENEWALS_PER_TTL)
         try:
-            held[0] = await _renew(store, held[0])
+            held[0] = await _renew(store, held[0], ttl_s)
         except LeaseLostError:
             # Cut off from the store for a while: the worker owns no run, so it just announces
             # itself again (the server routes to it once more).
@@ -127,6 +127,7 @@ async def _keep_renewing(store: RunStore, held: list[Lease]) -> None:
                 held[0].model_copy(
                     update={"id": Lease(kind="worker", host="", pid=0).id, "expires_at": None, "started_at": None}
                 ),
+                ttl_s,
             )
         except StoreError as exc:  # a store hiccup must not stop the steps; the next renewal may land
             log.error("the worker's lease was not renewed: %s", exc)

@@ -74,6 +74,7 @@ WORKER_SHUTDOWN = "WorkerShutdown"
 # Changes of the workflow's course, marked in the histories of the runs that took them (workflow.patched),
 # so a run started by an earlier version replays on this one as it ran.
 SHUTDOWN_INTERRUPTS = "worker-shutdown-interrupts-the-step"
+BOUNDED_PICKUP = "a-queue-nobody-serves-ends-the-run"
 SHORT_RETRIES = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1))
 
 
@@ -124,7 +125,25 @@ class WorkflowContext(ProgramContext):
 
     async def short(self, name: str, arg: object, result_type: type[T], *, pickup_s: float | None = None) -> T | None:
         """A short, idempotent activity on the run's queue (a worktree, a diff); ``pickup_s``: a
-        worker must take it within that long (else a SCHEDULE_TO_START timeout)."""
+        worker must take it within that long (else a SCHEDULE_TO_START timeout). Without it, one
+        no worker took within the run's pickup time is asked for again while the queue is served,
+        and ends the run (WorkerLost) once it is not."""
+        if pickup_s is not None or self.job.pickup_s is None:
+            return await self._short(name, arg, result_type, pickup_s)
+        while True:
+            try:
+                return await self._short(name, arg, result_type, self.job.pickup_s)
+            except ActivityError as exc:
+                cause = exc.cause
+                if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START):
+                    raise
+                if not await self.queue_served():
+                    raise WorkerLost(
+                        f"no worker serves task queue {self.job.queue} any more (its machine stopped); the run "
+                        "cannot go on"
+                    ) from exc
+
+    async def _short(self, name: str, arg: object, result_type: type[T], pickup_s: float | None) -> T | None:
         result: T | None = await workflow.execute_activity(
             name,
             arg,
@@ -135,6 +154,17 @@ class WorkflowContext(ProgramContext):
             retry_policy=SHORT_RETRIES,
         )
         return result
+
+    async def queue_served(self) -> bool:
+        """Whether a live worker serves the run's step queue (the workers' leases in the store)."""
+        served: bool = await workflow.execute_local_activity(
+            "queue_served",
+            self.job.queue,
+            result_type=bool,
+            start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
+            retry_policy=SHORT_RETRIES,
+        )
+        return served
 
     async def save(self) -> None:
         """The run's state into the store; outputs the store already holds are not sent again."""
@@ -256,17 +286,35 @@ class WorkflowContext(ProgramContext):
             choices=list(choices),
         )
         timeout = (worker.timeout_seconds or self.job.step_timeout_s) + STEP_GRACE_S
+        pickup = self.job.pickup_s
         try:
-            done = await workflow.execute_activity(
-                "run_step",
-                job,
-                result_type=Step,
-                task_queue=self.job.queue,
-                start_to_close_timeout=timedelta(seconds=timeout),
-                heartbeat_timeout=timedelta(seconds=HEARTBEAT_TIMEOUT_S),
-                retry_policy=ONCE,  # a CLI may have edited files: never run a step twice
-                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            )
+            while True:
+                try:
+                    done = await workflow.execute_activity(
+                        "run_step",
+                        job,
+                        result_type=Step,
+                        task_queue=self.job.queue,
+                        start_to_close_timeout=timedelta(seconds=timeout),
+                        schedule_to_start_timeout=timedelta(seconds=pickup) if pickup is not None else None,
+                        heartbeat_timeout=timedelta(seconds=HEARTBEAT_TIMEOUT_S),
+                        retry_policy=ONCE,  # a CLI may have edited files: never run a step twice
+                        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    )
+                    break
+                except ActivityError as exc:
+                    cause = exc.cause
+                    if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START):
+                        raise
+                    if await self.queue_served():
+                        continue  # every slot busy: it never started, so it is asked for again
+                    step.status = "interrupted"
+                    step.error = (
+                        f"no worker serves task queue {self.job.queue} any more (its machine stopped); the step "
+                        "never started"
+                    )
+                    step.ended_at = workflow.now()
+                    raise WorkerLost(f"{step_label(step)} ({step.role}, worker {worker.name}): {step.error}") from exc
         except ActivityError as exc:
             cause = exc.cause
             died = isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT
@@ -349,11 +397,25 @@ class RunWorkflow:
         run = context.run
         run.status = "running"
         run.started_at = workflow.now()
-        if job.cwd is None and not all(c.worker.working_directory for c in job.cast):
-            context.default_cwd = await context.short("default_directory", run.id, str)
-        await context.save()
         follow_up = job.continuation
-        program = asyncio.ensure_future(strategy.run(context) if follow_up is None else _continue(context, follow_up))
+        needs_default = job.cwd is None and not all(c.worker.working_directory for c in job.cast)
+
+        async def body() -> None:
+            # Inside the program, so a queue nobody serves any more ends the run like a lost step.
+            if needs_default:
+                context.default_cwd = await context.short("default_directory", run.id, str)
+            await context.save()
+            await (strategy.run(context) if follow_up is None else _continue(context, follow_up))
+
+        if workflow.patched(BOUNDED_PICKUP):
+            program = asyncio.ensure_future(body())
+        else:  # a run started before: as it ran
+            if needs_default:
+                context.default_cwd = await context.short("default_directory", run.id, str)
+            await context.save()
+            program = asyncio.ensure_future(
+                strategy.run(context) if follow_up is None else _continue(context, follow_up)
+            )
         failure: str | None = None
         try:
             await workflow.wait_condition(lambda: program.done() or self._stop is not None, timeout=job.run_timeout_s)
@@ -409,14 +471,7 @@ async def _finish_spaces(context: WorkflowContext, job: FinishJob) -> Finished |
             cause = exc.cause
             if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START):
                 raise
-        served = await workflow.execute_local_activity(
-            "queue_served",
-            queue,
-            result_type=bool,
-            start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
-            retry_policy=SHORT_RETRIES,
-        )
-        if not served:
+        if not await context.queue_served():
             context.run.notes.append(
                 f"its worktrees were not committed: no worker serves task queue {queue} any more; they stay "
                 "on that machine as its steps left them"
