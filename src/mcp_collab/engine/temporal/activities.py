@@ -74,7 +74,11 @@ def fit(text: str, limit: int) -> tuple[str, bool]:
 
 
 class _ActivitySite:
-    """A step's reports, as heartbeats: its last message and its process, for those who wait."""
+    """A step's reports, as heartbeats: its last message, for those who wait.
+
+    A message goes out with the next beat, not on its own: Temporal holds heartbeats to one per
+    HEARTBEAT_EVERY_S anyway, and each one sent is a call to Temporal's server and a write of its
+    database; a step that ends within the first beat sends none."""
 
     def __init__(self) -> None:
         self.partials: dict[int, PartialOutput] = {}
@@ -82,17 +86,16 @@ class _ActivitySite:
 
     def emit(self, message: str) -> None:
         self.beat = self.beat.model_copy(update={"message": message})
-        activity.heartbeat(self.beat)
 
     async def changed(self) -> None:
-        activity.heartbeat(self.beat)
+        """Nothing to send: the step's state reaches the store with the activity's result."""
 
     async def keep_beating(self) -> None:
         """Heartbeats while the step works: how Temporal knows the worker lives, and how a cancel
         reaches the step."""
         while True:
-            activity.heartbeat(self.beat)
             await anyio.sleep(HEARTBEAT_EVERY_S)
+            activity.heartbeat(self.beat)
 
 
 class Activities:

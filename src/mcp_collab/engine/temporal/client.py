@@ -56,8 +56,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcp_collab.engine")
 
-# How often a wait re-reads the run (the workflow saves each change) and the steps' heartbeats.
+# How often a wait that reports progress re-reads the run (the workflow saves each change) and the
+# steps' heartbeats.
 POLL_S = 0.25
+# A wait with no one to tell of progress wakes when the run's workflow closes; it re-reads the run
+# this often only in case that notice is missed (200 quiet waits at POLL_S cost the server more CPU
+# than the runs' own bookkeeping: bench/temporal_scale.py).
+QUIET_POLL_S = 2.0
 # A run is stored before its workflow starts: one younger than this with no workflow yet is being
 # started (by this server or another), not lost.
 START_GRACE_S = 120.0
@@ -430,14 +435,16 @@ class TemporalRuns(RunLifecycle):
                 await handle.result()
             ended.set()
 
-        with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+        poll = POLL_S if on_progress is not None else QUIET_POLL_S
+        with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf) as waiting:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(until_closed)
                 next_heartbeat = started + HEARTBEAT_S
                 next_beats = started
                 while run.status not in TERMINAL_RUN_STATUSES:
-                    with anyio.move_on_after(POLL_S):
-                        await ended.wait()
+                    with anyio.move_on_after(poll):
+                        # Once the workflow closed (or could not be asked), only the poll paces the reads.
+                        await (anyio.sleep_forever() if ended.is_set() else ended.wait())
                     run = await self.get_run(run_id)
                     if ended.is_set() and run.status not in TERMINAL_RUN_STATUSES:
                         run = await self._reconcile(run, handle)
@@ -463,6 +470,8 @@ class TemporalRuns(RunLifecycle):
                         waited = time.monotonic() - started
                         on_progress(f"run {run.id} still {run.status}: {where(run)}, {waited:.0f}s waited")
                 tg.cancel_scope.cancel()
+        if waiting.cancelled_caught and run.status not in TERMINAL_RUN_STATUSES:
+            run = await self.get_run(run_id)  # as it stands now, not as the last quiet read saw it
         if on_progress is not None and run.status in TERMINAL_RUN_STATUSES:
             on_progress(f"run {run.id} {run.status}" + (f": {run.error}" if run.error else ""))
         return run
