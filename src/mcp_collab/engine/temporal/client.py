@@ -35,7 +35,7 @@ from ...store import RunStore
 from ...strategies.prompts import MAX_QUOTED_OUTPUT_CHARS, quote
 from .. import continuation, delivery
 from ..delivery import Delivered
-from ..executor import StepExecutor, step_label
+from ..executor import StepExecutor, step_label, stop_open_steps
 from ..lifecycle import CANCEL_WAIT_S, HEARTBEAT_S, RunLifecycle, where
 from ..plan import Plan, ProgressCallback, make_plan
 from ..recorder import RunRecorder
@@ -540,11 +540,7 @@ class TemporalRuns(RunLifecycle):
             return latest
         how = "was never started" if status is None else f"ended as {status.name} without recording the run's end"
         now = datetime.now(UTC)
-        for step in latest.steps:
-            if step.status == "running":
-                step.status, step.error, step.ended_at = "interrupted", "its workflow stopped", now
-            elif step.status == "pending":
-                step.status = "skipped"
+        stop_open_steps(latest, "interrupted", "its workflow stopped", now)
         latest.status, latest.ended_at = "interrupted", now
         latest.error = f"interrupted: its Temporal workflow {run.id} {how}"
         try:
