@@ -288,11 +288,13 @@ class Harness:
         return self.portal.call(self.client.call_tool, tool, args)
 
     def store(self) -> dict[str, bytes]:
-        """Every byte the server has stored: the log, the lock, each step's output file."""
+        """Every byte the server has stored: the log, the lock, each step's output file. Not its
+        lease (leases.json and its temporary file): the server renews that in the background on its
+        own clock, whatever the calls do."""
         return {
             str(path.relative_to(self.state_dir)): path.read_bytes()
             for path in sorted(self.state_dir.rglob("*"))
-            if path.is_file()
+            if path.is_file() and not path.name.startswith("leases.json")
         }
 
     def ok(self, tool: str, **args: Any) -> dict[str, Any]:
