@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -28,6 +28,9 @@ from ..executor import StepExecutor
 from ..recorder import RunRecorder
 from .client import connect, worker_lease
 from .jobs import HEARTBEAT_EVERY_S
+
+if TYPE_CHECKING:
+    from temporalio.worker import WorkflowRunner
 
 log = logging.getLogger("mcp_collab.worker")
 
@@ -44,7 +47,6 @@ async def serve_worker(
 ) -> None:
     """Serve until ``stop`` is set (or the task is cancelled)."""
     from temporalio.worker import Worker
-    from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
     from .activities import Activities
     from .workflow import DeliverWorkflow, RunWorkflow
@@ -59,11 +61,6 @@ async def serve_worker(
     runtimes = {mode: spec.create(settings) for mode, spec in RUNTIMES.items()}
     executor = StepExecutor(settings, runtimes, RunRecorder(store, settings.redact))
     activities = Activities(settings, store, executor)
-    # The workflow imports the engine's own modules (strategies, models) as they are: passed through
-    # the sandbox, not reloaded per run. Workflow code stays deterministic by its own discipline.
-    runner = SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("mcp_collab", "anyio", "sniffio")
-    )
     beat = timedelta(seconds=HEARTBEAT_EVERY_S)
     common: dict[str, Any] = {"graceful_shutdown_timeout": timedelta(seconds=GRACEFUL_SHUTDOWN_S)}
     runs = Worker(
@@ -71,7 +68,7 @@ async def serve_worker(
         task_queue=settings.temporal.queue,
         workflows=[RunWorkflow, DeliverWorkflow],
         activities=[activities.save_run, activities.queue_served],  # the workflows' local activities
-        workflow_runner=runner,
+        workflow_runner=workflow_runner(),
         **common,
     )
     steps = Worker(
@@ -107,6 +104,20 @@ async def serve_worker(
             await anyio.to_thread.run_sync(store.drop_lease, held[0].id)
             for runtime in runtimes.values():
                 await runtime.aclose()
+
+
+def workflow_runner() -> WorkflowRunner:
+    """How a worker (and a replay) runs the workflows: outside Temporal's sandbox.
+
+    The sandbox guards a workflow module's own imports, but every module of a run's workflow is the
+    engine's (strategies, models, the executor's helpers) and must be passed through it as it is, so
+    it guarded nothing of ours while it cost about a quarter of a worker's CPU per run (a sandbox is
+    built for every workflow it starts). The workflow's determinism is kept by its own discipline
+    (time from ``workflow.now()``, no I/O, asyncio only) and checked by replaying recorded histories
+    (``tests/test_temporal_replay.py``)."""
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
+    return UnsandboxedWorkflowRunner()
 
 
 async def _renew(store: RunStore, lease: Lease, ttl_s: float) -> Lease:

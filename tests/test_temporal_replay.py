@@ -1,0 +1,38 @@
+"""A run whose workflow is under way when its workers are upgraded is replayed on the new code:
+its recorded history must take the same course there (a change of course is guarded by
+``workflow.patched``). The histories were recorded by ``tests/support/record_temporal_histories.py``
+on the workflow code of their day (one directory per recording), and each is replayed here with the
+workers' own runner and data converter; no Temporal server is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from mcp_collab.engine.temporal.worker import workflow_runner
+from mcp_collab.engine.temporal.workflow import DeliverWorkflow, RunWorkflow
+
+pytestmark = pytest.mark.anyio
+
+HISTORIES = sorted((Path(__file__).parent / "fixtures" / "temporal_histories").rglob("*.json"))
+
+
+def test_there_are_recorded_histories_of_every_shape_of_run() -> None:
+    shapes = {path.stem for path in HISTORIES}
+    assert {"single_worker", "review_loop", "best_of_n", "follow_up", "cancelled"} <= shapes, shapes
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+async def test_a_recorded_run_replays_on_this_workflow_code(path: Path) -> None:
+    history = WorkflowHistory.from_json(f"{path.parent.name}-{path.stem}", path.read_text(encoding="utf-8"))
+    replayer = Replayer(
+        workflows=[RunWorkflow, DeliverWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.name} does not replay: {result.replay_failure}"
