@@ -75,6 +75,7 @@ WORKER_SHUTDOWN = "WorkerShutdown"
 # so a run started by an earlier version replays on this one as it ran.
 SHUTDOWN_INTERRUPTS = "worker-shutdown-interrupts-the-step"
 BOUNDED_PICKUP = "a-queue-nobody-serves-ends-the-run"
+LEAN_SAVES = "saves-coalesced-no-save-at-start"
 SHORT_RETRIES = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1))
 
 
@@ -117,6 +118,13 @@ class WorkflowContext(ProgramContext):
         self.roles_from = strategy.name  # the strategy whose roles the steps take (a follow-up: its parent's)
         self._space_lock = asyncio.Lock()
         self._save_lock = asyncio.Lock()
+        # Lean saves (runs started since LEAN_SAVES): the run's changes reach the store in the
+        # background, those made together in one save (a step's end and the run's, say); only the
+        # run's last save is waited for. Each save is a local activity: a worker's CPU and a write.
+        self.lean = False
+        self._dirty = False
+        self._saving: asyncio.Future[None] | None = None
+        self._save_failed: ActivityError | None = None
         self._repo: dict[str, object] | None = None
         self._inspected = False
         self._saved_outputs: set[int] = set()
@@ -166,14 +174,47 @@ class WorkflowContext(ProgramContext):
         )
         return served
 
+    async def record(self) -> None:
+        """The run changed: its state goes to the store (lean: in the background, with what else
+        changes before that save starts)."""
+        if not self.lean:
+            await self.save()
+            return
+        self._dirty = True
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.ensure_future(self._flush())
+
     async def save(self) -> None:
-        """The run's state into the store; outputs the store already holds are not sent again."""
+        """The run's state into the store, waited for (lean: once every change is in)."""
+        if not self.lean:
+            await self._send()
+            return
+        await self.record()
+        assert self._saving is not None
+        await self._saving
+        if self._save_failed is not None:
+            raise self._save_failed
+
+    async def _flush(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self._send()
+                self._save_failed = None
+            except ActivityError as exc:  # the next save sends it all again; the last one must land
+                workflow.logger.warning("run %s was not saved: %s", self.run.id, exc)
+                self._save_failed = exc
+
+    async def _send(self) -> None:
+        """One save; outputs the store already holds are not sent again."""
         async with self._save_lock:
             carried = sorted(self._saved_outputs)
             steps = [
                 s.model_copy(update={"output": "", "diff": ""}) if s.index in self._saved_outputs else s
                 for s in self.run.steps
             ]
+            # Steps that end while this save is under way are not in it: their outputs go with the next.
+            ended = {s.index for s in self.run.steps if s.status not in ("running", "pending")}
             sent = self.run.model_copy(update={"steps": steps})
             await workflow.execute_local_activity(
                 "save_run",
@@ -181,7 +222,7 @@ class WorkflowContext(ProgramContext):
                 start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
                 retry_policy=SHORT_RETRIES,
             )
-            self._saved_outputs.update(s.index for s in self.run.steps if s.status not in ("running", "pending"))
+            self._saved_outputs.update(ended)
 
     # -- RunContext ------------------------------------------------------------------------------
 
@@ -272,7 +313,7 @@ class WorkflowContext(ProgramContext):
         )
         step.started_at = workflow.now()
         run.steps.append(step)
-        await self.save()
+        await self.record()
         job = StepJob(
             run_id=run.id,
             strategy=self.roles_from,
@@ -350,7 +391,7 @@ class WorkflowContext(ProgramContext):
         assert isinstance(done, Step)
         run.steps[step.index] = done
         add_up(run)
-        await self.save()
+        await self.record()
         return done
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
@@ -404,10 +445,12 @@ class RunWorkflow:
             # Inside the program, so a queue nobody serves any more ends the run like a lost step.
             if needs_default:
                 context.default_cwd = await context.short("default_directory", run.id, str)
-            await context.save()
+            if not context.lean:  # lean: the store shows the run queued until its first step begins
+                await context.save()
             await (strategy.run(context) if follow_up is None else _continue(context, follow_up))
 
         if workflow.patched(BOUNDED_PICKUP):
+            context.lean = workflow.patched(LEAN_SAVES)
             program = asyncio.ensure_future(body())
         else:  # a run started before: as it ran
             if needs_default:
