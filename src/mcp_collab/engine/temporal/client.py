@@ -325,7 +325,7 @@ class TemporalRuns(RunLifecycle):
         """Store the run, then start its workflow; a run whose workflow could not start ends failed."""
         run = plan.run
         run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), engine="temporal", queue=queue)
-        await self.recorder.save(run)
+        await self._record_admission(run)
         job = RunJob(
             run=run,
             queue=queue,
@@ -350,6 +350,16 @@ class TemporalRuns(RunLifecycle):
             await self.recorder.save(run)
             raise TemporalUnavailable(run.error) from exc
         return run.model_copy()
+
+    async def _record_admission(self, run: Run) -> None:
+        """The run durably in the store before its workflow starts. Runs dispatched at once share
+        their fsyncs (the recorder's group commit): a burst of dispatches is not one fsync each."""
+        outcome: list[StoreError | None] = []
+        if await self.recorder.accept(run, outcome.append):
+            with anyio.CancelScope(shield=True):  # a caller that gives up must not leave it half done
+                await self.recorder.sync()
+            if outcome and outcome[0] is not None:
+                raise outcome[0]
 
     async def continue_run(
         self,
