@@ -33,6 +33,7 @@ __all__ = [
     "machine_ticks",
     "p90",
     "python_first_path",
+    "slot_use",
     "temporal",
 ]
 
@@ -117,3 +118,24 @@ def breakdown(done: Sequence[tuple[Run, datetime]]) -> list[str]:
         "seen": "run ended -> caller has it",
     }
     return [f"    {labels[k]:28}median {ms(statistics.median(v)):>10}, p90 {ms(p90(v)):>10}" for k, v in parts.items()]
+
+
+def slot_use(done: Sequence[tuple[Run, datetime]], slots: int) -> str:
+    """How the batch used its slots: when the first and the ``slots``-th step were on a worker (the
+    ramp before every slot has work), and how many slots were busy on average until the last caller
+    had its run. A step is on its worker from its end less its measured duration."""
+    t0 = min(run.created_at for run, _ in done)
+    starts: list[float] = []
+    busy = 0.0
+    for run, _ in done:
+        step = run.steps[0]
+        assert step.ended_at and step.duration_ms is not None
+        starts.append((step.ended_at - t0).total_seconds() - step.duration_ms / 1000)
+        busy += step.duration_ms / 1000
+    starts.sort()
+    wall = max((seen - t0).total_seconds() for _, seen in done)
+    nth = starts[min(slots, len(starts)) - 1]
+    return (
+        f"    first step on a worker at {ms(starts[0])}, the {slots}th at {ms(nth)}; "
+        f"{busy / wall:.1f} of {slots} slots busy on average"
+    )

@@ -46,6 +46,7 @@ from _temporal import (
     cpu_of,
     machine_ticks,
     python_first_path,
+    slot_use,
     temporal,
 )
 
@@ -183,12 +184,14 @@ def main() -> None:
     )
     print(f"Temporal engine:                          {ms(t_wall)}")
     print("\n".join(breakdown(t_done)))
+    print(slot_use(t_done, WORKERS * SLOTS))
     print(
         f"    CPU per run: {per_run('this server', used['self'].own)}, {per_run('Temporal', used['temporal'].own)}, "
         f"{per_run('workers', workers_cpu.own)}, {per_run('fakes', workers_cpu.children)}; machine {t_busy:.0%} busy"
     )
     print(f"local engine, {WORKERS * SLOTS} runs at once:            {ms(l_wall)}")
     print("\n".join(breakdown(l_done)))
+    print(slot_use(l_done, WORKERS * SLOTS))
     print(
         f"    CPU per run: {per_run('this server', l_used.own)}, {per_run('fakes', l_used.children)}; "
         f"machine {l_busy:.0%} busy"
