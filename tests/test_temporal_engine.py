@@ -159,6 +159,29 @@ async def test_cancel_reaches_the_step_on_another_process_and_kills_its_process_
             await anyio.sleep(0.05)
 
 
+async def test_a_run_cancelled_mid_step_keeps_the_worktree_its_step_opened(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    """The step's own activity opens its worktree: a cancel still leaves it recorded, its work
+    committed on the run's branch, and discard removes it."""
+    pids = tmp_path / "pids"
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"), CODEX_FAKE_PIDFILE=str(pids))
+    run = await serving.start(DispatchRequest(task="hang", working_directory=str(repo)))
+    with anyio.fail_after(60):
+        while len(read_pids(pids)) < 2:  # the CLI and its children are up, in the worktree
+            await anyio.sleep(0.05)
+    cancelled, changed = await serving.cancel(run.id)
+    assert changed and cancelled.status == "cancelled"
+    [step] = cancelled.steps
+    assert step.status == "cancelled"
+    [tree] = cancelled.worktrees
+    assert step.directory is not None and step.directory.startswith(tree.path), (step.directory, tree.path)
+    assert tree.tip is not None and Path(tree.path).is_dir(), "committed at the run's end, as on the local engine"
+    discarded = await serving.discard(run.id)
+    assert discarded.branches == (tree.branch,) and not Path(tree.path).exists()
+
+
 async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_run_ends(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:

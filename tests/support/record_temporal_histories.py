@@ -1,12 +1,13 @@
 """Record the Temporal histories of a few runs, for ``tests/test_temporal_replay.py``.
 
-    .venv/bin/python -m tests.support.record_temporal_histories [--into DIR]
+    .venv/bin/python -m tests.support.record_temporal_histories NAME
 
 A workflow that is running when the workers are upgraded is replayed on the new code: its history
 must take the same course there (a change of course is guarded by ``workflow.patched``). The
 histories in ``tests/fixtures/temporal_histories`` were recorded by this script on the workflow code
 of their day and stay as they are; record a new set beside them when the workflow changes its course
-(the replay test replays every file). Each is a run of one shape: one step in a plain directory, a
+(the replay test replays every file): ``v1`` before coalesced saves and steps that open their
+own space, ``v2`` with them. Each is a run of one shape: one step in a plain directory, a
 review loop and best of n in worktrees, a follow-up, a cancelled run. The host's name is replaced.
 """
 
@@ -91,13 +92,16 @@ async def record(tmp: Path, address: str, into: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--into", type=Path, default=FIXTURES / "v1")
+    parser.add_argument("name", help=f"the new set's directory under {FIXTURES.relative_to(Path.cwd())}")
     args = parser.parse_args()
+    into = FIXTURES / args.name
+    if into.exists():
+        parser.error(f"{into} exists: recorded histories stay as they are; name a new set")
     with tempfile.TemporaryDirectory(prefix="mcp-collab-histories-") as name:
         tmp = Path(name)
         server = TemporalDev(tmp / "temporal").start()
         try:
-            anyio.run(record, tmp, server.address, args.into)
+            anyio.run(record, tmp, server.address, into)
         finally:
             server.stop()
 

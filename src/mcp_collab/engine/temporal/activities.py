@@ -8,8 +8,10 @@ then kills the step's process tree, as a local cancel does.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from .jobs import (
     OpenedSpace,
     SaveRun,
     SpaceJob,
+    StepDone,
     StepJob,
 )
 
@@ -108,6 +111,7 @@ class Activities:
     def all(self) -> list[Any]:
         return [
             self.run_step,
+            self.step_in_space,
             self.open_space,
             self.inspect_repository,
             self.space_diff,
@@ -119,6 +123,38 @@ class Activities:
 
     @activity.defn(name="run_step")
     async def run_step(self, job: StepJob) -> Step:
+        """A step of a run started before ``step_in_space`` (its workflow opened its space)."""
+        return await self._perform(job, _ActivitySite())
+
+    @activity.defn(name="step_in_space")
+    async def step_in_space(self, job: StepJob) -> StepDone:
+        """A step, in the space the workflow asks it to open first (``job.space``). A worktree it
+        opens is also sent at once in a heartbeat: a worker that dies mid-step leaves it recorded
+        (the workflow reads the last heartbeat). A step stopped by a cancel or by this worker's
+        shutdown comes back as it stood, with its space, rather than as a bare cancellation."""
+        site = _ActivitySite()
+        opened = None
+        if job.space is not None:
+            opened = await self._open(job.space)
+            if opened.directory is not None:
+                job.step.directory = opened.directory
+            if opened.worktree is not None:
+                site.beat = Beat(opened=opened)
+                activity.heartbeat(site.beat)  # the first heartbeat goes out at once
+        try:
+            step = await self._perform(job, site)
+        except asyncio.CancelledError:
+            if not (activity.is_cancelled() or activity.is_worker_shutdown()):
+                raise
+            step = job.step  # still running: the workflow's stop records why it ended
+            if activity.is_worker_shutdown():
+                step.status = "interrupted"
+                step.error = "was shut down before the step ended (its process tree was killed)"
+                step.ended_at = datetime.now(UTC)
+            self.settings.redact.scrub(step)
+        return StepDone(step=step, opened=opened)
+
+    async def _perform(self, job: StepJob, site: _ActivitySite) -> Step:
         step = job.step
         declared = STRATEGIES.get(job.strategy)
         role = next((r for r in declared.roles if r.name == job.role), None) if declared is not None else None
@@ -127,7 +163,6 @@ class Activities:
             # The server's operator chose the writers' access; this worker's operator may allow less.
             mine = self.settings.writer_access
             step.access = min(step.access, mine, key=_ACCESS_ORDER.index)
-        site = _ActivitySite()
         resume = Resume(job.resume_session, job.resume_message or job.prompt) if job.resume_session else None
         async with anyio.create_task_group() as beating:
             beating.start_soon(site.keep_beating)
@@ -180,6 +215,9 @@ class Activities:
 
     @activity.defn(name="open_space")
     async def open_space(self, job: SpaceJob) -> OpenedSpace:
+        return await self._open(job)
+
+    async def _open(self, job: SpaceJob) -> OpenedSpace:
         scratch = Run(id=job.run_id, task="", strategy="")
         spaces = self._spaces(scratch, job.directory)
         if job.inspected:

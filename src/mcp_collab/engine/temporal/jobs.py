@@ -76,26 +76,6 @@ class SaveRun(BaseModel):
     carried: list[int] = Field(default_factory=list)
 
 
-class StepJob(BaseModel):
-    run_id: str
-    strategy: str
-    role: str
-    step: Step  # begun by the workflow: index, role, worker, runtime, directory, access
-    worker: Worker
-    prompt: str
-    policy: FallbackPolicy
-    resume_session: str | None = None
-    resume_message: str | None = None
-    choices: list[str] = Field(default_factory=list)
-
-
-class Beat(BaseModel):
-    """A step's heartbeat: what it last said, for those who wait on the run."""
-
-    message: str = ""
-    pid: int | None = None
-
-
 class SpaceJob(BaseModel):
     run_id: str
     directory: str | None
@@ -113,6 +93,31 @@ class OpenedSpace(BaseModel):
     repository: str | None = None
     before: str | None = None  # an in-place space: the snapshot its diff is taken against
     notes: list[str] = Field(default_factory=list)
+
+
+class StepJob(BaseModel):
+    run_id: str
+    strategy: str
+    role: str
+    step: Step  # begun by the workflow: index, role, worker, runtime, directory, access
+    worker: Worker
+    prompt: str
+    policy: FallbackPolicy
+    resume_session: str | None = None
+    resume_message: str | None = None
+    choices: list[str] = Field(default_factory=list)
+    # The space the step works in, when the workflow has not opened it: the step's activity opens it
+    # first (``step_in_space``), so a run's first step costs one activity, not two.
+    space: SpaceJob | None = None
+
+
+class Beat(BaseModel):
+    """A step's heartbeat: what it last said, for those who wait on the run; and the worktree its
+    activity opened, so the workflow hears of it even if the worker dies before the step ends."""
+
+    message: str = ""
+    pid: int | None = None
+    opened: OpenedSpace | None = None
 
 
 class ContinueSpaceJob(BaseModel):
@@ -148,6 +153,15 @@ class DeliverJob(BaseModel):
     queue: str
     action: Literal["apply", "discard"]
     label: str | None = None
+
+
+class StepDone(BaseModel):
+    """A ``step_in_space`` activity's result: the step as it ended (as it stood when it was stopped:
+    its status then is still ``running``, or ``interrupted`` when its worker was shutting down), and
+    the space it opened for it."""
+
+    step: Step
+    opened: OpenedSpace | None = None
 
 
 class DeliveredJob(BaseModel):

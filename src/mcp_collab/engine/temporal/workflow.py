@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
+        Beat,
         ContinueJob,
         ContinueSpaceJob,
         DeliveredJob,
@@ -60,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         RunJob,
         SaveRun,
         SpaceJob,
+        StepDone,
         StepJob,
     )
 
@@ -75,24 +77,32 @@ WORKER_SHUTDOWN = "WorkerShutdown"
 # so a run started by an earlier version replays on this one as it ran.
 SHUTDOWN_INTERRUPTS = "worker-shutdown-interrupts-the-step"
 BOUNDED_PICKUP = "a-queue-nobody-serves-ends-the-run"
-LEAN_SAVES = "saves-coalesced-no-save-at-start"
+# Runs started since take a leaner course: their saves are coalesced, nothing is saved at their
+# start, and a step's activity opens the space it works in. Checked before BOUNDED_PICKUP, which it
+# implies: each patch a run checks is a marker and a search-attribute update in its history.
+LEAN_RUNS = "lean-runs"
 SHORT_RETRIES = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1))
 
 
 class RemoteSpace:
-    """A space made by a worker: a worktree, or the run's directory in place."""
+    """A space made by a worker: a worktree, or the run's directory in place. Since LEAN_RUNS
+    it is opened by the first step that works in it (in that step's activity), or by an activity
+    of its own when something else needs it first (its diff, another space's base)."""
 
-    def __init__(self, context: WorkflowContext, opened: OpenedSpace) -> None:
+    def __init__(self, context: WorkflowContext, label: str | None, opened: OpenedSpace | None = None) -> None:
         self._context = context
-        self._opened = opened
+        self.label = label
+        self.opened = opened
+        self.opening: asyncio.Event | None = None  # a step is opening it; set once that step ended
 
     @property
     def directory(self) -> Path | None:
-        return Path(self._opened.directory) if self._opened.directory is not None else None
+        opened = self.opened
+        return Path(opened.directory) if opened is not None and opened.directory is not None else None
 
     async def diff(self) -> str | None:
-        opened = self._opened
-        if opened.worktree is None and opened.before is None:
+        opened = await self._context.opened(self)
+        if opened is None or (opened.worktree is None and opened.before is None):
             return None
         job = DiffJob(
             run_id=self._context.run.id,
@@ -118,15 +128,17 @@ class WorkflowContext(ProgramContext):
         self.roles_from = strategy.name  # the strategy whose roles the steps take (a follow-up: its parent's)
         self._space_lock = asyncio.Lock()
         self._save_lock = asyncio.Lock()
-        # Lean saves (runs started since LEAN_SAVES): the run's changes reach the store in the
-        # background, those made together in one save (a step's end and the run's, say); only the
-        # run's last save is waited for. Each save is a local activity: a worker's CPU and a write.
+        # A lean run (started since LEAN_RUNS): its changes reach the store in the background, those
+        # made together in one save (a step's end and the run's, say), and only its last save is
+        # waited for (each save is a local activity: a worker's CPU and a write); the first step in
+        # a space opens it.
         self.lean = False
         self._dirty = False
         self._saving: asyncio.Future[None] | None = None
         self._save_failed: ActivityError | None = None
         self._repo: dict[str, object] | None = None
         self._inspected = False
+        self._spaces: list[RemoteSpace] = []
         self._saved_outputs: set[int] = set()
 
     # -- activities ----------------------------------------------------------------------------
@@ -231,28 +243,54 @@ class WorkflowContext(ProgramContext):
             return self.job.cwd
         return worker.working_directory or self.default_cwd
 
+    def _space_job(self, label: str | None) -> SpaceJob:
+        first = self.job.cast[0].worker if self.job.cast else None
+        directory = self.job.cwd or (self.directory_of(first) if first is not None else None)
+        return SpaceJob(
+            run_id=self.run.id, directory=directory, label=label, repo=self._repo, inspected=self._inspected
+        )
+
+    def _adopt(self, space: RemoteSpace, opened: OpenedSpace) -> None:
+        """A space opened by a worker: the run records its worktree (in the order its spaces were
+        asked for) and notes; its repository, as found, is every later space's base."""
+        space.opened = opened
+        self._repo, self._inspected = opened.repo, True
+        if opened.worktree is not None:
+            self.run.worktrees.append(opened.worktree)
+            self.run.repository = opened.repository
+            order = {s.opened.worktree.path: i for i, s in enumerate(self._spaces) if s.opened and s.opened.worktree}
+            self.run.worktrees.sort(key=lambda w: order.get(w.path, len(order)))
+        self.run.notes += [n for n in opened.notes if n not in self.run.notes]
+
     async def space(self, label: str | None = None) -> Space:
         async with self._space_lock:  # one inspection of the repository, so every writer shares its base
-            first = self.job.cast[0].worker if self.job.cast else None
-            directory = self.job.cwd or (self.directory_of(first) if first is not None else None)
-            opened = await self.short(
-                "open_space",
-                SpaceJob(
-                    run_id=self.run.id,
-                    directory=directory,
-                    label=label,
-                    repo=self._repo,
-                    inspected=self._inspected,
-                ),
-                OpenedSpace,
-            )
+            space = RemoteSpace(self, label)
+            if self.lean:
+                if not self._inspected:  # an earlier space is inspected first: this one takes its base
+                    for earlier in self._spaces:
+                        await self._open_now(earlier)
+                self._spaces.append(space)
+                return space
+            self._spaces.append(space)
+            await self._open_now(space)
+            return space
+
+    async def opened(self, space: RemoteSpace) -> OpenedSpace | None:
+        """The space, opened now if no step has opened it yet."""
+        if space.opened is None:
+            async with self._space_lock:
+                await self._open_now(space)
+        return space.opened
+
+    async def _open_now(self, space: RemoteSpace) -> None:
+        """Open ``space`` in an activity of its own, unless a step opens it (then after that step);
+        the space lock is held."""
+        if space.opening is not None:
+            await space.opening.wait()
+        if space.opened is None:
+            opened = await self.short("open_space", self._space_job(space.label), OpenedSpace)
             assert opened is not None
-            self._repo, self._inspected = opened.repo, True
-            if opened.worktree is not None:
-                self.run.worktrees.append(opened.worktree)
-                self.run.repository = opened.repository
-            self.run.notes += [n for n in opened.notes if n not in self.run.notes]
-            return RemoteSpace(self, opened)
+            self._adopt(space, opened)
 
     async def in_repository(self) -> bool:
         async with self._space_lock:
@@ -294,11 +332,18 @@ class WorkflowContext(ProgramContext):
         resume: tuple[str, str] | None = None,
         choices: Sequence[str] = (),
     ) -> Step:
-        """A step as an activity; ``resume``: the vendor session to resume and the message it takes."""
+        """A step as an activity; ``resume``: the vendor session to resume and the message it takes.
+        A space nothing has opened yet is opened by the step's own activity (``step_in_space``)."""
         run = self.run
         spent = budget_left(run)
         if spent is not None:
             raise BudgetSpent(spent)
+        claim: RemoteSpace | None = None
+        if self.lean and isinstance(space, RemoteSpace) and space.opened is None:
+            if space.opening is None:
+                claim, space.opening = space, asyncio.Event()
+            else:
+                await self.opened(space)  # another step is opening it: this one starts once it is open
         directory = space.directory if space is not None and space.directory is not None else None
         where = str(directory) if directory is not None else self.directory_of(worker)
         step = begin_step(
@@ -325,16 +370,42 @@ class WorkflowContext(ProgramContext):
             resume_session=resume[0] if resume is not None else None,
             resume_message=resume[1] if resume is not None else None,
             choices=list(choices),
+            space=self._space_job(claim.label) if claim is not None else None,
         )
+        try:
+            done = await self._step_activity(job, worker, claim)
+        finally:
+            if claim is not None and claim.opening is not None:
+                claim.opening.set()
+        run.steps[step.index] = done
+        add_up(run)
+        await self.record()
+        return done
+
+    async def _step_activity(self, job: StepJob, worker: Worker, claim: RemoteSpace | None) -> Step:
+        """The step's activity to its end; a step that did not end by itself is recorded as it
+        stopped (cancelled: raised on to the run's stop; its worker lost: WorkerLost)."""
+        step = job.step
         timeout = (worker.timeout_seconds or self.job.step_timeout_s) + STEP_GRACE_S
         pickup = self.job.pickup_s
+
+        def lost(how: str, error: BaseException | None = None) -> WorkerLost:
+            reason = (
+                f"the worker running this step (task queue {self.job.queue}) {how}. "
+                "A step is never run twice (it may have edited files)"
+            )
+            step.status, step.error = "interrupted", reason
+            step.ended_at = workflow.now()
+            return WorkerLost(f"{step_label(step)} ({step.role}, worker {worker.name}) was interrupted: {reason}")
+
+        shut_down = "was shut down before the step ended (its process tree was killed)"
         try:
             while True:
                 try:
-                    done = await workflow.execute_activity(
-                        "run_step",
+                    done: Step | StepDone = await workflow.execute_activity(
+                        "step_in_space" if self.lean else "run_step",
                         job,
-                        result_type=Step,
+                        result_type=StepDone if self.lean else Step,
                         task_queue=self.job.queue,
                         start_to_close_timeout=timedelta(seconds=timeout),
                         schedule_to_start_timeout=timedelta(seconds=pickup) if pickup is not None else None,
@@ -359,6 +430,10 @@ class WorkflowContext(ProgramContext):
         except ActivityError as exc:
             cause = exc.cause
             died = isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT
+            if died and claim is not None and isinstance(cause, TimeoutError) and cause.last_heartbeat_details:
+                beat = Beat.model_validate(cause.last_heartbeat_details[0])
+                if beat.opened is not None:  # its worktree, as the step's first heartbeat told
+                    self._adopt(claim, beat.opened)
             stopped = (
                 isinstance(cause, ApplicationError)
                 and cause.type == WORKER_SHUTDOWN
@@ -366,19 +441,7 @@ class WorkflowContext(ProgramContext):
                 and workflow.patched(SHUTDOWN_INTERRUPTS)
             )
             if died or stopped:
-                how = (
-                    f"stopped: no heartbeat for {HEARTBEAT_TIMEOUT_S:g}s"
-                    if died
-                    else "was shut down before the step ended (its process tree was killed)"
-                )
-                reason = (
-                    f"the worker running this step (task queue {self.job.queue}) {how}. "
-                    "A step is never run twice (it may have edited files)"
-                )
-                step.status, step.error = "interrupted", reason
-                step.ended_at = workflow.now()
-                lost = f"{step_label(step)} ({step.role}, worker {worker.name}) was interrupted: {reason}"
-                raise WorkerLost(lost) from exc
+                raise lost(f"stopped: no heartbeat for {HEARTBEAT_TIMEOUT_S:g}s" if died else shut_down) from exc
             if isinstance(cause, TimeoutError):
                 step.status = "failed"
                 step.error = f"the step exceeded {timeout:g}s on its worker and was stopped ({cause.type})"
@@ -387,12 +450,17 @@ class WorkflowContext(ProgramContext):
             else:
                 raise  # cancelled: the run's stop handles it
             step.ended_at = workflow.now()
-            done = step
-        assert isinstance(done, Step)
-        run.steps[step.index] = done
-        add_up(run)
-        await self.record()
-        return done
+            return step
+        if isinstance(done, Step):
+            return done
+        if claim is not None and done.opened is not None:
+            self._adopt(claim, done.opened)
+        if done.step.status == "interrupted":  # its worker was shutting down
+            raise lost(shut_down)
+        if done.step.status == "running":  # stopped by the run's cancel, with its space reported
+            self.run.steps[step.index] = done.step
+            raise asyncio.CancelledError()
+        return done.step
 
     async def parallel(self, branches: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
         spent: list[BudgetSpent] = []
@@ -449,8 +517,8 @@ class RunWorkflow:
                 await context.save()
             await (strategy.run(context) if follow_up is None else _continue(context, follow_up))
 
-        if workflow.patched(BOUNDED_PICKUP):
-            context.lean = workflow.patched(LEAN_SAVES)
+        context.lean = workflow.patched(LEAN_RUNS)
+        if context.lean or workflow.patched(BOUNDED_PICKUP):
             program = asyncio.ensure_future(body())
         else:  # a run started before: as it ran
             if needs_default:
@@ -532,7 +600,7 @@ async def _continue(context: WorkflowContext, follow_up: ContinueJob) -> None:
     opened = await context.short("continue_space", job, OpenedSpace)
     space: RemoteSpace | None = None
     if opened is not None:
-        space = RemoteSpace(context, opened)
+        space = RemoteSpace(context, None, opened)
         if opened.worktree is not None:
             context.run.worktrees.append(opened.worktree)
             context.run.repository = opened.repository
