@@ -249,6 +249,27 @@ async def test_a_restart_of_the_mcp_server_interrupts_nothing(
     assert ended.result == "slow work finished after 3s"
 
 
+async def test_a_run_whose_workflow_was_terminated_is_reconciled_by_the_next_server_at_start(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """Recovery at start finds the run open in the store with its workflow closed: it records the
+    run interrupted, and every call that waited for recovery is answered (it once waited on itself)."""
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"))
+    first = await server(env)
+    async with first, first.running():
+        run = await first.start(DispatchRequest(task="terminated", working_directory=str(tmp_path / "alpha")))
+        await until(first, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
+        client = await first.runs.client()  # type: ignore[attr-defined]
+        await client.get_workflow_handle(run.id).terminate(reason="an operator ended it in Temporal")
+    second = await server(env)
+    async with second, second.running():
+        with anyio.fail_after(60):
+            reconciled = await second.get_run(run.id)
+    assert reconciled.status == "interrupted"
+    assert "ended as TERMINATED without recording the run's end" in (reconciled.error or "")
+    assert reconciled.steps[0].status == "interrupted"
+
+
 async def test_strategies_run_unchanged_writers_in_worktrees_made_by_the_worker(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:

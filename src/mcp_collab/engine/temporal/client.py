@@ -545,7 +545,9 @@ class TemporalRuns(RunLifecycle):
             return run
         if status is None and (datetime.now(UTC) - run.created_at).total_seconds() < START_GRACE_S:
             return run  # stored, its workflow about to start
-        latest = await self.get_run(run.id)  # the workflow may have saved the end meanwhile
+        # The workflow may have saved the end meanwhile. Read from the store itself: recovery at
+        # start reconciles too, and ``get_run`` waits for recovery to finish.
+        latest = await anyio.to_thread.run_sync(self.store.get_run, run.id) or run
         if latest.status in TERMINAL_RUN_STATUSES:
             return latest
         how = "was never started" if status is None else f"ended as {status.name} without recording the run's end"
