@@ -106,7 +106,8 @@ class RunRecorder:
         client, a run's end). Intermediate states (a step started, its process spawned) are written
         behind, after ``WRITE_BEHIND_DELAY_S``, batched with other runs' and without an fsync (they
         survive the server's death; the next durable save's fsync carries them to disk), so they
-        cost the step nothing.
+        cost the step nothing; with no write-behind task (a Temporal worker's recorder), at once
+        without an fsync.
 
         Every string of the run passes the redactor on its way to the store, the one door to it and,
         through the run kept in memory, to every caller (who see a run's memory only once it ended,
@@ -121,8 +122,9 @@ class RunRecorder:
         async with held(self._write_lock):
             self._pending.pop(run.id, None)
             covered = self._written  # its fsync makes every earlier write durable
-            await anyio.to_thread.run_sync(self.store.save_run, run)
-            if covered > self._synced:
+            # Intermediate with no write-behind task (a worker's): written now, without an fsync.
+            await anyio.to_thread.run_sync(functools.partial(self.store.save_runs, [run], durable=durable))
+            if durable and covered > self._synced:
                 self._settle(covered, None)
 
     async def flush(self, run_id: str) -> None:

@@ -191,7 +191,7 @@ class Activities:
                     if i < len(stored.steps) and i < len(run.steps):
                         run.steps[i].output = stored.steps[i].output
                         run.steps[i].diff = stored.steps[i].diff
-        await self.recorder.save(run)
+        await self.recorder.save(run, durable=job.durable)
 
     @activity.defn(name="queue_served")
     async def queue_served(self, queue: str) -> bool:

@@ -74,6 +74,10 @@ class SaveRun(BaseModel):
     run: Run
     # Steps whose output and diff the store already holds: sent empty, kept from the stored record.
     carried: list[int] = Field(default_factory=list)
+    # An intermediate state (a step begun or ended while the run goes on) is written without an
+    # fsync of its own, as the local engine writes it: it survives the worker's death, and the run's
+    # last save, durable, makes it durable too.
+    durable: bool = True
 
 
 class SpaceJob(BaseModel):

@@ -134,6 +134,7 @@ class WorkflowContext(ProgramContext):
         # a space opens it.
         self.lean = False
         self._dirty = False
+        self._closing = False  # the run's last save is asked for: it is durable
         self._saving: asyncio.Future[None] | None = None
         self._save_failed: ActivityError | None = None
         self._repo: dict[str, object] | None = None
@@ -201,6 +202,7 @@ class WorkflowContext(ProgramContext):
         if not self.lean:
             await self._send()
             return
+        self._closing = True
         await self.record()
         assert self._saving is not None
         await self._saving
@@ -211,13 +213,13 @@ class WorkflowContext(ProgramContext):
         while self._dirty:
             self._dirty = False
             try:
-                await self._send()
+                await self._send(durable=self._closing)
                 self._save_failed = None
             except ActivityError as exc:  # the next save sends it all again; the last one must land
                 workflow.logger.warning("run %s was not saved: %s", self.run.id, exc)
                 self._save_failed = exc
 
-    async def _send(self) -> None:
+    async def _send(self, *, durable: bool = True) -> None:
         """One save; outputs the store already holds are not sent again."""
         async with self._save_lock:
             carried = sorted(self._saved_outputs)
@@ -230,7 +232,7 @@ class WorkflowContext(ProgramContext):
             sent = self.run.model_copy(update={"steps": steps})
             await workflow.execute_local_activity(
                 "save_run",
-                SaveRun(run=sent, carried=carried),
+                SaveRun(run=sent, carried=carried, durable=durable),
                 start_to_close_timeout=timedelta(seconds=SHORT_ACTIVITY_S),
                 retry_policy=SHORT_RETRIES,
             )
