@@ -249,6 +249,25 @@ async def test_a_restart_of_the_mcp_server_interrupts_nothing(
     assert ended.result == "slow work finished after 3s"
 
 
+async def test_a_server_whose_temporal_is_down_keeps_answering_and_says_so_on_dispatch(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The server connects to Temporal at start, in the background: a Temporal that does not answer
+    stops neither the server nor the calls that need only the store."""
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    down = {**env, "MCP_COLLAB_TEMPORAL_ADDRESS": address}
+    # A worker announced in the store (its machine is up), so the dispatch gets as far as Temporal.
+    open_store(Settings.from_env(down)).renew_lease(temporal_client.worker_lease("alpha", [tmp_path]), 60)
+    orchestrator = await server(down)
+    async with orchestrator, orchestrator.running():
+        assert (await orchestrator.list_runs()).runs == []
+        with pytest.raises(temporal_client.TemporalUnavailable, match=f"cannot reach Temporal at {address}"):
+            await orchestrator.start(DispatchRequest(task="nowhere", working_directory=str(tmp_path)))
+        assert [w.name for w in await orchestrator.list_workers()] == ["coder"]
+
+
 async def test_a_run_whose_workflow_was_terminated_is_reconciled_by_the_next_server_at_start(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:

@@ -83,7 +83,14 @@ class TemporalUnavailable(CollabError):
         self.hint = hint
 
 
+def _load_sdk() -> None:
+    import temporalio.client
+    import temporalio.contrib.pydantic  # noqa: F401
+
+
 async def connect(settings: Settings) -> Client:
+    # Importing temporalio takes a few hundred milliseconds: off the event loop, which goes on answering.
+    await anyio.to_thread.run_sync(_load_sdk)
     from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -287,11 +294,20 @@ class TemporalRuns(RunLifecycle):
             self._tg = tg
             self._starting = anyio.Event()
             tg.start_soon(self._start_up, self._starting)
+            tg.start_soon(self._connect_early)
             try:
                 yield
             finally:
                 self._tg = None
                 tg.cancel_scope.cancel()
+
+    async def _connect_early(self) -> None:
+        """Connect while nothing waits for it, so the first dispatch does not pay for it (a failure
+        is said by the first call that needs Temporal, which tries again)."""
+        try:
+            await self.client()
+        except Exception as exc:  # said again, with its hint, by the first call that needs Temporal
+            log.warning("Temporal is not reachable yet: %s", exc)
 
     # -- starting ------------------------------------------------------------------------------
 
