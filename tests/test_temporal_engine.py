@@ -587,3 +587,15 @@ async def test_a_step_routed_to_a_worker_that_died_before_taking_it_ends_the_run
     assert ended.status == "interrupted", ended
     assert "no worker serves task queue" in (ended.error or ""), ended.error
     assert all(step.status != "running" for step in ended.steps)
+
+
+async def test_doctor_on_a_temporal_server_does_not_fail_for_clis_only_the_workers_need(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    missing = {f"MCP_COLLAB_{name}_BIN": str(tmp_path / "nowhere" / name) for name in ("CODEX", "GEMINI", "CLAUDE")}
+    report = await readiness.check(Settings.from_env({**env, **missing}))
+    clis = [c for c in report.checks if c.name.startswith("cli:")]
+    assert len(clis) == 3 and all(not c.ok and not c.required for c in clis), clis
+    assert all("mcp-collab doctor` on each worker's machine" in (c.hint or "") for c in clis)
+    local = await readiness.check(Settings.from_env({**env, **missing, "MCP_COLLAB_ENGINE": "local"}))
+    assert all(c.required for c in local.checks if c.name.startswith("cli:")), "the local engine runs them itself"

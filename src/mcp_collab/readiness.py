@@ -340,6 +340,14 @@ async def check(settings: Settings, store: RunStore | None = None) -> ReadinessR
             tg.start_soon(reach, endpoint)
         if settings.engine == "temporal":
             tg.start_soon(look_at_temporal)
+    # On Temporal this server runs no step: the CLIs matter on the workers' machines.
+    on_workers = settings.engine == "temporal"
+    elsewhere = (
+        "; this server runs no step (MCP_COLLAB_ENGINE=temporal): the workers need the CLIs, so run "
+        "`mcp-collab doctor` on each worker's machine"
+        if on_workers
+        else ""
+    )
     for model, vendor in VENDORS.items():
         binary = binaries[model]
         if binary is None:
@@ -348,8 +356,9 @@ async def check(settings: Settings, store: RunStore | None = None) -> ReadinessR
                 Check(
                     name=f"cli:{vendor.name}",
                     ok=False,
-                    detail="not found",
-                    hint=f"npm install -g {vendor.package}  (or set MCP_COLLAB_{vendor.name.upper()}_BIN)",
+                    detail="not found" + (" on this server" if on_workers else ""),
+                    hint=f"npm install -g {vendor.package}  (or set MCP_COLLAB_{vendor.name.upper()}_BIN)" + elsewhere,
+                    required=not on_workers,
                 )
             )
             continue
@@ -362,7 +371,8 @@ async def check(settings: Settings, store: RunStore | None = None) -> ReadinessR
                 detail=f"{version} at {_display(binary)}"
                 if version
                 else f"{_display(binary)} does not answer --version",
-                hint=None if version else f"reinstall with npm install -g {vendor.package}",
+                hint=None if version else f"reinstall with npm install -g {vendor.package}{elsewhere}",
+                required=not on_workers,
             )
         )
     environ = settings.environ
