@@ -14,9 +14,12 @@ arrive), alternately into the two workers' roots, and waits on each; the figure 
 from the first dispatch until every run is completed. A step is `tests/fake_clis/slow` with
 CODEX_FAKE_SECONDS=1, a Python fake, started by this Python itself (not a version manager's shim).
 
-Baselines, same process run: the ideal (200 / 20 slots x 1 s = 10 s); the same 200 runs through the
-local engine at MCP_COLLAB_MAX_CONCURRENT_RUNS=20 (same fake, same kind of store); 200 raw spawns
-of the fake, 20 at a time. Where the time goes: each run's stored times (until its step was begun,
+Baselines, same process run: the ideal (200 / 20 slots x 1 s = 10 s); the floor Temporal itself sets
+on this machine: the same batch of bare workflows of one activity that spawns the fake
+(``_bare_temporal.py``: no store, no strategy, no supervision) on the same dev server, through two
+worker processes of 10 slots; the same 200 runs through the local engine at
+MCP_COLLAB_MAX_CONCURRENT_RUNS=20 (same fake, same kind of store); 200 raw spawns of the fake, 20 at
+a time. Where the time goes: each run's stored times (until its step was begun,
 waiting for a worker's slot, on the worker, until the run was recorded ended, until the waiting
 caller had it), and the CPU each party used per run (this server, Temporal's server, the workers,
 the fakes) with how busy the whole machine was: on a machine of two cores all of them share, CPU is
@@ -37,9 +40,11 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bare_temporal as _bare
 from _common import FAKE_CLIS, ms, private_dir, ratio, server_env, verdict
 from _temporal import (
     Cpu,
+    TemporalDev,
     WorkerProcess,
     breakdown,
     busy_between,
@@ -117,6 +122,40 @@ async def raw_spawns(env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
+def bare_batch(dev: TemporalDev, path: str) -> tuple[float, dict[str, Cpu], float]:
+    """The floor: the same batch on bare Temporal (``_bare_temporal``: a workflow of one activity that
+    spawns the fake, nothing of mcp-collab), two worker processes of SLOTS slots, the same dev server."""
+    env = {"PATH": path, "CODEX_FAKE_SECONDS": f"{STEP_SECONDS:g}"}
+    script = Path(__file__).resolve().parent / "_bare_temporal.py"
+    queues = [f"bare-steps-{i}" for i in range(WORKERS)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script), dev.address, "bare-runs", queue, str(SLOTS), str(FAKE)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for queue in queues
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "serving"
+        assert dev.process is not None
+        parties = {"temporal": dev.process.pid, **{f"w{i}": w.pid for i, w in enumerate(workers)}}
+        before = {name: cpu_of(pid) for name, pid in parties.items()}
+        ticks = machine_ticks()
+        t = time.perf_counter()
+        anyio.run(_bare.batch, dev.address, "bare-runs", queues, RUNS, str(FAKE))
+        wall = time.perf_counter() - t
+        busy = busy_between(ticks, machine_ticks())
+        used = {name: cpu_of(pid) - before[name] for name, pid in parties.items()}
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait()
+    return wall, used, busy
+
+
 def per_run(label: str, seconds: float) -> str:
     return f"{label} {seconds / RUNS * 1000:.0f} ms"
 
@@ -164,6 +203,7 @@ def main() -> None:
             finally:
                 for worker in workers:
                     worker.stop()
+            b_wall, b_used, b_busy = bare_batch(dev, common["PATH"])
         local_env = server_env(
             tmp / "local-server",
             **common,
@@ -189,6 +229,12 @@ def main() -> None:
         f"    CPU per run: {per_run('this server', used['self'].own)}, {per_run('Temporal', used['temporal'].own)}, "
         f"{per_run('workers', workers_cpu.own)}, {per_run('fakes', workers_cpu.children)}; machine {t_busy:.0%} busy"
     )
+    bare_workers = sum((b_used[f"w{i}"] for i in range(WORKERS)), Cpu())
+    print(f"bare Temporal (one activity spawning the fake): {ms(b_wall)}")
+    print(
+        f"    CPU per run: {per_run('Temporal', b_used['temporal'].own)}, {per_run('workers', bare_workers.own)}, "
+        f"{per_run('fakes', bare_workers.children)}; machine {b_busy:.0%} busy"
+    )
     print(f"local engine, {WORKERS * SLOTS} runs at once:            {ms(l_wall)}")
     print("\n".join(breakdown(l_done)))
     print(slot_use(l_done, WORKERS * SLOTS))
@@ -199,7 +245,8 @@ def main() -> None:
     print(f"raw spawns of the fake, {WORKERS * SLOTS} at a time:       {ms(raw)}")
     print(f"ideal ({RUNS} / {WORKERS * SLOTS} slots x {STEP_SECONDS:g} s):              {ms(IDEAL)}")
     print(
-        f"Temporal: {ratio(t_wall, IDEAL)} of the ideal, {ratio(t_wall, l_wall)} of the local engine; "
+        f"Temporal: {ratio(t_wall, IDEAL)} of the ideal, {ratio(t_wall, l_wall)} of the local engine, "
+        f"{ratio(t_wall, b_wall)} of bare Temporal ({ratio(b_wall, IDEAL)} of the ideal); "
         f"local engine: {ratio(l_wall, IDEAL)} of the ideal; raw spawns: {ratio(raw, IDEAL)} of the ideal"
     )
     verdict(t_wall <= TARGET * IDEAL, f"Temporal took {ratio(t_wall, IDEAL)} of the ideal (target <= {TARGET}x)")

@@ -1,0 +1,71 @@
+"""Bare Temporal, for ``temporal_scale.py``'s floor: a workflow of one activity that spawns the fake
+CLI (prompt on stdin, read to the end), with none of mcp-collab around it (no store, no strategy,
+no supervision). As a process, it is a worker of the shared workflow queue and of its own step queue:
+
+    python bench/_bare_temporal.py ADDRESS RUNS_QUEUE STEP_QUEUE SLOTS FAKE
+
+It prints ``serving`` once polling, and serves until SIGTERM. ``batch`` starts workflows of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+
+from temporalio import activity, workflow
+from temporalio.client import Client
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+WORKFLOW = "bare-run"
+
+
+@activity.defn(name="bare-step")
+async def bare_step(fake: str) -> int:
+    process = await asyncio.create_subprocess_exec(
+        fake, "exec", "--json", "-", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    await process.communicate(b"task")
+    return process.returncode or 0
+
+
+@workflow.defn(name=WORKFLOW)
+class BareRun:
+    @workflow.run
+    async def run(self, queue: str, fake: str) -> int:
+        code: int = await workflow.execute_activity(
+            "bare-step", fake, task_queue=queue, start_to_close_timeout=timedelta(seconds=60), result_type=int
+        )
+        return code
+
+
+async def serve(address: str, runs: str, steps: str, slots: int) -> None:
+    client = await Client.connect(address)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with (
+        Worker(client, task_queue=runs, workflows=[BareRun], workflow_runner=UnsandboxedWorkflowRunner()),
+        Worker(client, task_queue=steps, activities=[bare_step], max_concurrent_activities=slots),
+    ):
+        print("serving", flush=True)
+        await stop.wait()
+
+
+async def batch(address: str, runs: str, queues: list[str], count: int, fake: str) -> None:
+    """``count`` workflows at once, alternately on ``queues``, each waited on."""
+    client = await Client.connect(address)
+
+    async def one(i: int) -> None:
+        code = await client.execute_workflow(
+            WORKFLOW, args=[queues[i % len(queues)], fake], id=f"bare-{i}", task_queue=runs
+        )
+        assert code == 0
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+
+
+if __name__ == "__main__":
+    address, runs_queue, step_queue, slots, fake_cli = sys.argv[1:6]
+    asyncio.run(serve(address, runs_queue, step_queue, int(slots)))
