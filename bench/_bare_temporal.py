@@ -2,17 +2,22 @@
 CLI (prompt on stdin, read to the end), with none of mcp-collab around it (no store, no strategy,
 no supervision). As a process, it is a worker of the shared workflow queue and of its own step queue:
 
-    python bench/_bare_temporal.py ADDRESS RUNS_QUEUE STEP_QUEUE SLOTS FAKE
+    python bench/_bare_temporal.py serve ADDRESS RUNS_QUEUE STEP_QUEUE SLOTS FAKE
+    python bench/_bare_temporal.py batch ADDRESS RUNS_QUEUE COUNT FAKE STEP_QUEUE...
 
-It prints ``serving`` once polling, and serves until SIGTERM. ``batch`` starts workflows of it.
+``serve`` prints ``serving`` once polling, and serves until SIGTERM. ``batch`` starts COUNT workflows
+at once, alternately on the step queues, waits for all, and prints the wall time in seconds (in a
+process of its own: temporalio's client, left to the interpreter's exit, can crash it there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 from temporalio import activity, workflow
@@ -53,9 +58,10 @@ async def serve(address: str, runs: str, steps: str, slots: int) -> None:
         await stop.wait()
 
 
-async def batch(address: str, runs: str, queues: list[str], count: int, fake: str) -> None:
-    """``count`` workflows at once, alternately on ``queues``, each waited on."""
+async def batch(address: str, runs: str, queues: list[str], count: int, fake: str) -> float:
+    """``count`` workflows at once, alternately on ``queues``, each waited on; the wall time."""
     client = await Client.connect(address)
+    t = time.perf_counter()
 
     async def one(i: int) -> None:
         code = await client.execute_workflow(
@@ -64,8 +70,14 @@ async def batch(address: str, runs: str, queues: list[str], count: int, fake: st
         assert code == 0
 
     await asyncio.gather(*(one(i) for i in range(count)))
+    return time.perf_counter() - t
 
 
 if __name__ == "__main__":
-    address, runs_queue, step_queue, slots, fake_cli = sys.argv[1:6]
-    asyncio.run(serve(address, runs_queue, step_queue, int(slots)))
+    if sys.argv[1] == "serve":
+        address, runs_queue, step_queue, slots = sys.argv[2:6]
+        asyncio.run(serve(address, runs_queue, step_queue, int(slots)))
+    else:
+        address, runs_queue, count, fake_cli, *step_queues = sys.argv[2:]
+        print(f"{asyncio.run(batch(address, runs_queue, step_queues, int(count), fake_cli)):.6f}", flush=True)
+        os._exit(0)  # the client's threads are not to meet the interpreter's exit

@@ -40,7 +40,6 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bare_temporal as _bare
 from _common import FAKE_CLIS, ms, private_dir, ratio, server_env, verdict
 from _temporal import (
     Cpu,
@@ -130,7 +129,7 @@ def bare_batch(dev: TemporalDev, path: str) -> tuple[float, dict[str, Cpu], floa
     queues = [f"bare-steps-{i}" for i in range(WORKERS)]
     workers = [
         subprocess.Popen(
-            [sys.executable, str(script), dev.address, "bare-runs", queue, str(SLOTS), str(FAKE)],
+            [sys.executable, str(script), "serve", dev.address, "bare-runs", queue, str(SLOTS)],
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -144,9 +143,8 @@ def bare_batch(dev: TemporalDev, path: str) -> tuple[float, dict[str, Cpu], floa
         parties = {"temporal": dev.process.pid, **{f"w{i}": w.pid for i, w in enumerate(workers)}}
         before = {name: cpu_of(pid) for name, pid in parties.items()}
         ticks = machine_ticks()
-        t = time.perf_counter()
-        anyio.run(_bare.batch, dev.address, "bare-runs", queues, RUNS, str(FAKE))
-        wall = time.perf_counter() - t
+        argv = [sys.executable, str(script), "batch", dev.address, "bare-runs", str(RUNS), str(FAKE), *queues]
+        wall = float(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout)
         busy = busy_between(ticks, machine_ticks())
         used = {name: cpu_of(pid) - before[name] for name, pid in parties.items()}
     finally:
