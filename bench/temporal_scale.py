@@ -9,7 +9,7 @@ in a SQLite file as the tests do, where every change of every workflow is an fsy
 with different step queues and workspace roots stand in for two machines and share the run store:
 the JSON store in a private state dir, or with ``--postgres`` a throwaway PostgreSQL cluster (fsync
 on). The MCP server's side (``WorkerOrchestrator`` with MCP_COLLAB_ENGINE=temporal) in this process
-dispatches 200 `single_worker` runs at once (concurrently, as 200 clients' `dispatch_task` calls
+dispatches, once one run has gone through each worker (not timed), 200 `single_worker` runs at once (concurrently, as 200 clients' `dispatch_task` calls
 arrive), alternately into the two workers' roots, and waits on each; the figure is the wall time
 from the first dispatch until every run is completed. A step is `tests/fake_clis/slow` with
 CODEX_FAKE_SECONDS=1, a Python fake, started by this Python itself (not a version manager's shim).
@@ -90,6 +90,13 @@ async def batch(env: dict[str, str], roots: list[Path]) -> tuple[float, list[tup
     done: list[tuple[Run, datetime]] = []
     async with orch, orch.running():
         await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
+        # A server that is up: one run through each root first, not timed (the server's connection
+        # to Temporal, each worker's first workflow; bare Temporal's batch connects before its clock too).
+        for root in roots:
+            warm = await orch.wait(
+                (await orch.start(DispatchRequest(task="warm-up", working_directory=str(root)))).id, None
+            )
+            assert warm.status == "completed", warm.error
 
         async def one(i: int) -> None:
             run = await orch.start(DispatchRequest(task=f"task {i}", working_directory=str(roots[i % len(roots)])))

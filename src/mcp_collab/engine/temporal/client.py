@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
 log = logging.getLogger("mcp_collab.engine")
+# How long one read of the workers' leases routes dispatches (a directory no worker had then is
+# looked for again in a fresh read; a worker that stopped meanwhile is found out by its step's pickup).
+LEASE_READ_EVERY_S = 1.0
 
 # How often a wait that reports progress re-reads the run (the workflow saves each change) and the
 # steps' heartbeats.
@@ -280,6 +283,8 @@ class TemporalRuns(RunLifecycle):
         self._connecting = anyio.Lock()
         self._in_recovery = False
         self._started_while_recovering: set[str] = set()
+        self._leases: tuple[float, list[Lease]] | None = None  # (when read, the live workers' leases)
+        self._reading_leases = anyio.Lock()
 
     async def client(self) -> Client:
         async with self._connecting:
@@ -301,6 +306,14 @@ class TemporalRuns(RunLifecycle):
                 self._tg = None
                 tg.cancel_scope.cancel()
 
+    async def _worker_leases(self, *, fresh: bool = False) -> list[Lease]:
+        """The live workers' leases, read at most once per LEASE_READ_EVERY_S (unless ``fresh``): a
+        burst of dispatches routes by one read of the store, not one each."""
+        async with self._reading_leases:
+            if fresh or self._leases is None or time.monotonic() - self._leases[0] > LEASE_READ_EVERY_S:
+                self._leases = (time.monotonic(), await anyio.to_thread.run_sync(self.store.live_leases, "worker"))
+            return self._leases[1]
+
     async def _connect_early(self) -> None:
         """Connect while nothing waits for it, so the first dispatch does not pay for it (a failure
         is said by the first call that needs Temporal, which tries again)."""
@@ -321,15 +334,21 @@ class TemporalRuns(RunLifecycle):
         # The run is stored durably before its workflow starts (``_launch``); progress comes through
         # wait, from the steps' heartbeats.
         del on_progress, durable
-        leases = await anyio.to_thread.run_sync(self.store.live_leases, "worker")
-        roots = tuple(sorted({Path(r) for lease in leases for r in lease.roots}))
         registered = await self._workers()
+        try:
+            plan, queue = self._routed(request, registered, await self._worker_leases())
+        except InvalidRequestError:  # no worker had the directory a moment ago: maybe one has now
+            plan, queue = self._routed(request, registered, await self._worker_leases(fresh=True))
+        cast = [CastEntry(role=role.name, worker=worker, access=role.access) for role, worker in plan.cast]
+        return await self._launch(plan, queue, cast=cast, cwd=str(plan.cwd) if plan.cwd is not None else None)
+
+    def _routed(self, request: DispatchRequest, registered: list[Worker], leases: list[Lease]) -> tuple[Plan, str]:
+        """The run's plan, and the step queue of the workers that have its directory."""
+        roots = tuple(sorted({Path(r) for lease in leases for r in lease.roots}))
         plan = make_plan(self.settings, request, registered, roots=roots, confiner=within, default_cwd=False)
         directories = [plan.cwd] if plan.cwd is not None else []
         directories += [Path(w.working_directory) for _, w in plan.cast if plan.cwd is None and w.working_directory]
-        queue = route(directories, leases)
-        cast = [CastEntry(role=role.name, worker=worker, access=role.access) for role, worker in plan.cast]
-        return await self._launch(plan, queue, cast=cast, cwd=str(plan.cwd) if plan.cwd is not None else None)
+        return plan, route(directories, leases)
 
     async def _launch(
         self,
