@@ -22,6 +22,8 @@ from mcp_collab.errors import ConfigError
         ({"MCP_COLLAB_CAPTURE_BYTES": "1e3.5"}, "is not a number"),
         ({"MCP_COLLAB_TEMPORAL_ADDRESS": "https://x.tmprl.cloud"}, "is not host:port"),
         ({"MCP_COLLAB_TEMPORAL_API_KEY": "k" * 20, "MCP_COLLAB_TEMPORAL_TLS": "0"}, "sent only over TLS"),
+        ({"MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S": "2"}, r"too short: .* every 1s, so set it to 3 seconds or more"),
+        ({"MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S": "0"}, "greater than zero"),
     ],
 )
 def test_malformed_settings_name_the_variable_and_what_is_accepted(env: dict[str, str], message: str) -> None:
@@ -42,6 +44,12 @@ def test_a_temporal_api_key_turns_tls_on_and_is_never_shown() -> None:
     assert cloud.tls and cloud.api_key == "sekrit-key-1234567890"
     assert "sekrit" not in repr(cloud)
     assert not Settings.from_env({"HOME": "/h"}).temporal.tls, "a dev server speaks plain gRPC"
+
+
+def test_the_temporal_heartbeat_timeout_defaults_to_twenty_seconds_and_can_be_set() -> None:
+    assert Settings.from_env({"HOME": "/h"}).temporal.heartbeat_timeout_s == 20.0
+    quick = Settings.from_env({"HOME": "/h", "MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S": "4.5"})
+    assert quick.temporal.heartbeat_timeout_s == 4.5
 
 
 def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:

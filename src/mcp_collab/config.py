@@ -163,6 +163,14 @@ DEFAULT_TEMPORAL_ADDRESS = "127.0.0.1:7233"  # `temporal server start-dev`'s own
 DEFAULT_TEMPORAL_NAMESPACE = "default"
 # The task queue run workflows are scheduled on; steps go to the queue of a worker that has their directory.
 DEFAULT_TEMPORAL_QUEUE = "mcp-collab"
+# A step's activity on a Temporal worker tells Temporal it is alive this often; a worker silent for
+# the heartbeat timeout (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S) has died (its step is
+# interrupted, never retried: a CLI may have edited files).
+TEMPORAL_HEARTBEAT_EVERY_S = 1.0
+DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S = 20.0
+# The heartbeat timeout spans at least this many heartbeats: a couple of them may be late on a
+# loaded machine, and a shorter timeout would end steps whose worker is alive.
+MIN_HEARTBEATS_PER_TIMEOUT = 3
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,9 @@ class TemporalSettings:
     queue: str = DEFAULT_TEMPORAL_QUEUE
     tls: bool = False
     api_key: str | None = field(default=None, repr=False)
+    # A step whose worker sent no heartbeat for this long has lost its worker
+    # (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S; the server gives each run its value at dispatch).
+    heartbeat_timeout_s: float = DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S
 
 
 def _temporal(env: Mapping[str, str]) -> TemporalSettings:
@@ -193,12 +204,21 @@ def _temporal(env: Mapping[str, str]) -> TemporalSettings:
             "MCP_COLLAB_TEMPORAL_API_KEY is sent only over TLS, but MCP_COLLAB_TEMPORAL_TLS=0; "
             "unset MCP_COLLAB_TEMPORAL_TLS (an API key turns TLS on) or unset the key"
         )
+    heartbeat_timeout = _positive(env, "MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S", DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S)
+    least = MIN_HEARTBEATS_PER_TIMEOUT * TEMPORAL_HEARTBEAT_EVERY_S
+    if heartbeat_timeout < least:
+        raise ConfigError(
+            f"MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S={env['MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S'].strip()!r} is "
+            f"too short: a step's worker sends a heartbeat every {TEMPORAL_HEARTBEAT_EVERY_S:g}s, so set it to "
+            f"{least:g} seconds or more (default {DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S:g})"
+        )
     return TemporalSettings(
         address=address,
         namespace=env.get("MCP_COLLAB_TEMPORAL_NAMESPACE", "").strip() or DEFAULT_TEMPORAL_NAMESPACE,
         queue=queue,
         tls=tls,
         api_key=api_key,
+        heartbeat_timeout_s=heartbeat_timeout,
     )
 
 

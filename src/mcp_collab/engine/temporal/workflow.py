@@ -45,7 +45,6 @@ with workflow.unsafe.imports_passed_through():
     from .jobs import (
         DELIVER_WORKFLOW,
         FINISH_PICKUP_S,
-        HEARTBEAT_TIMEOUT_S,
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
@@ -411,7 +410,7 @@ class WorkflowContext(ProgramContext):
                         task_queue=self.job.queue,
                         start_to_close_timeout=timedelta(seconds=timeout),
                         schedule_to_start_timeout=timedelta(seconds=pickup) if pickup is not None else None,
-                        heartbeat_timeout=timedelta(seconds=HEARTBEAT_TIMEOUT_S),
+                        heartbeat_timeout=timedelta(seconds=self.job.heartbeat_timeout_s),
                         retry_policy=ONCE,  # a CLI may have edited files: never run a step twice
                         cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                     )
@@ -443,7 +442,9 @@ class WorkflowContext(ProgramContext):
                 and workflow.patched(SHUTDOWN_INTERRUPTS)
             )
             if died or stopped:
-                raise lost(f"stopped: no heartbeat for {HEARTBEAT_TIMEOUT_S:g}s" if died else shut_down) from exc
+                raise lost(
+                    f"stopped: no heartbeat for {self.job.heartbeat_timeout_s:g}s" if died else shut_down
+                ) from exc
             if isinstance(cause, TimeoutError):
                 step.status = "failed"
                 step.error = f"the step exceeded {timeout:g}s on its worker and was stopped ({cause.type})"
