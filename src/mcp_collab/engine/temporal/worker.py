@@ -86,7 +86,11 @@ async def serve_worker(
         log.warning("killed the leftover step processes of %d stopped worker(s) or server(s)", left)
     held = [worker_lease(queue, settings.workspace_roots)]
     try:
-        async with runs, steps, anyio.create_task_group() as tg:
+        # Left in reverse: the workflow worker stops first, so a run's workflow it hosted moves to
+        # another worker at once, before this one's steps are ended (a workflow task taken while
+        # shutting down was dropped and Temporal gave it to another worker only after its 10 s
+        # timeout); then the steps get their grace.
+        async with steps, runs, anyio.create_task_group() as tg:
             held[0] = await _renew(store, held[0], settings.lease_ttl_s)  # routable from now on
             lease = held[0]
             tg.start_soon(_keep_renewing, store, held, settings.lease_ttl_s)
