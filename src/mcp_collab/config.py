@@ -40,6 +40,9 @@ DEFAULT_RUN_TIMEOUT_S = 4 * 3600.0
 # Retention: finished runs beyond the newest N, or older than D days, are pruned with their outputs.
 DEFAULT_RETAIN_RUNS = 10_000
 DEFAULT_RETAIN_DAYS = 90.0
+# A worker told to stop (SIGTERM) gives its running steps this long to end, then kills the process
+# trees of those still running (they end interrupted).
+DEFAULT_WORKER_STOP_GRACE_S = 10.0
 # A server's lease on the run store lives this long unless renewed (three times per TTL): long
 # enough to ride out a database restart or a stalled disk, short enough that a host that vanished
 # has its runs recovered within half a minute.
@@ -317,6 +320,8 @@ class Settings:
     temporal: TemporalSettings = field(default_factory=TemporalSettings)
     # How long a server's lease on the store outlives its last renewal (MCP_COLLAB_LEASE_TTL_S).
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+    # How long a stopping worker lets its running steps go on (MCP_COLLAB_WORKER_STOP_GRACE_S).
+    worker_stop_grace_s: float = DEFAULT_WORKER_STOP_GRACE_S
     # The variables the runtimes declare in runtimes/registry.py, read and checked once, by name.
     runtime_texts: Mapping[str, str] = field(default_factory=lambda: _runtime_settings({})[0])
     runtime_counts: Mapping[str, int] = field(default_factory=lambda: _runtime_settings({})[1])
@@ -370,6 +375,9 @@ class Settings:
             engine=_choice(env, "MCP_COLLAB_ENGINE", "local", ENGINES),  # type: ignore[arg-type]
             temporal=_temporal(env),
             lease_ttl_s=_positive(env, "MCP_COLLAB_LEASE_TTL_S", DEFAULT_LEASE_TTL_S),
+            worker_stop_grace_s=_positive(
+                env, "MCP_COLLAB_WORKER_STOP_GRACE_S", DEFAULT_WORKER_STOP_GRACE_S, allow_zero=True
+            ),
             runtime_texts=runtime_texts,
             runtime_counts=runtime_counts,
             openai_wire_api=_choice(env, "MCP_COLLAB_OPENAI_WIRE_API", "auto", WIRE_APIS),  # type: ignore[arg-type]
