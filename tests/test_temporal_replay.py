@@ -42,10 +42,11 @@ async def test_a_recorded_run_replays_on_this_workflow_code(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_a_recorded_run_keeps_the_heartbeat_timeout_it_was_dispatched_with(path: Path) -> None:
+def test_a_recorded_run_keeps_the_heartbeat_timeout_and_pickups_it_was_dispatched_with(path: Path) -> None:
     """Runs dispatched before MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S existed decode with the 20 s
-    they ran with."""
+    they ran with, and their worktrees' commit waits 15 s for a worker, as it did."""
     started = json.loads(path.read_text(encoding="utf-8"))["events"][0]["workflowExecutionStartedEventAttributes"]
     job = RunJob.model_validate_json(base64.b64decode(started["input"]["payloads"][0]["data"]))
     assert "heartbeat_timeout_s" not in job.model_fields_set, "recorded before the setting"
     assert job.heartbeat_timeout_s == 20.0
+    assert job.pickup_s == 30.0 and job.finish_pickup_s == 15.0

@@ -27,8 +27,9 @@ HEARTBEAT_TIMEOUT_S = DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S
 # Short activities (a worktree, a diff, saving the run) get this long; they retry, being idempotent.
 SHORT_ACTIVITY_S = 300.0
 # A run's worktrees are committed at its end by whichever worker of its queue takes that job; each
-# wait for one lasts this long, and once no live worker serves the queue (a dead one's lease lapsed,
-# none came back) the run ends without it rather than wait for a machine that is gone.
+# wait for one lasts this long (or the run's pickup time, the lease TTL, if shorter), and once no
+# live worker serves the queue (a dead one's lease lapsed, none came back) the run ends without it
+# rather than wait for a machine that is gone.
 FINISH_PICKUP_S = 15.0
 
 WORKFLOW_NAME = "mcp-collab-run"
@@ -72,6 +73,12 @@ class RunJob(BaseModel):
     # A step whose worker sent no heartbeat for this long ends interrupted (the server's setting at
     # dispatch; runs dispatched before it was one were given HEARTBEAT_TIMEOUT_S).
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
+
+    @property
+    def finish_pickup_s(self) -> float:
+        """How long the commit of the run's worktrees waits for a worker of its queue before the
+        workers' leases are read: FINISH_PICKUP_S, or the run's pickup time if that is shorter."""
+        return FINISH_PICKUP_S if self.pickup_s is None else min(FINISH_PICKUP_S, self.pickup_s)
 
 
 class SaveRun(BaseModel):

@@ -44,7 +44,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from .jobs import (
         DELIVER_WORKFLOW,
-        FINISH_PICKUP_S,
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
@@ -580,7 +579,7 @@ async def _finish_spaces(context: WorkflowContext, job: FinishJob) -> Finished |
     queue = context.job.queue
     while True:
         try:
-            return await context.short("finish_spaces", job, Finished, pickup_s=FINISH_PICKUP_S)
+            return await context.short("finish_spaces", job, Finished, pickup_s=context.job.finish_pickup_s)
         except ActivityError as exc:
             cause = exc.cause
             if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START):
