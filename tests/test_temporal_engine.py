@@ -198,8 +198,11 @@ async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_r
     # A CLI that goes quiet and ignores SIGTERM, with children: it outlives the worker's death.
     hang = {"MCP_COLLAB_CODEX_BIN": fake_cli("hang"), "CODEX_FAKE_PIDFILE": str(pids)}
     repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})  # the writer gets a worktree there
+    # Another machine goes on hosting the run's workflow. Started first, its pollers wait longest, so
+    # it takes the workflow (were it alpha's, the run's next workflow task would wait out alpha's
+    # sticky queue, 10 s, before beta took it over: slower, not different).
+    machines(env, "beta", tmp_path / "beta")
     worker = machines(env, "alpha", tmp_path / "alpha", **hang)
-    machines(env, "beta", tmp_path / "beta")  # another machine goes on hosting the run's workflow
     serving = await server(env)
     async with serving, serving.running():
         run = await serving.start(DispatchRequest(task="long", working_directory=str(repo)))
