@@ -68,6 +68,13 @@ def fake_cli(name: str) -> str:
     return str(FAKE_CLIS / name)
 
 
+def quick_vendor_clis() -> dict[str, str]:
+    """The codex, gemini and claude CLIs as the fake that answers at once, for a test whose
+    assertions are not about the vendor CLIs but whose server runs doctor (check_runtimes): it asks
+    each CLI for its version, and the real gemini takes about two seconds to answer."""
+    return {f"MCP_COLLAB_{name}_BIN": fake_cli("ok") for name in ("CODEX", "GEMINI", "CLAUDE")}
+
+
 @pytest.fixture
 def stub() -> Iterator[VendorStub]:
     """The loopback stub of the vendor APIs (127.0.0.1, free port), stopped by the test."""

@@ -133,7 +133,8 @@ def test_worker_output_and_stored_text_never_reach_the_terminal_as_control_seque
         assert code == 0 and not RAW_CONTROLS.findall(out + err), command
     code, out, _ = mc_bytes(hostile_env, "runs", "show", failed["id"])
     assert_shown_harmlessly(out)
-    code, out, _ = mc_bytes(hostile_env, "doctor")
+    # The real gemini CLI takes 2 s to say its version: the fake answers for it.
+    code, out, _ = mc_bytes({**hostile_env, "MCP_COLLAB_GEMINI_BIN": fake_cli("ok")}, "doctor")
     assert_shown_harmlessly(out)  # the CLI's own --version line
 
 

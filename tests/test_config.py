@@ -22,6 +22,9 @@ from mcp_collab.errors import ConfigError
         ({"MCP_COLLAB_CAPTURE_BYTES": "1e3.5"}, "is not a number"),
         ({"MCP_COLLAB_TEMPORAL_ADDRESS": "https://x.tmprl.cloud"}, "is not host:port"),
         ({"MCP_COLLAB_TEMPORAL_API_KEY": "k" * 20, "MCP_COLLAB_TEMPORAL_TLS": "0"}, "sent only over TLS"),
+        ({"MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S": "2"}, r"too short: .* every 1s, so set it to 3 seconds or more"),
+        ({"MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S": "0"}, "greater than zero"),
+        ({"MCP_COLLAB_WORKER_STOP_GRACE_S": "-1"}, "must be zero or more"),
     ],
 )
 def test_malformed_settings_name_the_variable_and_what_is_accepted(env: dict[str, str], message: str) -> None:
@@ -42,6 +45,15 @@ def test_a_temporal_api_key_turns_tls_on_and_is_never_shown() -> None:
     assert cloud.tls and cloud.api_key == "sekrit-key-1234567890"
     assert "sekrit" not in repr(cloud)
     assert not Settings.from_env({"HOME": "/h"}).temporal.tls, "a dev server speaks plain gRPC"
+
+
+def test_a_lost_temporal_worker_is_noticed_after_twenty_seconds_unless_set_and_a_stopping_one_waits_ten() -> None:
+    default = Settings.from_env({"HOME": "/h"})
+    assert (default.temporal.heartbeat_timeout_s, default.worker_stop_grace_s) == (20.0, 10.0)
+    quick = Settings.from_env(
+        {"HOME": "/h", "MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S": "4.5", "MCP_COLLAB_WORKER_STOP_GRACE_S": "0"}
+    )
+    assert (quick.temporal.heartbeat_timeout_s, quick.worker_stop_grace_s) == (4.5, 0.0)
 
 
 def test_a_child_gets_the_allow_list_not_the_whole_environment() -> None:

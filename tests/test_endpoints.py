@@ -21,7 +21,7 @@ from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.readiness import check
 from mcp_collab.runtimes.cli.vendors import CODEX_RECONNECTS_BEFORE_GIVING_UP, VENDORS
-from tests.conftest import require_real_clis
+from tests.conftest import quick_vendor_clis, require_real_clis
 from tests.support.cli_homes import STUB_API_KEY, USER_CODEX_CONFIG, user_env
 from tests.support.vendor_stub import StubReply, StubRequest, VendorStub
 from tests.test_real_clis import processes_in
@@ -240,7 +240,7 @@ async def test_an_endpoint_with_only_chat_completions_runs_on_openai_sdk_and_cod
 async def test_doctor_names_the_endpoint_each_runtime_calls_and_how(stub: VendorStub, base_env: dict[str, str]) -> None:
     report = await check(
         Settings.from_env(
-            {**base_env, "OPENAI_BASE_URL": f"{stub.url}/v1", "OPENAI_API_KEY": "k",
+            {**base_env, **quick_vendor_clis(), "OPENAI_BASE_URL": f"{stub.url}/v1", "OPENAI_API_KEY": "k",
              "GOOGLE_GEMINI_BASE_URL": stub.url, "GEMINI_API_KEY": "k"}
         )
     )  # fmt: skip
@@ -261,7 +261,8 @@ async def test_doctor_names_the_endpoint_each_runtime_calls_and_how(stub: Vendor
 async def test_doctor_flags_an_endpoint_that_is_set_but_unreachable(base_env: dict[str, str]) -> None:
     down = closed_port_url()
     host_port = down.removeprefix("http://")
-    report = await check(Settings.from_env({**base_env, "ANTHROPIC_BASE_URL": f"http://user:pw@{host_port}"}))
+    env = {**base_env, **quick_vendor_clis(), "ANTHROPIC_BASE_URL": f"http://user:pw@{host_port}"}
+    report = await check(Settings.from_env(env))
     claude = next(c for c in report.checks if c.name == "endpoint:claude")
     assert not claude.ok and "unreachable" in claude.detail and f"calls {down} (ANTHROPIC_BASE_URL)" in claude.detail
     assert claude.hint == f"start the server at {down} or correct ANTHROPIC_BASE_URL"
@@ -272,7 +273,7 @@ async def test_doctor_flags_an_endpoint_that_is_set_but_unreachable(base_env: di
 
 
 async def test_doctor_says_codex_cannot_speak_chat_completions(stub: VendorStub, base_env: dict[str, str]) -> None:
-    env = {**base_env, "OPENAI_BASE_URL": f"{stub.url}/v1", "MCP_COLLAB_OPENAI_WIRE_API": "chat"}
+    env = {**base_env, **quick_vendor_clis(), "OPENAI_BASE_URL": f"{stub.url}/v1", "MCP_COLLAB_OPENAI_WIRE_API": "chat"}
     report = await check(Settings.from_env(env))
     codex = next(c for c in report.checks if c.name == "endpoint:codex")
     assert not codex.ok and codex.hint is not None and "runtimeMode openai_sdk" in codex.hint
@@ -282,7 +283,8 @@ def test_the_doctor_command_prints_each_endpoint(base_env: dict[str, str]) -> No
     down = closed_port_url()
     done = subprocess.run(
         [sys.executable, "-m", "mcp_collab", "doctor"],
-        env={**base_env, "OPENAI_BASE_URL": f"{down}/v1"}, capture_output=True, text=True, timeout=120,
+        env={**base_env, **quick_vendor_clis(), "OPENAI_BASE_URL": f"{down}/v1"}, capture_output=True, text=True,
+        timeout=120,
     )  # fmt: skip
     line = next(x for x in done.stdout.splitlines() if "endpoint:codex" in x)
     assert line.startswith("warn") and f"calls {down}/v1 (OPENAI_BASE_URL)" in line and "unreachable" in line

@@ -16,6 +16,7 @@ from mcp_collab.models import RUNTIME_MODES
 from mcp_collab.runtimes.base import StepRequest
 from mcp_collab.server import build_server
 from mcp_collab.testing import Reply, ScriptedRuntime
+from tests.conftest import quick_vendor_clis
 from tests.support.mcp_helpers import call
 
 pytestmark = pytest.mark.anyio
@@ -255,7 +256,13 @@ async def test_a_bug_in_a_run_fails_that_run_without_a_trace_and_the_server_stay
 async def test_check_runtimes_reports_without_leaking_secrets(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(OPENAI_API_KEY="sk-very-secret-value", MCP_COLLAB_CODEX_BIN=str(tmp_path / "nope"))
+    settings = make_settings(
+        **{
+            **quick_vendor_clis(),
+            "OPENAI_API_KEY": "sk-very-secret-value",
+            "MCP_COLLAB_CODEX_BIN": str(tmp_path / "nope"),
+        }
+    )
     async with Client(build_server(settings, {})) as c:
         report = await call(c, "check_runtimes")
     text = json.dumps(report)

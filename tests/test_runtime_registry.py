@@ -22,6 +22,7 @@ from mcp_collab.runtimes.base import StepRequest
 from mcp_collab.runtimes.registry import RUNTIMES, RuntimeSpec, sdk_runtimes
 from mcp_collab.server import build_server
 from mcp_collab.testing import Reply, ScriptedRuntime
+from tests.conftest import quick_vendor_clis
 from tests.support.vendor_stub import StubReply, VendorStub
 
 pytestmark = pytest.mark.anyio
@@ -196,6 +197,7 @@ async def test_without_a_key_the_step_falls_back_to_the_cli_and_records_why(
 async def test_the_doctor_reports_each_sdks_package_key_endpoint_and_readiness(
     stub: VendorStub, spec: RuntimeSpec, base_env: dict[str, str]
 ) -> None:
+    base_env = {**base_env, **quick_vendor_clis()}  # the SDKs' rows are the point, not the CLIs'
     without = await check(Settings.from_env(base_env))
     keyed = await check(Settings.from_env({**base_env, **env_for(spec, stub.url)}))
     for report, has_key in ((without, False), (keyed, True)):

@@ -23,6 +23,7 @@ from mcp_collab.errors import InvalidRequestError, LeaseLostError, RunTakenOverE
 from mcp_collab.models import Lease, Run, RunOwner, RunWorktree, Usage, Worker
 from mcp_collab.store import JsonStore, RunFilter, RunStore, cursor_after, describe_store, open_store
 from mcp_collab.store.postgres import PostgresStore
+from tests.conftest import quick_vendor_clis
 from tests.test_store import a_run
 
 LONG = 2_000  # the preview both stores keep in a run's record; longer texts are stored apart
@@ -309,14 +310,15 @@ def test_doctor_names_the_backend_and_never_the_password(postgres_url: str, tmp_
     from mcp_collab import readiness
 
     secret_url = postgres_url.replace("postgres@", "postgres:s3cret-pw@")
-    settings = Settings.from_env({"MCP_COLLAB_STATE_DIR": str(tmp_path), "MCP_COLLAB_STORE_URL": secret_url})
+    quick = quick_vendor_clis()  # doctor's CLI rows are not the point (the real gemini takes 2 s to answer)
+    settings = Settings.from_env({"MCP_COLLAB_STATE_DIR": str(tmp_path), "MCP_COLLAB_STORE_URL": secret_url, **quick})
     assert "s3cret-pw" not in repr(settings)
     assert describe_store(settings).startswith("PostgreSQL at postgresql://postgres@127.0.0.1:")
     report = anyio.run(readiness.check, settings)
     [check] = [c for c in report.checks if c.name == "store"]
     assert check.ok and "reachable" in check.detail and "s3cret-pw" not in check.detail
     down = "postgresql://postgres:s3cret-pw@127.0.0.1:1/nowhere"
-    settings = Settings.from_env({"MCP_COLLAB_STATE_DIR": str(tmp_path), "MCP_COLLAB_STORE_URL": down})
+    settings = Settings.from_env({"MCP_COLLAB_STATE_DIR": str(tmp_path), "MCP_COLLAB_STORE_URL": down, **quick})
     [check] = [c for c in anyio.run(readiness.check, settings).checks if c.name == "store"]
     assert not check.ok and "127.0.0.1:1/nowhere" in check.detail and "s3cret-pw" not in check.detail
     with pytest.raises(
@@ -347,7 +349,8 @@ def test_the_command_keeps_runs_in_the_database_the_url_names(
         stored = store.get_run(run_id)
     assert stored is not None and stored.status == "completed" and stored.workers == ["w"]
     assert run_id in mc(env, "runs").stdout
-    doctor = mc(env, "doctor")
+    # The real gemini CLI takes 2 s to say its version: the fake answers for it.
+    doctor = mc({**env, "MCP_COLLAB_GEMINI_BIN": fake_cli("ok")}, "doctor")
     assert "store" in doctor.stdout and "PostgreSQL" in doctor.stdout
 
 

@@ -18,6 +18,7 @@ from mcp_collab.errors import StoreError
 from mcp_collab.models import Worker
 from mcp_collab.readiness import check
 from mcp_collab.store import JsonStore, RunFilter
+from tests.conftest import quick_vendor_clis
 from tests.test_store import a_run
 
 LOG = "runs.jsonl"
@@ -158,7 +159,9 @@ async def test_doctor_and_check_runtimes_name_the_damaged_copy(tmp_path: Path) -
         fh.write(b"garbage\n")
     JsonStore(tmp_path)
     [aside] = damaged_copies(tmp_path)
-    report = await check(Settings(state_dir=tmp_path))
+    report = await check(
+        Settings.from_env({"HOME": str(tmp_path), "MCP_COLLAB_STATE_DIR": str(tmp_path), **quick_vendor_clis()})
+    )
     [damage] = [c for c in report.checks if c.name == "store:damage"]
     assert not damage.ok and aside.name in damage.detail and damage.hint
     assert not damage.required, "a repaired store does not stop the server"

@@ -26,6 +26,7 @@ from mcp_collab.runtimes.base import StepRequest
 from mcp_collab.server import build_server
 from mcp_collab.store import JsonStore
 from mcp_collab.testing import Reply, ScriptedRuntime
+from tests.conftest import quick_vendor_clis
 from tests.support.mcp_helpers import call
 
 pytestmark = pytest.mark.anyio
@@ -104,7 +105,7 @@ class Gate:
 @pytest.fixture
 async def served(disk: Path, make_settings: Callable[..., Settings]) -> AsyncIterator[tuple[Client, Gate]]:
     gate = Gate()
-    settings = make_settings(MCP_COLLAB_STATE_DIR=str(disk / "state"))
+    settings = make_settings(MCP_COLLAB_STATE_DIR=str(disk / "state"), **quick_vendor_clis())
     async with Client(build_server(settings, {"cli": gate})) as client:  # type: ignore[dict-item]
         await call(client, "spawn_worker", name="w1", model="codex_cli")
         yield client, gate

@@ -27,7 +27,7 @@ from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.server import build_server
 from mcp_collab.store import open_store
-from tests.conftest import alive, fake_cli, read_pids
+from tests.conftest import alive, fake_cli, quick_vendor_clis, read_pids
 from tests.support.git_repo import init_repo
 from tests.support.mcp_helpers import call, until_listening
 from tests.support.temporal import TemporalDev, WorkerProcess, free_port
@@ -51,10 +51,10 @@ def env(base_env: dict[str, str], temporal: TemporalDev, tmp_path: Path) -> dict
     this test's own (tests share one dev server)."""
     return {
         **base_env,
+        **quick_vendor_clis(),  # doctor's CLI rows are not what these tests are about
         "MCP_COLLAB_ENGINE": "temporal",
         "MCP_COLLAB_TEMPORAL_ADDRESS": temporal.address,
         "MCP_COLLAB_TEMPORAL_QUEUE": f"runs-{tmp_path.name}",
-        "MCP_COLLAB_CODEX_BIN": fake_cli("ok"),
     }
 
 
@@ -89,6 +89,13 @@ async def serving(env: dict[str, str]) -> AsyncIterator[WorkerOrchestrator]:
     orchestrator = await server(env)
     async with orchestrator, orchestrator.running():
         yield orchestrator
+
+
+# A lost worker noticed within seconds, not the default half minute: its step ends once no heartbeat
+# came for 5 s (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S, the server's, given to each run), its lease
+# lapses 5 s after its last renewal (MCP_COLLAB_LEASE_TTL_S), and a job its queue did not take within
+# that TTL (the commit of the run's worktrees) is checked against the workers' leases.
+QUICK_DEATH = {"MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S": "5", "MCP_COLLAB_LEASE_TTL_S": "5"}
 
 
 async def until(orchestrator: WorkerOrchestrator, run_id: str, check: Callable[[Run], bool]) -> Run:
@@ -184,24 +191,31 @@ async def test_a_run_cancelled_mid_step_keeps_the_worktree_its_step_opened(
 
 
 async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_run_ends(
-    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
+    env = {**env, **QUICK_DEATH}
     pids = tmp_path / "pids"
     # A CLI that goes quiet and ignores SIGTERM, with children: it outlives the worker's death.
     hang = {"MCP_COLLAB_CODEX_BIN": fake_cli("hang"), "CODEX_FAKE_PIDFILE": str(pids)}
     repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})  # the writer gets a worktree there
+    # Another machine goes on hosting the run's workflow. Started first, its pollers wait longest, so
+    # it takes the workflow (were it alpha's, the run's next workflow task would wait out alpha's
+    # sticky queue, 10 s, before beta took it over: slower, not different).
+    machines(env, "beta", tmp_path / "beta")
     worker = machines(env, "alpha", tmp_path / "alpha", **hang)
-    machines(env, "beta", tmp_path / "beta")  # another machine goes on hosting the run's workflow
-    run = await serving.start(DispatchRequest(task="long", working_directory=str(repo)))
-    await until(serving, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
-    with anyio.fail_after(60):
-        while len(read_pids(pids)) < 2:  # the CLI and its children are up
-            await anyio.sleep(0.05)
-    worker.kill()
-    ended = await serving.wait(run.id, 120)
+    serving = await server(env)
+    async with serving, serving.running():
+        run = await serving.start(DispatchRequest(task="long", working_directory=str(repo)))
+        await until(serving, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
+        with anyio.fail_after(60):
+            while len(read_pids(pids)) < 2:  # the CLI and its children are up
+                await anyio.sleep(0.05)
+        worker.kill()
+        ended = await serving.wait(run.id, 120)
     assert ended.status == "interrupted", ended
     [step] = ended.steps
-    assert step.status == "interrupted" and "no heartbeat" in (step.error or "")
+    assert step.status == "interrupted", step
+    assert f"no heartbeat for {QUICK_DEATH['MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S']}s" in (step.error or "")
     assert "never run twice" in (ended.error or "")
     # Its worktree is on the dead machine: the run ends without committing it, rather than wait for it.
     assert any(f"no worker serves task queue alpha-{tmp_path.name} any more" in note for note in ended.notes)
@@ -213,21 +227,26 @@ async def test_a_worker_that_dies_mid_step_leaves_the_step_interrupted_and_the_r
 
 
 async def test_a_worker_stopped_mid_step_leaves_the_step_interrupted_and_the_run_ends(
-    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
+    env = {**env, "MCP_COLLAB_LEASE_TTL_S": QUICK_DEATH["MCP_COLLAB_LEASE_TTL_S"]}  # a stop drops the lease at once
     pids = tmp_path / "pids"
     repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    # Its steps get a second to end once it is told to stop (a hung CLI never does).
     worker = machines(
-        env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"), CODEX_FAKE_PIDFILE=str(pids)
-    )
+        env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"), CODEX_FAKE_PIDFILE=str(pids),
+        MCP_COLLAB_WORKER_STOP_GRACE_S="1",
+    )  # fmt: skip
     machines(env, "beta", tmp_path / "beta")  # hosts the run's workflow once alpha is gone
-    run = await serving.start(DispatchRequest(task="long", working_directory=str(repo)))
-    with anyio.fail_after(60):
-        while len(read_pids(pids)) < 2:  # the CLI and its children are up
-            await anyio.sleep(0.05)
-    assert worker.stop() == 0, "SIGTERM: the worker stops cleanly (as systemctl stop or restart does)"
-    assert not any(alive(pid) for pid in read_pids(pids)), "it killed its step's process tree on the way out"
-    ended = await serving.wait(run.id, 120)
+    serving = await server(env)
+    async with serving, serving.running():
+        run = await serving.start(DispatchRequest(task="long", working_directory=str(repo)))
+        with anyio.fail_after(60):
+            while len(read_pids(pids)) < 2:  # the CLI and its children are up
+                await anyio.sleep(0.05)
+        assert worker.stop() == 0, "SIGTERM: the worker stops cleanly (as systemctl stop or restart does)"
+        assert not any(alive(pid) for pid in read_pids(pids)), "it killed its step's process tree on the way out"
+        ended = await serving.wait(run.id, 120)
     assert ended.status == "interrupted", ended
     [step] = ended.steps
     assert step.status == "interrupted" and "was shut down before the step ended" in (step.error or "")
@@ -515,14 +534,14 @@ async def test_doctor_finds_a_temporal_whose_own_services_cannot_reach_each_othe
     try:
         report = await readiness.check(Settings.from_env({**env, "MCP_COLLAB_TEMPORAL_ADDRESS": broken.address}))
     finally:
-        broken.stop()
+        broken.kill()
     check = engine_checks(report)["engine:temporal"]
     assert not check.ok and "answers, but cannot serve the runs' queue" in check.detail, check
     assert check.hint is not None and "--ip" in check.hint
 
 
 async def test_the_local_engine_reports_no_engine_checks(base_env: dict[str, str]) -> None:
-    report = await readiness.check(Settings.from_env(base_env))
+    report = await readiness.check(Settings.from_env({**base_env, **quick_vendor_clis()}))
     assert engine_checks(report) == {}
     assert {c.name for c in report.checks} >= {"store"}
 

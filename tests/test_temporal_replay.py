@@ -6,6 +6,8 @@ workers' own runner and data converter; no Temporal server is needed."""
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from mcp_collab.engine.temporal.jobs import RunJob
 from mcp_collab.engine.temporal.worker import workflow_runner
 from mcp_collab.engine.temporal.workflow import DeliverWorkflow, RunWorkflow
 
@@ -36,3 +39,14 @@ async def test_a_recorded_run_replays_on_this_workflow_code(path: Path) -> None:
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name} does not replay: {result.replay_failure}"
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_a_recorded_run_keeps_the_heartbeat_timeout_and_pickups_it_was_dispatched_with(path: Path) -> None:
+    """Runs dispatched before MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S existed decode with the 20 s
+    they ran with, and their worktrees' commit waits 15 s for a worker, as it did."""
+    started = json.loads(path.read_text(encoding="utf-8"))["events"][0]["workflowExecutionStartedEventAttributes"]
+    job = RunJob.model_validate_json(base64.b64decode(started["input"]["payloads"][0]["data"]))
+    assert "heartbeat_timeout_s" not in job.model_fields_set, "recorded before the setting"
+    assert job.heartbeat_timeout_s == 20.0
+    assert job.pickup_s == 30.0 and job.finish_pickup_s == 15.0

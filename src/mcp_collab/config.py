@@ -40,6 +40,9 @@ DEFAULT_RUN_TIMEOUT_S = 4 * 3600.0
 # Retention: finished runs beyond the newest N, or older than D days, are pruned with their outputs.
 DEFAULT_RETAIN_RUNS = 10_000
 DEFAULT_RETAIN_DAYS = 90.0
+# A worker told to stop (SIGTERM) gives its running steps this long to end, then kills the process
+# trees of those still running (they end interrupted).
+DEFAULT_WORKER_STOP_GRACE_S = 10.0
 # A server's lease on the run store lives this long unless renewed (three times per TTL): long
 # enough to ride out a database restart or a stalled disk, short enough that a host that vanished
 # has its runs recovered within half a minute.
@@ -163,6 +166,14 @@ DEFAULT_TEMPORAL_ADDRESS = "127.0.0.1:7233"  # `temporal server start-dev`'s own
 DEFAULT_TEMPORAL_NAMESPACE = "default"
 # The task queue run workflows are scheduled on; steps go to the queue of a worker that has their directory.
 DEFAULT_TEMPORAL_QUEUE = "mcp-collab"
+# A step's activity on a Temporal worker tells Temporal it is alive this often; a worker silent for
+# the heartbeat timeout (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S) has died (its step is
+# interrupted, never retried: a CLI may have edited files).
+TEMPORAL_HEARTBEAT_EVERY_S = 1.0
+DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S = 20.0
+# The heartbeat timeout spans at least this many heartbeats: a couple of them may be late on a
+# loaded machine, and a shorter timeout would end steps whose worker is alive.
+MIN_HEARTBEATS_PER_TIMEOUT = 3
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,9 @@ class TemporalSettings:
     queue: str = DEFAULT_TEMPORAL_QUEUE
     tls: bool = False
     api_key: str | None = field(default=None, repr=False)
+    # A step whose worker sent no heartbeat for this long has lost its worker
+    # (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S; the server gives each run its value at dispatch).
+    heartbeat_timeout_s: float = DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S
 
 
 def _temporal(env: Mapping[str, str]) -> TemporalSettings:
@@ -193,12 +207,21 @@ def _temporal(env: Mapping[str, str]) -> TemporalSettings:
             "MCP_COLLAB_TEMPORAL_API_KEY is sent only over TLS, but MCP_COLLAB_TEMPORAL_TLS=0; "
             "unset MCP_COLLAB_TEMPORAL_TLS (an API key turns TLS on) or unset the key"
         )
+    heartbeat_timeout = _positive(env, "MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S", DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S)
+    least = MIN_HEARTBEATS_PER_TIMEOUT * TEMPORAL_HEARTBEAT_EVERY_S
+    if heartbeat_timeout < least:
+        raise ConfigError(
+            f"MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S={env['MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S'].strip()!r} is "
+            f"too short: a step's worker sends a heartbeat every {TEMPORAL_HEARTBEAT_EVERY_S:g}s, so set it to "
+            f"{least:g} seconds or more (default {DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S:g})"
+        )
     return TemporalSettings(
         address=address,
         namespace=env.get("MCP_COLLAB_TEMPORAL_NAMESPACE", "").strip() or DEFAULT_TEMPORAL_NAMESPACE,
         queue=queue,
         tls=tls,
         api_key=api_key,
+        heartbeat_timeout_s=heartbeat_timeout,
     )
 
 
@@ -297,6 +320,8 @@ class Settings:
     temporal: TemporalSettings = field(default_factory=TemporalSettings)
     # How long a server's lease on the store outlives its last renewal (MCP_COLLAB_LEASE_TTL_S).
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+    # How long a stopping worker lets its running steps go on (MCP_COLLAB_WORKER_STOP_GRACE_S).
+    worker_stop_grace_s: float = DEFAULT_WORKER_STOP_GRACE_S
     # The variables the runtimes declare in runtimes/registry.py, read and checked once, by name.
     runtime_texts: Mapping[str, str] = field(default_factory=lambda: _runtime_settings({})[0])
     runtime_counts: Mapping[str, int] = field(default_factory=lambda: _runtime_settings({})[1])
@@ -350,6 +375,9 @@ class Settings:
             engine=_choice(env, "MCP_COLLAB_ENGINE", "local", ENGINES),  # type: ignore[arg-type]
             temporal=_temporal(env),
             lease_ttl_s=_positive(env, "MCP_COLLAB_LEASE_TTL_S", DEFAULT_LEASE_TTL_S),
+            worker_stop_grace_s=_positive(
+                env, "MCP_COLLAB_WORKER_STOP_GRACE_S", DEFAULT_WORKER_STOP_GRACE_S, allow_zero=True
+            ),
             runtime_texts=runtime_texts,
             runtime_counts=runtime_counts,
             openai_wire_api=_choice(env, "MCP_COLLAB_OPENAI_WIRE_API", "auto", WIRE_APIS),  # type: ignore[arg-type]

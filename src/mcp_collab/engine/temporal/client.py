@@ -379,6 +379,7 @@ class TemporalRuns(RunLifecycle):
             writer_access=self.settings.writer_access,
             continuation=follow_up,
             pickup_s=self.settings.lease_ttl_s,
+            heartbeat_timeout_s=self.settings.temporal.heartbeat_timeout_s,
         )
         try:
             client = await self.client()

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ...config import DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S, TEMPORAL_HEARTBEAT_EVERY_S
 from ...models import Access, FallbackPolicy, Run, RuntimeMode, RunWorktree, Step, Worker
 
 # Temporal refuses a payload over 2 MiB: what a step sends back is kept under that (the full answer
@@ -19,15 +20,16 @@ from ...models import Access, FallbackPolicy, Run, RuntimeMode, RunWorktree, Ste
 STEP_OUTPUT_BYTES = 1 << 20
 STEP_DIFF_BYTES = 512 << 10
 STORED_DIFF_BYTES = 1 << 20
-# A step's activity tells Temporal it is alive this often; a worker silent for HEARTBEAT_TIMEOUT_S
-# has died (its step is interrupted, never retried: a CLI may have edited files).
-HEARTBEAT_EVERY_S = 1.0
-HEARTBEAT_TIMEOUT_S = 20.0
+# How often a step's activity heartbeats, and the heartbeat timeout of runs dispatched before it was a
+# setting (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S): config.py, where the setting is checked against it.
+HEARTBEAT_EVERY_S = TEMPORAL_HEARTBEAT_EVERY_S
+HEARTBEAT_TIMEOUT_S = DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S
 # Short activities (a worktree, a diff, saving the run) get this long; they retry, being idempotent.
 SHORT_ACTIVITY_S = 300.0
 # A run's worktrees are committed at its end by whichever worker of its queue takes that job; each
-# wait for one lasts this long, and once no live worker serves the queue (a dead one's lease lapsed,
-# none came back) the run ends without it rather than wait for a machine that is gone.
+# wait for one lasts this long (or the run's pickup time, the lease TTL, if shorter), and once no
+# live worker serves the queue (a dead one's lease lapsed, none came back) the run ends without it
+# rather than wait for a machine that is gone.
 FINISH_PICKUP_S = 15.0
 
 WORKFLOW_NAME = "mcp-collab-run"
@@ -68,6 +70,15 @@ class RunJob(BaseModel):
     # A step no worker took within this long is checked against the workers' leases: still served
     # (every slot busy), it is asked for again; not, it never started and the run ends. None: no bound.
     pickup_s: float | None = None
+    # A step whose worker sent no heartbeat for this long ends interrupted (the server's setting at
+    # dispatch; runs dispatched before it was one were given HEARTBEAT_TIMEOUT_S).
+    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
+
+    @property
+    def finish_pickup_s(self) -> float:
+        """How long the commit of the run's worktrees waits for a worker of its queue before the
+        workers' leases are read: FINISH_PICKUP_S, or the run's pickup time if that is shorter."""
+        return FINISH_PICKUP_S if self.pickup_s is None else min(FINISH_PICKUP_S, self.pickup_s)
 
 
 class SaveRun(BaseModel):

@@ -37,9 +37,6 @@ log = logging.getLogger("mcp_collab.worker")
 # A worker's lease (the server routes only to live workers) lasts MCP_COLLAB_LEASE_TTL_S, like a
 # server's, and is renewed this many times per TTL: two missed renewals in a row are survivable.
 RENEWALS_PER_TTL = 3
-# A worker that is told to stop gives its running steps this long to end (then they are cancelled
-# and their process trees killed).
-GRACEFUL_SHUTDOWN_S = 10.0
 
 
 async def serve_worker(
@@ -62,7 +59,9 @@ async def serve_worker(
     executor = StepExecutor(settings, runtimes, RunRecorder(store, settings.redact))
     activities = Activities(settings, store, executor)
     beat = timedelta(seconds=HEARTBEAT_EVERY_S)
-    common: dict[str, Any] = {"graceful_shutdown_timeout": timedelta(seconds=GRACEFUL_SHUTDOWN_S)}
+    # A worker that is told to stop gives its running steps MCP_COLLAB_WORKER_STOP_GRACE_S to end
+    # (then they are cancelled and their process trees killed).
+    common: dict[str, Any] = {"graceful_shutdown_timeout": timedelta(seconds=settings.worker_stop_grace_s)}
     runs = Worker(
         client,
         task_queue=settings.temporal.queue,
@@ -86,7 +85,11 @@ async def serve_worker(
         log.warning("killed the leftover step processes of %d stopped worker(s) or server(s)", left)
     held = [worker_lease(queue, settings.workspace_roots)]
     try:
-        async with runs, steps, anyio.create_task_group() as tg:
+        # Left in reverse: the workflow worker stops first, so a run's workflow it hosted moves to
+        # another worker at once, before this one's steps are ended (a workflow task taken while
+        # shutting down was dropped and Temporal gave it to another worker only after its 10 s
+        # timeout); then the steps get their grace.
+        async with steps, runs, anyio.create_task_group() as tg:
             held[0] = await _renew(store, held[0], settings.lease_ttl_s)  # routable from now on
             lease = held[0]
             tg.start_soon(_keep_renewing, store, held, settings.lease_ttl_s)

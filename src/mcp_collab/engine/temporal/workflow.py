@@ -44,8 +44,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from .jobs import (
         DELIVER_WORKFLOW,
-        FINISH_PICKUP_S,
-        HEARTBEAT_TIMEOUT_S,
         SHORT_ACTIVITY_S,
         STOP_SIGNAL,
         WORKFLOW_NAME,
@@ -411,7 +409,7 @@ class WorkflowContext(ProgramContext):
                         task_queue=self.job.queue,
                         start_to_close_timeout=timedelta(seconds=timeout),
                         schedule_to_start_timeout=timedelta(seconds=pickup) if pickup is not None else None,
-                        heartbeat_timeout=timedelta(seconds=HEARTBEAT_TIMEOUT_S),
+                        heartbeat_timeout=timedelta(seconds=self.job.heartbeat_timeout_s),
                         retry_policy=ONCE,  # a CLI may have edited files: never run a step twice
                         cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                     )
@@ -443,7 +441,9 @@ class WorkflowContext(ProgramContext):
                 and workflow.patched(SHUTDOWN_INTERRUPTS)
             )
             if died or stopped:
-                raise lost(f"stopped: no heartbeat for {HEARTBEAT_TIMEOUT_S:g}s" if died else shut_down) from exc
+                raise lost(
+                    f"stopped: no heartbeat for {self.job.heartbeat_timeout_s:g}s" if died else shut_down
+                ) from exc
             if isinstance(cause, TimeoutError):
                 step.status = "failed"
                 step.error = f"the step exceeded {timeout:g}s on its worker and was stopped ({cause.type})"
@@ -579,7 +579,7 @@ async def _finish_spaces(context: WorkflowContext, job: FinishJob) -> Finished |
     queue = context.job.queue
     while True:
         try:
-            return await context.short("finish_spaces", job, Finished, pickup_s=FINISH_PICKUP_S)
+            return await context.short("finish_spaces", job, Finished, pickup_s=context.job.finish_pickup_s)
         except ActivityError as exc:
             cause = exc.cause
             if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START):
