@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import ms
+from _common import ms, server_env
 from tests.support.temporal import TemporalDev, WorkerProcess
 
 from mcp_collab.models import Run
@@ -35,6 +35,7 @@ __all__ = [
     "python_first_path",
     "slot_use",
     "temporal",
+    "temporal_env",
 ]
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -56,6 +57,18 @@ def temporal(directory: Path, *, on_disk: bool) -> Iterator[TemporalDev]:
         yield server
     finally:
         server.stop()
+
+
+def temporal_env(tmp: Path, dev: TemporalDev, **extra: str) -> dict[str, str]:
+    """The environment of a server on the Temporal engine at ``dev`` (runs on the queue "runs"),
+    which its workers share: ``server_env`` with the engine's variables."""
+    return server_env(
+        tmp,
+        **extra,
+        MCP_COLLAB_ENGINE="temporal",
+        MCP_COLLAB_TEMPORAL_ADDRESS=dev.address,
+        MCP_COLLAB_TEMPORAL_QUEUE="runs",
+    )
 
 
 @dataclass

@@ -35,7 +35,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FAKE_CLIS, ms, private_dir, ratio, server_env
-from _temporal import WorkerProcess, breakdown, p90, python_first_path, temporal
+from _temporal import WorkerProcess, breakdown, p90, python_first_path, temporal, temporal_env
 
 from mcp_collab.config import Settings
 from mcp_collab.models import DispatchRequest, WorkerSpec
@@ -144,14 +144,8 @@ def main() -> None:
         }
         local_env = server_env(tmp / "local-server", **common)
         with temporal(tmp / "temporal", on_disk=args.temporal_db == "file") as dev:
-            temporal_env = server_env(
-                tmp / "temporal-server",
-                **common,
-                MCP_COLLAB_ENGINE="temporal",
-                MCP_COLLAB_TEMPORAL_ADDRESS=dev.address,
-                MCP_COLLAB_TEMPORAL_QUEUE="runs",
-            )
-            worker = WorkerProcess(temporal_env, "steps", [root], slots=1).start()
+            remote_env = temporal_env(tmp / "temporal-server", dev, **common)
+            worker = WorkerProcess(remote_env, "steps", [root], slots=1).start()
             floor = subprocess.Popen(
                 [sys.executable, __file__, "--floor-worker", dev.address],
                 stdin=subprocess.PIPE,
@@ -160,7 +154,7 @@ def main() -> None:
             )
             try:
                 assert floor.stdout is not None and floor.stdout.readline().strip() == "serving"
-                times = anyio.run(bench, local_env, temporal_env, root, args.rounds)
+                times = anyio.run(bench, local_env, remote_env, root, args.rounds)
             finally:
                 worker.stop()
                 assert floor.stdin is not None

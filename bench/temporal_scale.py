@@ -52,6 +52,7 @@ from _temporal import (
     python_first_path,
     slot_use,
     temporal,
+    temporal_env,
 )
 
 from mcp_collab.config import Settings
@@ -165,6 +166,15 @@ def per_run(label: str, seconds: float) -> str:
     return f"{label} {seconds / RUNS * 1000:.0f} ms"
 
 
+def cpu_line(used: dict[str, Cpu], busy: float) -> str:
+    """The CPU per run of each party of a batch on Temporal (this server's when measured: "self"),
+    the workers' steps' children as the fakes', and how busy the machine was."""
+    workers = sum((used[f"w{i}"] for i in range(WORKERS)), Cpu())
+    parties = [per_run("this server", used["self"].own)] if "self" in used else []
+    parties += [per_run("Temporal", used["temporal"].own), per_run("workers", workers.own)]
+    return f"    CPU per run: {', '.join(parties)}, {per_run('fakes', workers.children)}; machine {busy:.0%} busy"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--temporal-db", choices=("memory", "file"), default="memory")
@@ -185,12 +195,10 @@ def main() -> None:
             "MCP_COLLAB_WORKSPACE_ROOTS": str(tmp),
         }
         with temporal(tmp / "temporal", on_disk=args.temporal_db == "file") as dev:
-            env = server_env(
+            env = temporal_env(
                 tmp / "temporal-server",
+                dev,
                 **common,
-                MCP_COLLAB_ENGINE="temporal",
-                MCP_COLLAB_TEMPORAL_ADDRESS=dev.address,
-                MCP_COLLAB_TEMPORAL_QUEUE="runs",
                 **({"MCP_COLLAB_STORE_URL": temporal_url} if temporal_url else {}),
             )
             workers: list[WorkerProcess] = []
@@ -222,7 +230,6 @@ def main() -> None:
         raw = anyio.run(raw_spawns, {"PATH": common["PATH"], "CODEX_FAKE_SECONDS": f"{STEP_SECONDS:g}"})
 
     store = "PostgreSQL" if args.postgres else "JSON"
-    workers_cpu = sum((used[f"w{i}"] for i in range(WORKERS)), Cpu())
     print(
         f"{RUNS} single-step runs of a {STEP_SECONDS:g} s Python fake, {WORKERS} workers x {SLOTS} slots, "
         f"{store} store, Temporal's database {'in a SQLite file' if args.temporal_db == 'file' else 'in memory'}"
@@ -230,16 +237,9 @@ def main() -> None:
     print(f"Temporal engine:                          {ms(t_wall)}")
     print("\n".join(breakdown(t_done)))
     print(slot_use(t_done, WORKERS * SLOTS))
-    print(
-        f"    CPU per run: {per_run('this server', used['self'].own)}, {per_run('Temporal', used['temporal'].own)}, "
-        f"{per_run('workers', workers_cpu.own)}, {per_run('fakes', workers_cpu.children)}; machine {t_busy:.0%} busy"
-    )
-    bare_workers = sum((b_used[f"w{i}"] for i in range(WORKERS)), Cpu())
+    print(cpu_line(used, t_busy))
     print(f"bare Temporal (one activity spawning the fake): {ms(b_wall)}")
-    print(
-        f"    CPU per run: {per_run('Temporal', b_used['temporal'].own)}, {per_run('workers', bare_workers.own)}, "
-        f"{per_run('fakes', bare_workers.children)}; machine {b_busy:.0%} busy"
-    )
+    print(cpu_line(b_used, b_busy))
     print(f"local engine, {WORKERS * SLOTS} runs at once:            {ms(l_wall)}")
     print("\n".join(breakdown(l_done)))
     print(slot_use(l_done, WORKERS * SLOTS))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +145,9 @@ class Activities:
         except asyncio.CancelledError:
             if not (activity.is_cancelled() or activity.is_worker_shutdown()):
                 raise
-            step = job.step  # still running: the workflow's stop records why it ended
+            step = job.step  # still running: the workflow records why it ended
             if activity.is_worker_shutdown():
-                step.status = "interrupted"
-                step.error = "was shut down before the step ended (its process tree was killed)"
-                step.ended_at = datetime.now(UTC)
+                step.status = "interrupted"  # the workflow says so in its words, as for a dead worker
             self.settings.redact.scrub(step)
         return StepDone(step=step, opened=opened)
 

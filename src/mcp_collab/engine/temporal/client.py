@@ -281,8 +281,6 @@ class TemporalRuns(RunLifecycle):
         super().__init__(settings, store, recorder, executor, workers)
         self._client: Client | None = None
         self._connecting = anyio.Lock()
-        self._in_recovery = False
-        self._started_while_recovering: set[str] = set()
         self._leases: tuple[float, list[Lease]] | None = None  # (when read, the live workers' leases)
         self._reading_leases = anyio.Lock()
 
@@ -362,8 +360,6 @@ class TemporalRuns(RunLifecycle):
         """Store the run, then start its workflow; a run whose workflow could not start ends failed."""
         run = plan.run
         run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), engine="temporal", queue=queue)
-        if self._in_recovery:
-            self._started_while_recovering.add(run.id)
         await self._record_admission(run)
         job = RunJob(
             run=run,
@@ -561,20 +557,16 @@ class TemporalRuns(RunLifecycle):
     async def recover(self) -> list[Run]:
         """Runs a dead local server left (as the local engine does), and runs on Temporal whose
         workflow ended without recording the run's end."""
-        self._in_recovery = True
-        try:
-            recovered = await super().recover()
-            for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
-                # Runs this server started meanwhile (recovery runs beside the first requests) were
-                # not left behind: their waits reconcile them if need be.
-                if _on_temporal(run) and run.id not in self._started_while_recovering:
-                    client = await self.client()
-                    fixed = await self._reconcile(run, client.get_workflow_handle(run.id))
-                    if fixed.status in TERMINAL_RUN_STATUSES:
-                        recovered.append(fixed)
-        finally:
-            self._in_recovery = False
-            self._started_while_recovering.clear()
+        began = datetime.now(UTC)
+        recovered = await super().recover()
+        for run in await anyio.to_thread.run_sync(self.store.unfinished_runs):
+            # Runs started since recovery began (it runs beside the first requests) were not left
+            # behind: their waits reconcile them if need be.
+            if _on_temporal(run) and run.created_at < began:
+                client = await self.client()
+                fixed = await self._reconcile(run, client.get_workflow_handle(run.id))
+                if fixed.status in TERMINAL_RUN_STATUSES:
+                    recovered.append(fixed)
         return recovered
 
     async def _reconcile(self, run: Run, handle: WorkflowHandle[Any, Any]) -> Run:

@@ -339,9 +339,10 @@ class WorkflowContext(ProgramContext):
         if spent is not None:
             raise BudgetSpent(spent)
         claim: RemoteSpace | None = None
+        opening = asyncio.Event()  # set once this step's activity ended, when it opens the space
         if self.lean and isinstance(space, RemoteSpace) and space.opened is None:
             if space.opening is None:
-                claim, space.opening = space, asyncio.Event()
+                claim, space.opening = space, opening
             else:
                 await self.opened(space)  # another step is opening it: this one starts once it is open
         directory = space.directory if space is not None and space.directory is not None else None
@@ -375,8 +376,7 @@ class WorkflowContext(ProgramContext):
         try:
             done = await self._step_activity(job, worker, claim)
         finally:
-            if claim is not None and claim.opening is not None:
-                claim.opening.set()
+            opening.set()
         run.steps[step.index] = done
         add_up(run)
         await self.record()
@@ -389,7 +389,7 @@ class WorkflowContext(ProgramContext):
         timeout = (worker.timeout_seconds or self.job.step_timeout_s) + STEP_GRACE_S
         pickup = self.job.pickup_s
 
-        def lost(how: str, error: BaseException | None = None) -> WorkerLost:
+        def lost(how: str) -> WorkerLost:
             reason = (
                 f"the worker running this step (task queue {self.job.queue}) {how}. "
                 "A step is never run twice (it may have edited files)"
