@@ -11,8 +11,11 @@ the JSON store in a private state dir, or with ``--postgres`` a throwaway Postgr
 on). The MCP server's side (``WorkerOrchestrator`` with MCP_COLLAB_ENGINE=temporal) in this process
 dispatches, once one run has gone through each worker (not timed), 200 `single_worker` runs at once (concurrently, as 200 clients' `dispatch_task` calls
 arrive), alternately into the two workers' roots, and waits on each; the figure is the wall time
-from the first dispatch until every run is completed. A step is `tests/fake_clis/slow` with
-CODEX_FAKE_SECONDS=1, a Python fake, started by this Python itself (not a version manager's shim).
+from the first dispatch until every run is completed. A step is a fake codex that reads its prompt,
+sleeps 1 s and prints codex's final events: by default a /bin/sh script (as `dispatch_overhead.py`'s),
+or with ``--fake python`` the tests' Python fake (`tests/fake_clis/slow`, CODEX_FAKE_SECONDS=1,
+started by this Python itself), whose interpreter start costs about 30 ms of CPU a step: a third of
+the CPU of the whole batch on a machine of two cores, which then measures the fake more than the engine.
 
 Baselines, same process run: the ideal (200 / 20 slots x 1 s = 10 s); the floor Temporal itself sets
 on this machine: the same batch of bare workflows of one activity that spawns the fake
@@ -40,7 +43,7 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FAKE_CLIS, ms, private_dir, ratio, server_env, verdict
+from _common import FAKE_CLIS, FINAL_EVENTS, ms, private_dir, ratio, server_env, verdict, write_script
 from _temporal import (
     Cpu,
     TemporalDev,
@@ -65,7 +68,13 @@ SLOTS = 10  # per worker
 STEP_SECONDS = 1.0
 IDEAL = RUNS / (WORKERS * SLOTS) * STEP_SECONDS
 TARGET = 1.25  # of the ideal
-FAKE = FAKE_CLIS / "slow"
+PYTHON_FAKE = FAKE_CLIS / "slow"
+
+
+def shell_fake(directory: Path) -> Path:
+    """A fake codex in /bin/sh: reads the prompt, sleeps CODEX_FAKE_SECONDS, prints the final events."""
+    body = '#!/bin/sh\ncat >/dev/null\nsleep "${CODEX_FAKE_SECONDS:-1}"\n'
+    return write_script(directory / "codex", body + "".join(f"echo '{e}'\n" for e in FINAL_EVENTS))
 
 
 @contextlib.contextmanager
@@ -114,13 +123,13 @@ async def batch(env: dict[str, str], roots: list[Path]) -> tuple[float, list[tup
     return wall, done
 
 
-async def raw_spawns(env: dict[str, str]) -> float:
+async def raw_spawns(env: dict[str, str], fake: Path) -> float:
     """RUNS spawns of the fake, WORKERS x SLOTS at a time, prompt on stdin, read to the end."""
     limit = anyio.Semaphore(WORKERS * SLOTS)
 
     async def one() -> None:
         async with limit:
-            await anyio.run_process([str(FAKE), "exec", "--json", "-"], input=b"", env=env, stderr=subprocess.PIPE)
+            await anyio.run_process([str(fake), "exec", "--json", "-"], input=b"", env=env, stderr=subprocess.PIPE)
 
     t = time.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -129,7 +138,7 @@ async def raw_spawns(env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
-def bare_batch(dev: TemporalDev, path: str) -> tuple[float, dict[str, Cpu], float]:
+def bare_batch(dev: TemporalDev, path: str, fake: Path) -> tuple[float, dict[str, Cpu], float]:
     """The floor: the same batch on bare Temporal (``_bare_temporal``: a workflow of one activity that
     spawns the fake, nothing of mcp-collab), two worker processes of SLOTS slots, the same dev server."""
     env = {"PATH": path, "CODEX_FAKE_SECONDS": f"{STEP_SECONDS:g}"}
@@ -151,7 +160,7 @@ def bare_batch(dev: TemporalDev, path: str) -> tuple[float, dict[str, Cpu], floa
         parties = {"temporal": dev.process.pid, **{f"w{i}": w.pid for i, w in enumerate(workers)}}
         before = {name: cpu_of(pid) for name, pid in parties.items()}
         ticks = machine_ticks()
-        argv = [sys.executable, str(script), "batch", dev.address, "bare-runs", str(RUNS), str(FAKE), *queues]
+        argv = [sys.executable, str(script), "batch", dev.address, "bare-runs", str(RUNS), str(fake), *queues]
         wall = float(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout)
         busy = busy_between(ticks, machine_ticks())
         used = {name: cpu_of(pid) - before[name] for name, pid in parties.items()}
@@ -179,18 +188,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--temporal-db", choices=("memory", "file"), default="memory")
     parser.add_argument("--postgres", action="store_true", help="a shared PostgreSQL store instead of the JSON store")
+    parser.add_argument("--fake", choices=("sh", "python"), default="sh", help="the fake CLI's language")
     args = parser.parse_args()
     with (
         private_dir("temporal-scale") as tmp,
         postgres_url(args.postgres) as temporal_url,
         postgres_url(args.postgres) as local_url,
     ):
+        fake = shell_fake(tmp) if args.fake == "sh" else PYTHON_FAKE
         roots = [tmp / "alpha", tmp / "beta"]
         for directory in (*roots, tmp / "temporal-server", tmp / "local-server"):
             directory.mkdir()
         common = {
             "PATH": python_first_path(),
-            "MCP_COLLAB_CODEX_BIN": str(FAKE),
+            "MCP_COLLAB_CODEX_BIN": str(fake),
             "CODEX_FAKE_SECONDS": f"{STEP_SECONDS:g}",
             "MCP_COLLAB_WORKSPACE_ROOTS": str(tmp),
         }
@@ -216,7 +227,7 @@ def main() -> None:
             finally:
                 for worker in workers:
                     worker.stop()
-            b_wall, b_used, b_busy = bare_batch(dev, common["PATH"])
+            b_wall, b_used, b_busy = bare_batch(dev, common["PATH"], fake)
         local_env = server_env(
             tmp / "local-server",
             **common,
@@ -227,11 +238,11 @@ def main() -> None:
         before_local, ticks = cpu_of(), machine_ticks()
         l_wall, l_done = anyio.run(batch, local_env, roots)
         l_busy, l_used = busy_between(ticks, machine_ticks()), cpu_of() - before_local
-        raw = anyio.run(raw_spawns, {"PATH": common["PATH"], "CODEX_FAKE_SECONDS": f"{STEP_SECONDS:g}"})
+        raw = anyio.run(raw_spawns, {"PATH": common["PATH"], "CODEX_FAKE_SECONDS": f"{STEP_SECONDS:g}"}, fake)
 
     store = "PostgreSQL" if args.postgres else "JSON"
     print(
-        f"{RUNS} single-step runs of a {STEP_SECONDS:g} s Python fake, {WORKERS} workers x {SLOTS} slots, "
+        f"{RUNS} single-step runs of a {STEP_SECONDS:g} s {'Python' if args.fake == 'python' else '/bin/sh'} fake, {WORKERS} workers x {SLOTS} slots, "
         f"{store} store, Temporal's database {'in a SQLite file' if args.temporal_db == 'file' else 'in memory'}"
     )
     print(f"Temporal engine:                          {ms(t_wall)}")
