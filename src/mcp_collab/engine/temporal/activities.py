@@ -86,6 +86,12 @@ def texts_of(step: Step) -> StepTexts:
     return StepTexts(step.index, step.output, step.diff, step.output_truncated)
 
 
+def maybe_cut(step: Step) -> bool:
+    """Could ``step`` have been cut by ``fit`` for its journey? Only then may its whole texts wait in
+    a stash or in the stored record: a cut text is longer than a quarter of its limit."""
+    return len(step.output) > STEP_OUTPUT_BYTES // 4 or len(step.diff or "") > STEP_DIFF_BYTES // 4
+
+
 def travelled(whole: StepTexts, step: Step) -> bool:
     """Is ``step``, as it reached the workflow, the one whose whole texts are ``whole``?"""
     return fit(whole.output, STEP_OUTPUT_BYTES)[0] == step.output and fit(whole.diff, STEP_DIFF_BYTES)[0] == step.diff
@@ -211,7 +217,15 @@ class Activities:
         (then dropped, once the run's record holds them durably) or, when this save is a retry of
         one that did that, from the stored record."""
         run = job.run
-        ended = [s.index for s in run.steps if s.index not in job.carried and s.status not in ("running", "pending")]
+        ended = [
+            s.index
+            for s in run.steps
+            # Only these can have a stash: cut for the journey, or interrupted (a worker that died
+            # after stashing); a step that ended short costs its save no lookup.
+            if s.index not in job.carried
+            and s.status not in ("running", "pending")
+            and (maybe_cut(s) or s.status == "interrupted")
+        ]
         stored = None
         if job.carried or ended:
             stored = await anyio.to_thread.run_sync(self.store.get_run, run.id)
@@ -231,7 +245,8 @@ class Activities:
                     break
         # A run's result is its last completed step's output (``settle``), cut as the workflow saw it.
         last = next((s for s in reversed(run.steps) if s.status == "completed"), None)
-        if run.result is not None and last is not None and run.result == fit(last.output, STEP_OUTPUT_BYTES)[0]:
+        cut_result = run.result is not None and len(run.result) > STEP_OUTPUT_BYTES // 4
+        if cut_result and last is not None and run.result == fit(last.output, STEP_OUTPUT_BYTES)[0]:
             run.result = last.output
         await self.recorder.save(run, durable=job.durable or bool(stashes))
         if stashes:  # one that fits no step too: its step ended without it (the worker died after stashing)
