@@ -1,9 +1,10 @@
 """What every run store promises, the same tests over each backend: the JSON log and PostgreSQL.
 
 Workers, runs, paging newest first with cursors, filters, retention that never touches unfinished
-runs, long outputs kept whole, records from a newer version tolerated, concurrent writers in
-several processes losing no update, and leases: taken, renewed, lapsed for good, fencing the saves
-of a run its owner lost, and exactly one of several processes recovering one run.
+runs, long outputs kept whole, a step's stashed texts (kept until dropped, pruned with the run),
+records from a newer version tolerated, concurrent writers in several processes losing no update,
+and leases: taken, renewed, lapsed for good, fencing the saves of a run its owner lost, and exactly
+one of several processes recovering one run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from mcp_collab.config import Settings
 from mcp_collab.errors import InvalidRequestError, LeaseLostError, RunTakenOverError, StoreError
 from mcp_collab.models import Lease, Run, RunOwner, RunWorktree, Usage, Worker
-from mcp_collab.store import JsonStore, RunFilter, RunStore, cursor_after, describe_store, open_store
+from mcp_collab.store import JsonStore, RunFilter, RunStore, StepTexts, cursor_after, describe_store, open_store
 from mcp_collab.store.postgres import PostgresStore
 from tests.conftest import quick_vendor_clis
 from tests.test_store import a_run
@@ -203,6 +204,32 @@ def test_long_outputs_and_diffs_come_back_whole_and_pages_carry_previews(new_sto
     shorter = a_run(1, output="short now")
     store.save_run(shorter)
     assert store.get_run("run-00001") == shorter, "a text that is short again is not replaced by the old long one"
+
+
+def test_a_stash_is_kept_whole_until_dropped_and_goes_with_its_run(new_store: StoreMaker) -> None:
+    """What a Temporal worker keeps of a step too long to travel, until the run's save takes it."""
+    store = new_store()
+    big = StepTexts(0, "x" * (LONG * 5) + "the end \u00e9\u4e2d\0 nul", "d" * (LONG * 3), False)
+    assert not store.stash_texts("run-00001", big), "no such run: nothing is kept"
+    store.save_runs([a_run(1, status="running"), a_run(2), a_run(3, status="running")])
+    assert store.stash_texts("run-00001", StepTexts(0, "a first try", "", True))
+    assert store.stash_texts("run-00001", big), "a stash of the same step replaces the first"
+    assert store.stash_texts("run-00001", StepTexts(2, "two", "", True))
+    assert store.stash_texts("run-00002", StepTexts(0, "of another run", "", False))
+    assert store.stash_texts("run-00003", StepTexts(0, "of a run still going", "", False))
+    other = new_store()
+    assert other.stashed_texts("run-00001", [2, 1, 0]) == [big, StepTexts(2, "two", "", True)]
+    assert other.stashed_texts("run-00001", []) == [] and other.stashed_texts("run-nope", [0]) == []
+    assert other.get_run("run-00001") == a_run(1, status="running"), "a stash is not part of its run"
+    other.drop_stashes("run-00001", [0, 1])
+    other.drop_stashes("run-00001", [0])  # gone already: nothing happens
+    assert store.stashed_texts("run-00001", [0, 2]) == [StepTexts(2, "two", "", True)]
+    store.save_run(a_run(1))
+    assert store.prune(max_runs=0, max_age_days=None) == ["run-00001", "run-00002"]
+    assert store.stashed_texts("run-00001", [2]) == [] and store.stashed_texts("run-00002", [0]) == []
+    assert [t.output for t in store.stashed_texts("run-00003", [0])] == ["of a run still going"]
+    store.save_run(a_run(1, status="running"))
+    assert store.stashed_texts("run-00001", [0, 2]) == [], "a run saved again under a pruned id has no stash"
 
 
 def write_as_a_newer_version(kind: str, where: str, run: Run) -> None:

@@ -21,17 +21,24 @@ from mcp.types import CallToolResult
 
 from mcp_collab import readiness
 from mcp_collab.config import Settings
+from mcp_collab.engine.executor import StepExecutor
+from mcp_collab.engine.recorder import RunRecorder
 from mcp_collab.engine.temporal import client as temporal_client
+from mcp_collab.engine.temporal.activities import Activities, fit
+from mcp_collab.engine.temporal.jobs import STEP_OUTPUT_BYTES, SaveRun
 from mcp_collab.errors import InvalidRequestError
 from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.server import build_server
-from mcp_collab.store import open_store
+from mcp_collab.store import StepTexts, open_store
 from tests.conftest import alive, fake_cli, quick_vendor_clis, read_pids
+from tests.fake_clis.fakecli import answer_text
 from tests.support.git_repo import init_repo
 from tests.support.mcp_helpers import call, until_listening
 from tests.support.temporal import TemporalDev, WorkerProcess, free_port
 from tests.test_mcp_tasks import CreatedTask, Tasks, poll_until_over, task_request
+from tests.test_store import a_run
+from tests.test_store_contract import open_backend
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 
@@ -450,6 +457,93 @@ async def test_a_review_loop_runs_its_rounds_on_temporal_as_on_the_local_engine(
     assert [(s.role, s.round) for s in run.steps] == [("writer", 1), ("reviewer", 1), ("writer", 2), ("reviewer", 2)]
     assert run.steps[2].directory == run.steps[0].directory, "the revision works in the same worktree"
     assert len(run.worktrees) == 1 and "fake-work.txt" in run.worktrees[0].diff
+
+
+# An answer Temporal could not carry (it refuses a payload over 2 MiB): 2 Mi characters, about 2.6
+# MiB of UTF-8; and a writer's file whose diff (about 850 KB) is over the 512 KiB a step's diff
+# travels with.
+LONG_ANSWER_CHARS = 2 << 20
+LONG_DIFF_LINES = 65_000
+
+
+@pytest.mark.parametrize("backend", ["json", "postgres"])
+async def test_a_step_too_long_to_travel_through_temporal_is_stored_whole_as_on_the_local_engine(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path, backend: str,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """An answer and a diff longer than a step's result may carry are cut for the journey; the
+    worker stashes them whole in the run store and the run's save puts them back, so the store
+    (and every tool) has them as the local engine would, and the stash is gone."""
+    if backend == "postgres":
+        env = {**env, "MCP_COLLAB_STORE_URL": request.getfixturevalue("postgres_url")}
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    machines(
+        env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("write"),
+        CODEX_FAKE_ANSWER_CHARS=str(LONG_ANSWER_CHARS), CODEX_FAKE_WRITE_LINES=str(LONG_DIFF_LINES),
+    )  # fmt: skip
+    answer = answer_text(LONG_ANSWER_CHARS)
+    async with Client(build_server(Settings.from_env(env), {})) as client:  # type: ignore[arg-type]
+        await call(client, "spawn_worker", name="coder", model="codex_cli")
+        run = await call(client, "dispatch_task", task="answer at length", workingDirectory=str(repo), waitSeconds=50)
+        assert run["status"] == "completed", run["error"]
+        # Each page reads the whole run again: all 500-odd pages are read from the JSON store; from
+        # PostgreSQL (several times slower per page) the last ones.
+        start = 0 if backend == "json" else len(answer) - 10_000
+        pages: list[str] = []
+        offset: int | None = start
+        with anyio.fail_after(120):
+            while offset is not None:
+                page = await call(client, "read_run_output", runId=run["id"], step=0, offset=offset)
+                pages.append(page["text"])
+                offset = page["nextOffset"]
+        assert "".join(pages) == answer[start:] and page["totalChars"] == len(answer)
+        whole = await client.read_resource(f"runs://{run['id']}/steps/0/output")
+        assert whole.contents[0].text == answer  # type: ignore[union-attr]
+    store = open_store(Settings.from_env(env))
+    stored = store.get_run(run["id"])
+    assert stored is not None and stored.result == answer
+    assert store.stashed_texts(run["id"], [0]) == [], "the stash went once the run's record held it"
+    [step] = stored.steps
+    assert step.output == answer and not step.output_truncated
+    assert f"+line {LONG_DIFF_LINES // 2}\n" in step.diff and step.diff.endswith(f"+line {LONG_DIFF_LINES - 1}\n")
+
+
+@pytest.mark.parametrize("backend", ["json", "postgres"])
+async def test_a_save_puts_a_stashed_step_back_whole_and_a_retried_save_keeps_it_so(
+    base_env: dict[str, str], tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """``save_run``, the workflow's door to the store, on what a step's activity left: the whole
+    texts go into the run's record, then the stash is dropped; a retry of that save (its worker died
+    before the workflow heard back) and the later saves that leave the output out keep it whole."""
+    store = open_backend(
+        backend, str(tmp_path / "state") if backend == "json" else request.getfixturevalue("postgres_url")
+    )
+    settings = Settings.from_env(base_env)
+    activities = Activities(settings, store, StepExecutor(settings, {}, RunRecorder(store, settings.redact)))
+    answer = answer_text(LONG_ANSWER_CHARS)
+    run = a_run(1, status="running")
+    run.steps[0].status = "running"
+    await activities.save_run(SaveRun(run=run))
+    assert store.stash_texts(run.id, StepTexts(0, answer, "", False))  # as the step's activity does
+    ended = run.model_copy(deep=True)
+    ended.status, ended.result = "completed", fit(answer, STEP_OUTPUT_BYTES)[0]
+    ended.steps[0].status, ended.steps[0].output, ended.steps[0].output_truncated = "completed", ended.result, True
+    later = ended.model_copy(deep=True)
+    later.steps[0].output = ""
+    for job in (SaveRun(run=ended), SaveRun(run=ended), SaveRun(run=later, carried=[0], durable=False)):
+        await activities.save_run(job.model_copy(deep=True))
+        stored = store.get_run(run.id)
+        assert stored is not None and stored.steps[0].output == answer and not stored.steps[0].output_truncated
+        assert stored.result == answer and store.stashed_texts(run.id, [0]) == []
+
+    # A stash whose step ended without it (its worker died after stashing): not taken, and dropped.
+    lost = a_run(2, status="interrupted")
+    lost.steps[0].status = "interrupted"
+    store.save_run(lost)
+    assert store.stash_texts(lost.id, StepTexts(0, answer, "", False))
+    await activities.save_run(SaveRun(run=lost.model_copy(deep=True)))
+    assert store.get_run(lost.id) == lost and store.stashed_texts(lost.id, [0]) == []
+    getattr(store, "close", lambda: None)()
 
 
 def engine_checks(report: readiness.ReadinessReport) -> dict[str, readiness.Check]:

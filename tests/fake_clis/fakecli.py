@@ -249,10 +249,13 @@ def main(mode: str) -> None:
         if "read-only" in sys.argv:
             finish(f"read {os.getcwd()} and wrote nothing")
             return
+        # CODEX_FAKE_WRITE_LINES numbered lines more make a long diff; CODEX_FAKE_ANSWER_CHARS a long answer.
         name = os.environ.get("CODEX_FAKE_FILE", "fake-work.txt")
         with open(name, "w", encoding="utf-8") as fh:
             fh.write(f"written by the fake in {os.getcwd()}\n")
-        finish(f"wrote {name} in {os.getcwd()}")
+            fh.writelines(f"line {i}\n" for i in range(int(os.environ.get("CODEX_FAKE_WRITE_LINES", "0"))))
+        chars = os.environ.get("CODEX_FAKE_ANSWER_CHARS")
+        finish(answer_text(int(chars)) if chars else f"wrote {name} in {os.getcwd()}")
     else:
         sys.stderr.write(f"unknown fake mode {mode}\n")
         sys.exit(2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import RunFilter, RunStore, cursor_after
+from .base import RunFilter, RunStore, StepTexts, cursor_after
 from .json_store import STORE_SCHEMA_VERSION, JsonStore
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ __all__ = [
     "JsonStore",
     "RunFilter",
     "RunStore",
+    "StepTexts",
     "cursor_after",
     "describe_store",
     "open_store",

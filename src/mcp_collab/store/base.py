@@ -29,6 +29,17 @@ class RunFilter:
         )
 
 
+@dataclass(frozen=True)
+class StepTexts:
+    """A step's whole output and diff, stashed by the worker that ran it when they were too long to
+    travel through Temporal, until a save of its run takes them (``RunStore.stash_texts``)."""
+
+    step: int
+    output: str
+    diff: str
+    output_truncated: bool
+
+
 class RunStore(Protocol):
     """Blocking calls: the orchestrator runs them off the event loop."""
 
@@ -84,6 +95,19 @@ class RunStore(Protocol):
 
     def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
         """Runs newest first; ``cursor`` is the ``nextCursor`` of the previous page."""
+
+    # -- stashes: a step's whole texts, kept apart until its run's record takes them -----------
+
+    def stash_texts(self, run_id: str, texts: StepTexts) -> bool:
+        """Keep ``texts`` durably (replacing an earlier stash of the same step) until
+        ``drop_stashes``, or until the run is pruned; False, keeping nothing, when the store holds
+        no run ``run_id``."""
+
+    def stashed_texts(self, run_id: str, steps: list[int]) -> list[StepTexts]:
+        """The stashes there are of those steps of the run, in step order."""
+
+    def drop_stashes(self, run_id: str, steps: list[int]) -> None:
+        """Forget the stashes of those steps of the run; nothing happens for one that is gone."""
 
     # -- leases: which processes are alive, by the store's clock --------------------------------
 

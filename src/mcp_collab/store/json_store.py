@@ -7,6 +7,9 @@ Layout, in the state directory::
     leases.json           the live leases (which server processes are alive), replaced atomically
                           under the lock at each renewal
     outputs/RUN/N.txt     the full output of step N of run RUN, written once when the step ends
+    outputs/RUN/stash-N.json
+                          step N's whole output and diff, stashed by a Temporal worker (too long
+                          to travel) until the run's next save takes them; pruned with the run
     store.json            (schema 1, before the log) migrated on first open, then kept as
                           store.json.migrated-v1
 
@@ -64,7 +67,7 @@ from pydantic.alias_generators import to_camel
 from ..errors import InvalidRequestError, LeaseLostError, RunTakenOverError, StoreError
 from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Lease, LeaseKind, Run, RunPage, Usage, Worker
 from .base import KEY_FORMAT as _KEY_FORMAT
-from .base import RunFilter
+from .base import RunFilter, StepTexts
 from .base import decode_cursor as _decode_cursor
 from .base import encode_cursor as _cursor
 
@@ -405,6 +408,58 @@ class JsonStore:
             return ordered
 
         return self._write(change)
+
+    # -- stashes -----------------------------------------------------------------------------
+
+    def stash_texts(self, run_id: str, texts: StepTexts) -> bool:
+        """Written atomically under the write lock (every temp file is: see ``_remove_stray_temps``),
+        beside the run's outputs, so a prune removes it with them."""
+
+        def change() -> bool:
+            if run_id not in self._index:
+                return False
+            path = self._stash_path(run_id, texts.step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"output": texts.output, "diff": texts.diff, "outputTruncated": texts.output_truncated}
+            _atomic_write(path, _line(doc))
+            return True
+
+        return self._write(change)
+
+    def stashed_texts(self, run_id: str, steps: list[int]) -> list[StepTexts]:
+        def read() -> list[StepTexts]:
+            found = []
+            for step in sorted(set(steps)):
+                path = self._stash_path(run_id, step)
+                try:
+                    raw = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                try:  # replaced atomically: whole, unless altered behind our back
+                    doc = json.loads(raw)
+                    found.append(StepTexts(step, doc["output"], doc["diff"], doc["outputTruncated"]))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise StoreError(
+                        f"the stashed output {path} cannot be read ({exc!r}); remove it, and step {step} of run "
+                        f"{run_id} keeps the cut output that reached the run"
+                    ) from None
+            return found
+
+        return self._guarded(read, action="read")
+
+    def drop_stashes(self, run_id: str, steps: list[int]) -> None:
+        """No fsync: a stash a power cut brings back holds what its run's record took already (a
+        save that finds it takes the same texts again), and goes with the run's prune."""
+
+        def drop() -> None:
+            for step in steps:
+                with contextlib.suppress(FileNotFoundError):
+                    self._stash_path(run_id, step).unlink()
+
+        self._guarded(drop, action="write")
+
+    def _stash_path(self, run_id: str, step: int) -> Path:
+        return self.outputs_path / run_id / f"stash-{step}.json"
 
     # -- leases ------------------------------------------------------------------------------
 

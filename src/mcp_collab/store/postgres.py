@@ -9,6 +9,9 @@ Selected by ``MCP_COLLAB_STORE_URL=postgresql://...`` (see ``open_store``). Tabl
                        run as JSON, long texts cut to a preview)
     run_texts          run_id, kind (output | diff), idx, body: a step's output or a worktree's
                        diff longer than the preview, whole, read only when one run is read
+    step_stashes       run_id, idx, output, diff, output_truncated: a step's whole texts, stashed by
+                       a Temporal worker (too long to travel) until the run's next save takes them;
+                       deleted with the run
     leases             id (key), kind, host, pid, ..., expires_at: which processes are alive, by
                        the database's clock (``now()``), so the hosts' clocks need not agree
     run_totals         (status, strategy, worker) -> runs, dollars, uncosted steps, tokens: the
@@ -58,7 +61,7 @@ from pydantic import ValidationError
 from ..config import shown_store_url, store_url_secrets
 from ..errors import InvalidRequestError, LeaseLostError, RunTakenOverError, StoreError
 from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Lease, LeaseKind, Run, RunPage, Usage, Worker
-from .base import KEY_FORMAT, RunFilter, decode_cursor, encode_cursor, key_time
+from .base import KEY_FORMAT, RunFilter, StepTexts, decode_cursor, encode_cursor, key_time
 
 log = logging.getLogger("mcp_collab.store")
 
@@ -190,6 +193,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                FROM runs r JOIN run_steps s ON s.run_id = r.id GROUP BY r.id, s.worker
            ) AS per_run
            GROUP BY status, strategy, worker""",
+    ),
+    (
+        """CREATE TABLE step_stashes (
+            run_id text NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            idx integer NOT NULL,
+            output bytea NOT NULL,
+            diff bytea NOT NULL,
+            output_truncated boolean NOT NULL,
+            PRIMARY KEY (run_id, idx)
+        )""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -509,6 +522,38 @@ class PostgresStore:
         for start in range(0, len(ids), PRUNE_CHUNK):
             gone += self._call(forget(ids[start : start + PRUNE_CHUNK]), "write")
         return [run_id for run_id, _ in sorted(gone, key=lambda r: (r[1], r[0]))]
+
+    # -- stashes -----------------------------------------------------------------------------
+
+    def stash_texts(self, run_id: str, texts: StepTexts) -> bool:
+        row = (texts.step, texts.output.encode("utf-8"), texts.diff.encode("utf-8"), texts.output_truncated, run_id)
+
+        def stash(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "INSERT INTO step_stashes (run_id, idx, output, diff, output_truncated) "
+                "SELECT id, %s, %s, %s, %s FROM runs WHERE id = %s ON CONFLICT (run_id, idx) DO UPDATE SET "
+                "output = EXCLUDED.output, diff = EXCLUDED.diff, output_truncated = EXCLUDED.output_truncated",
+                row,
+            )
+            return cur.rowcount == 1
+
+        return self._call(stash, "write")
+
+    def stashed_texts(self, run_id: str, steps: list[int]) -> list[StepTexts]:
+        rows = self._call(
+            lambda c: c.execute(
+                "SELECT idx, output, diff, output_truncated FROM step_stashes WHERE run_id = %s AND idx = ANY(%s) "
+                "ORDER BY idx",
+                (run_id, steps),
+            ).fetchall()
+        )
+        return [StepTexts(i, bytes(o).decode("utf-8"), bytes(d).decode("utf-8"), cut) for i, o, d, cut in rows]
+
+    def drop_stashes(self, run_id: str, steps: list[int]) -> None:
+        self._call(
+            lambda c: c.execute("DELETE FROM step_stashes WHERE run_id = %s AND idx = ANY(%s)", (run_id, steps)),
+            "write",
+        )
 
     # -- leases ------------------------------------------------------------------------------
 

@@ -4,6 +4,10 @@ A step runs through the same ``StepExecutor`` as on the local engine (the runtim
 confinement of its directory, process trees, redaction), reporting through heartbeats instead of a
 local run's listeners. Temporal cancels a step by cancelling its activity's task; the supervisor
 then kills the step's process tree, as a local cancel does.
+
+A step's output or diff too long to travel through Temporal is cut for the journey, and its whole
+texts are stashed in the run store by the step's activity; the run's next save (``save_run``) puts
+them back into the run's record, so the store keeps what the local engine keeps.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +25,10 @@ from temporalio import activity
 
 from ... import worktrees
 from ...config import Settings
-from ...errors import CollabError
+from ...errors import CollabError, StoreError
 from ...models import Run, Step
 from ...runtimes.base import PartialOutput, Resume
-from ...store import RunStore
+from ...store import RunStore, StepTexts
 from ...strategies import MAX_QUOTED_DIFF_CHARS, STRATEGIES, Role
 from .. import delivery
 from ..delivery import rebuild
@@ -50,6 +55,8 @@ from .jobs import (
     StepJob,
 )
 
+log = logging.getLogger("mcp_collab.worker")
+
 # What a worker's operator allows writers, from least to most; a step gets no more than both allow.
 _ACCESS_ORDER = ("read_only", "workspace_write", "bypass")
 
@@ -73,6 +80,21 @@ def fit(text: str, limit: int) -> tuple[str, bool]:
     if answer_bytes(text) <= limit:
         return text, False
     return cap_text(text, limit if text.isascii() else limit // 4)
+
+
+def texts_of(step: Step) -> StepTexts:
+    return StepTexts(step.index, step.output, step.diff, step.output_truncated)
+
+
+def maybe_cut(step: Step) -> bool:
+    """Could ``step`` have been cut by ``fit`` for its journey? Only then may its whole texts wait in
+    a stash or in the stored record: a cut text is longer than a quarter of its limit."""
+    return len(step.output) > STEP_OUTPUT_BYTES // 4 or len(step.diff or "") > STEP_DIFF_BYTES // 4
+
+
+def travelled(whole: StepTexts, step: Step) -> bool:
+    """Is ``step``, as it reached the workflow, the one whose whole texts are ``whole``?"""
+    return fit(whole.output, STEP_OUTPUT_BYTES)[0] == step.output and fit(whole.diff, STEP_DIFF_BYTES)[0] == step.diff
 
 
 class _ActivitySite:
@@ -169,26 +191,66 @@ class Activities:
                 )
             finally:
                 beating.cancel_scope.cancel()
-        output, cut = fit(step.output, STEP_OUTPUT_BYTES)
-        if cut:
-            step.output, step.output_truncated = output, True
-        if step.diff:
-            step.diff = fit(step.diff, STEP_DIFF_BYTES)[0]
         self.settings.redact.scrub(step)
+        await self._fit(job.run_id, step)
         return step
+
+    async def _fit(self, run_id: str, step: Step) -> None:
+        """Cut ``step``'s output and diff to what a result may carry through Temporal; their whole
+        texts, when cut, wait in the run store for the run's next save (``save_run``)."""
+        output, cut = fit(step.output, STEP_OUTPUT_BYTES)
+        diff, diff_cut = fit(step.diff, STEP_DIFF_BYTES)
+        if not (cut or diff_cut):
+            return
+        try:
+            if not await anyio.to_thread.run_sync(self.store.stash_texts, run_id, texts_of(step)):
+                log.warning("run %s is not in the run store: step %d keeps its output cut", run_id, step.index)
+        except StoreError as exc:  # the step is not lost for it: it keeps what travels
+            log.warning("step %d of run %s keeps its output cut: %s", step.index, run_id, exc)
+        step.output, step.diff = output, diff
+        step.output_truncated = step.output_truncated or cut
 
     @activity.defn(name="save_run")
     async def save_run(self, job: SaveRun) -> None:
-        """The workflow's state of a run into the store (the outputs it left out kept from there)."""
+        """The workflow's state of a run into the store: the outputs it left out kept from there,
+        and a step that ended with its texts cut for the journey given them whole, from its stash
+        (then dropped, once the run's record holds them durably) or, when this save is a retry of
+        one that did that, from the stored record."""
         run = job.run
-        if job.carried:
+        ended = [
+            s.index
+            for s in run.steps
+            # Only these can have a stash: cut for the journey, or interrupted (a worker that died
+            # after stashing); a step that ended short costs its save no lookup.
+            if s.index not in job.carried
+            and s.status not in ("running", "pending")
+            and (maybe_cut(s) or s.status == "interrupted")
+        ]
+        stored = None
+        if job.carried or ended:
             stored = await anyio.to_thread.run_sync(self.store.get_run, run.id)
-            if stored is not None:
-                for i in job.carried:
-                    if i < len(stored.steps) and i < len(run.steps):
-                        run.steps[i].output = stored.steps[i].output
-                        run.steps[i].diff = stored.steps[i].diff
-        await self.recorder.save(run, durable=job.durable)
+        stashes = await anyio.to_thread.run_sync(self.store.stashed_texts, run.id, ended) if ended else []
+        kept = stored.steps if stored is not None else []
+        for i in job.carried:
+            if i < len(kept) and i < len(run.steps):
+                run.steps[i].output, run.steps[i].diff = kept[i].output, kept[i].diff
+                run.steps[i].output_truncated = kept[i].output_truncated
+        stashed = {t.step: t for t in stashes}
+        for i in ended:
+            step = run.steps[i]
+            earlier = kept[i] if i < len(kept) and kept[i].status not in ("running", "pending") else None
+            for whole in (stashed.get(i), texts_of(earlier) if earlier is not None else None):
+                if whole is not None and travelled(whole, step):
+                    step.output, step.diff, step.output_truncated = whole.output, whole.diff, whole.output_truncated
+                    break
+        # A run's result is its last completed step's output (``settle``), cut as the workflow saw it.
+        last = next((s for s in reversed(run.steps) if s.status == "completed"), None)
+        cut_result = run.result is not None and len(run.result) > STEP_OUTPUT_BYTES // 4
+        if cut_result and last is not None and run.result == fit(last.output, STEP_OUTPUT_BYTES)[0]:
+            run.result = last.output
+        await self.recorder.save(run, durable=job.durable or bool(stashes))
+        if stashes:  # one that fits no step too: its step ended without it (the worker died after stashing)
+            await anyio.to_thread.run_sync(self.store.drop_stashes, run.id, [t.step for t in stashes])
 
     @activity.defn(name="queue_served")
     async def queue_served(self, queue: str) -> bool:

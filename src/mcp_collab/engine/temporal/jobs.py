@@ -15,8 +15,9 @@ from pydantic import BaseModel, Field
 from ...config import DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S, TEMPORAL_HEARTBEAT_EVERY_S
 from ...models import Access, FallbackPolicy, Run, RuntimeMode, RunWorktree, Step, Worker
 
-# Temporal refuses a payload over 2 MiB: what a step sends back is kept under that (the full answer
-# of a longer step is cut in the middle, as the output of a failed step is, and the step says so).
+# Temporal refuses a payload over 2 MiB: what a step sends back is kept under that (a longer output
+# or diff travels cut in the middle; the step's activity stashes it whole in the run store, and the
+# run's next save puts it back: activities.save_run). A worktree's diff is stored cut to its limit.
 STEP_OUTPUT_BYTES = 1 << 20
 STEP_DIFF_BYTES = 512 << 10
 STORED_DIFF_BYTES = 1 << 20
