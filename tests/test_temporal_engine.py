@@ -174,6 +174,39 @@ async def test_cancel_reaches_the_step_on_another_process_and_kills_its_process_
             await anyio.sleep(0.05)
 
 
+async def test_a_step_on_temporal_is_held_to_the_servers_step_limits_not_the_workers_own(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """MCP_COLLAB_STEP_TIMEOUT, MCP_COLLAB_IDLE_TIMEOUT and MCP_COLLAB_MAX_ANSWER_BYTES are the
+    server's, as on the local engine: the worker that runs a step applies them (its own are the
+    defaults: an hour, ten minutes, 64 MiB)."""
+    pids = tmp_path / "pids"
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"), CODEX_FAKE_PIDFILE=str(pids))
+    machines(env, "beta", tmp_path / "beta", MCP_COLLAB_CODEX_BIN=fake_cli("silent"))
+    machines(
+        env, "gamma", tmp_path / "gamma", MCP_COLLAB_CODEX_BIN=fake_cli("size_codex"), CODEX_FAKE_ANSWER_CHARS="5000"
+    )
+    ended = {}
+    for roots, limits in (
+        (("alpha", "gamma"), {"MCP_COLLAB_STEP_TIMEOUT": "3", "MCP_COLLAB_MAX_ANSWER_BYTES": "1000"}),
+        (("beta",), {"MCP_COLLAB_IDLE_TIMEOUT": "2"}),
+    ):
+        orchestrator = await server({**env, **limits})
+        async with orchestrator, orchestrator.running():
+            runs = [
+                await orchestrator.start(DispatchRequest(task="work", working_directory=str(tmp_path / root)))
+                for root in roots
+            ]
+            ended |= {root: await orchestrator.wait(run.id, 60) for root, run in zip(roots, runs, strict=True)}
+    timed, idle, long = ended["alpha"], ended["beta"], ended["gamma"]
+    assert timed.status == "failed" and "wall-clock limit of 3s" in (timed.steps[0].error or ""), timed.steps
+    assert idle.status == "failed" and "printed nothing for 2s" in (idle.steps[0].error or ""), idle.steps
+    assert long.status == "failed" and "over the 1000-byte cap" in (long.steps[0].error or ""), long.steps
+    with anyio.fail_after(30):
+        while any(alive(pid) for pid in read_pids(pids)):
+            await anyio.sleep(0.05)
+
+
 async def test_a_run_cancelled_mid_step_keeps_the_worktree_its_step_opened(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:

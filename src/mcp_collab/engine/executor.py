@@ -152,6 +152,10 @@ class StepExecutor:
         # Steps run inside the workspace roots, or in a run's worktree (made by the server itself).
         self.roots = (*settings.workspace_roots, settings.worktrees_dir)
 
+    def under(self, settings: Settings) -> StepExecutor:
+        """The same runtimes and recorder under other settings (a run's own limits)."""
+        return StepExecutor(settings, self.runtimes, self.recorder)
+
     async def run(
         self,
         active: ActiveRun,

@@ -183,10 +183,13 @@ class Activities:
             mine = self.settings.writer_access
             step.access = min(step.access, mine, key=_ACCESS_ORDER.index)
         resume = Resume(job.resume_session, job.resume_message or job.prompt) if job.resume_session else None
+        executor = self.executor
+        if job.limits is not None:  # the server's limits on its steps, not this worker's own settings
+            executor = executor.under(dataclasses.replace(self.settings, **job.limits.model_dump()))
         async with anyio.create_task_group() as beating:
             beating.start_soon(site.keep_beating)
             try:
-                await self.executor.perform(
+                await executor.perform(
                     site, step, job.worker, role, job.prompt, policy=job.policy, resume=resume, choices=job.choices
                 )
             finally:

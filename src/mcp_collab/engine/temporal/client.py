@@ -49,6 +49,7 @@ from .jobs import (
     DeliveredJob,
     DeliverJob,
     RunJob,
+    StepLimits,
 )
 
 if TYPE_CHECKING:
@@ -376,6 +377,11 @@ class TemporalRuns(RunLifecycle):
             continuation=follow_up,
             pickup_s=self.settings.lease_ttl_s,
             heartbeat_timeout_s=self.settings.temporal.heartbeat_timeout_s,
+            limits=StepLimits(
+                step_timeout_s=self.settings.step_timeout_s,
+                idle_timeout_s=self.settings.idle_timeout_s,
+                max_answer_bytes=self.settings.max_answer_bytes,
+            ),
         )
         try:
             client = await self.client()

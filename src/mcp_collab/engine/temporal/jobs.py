@@ -53,6 +53,16 @@ class ContinueJob(BaseModel):
     worktree: RunWorktree | None = None
 
 
+class StepLimits(BaseModel):
+    """The server's limits on each step of a run, as set at dispatch (MCP_COLLAB_STEP_TIMEOUT,
+    MCP_COLLAB_IDLE_TIMEOUT, MCP_COLLAB_MAX_ANSWER_BYTES): whichever worker runs a step applies
+    them, as the local engine applies its own."""
+
+    step_timeout_s: float
+    idle_timeout_s: float
+    max_answer_bytes: int
+
+
 class RunJob(BaseModel):
     """Everything a run's workflow needs, decided at dispatch (the plan)."""
 
@@ -74,6 +84,8 @@ class RunJob(BaseModel):
     # A step whose worker sent no heartbeat for this long ends interrupted (the server's setting at
     # dispatch; runs dispatched before it was one were given HEARTBEAT_TIMEOUT_S).
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
+    # None in runs dispatched before the server's limits travelled: their steps get the worker's.
+    limits: StepLimits | None = None
 
     @property
     def finish_pickup_s(self) -> float:
@@ -125,6 +137,7 @@ class StepJob(BaseModel):
     # The space the step works in, when the workflow has not opened it: the step's activity opens it
     # first (``step_in_space``), so a run's first step costs one activity, not two.
     space: SpaceJob | None = None
+    limits: StepLimits | None = None  # the run's (RunJob.limits)
 
 
 class Beat(BaseModel):
