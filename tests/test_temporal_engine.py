@@ -207,6 +207,21 @@ async def test_a_step_on_temporal_is_held_to_the_servers_step_limits_not_the_wor
             await anyio.sleep(0.05)
 
 
+async def test_a_server_without_worktrees_has_its_writers_work_in_place_on_the_workers_too(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """MCP_COLLAB_WORKTREES=0 on the server: a writer on a worker (whose own setting allows them)
+    works in the repository itself, as on the local engine."""
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("write"))
+    orchestrator = await server({**env, "MCP_COLLAB_WORKTREES": "0"})
+    async with orchestrator, orchestrator.running():
+        run = await orchestrator.dispatch(DispatchRequest(task="write", working_directory=str(repo)))
+    assert run.status == "completed", run.error
+    assert run.worktrees == [] and run.steps[0].directory == str(repo)
+    assert (repo / "fake-work.txt").exists(), "written in the repository itself"
+
+
 async def test_a_run_cancelled_mid_step_keeps_the_worktree_its_step_opened(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:

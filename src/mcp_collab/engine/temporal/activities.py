@@ -261,18 +261,19 @@ class Activities:
         leases = await anyio.to_thread.run_sync(self.store.live_leases, "worker")
         return any(lease.queue == queue for lease in leases)
 
-    def _spaces(self, run: Run, directory: str | None) -> Spaces:
+    def _spaces(self, run: Run, directory: str | None, *, worktrees: bool = True) -> Spaces:
+        """A run's spaces here: worktrees where both the run (its server) and this worker allow them."""
         return Spaces(
             run,
             directory=Path(directory) if directory else None,
             roots=self.settings.workspace_roots,
             base_dir=self.settings.worktrees_dir,
-            enabled=self.settings.worktrees,
+            enabled=self.settings.worktrees and worktrees,
         )
 
     @activity.defn(name="inspect_repository")
     async def inspect_repository(self, job: SpaceJob) -> dict[str, object] | None:
-        spaces = self._spaces(Run(id=job.run_id, task="", strategy=""), job.directory)
+        spaces = self._spaces(Run(id=job.run_id, task="", strategy=""), job.directory, worktrees=job.worktrees)
         return repo_to_dict(await spaces.repository())
 
     @activity.defn(name="open_space")
@@ -281,7 +282,7 @@ class Activities:
 
     async def _open(self, job: SpaceJob) -> OpenedSpace:
         scratch = Run(id=job.run_id, task="", strategy="")
-        spaces = self._spaces(scratch, job.directory)
+        spaces = self._spaces(scratch, job.directory, worktrees=job.worktrees)
         if job.inspected:
             spaces.seed(repo_from_dict(job.repo))
         space = await spaces.make(job.label)

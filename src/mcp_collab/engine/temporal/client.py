@@ -382,6 +382,7 @@ class TemporalRuns(RunLifecycle):
                 idle_timeout_s=self.settings.idle_timeout_s,
                 max_answer_bytes=self.settings.max_answer_bytes,
             ),
+            worktrees=self.settings.worktrees,
         )
         try:
             client = await self.client()

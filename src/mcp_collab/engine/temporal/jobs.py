@@ -86,6 +86,9 @@ class RunJob(BaseModel):
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
     # None in runs dispatched before the server's limits travelled: their steps get the worker's.
     limits: StepLimits | None = None
+    # The server's MCP_COLLAB_WORKTREES: writers get worktrees only where the server and the worker
+    # both allow them.
+    worktrees: bool = True
 
     @property
     def finish_pickup_s(self) -> float:
@@ -112,6 +115,7 @@ class SpaceJob(BaseModel):
     # starts from the very same base; None with ``inspected``: not a repository.
     repo: dict[str, object] | None = None
     inspected: bool = False
+    worktrees: bool = True  # the server's MCP_COLLAB_WORKTREES (RunJob.worktrees)
 
 
 class OpenedSpace(BaseModel):

@@ -247,7 +247,12 @@ class WorkflowContext(ProgramContext):
         first = self.job.cast[0].worker if self.job.cast else None
         directory = self.job.cwd or (self.directory_of(first) if first is not None else None)
         return SpaceJob(
-            run_id=self.run.id, directory=directory, label=label, repo=self._repo, inspected=self._inspected
+            run_id=self.run.id,
+            directory=directory,
+            label=label,
+            repo=self._repo,
+            inspected=self._inspected,
+            worktrees=self.job.worktrees,
         )
 
     def _adopt(self, space: RemoteSpace, opened: OpenedSpace) -> None:
