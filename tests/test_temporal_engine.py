@@ -177,24 +177,31 @@ async def test_cancel_reaches_the_step_on_another_process_and_kills_its_process_
 async def test_a_step_on_temporal_is_held_to_the_servers_step_limits_not_the_workers_own(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
-    """MCP_COLLAB_STEP_TIMEOUT, MCP_COLLAB_IDLE_TIMEOUT and MCP_COLLAB_MAX_ANSWER_BYTES are the
-    server's, as on the local engine: the worker that runs a step applies them (its own are the
-    defaults: an hour, ten minutes, 64 MiB)."""
+    """MCP_COLLAB_STEP_TIMEOUT, MCP_COLLAB_IDLE_TIMEOUT, MCP_COLLAB_MAX_ANSWER_BYTES and
+    MCP_COLLAB_PRICES are the server's, as on the local engine: the worker that runs a step applies
+    them (its own are the defaults: an hour, ten minutes, 64 MiB, the built-in prices)."""
     pids = tmp_path / "pids"
     machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"), CODEX_FAKE_PIDFILE=str(pids))
     machines(env, "beta", tmp_path / "beta", MCP_COLLAB_CODEX_BIN=fake_cli("silent"))
     machines(
         env, "gamma", tmp_path / "gamma", MCP_COLLAB_CODEX_BIN=fake_cli("size_codex"), CODEX_FAKE_ANSWER_CHARS="5000"
     )
+    machines(env, "delta", tmp_path / "delta", MCP_COLLAB_CODEX_BIN=fake_cli("ok"))
+    dear = '{"gpt-5": {"input": 1000000, "output": 1000000}}'  # a dollar a token: the fake's 3 + 2 cost $5
+    first = {"MCP_COLLAB_STEP_TIMEOUT": "3", "MCP_COLLAB_MAX_ANSWER_BYTES": "1000", "MCP_COLLAB_PRICES": dear}
     ended = {}
     for roots, limits in (
-        (("alpha", "gamma"), {"MCP_COLLAB_STEP_TIMEOUT": "3", "MCP_COLLAB_MAX_ANSWER_BYTES": "1000"}),
+        (("alpha", "gamma", "delta"), first),
         (("beta",), {"MCP_COLLAB_IDLE_TIMEOUT": "2"}),
     ):
         orchestrator = await server({**env, **limits})
+        if "priced" not in {w.name for w in await orchestrator.list_workers()}:
+            await orchestrator.register_worker(WorkerSpec(name="priced", model="codex_cli", cli_model="gpt-5"))
         async with orchestrator, orchestrator.running():
             runs = [
-                await orchestrator.start(DispatchRequest(task="work", working_directory=str(tmp_path / root)))
+                await orchestrator.start(
+                    DispatchRequest(task="work", working_directory=str(tmp_path / root), workers=["priced"])
+                )
                 for root in roots
             ]
             ended |= {root: await orchestrator.wait(run.id, 60) for root, run in zip(roots, runs, strict=True)}
@@ -202,6 +209,8 @@ async def test_a_step_on_temporal_is_held_to_the_servers_step_limits_not_the_wor
     assert timed.status == "failed" and "wall-clock limit of 3s" in (timed.steps[0].error or ""), timed.steps
     assert idle.status == "failed" and "printed nothing for 2s" in (idle.steps[0].error or ""), idle.steps
     assert long.status == "failed" and "over the 1000-byte cap" in (long.steps[0].error or ""), long.steps
+    priced = ended["delta"].steps[0]
+    assert priced.model == "gpt-5" and priced.cost_usd == 5.0 and priced.cost_source == "price_table", priced
     with anyio.fail_after(30):
         while any(alive(pid) for pid in read_pids(pids)):
             await anyio.sleep(0.05)

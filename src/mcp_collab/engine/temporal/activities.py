@@ -184,8 +184,8 @@ class Activities:
             step.access = min(step.access, mine, key=_ACCESS_ORDER.index)
         resume = Resume(job.resume_session, job.resume_message or job.prompt) if job.resume_session else None
         executor = self.executor
-        if job.limits is not None:  # the server's limits on its steps, not this worker's own settings
-            executor = executor.under(dataclasses.replace(self.settings, **job.limits.model_dump()))
+        if job.step_settings is not None:  # the server's, not this worker's own
+            executor = executor.under(job.step_settings.over(self.settings))
         async with anyio.create_task_group() as beating:
             beating.start_soon(site.keep_beating)
             try:

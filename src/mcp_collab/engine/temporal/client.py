@@ -49,7 +49,7 @@ from .jobs import (
     DeliveredJob,
     DeliverJob,
     RunJob,
-    StepLimits,
+    StepSettings,
 )
 
 if TYPE_CHECKING:
@@ -377,11 +377,7 @@ class TemporalRuns(RunLifecycle):
             continuation=follow_up,
             pickup_s=self.settings.lease_ttl_s,
             heartbeat_timeout_s=self.settings.temporal.heartbeat_timeout_s,
-            limits=StepLimits(
-                step_timeout_s=self.settings.step_timeout_s,
-                idle_timeout_s=self.settings.idle_timeout_s,
-                max_answer_bytes=self.settings.max_answer_bytes,
-            ),
+            step_settings=StepSettings.of(self.settings),
             worktrees=self.settings.worktrees,
         )
         try:

@@ -8,12 +8,14 @@ run's length beyond its new text.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from ...config import DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S, TEMPORAL_HEARTBEAT_EVERY_S
+from ...config import DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S, TEMPORAL_HEARTBEAT_EVERY_S, Settings
 from ...models import Access, FallbackPolicy, Run, RuntimeMode, RunWorktree, Step, Worker
+from ...pricing import BUILTIN_PRICES, Price, PriceTable
 
 # Temporal refuses a payload over 2 MiB: what a step sends back is kept under that (a longer output
 # or diff travels cut in the middle; the step's activity stashes it whole in the run store, and the
@@ -53,14 +55,35 @@ class ContinueJob(BaseModel):
     worktree: RunWorktree | None = None
 
 
-class StepLimits(BaseModel):
-    """The server's limits on each step of a run, as set at dispatch (MCP_COLLAB_STEP_TIMEOUT,
-    MCP_COLLAB_IDLE_TIMEOUT, MCP_COLLAB_MAX_ANSWER_BYTES): whichever worker runs a step applies
-    them, as the local engine applies its own."""
+class StepSettings(BaseModel):
+    """The server's settings each step of a run is held to, as at dispatch: MCP_COLLAB_STEP_TIMEOUT,
+    MCP_COLLAB_IDLE_TIMEOUT, MCP_COLLAB_MAX_ANSWER_BYTES and the prices MCP_COLLAB_PRICES lays over
+    the built-in ones. Whichever worker runs a step applies them, as the local engine applies its own."""
 
     step_timeout_s: float
     idle_timeout_s: float
     max_answer_bytes: int
+    prices: dict[str, Price] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, settings: Settings) -> StepSettings:
+        table = settings.prices.prices
+        return cls(
+            step_timeout_s=settings.step_timeout_s,
+            idle_timeout_s=settings.idle_timeout_s,
+            max_answer_bytes=settings.max_answer_bytes,
+            prices={model: price for model, price in table.items() if BUILTIN_PRICES.get(model) != price},
+        )
+
+    def over(self, settings: Settings) -> Settings:
+        """A worker's ``settings`` with these in place of its own."""
+        return dataclasses.replace(
+            settings,
+            step_timeout_s=self.step_timeout_s,
+            idle_timeout_s=self.idle_timeout_s,
+            max_answer_bytes=self.max_answer_bytes,
+            prices=PriceTable({**BUILTIN_PRICES, **self.prices}),
+        )
 
 
 class RunJob(BaseModel):
@@ -84,8 +107,8 @@ class RunJob(BaseModel):
     # A step whose worker sent no heartbeat for this long ends interrupted (the server's setting at
     # dispatch; runs dispatched before it was one were given HEARTBEAT_TIMEOUT_S).
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
-    # None in runs dispatched before the server's limits travelled: their steps get the worker's.
-    limits: StepLimits | None = None
+    # None in runs dispatched before the server's settings travelled: their steps get the worker's.
+    step_settings: StepSettings | None = None
     # The server's MCP_COLLAB_WORKTREES: writers get worktrees only where the server and the worker
     # both allow them.
     worktrees: bool = True
@@ -141,7 +164,7 @@ class StepJob(BaseModel):
     # The space the step works in, when the workflow has not opened it: the step's activity opens it
     # first (``step_in_space``), so a run's first step costs one activity, not two.
     space: SpaceJob | None = None
-    limits: StepLimits | None = None  # the run's (RunJob.limits)
+    step_settings: StepSettings | None = None  # the run's (RunJob.step_settings)
 
 
 class Beat(BaseModel):

@@ -377,7 +377,7 @@ class WorkflowContext(ProgramContext):
             resume_message=resume[1] if resume is not None else None,
             choices=list(choices),
             space=self._space_job(claim.label) if claim is not None else None,
-            limits=self.job.limits,
+            step_settings=self.job.step_settings,
         )
         try:
             done = await self._step_activity(job, worker, claim)
