@@ -36,6 +36,7 @@ from tests.fake_clis.fakecli import answer_text
 from tests.support.git_repo import init_repo
 from tests.support.mcp_helpers import call, until_listening
 from tests.support.temporal import TemporalDev, WorkerProcess, free_port
+from tests.support.vendor_stub import StubReply, VendorStub
 from tests.test_mcp_tasks import CreatedTask, Tasks, poll_until_over, task_request
 from tests.test_store import a_run
 from tests.test_store_contract import open_backend
@@ -214,6 +215,30 @@ async def test_a_step_on_temporal_is_held_to_the_servers_step_limits_not_the_wor
     with anyio.fail_after(30):
         while any(alive(pid) for pid in read_pids(pids)):
             await anyio.sleep(0.05)
+
+
+async def test_an_sdk_step_runs_on_the_worker_and_falls_back_to_its_cli_as_on_the_local_engine(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path,
+    stub: VendorStub,
+) -> None:  # fmt: skip
+    """runtimeMode openai_sdk on Temporal: the worker's own OpenAI client calls the endpoint (the
+    loopback stub, over HTTP); a retry-safe failure there falls back to the worker's CLI, and the
+    step records runtimeMode and fallbackFrom."""
+    machines(
+        env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("ok"),
+        OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=f"{stub.url}/v1",
+    )  # fmt: skip
+    where = str(tmp_path / "alpha")
+    by_sdk = await serving.dispatch(DispatchRequest(task="hi", runtime_mode="openai_sdk", working_directory=where))
+    assert by_sdk.status == "completed", by_sdk.error
+    assert (by_sdk.steps[0].runtime_mode, by_sdk.steps[0].fallback_from) == ("openai_sdk", None)
+    stub.script(StubReply(status=503, error_message="overloaded"))
+    fell = await serving.dispatch(DispatchRequest(task="hi", runtime_mode="openai_sdk", working_directory=where))
+    assert fell.status == "completed", fell.error
+    step = fell.steps[0]
+    assert (step.runtime_mode, step.fallback_from) == ("cli", "openai_sdk")
+    assert step.attempts[0].error_code == "http_503" and step.output == "fake codex did the task"
+    assert [r.kind for r in stub.requests].count("responses") == 2, "both SDK steps reached the endpoint"
 
 
 async def test_a_server_without_worktrees_has_its_writers_work_in_place_on_the_workers_too(
