@@ -241,6 +241,24 @@ async def test_an_sdk_step_runs_on_the_worker_and_falls_back_to_its_cli_as_on_th
     assert [r.kind for r in stub.requests].count("responses") == 2, "both SDK steps reached the endpoint"
 
 
+async def test_a_run_over_its_budget_stops_before_its_next_step_on_temporal_too(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("ok"))
+    orchestrator = await server({**env, "MCP_COLLAB_PRICES": '{"gpt-5": {"input": 1000000, "output": 1000000}}'})
+    for name in ("a", "b"):
+        await orchestrator.register_worker(WorkerSpec(name=name, model="codex_cli", cli_model="gpt-5"))
+    async with orchestrator, orchestrator.running():
+        run = await orchestrator.dispatch(
+            DispatchRequest(
+                task="t", strategy="security_redteam_pass", workers=["a", "b"], max_cost_usd=1.0,
+                working_directory=str(tmp_path / "alpha"),
+            )
+        )  # fmt: skip
+    assert run.status == "failed" and run.error == "stopped: the run's cost $5 reached its budget of $1 (maxCostUsd)"
+    assert [s.status for s in run.steps] == ["completed"], "the second step never started"
+
+
 async def test_a_server_without_worktrees_has_its_writers_work_in_place_on_the_workers_too(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
