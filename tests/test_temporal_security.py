@@ -1,5 +1,7 @@
-"""Who may talk to Temporal: TLS with a client certificate and a private CA (through a
-TLS-terminating proxy in front of the dev server, which speaks plain gRPC only)."""
+"""What Temporal sees of runs, and who may talk to it: payloads encrypted with
+MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS (read back from the real dev server's history without the keys),
+and TLS with a client certificate and a private CA (through a TLS-terminating proxy in front of the
+dev server, which speaks plain gRPC only)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,15 @@ from pathlib import Path
 
 import anyio
 import pytest
+from google.protobuf.message import Message
+from temporalio.api.common.v1 import Payload
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
 
 from mcp_collab import readiness
-from mcp_collab.config import Settings
+from mcp_collab.config import Settings, payload_key_id
 from mcp_collab.engine.temporal import client as temporal_client
+from mcp_collab.engine.temporal.codec import EncryptionCodec
 from mcp_collab.models import DispatchRequest
 from tests.conftest import quick_vendor_clis
 from tests.support.temporal import TemporalDev, WorkerProcess
@@ -20,6 +27,15 @@ from tests.support.tls import SERVER_NAME, CertAuthority, TLSProxy
 from tests.test_temporal_engine import engine_checks, server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
+
+KEY_1 = "11" * 32
+KEY_2 = "22" * 32
+SENT_BY_US = {
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +75,107 @@ def machines(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         (tmp_path / f"worker-{i}-{worker.queue}.log").write_text("".join(worker.lines), encoding="utf-8")
 
 
+def payloads_in(message: Message) -> Iterator[Payload]:
+    """Every payload a history event holds, however deep."""
+    if isinstance(message, Payload):
+        yield message
+        return
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            items = list(value.values())
+        elif field.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            if isinstance(item, Message):
+                yield from payloads_in(item)
+
+
 async def said(worker: WorkerProcess, text: str) -> str:
     """The worker's log line that holds ``text``, once it has logged it."""
     with anyio.fail_after(60):
         while not (found := [line for line in worker.lines if text in line]):
             await anyio.sleep(0.1)
     return found[0]
+
+
+async def test_a_run_with_a_payload_key_leaves_neither_its_task_nor_its_output_readable_in_temporal(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], temporal: TemporalDev, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "payload.key"
+    key_file.write_text(KEY_1 + "\n", encoding="utf-8")
+    env = {**env, "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS": str(key_file)}
+    task, output = "rotate the ledger's zebra-crossing secret", "the ledger now holds a pelican"
+    machines(env, "alpha", tmp_path / "alpha", CODEX_FAKE_SAY=output)
+    orchestrator = await server(env)
+    async with orchestrator, orchestrator.running():
+        run = await orchestrator.dispatch(DispatchRequest(task=task, working_directory=str(tmp_path / "alpha")))
+    assert run.status == "completed" and run.result == output, run.error
+
+    plain = await Client.connect(temporal.address)  # anyone who can read the namespace, without the key
+    history = await plain.get_workflow_handle(run.id).fetch_history()
+    raw = b"".join(event.SerializeToString() for event in history.events)
+    assert task.encode() not in raw and output.encode() not in raw
+    payloads = [p for event in history.events for p in payloads_in(event)]
+    payloads = [p for event in history.events for p in payloads_in(event)]
+    # Every payload mcp-collab sends is sealed: the run's job and end, each activity's input and
+    # result. What stays in clear is Temporal's own bookkeeping (the markers of patches and local
+    # activities, the search attribute of patches): no task, no output, as ``raw`` showed.
+    ours = [p for event in history.events if event.event_type in SENT_BY_US for p in payloads_in(event)]
+    assert len(ours) >= 4 and all(p.metadata["encoding"] == b"binary/encrypted" for p in ours)
+    sealed = [p for p in payloads if p.metadata["encoding"] == b"binary/encrypted"]
+    assert {p.metadata["encryption-key-id"] for p in sealed} == {payload_key_id(bytes.fromhex(KEY_1)).encode()}
+    # The same history through the key: the task and the step's output were there all along.
+    opened = b"".join(p.data for p in await EncryptionCodec([bytes.fromhex(KEY_1)]).decode(sealed))
+    assert task.encode() in opened and output.encode() in opened
+
+    checks = engine_checks(await readiness.check(Settings.from_env(env)))
+    assert checks["engine:payloads"].ok and payload_key_id(bytes.fromhex(KEY_1)) in checks["engine:payloads"].detail
+    assert KEY_1 not in checks["engine:payloads"].model_dump_json()
+
+
+async def test_a_worker_with_another_key_or_none_fails_the_run_and_says_which_key_it_lacks(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """The run ends (it never completes with what it could not read), the worker's log names the key
+    it needs and the setting, and the server goes on serving."""
+    server_env = {**env, "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS": KEY_1}
+    needed = payload_key_id(bytes.fromhex(KEY_1))
+    orchestrator = await server(server_env)
+    async with orchestrator, orchestrator.running():
+        for name, keys, lacks in (("other", KEY_2, payload_key_id(bytes.fromhex(KEY_2))), ("none", "", "none")):
+            worker = machines(env, name, tmp_path / name, MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS=keys)
+            run = await orchestrator.start(DispatchRequest(task="x", working_directory=str(tmp_path / name)))
+            ended = await orchestrator.wait(run.id, 60)
+            assert ended.status == "interrupted" and "ended as FAILED" in (ended.error or ""), ended
+            line = await said(worker, f"a payload is encrypted with key {needed}, and this process has")
+            assert lacks in line and "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS on the server and every worker" in line
+            assert KEY_1 not in "".join(worker.lines) and KEY_2 not in "".join(worker.lines)
+            worker.stop()
+        assert {r.id for r in (await orchestrator.list_runs()).runs} >= {run.id}, "the server still answers"
+
+
+def test_the_codec_opens_what_an_older_key_sealed_and_refuses_altered_payloads() -> None:
+    old, new = bytes.fromhex(KEY_1), bytes.fromhex(KEY_2)
+    plain = Payload(metadata={"encoding": b"json/plain"}, data=b'"hello"')
+
+    async def check() -> None:
+        [sealed] = await EncryptionCodec([old]).encode([plain])
+        rotated = EncryptionCodec([new, old])  # the new key encrypts, the old one still decrypts
+        assert await rotated.decode([sealed]) == [plain]
+        [resealed] = await rotated.encode([plain])
+        assert resealed.metadata["encryption-key-id"] == payload_key_id(new).encode()
+        assert await EncryptionCodec([]).decode([plain]) == [plain], "an unencrypted payload passes as it is"
+        altered = Payload()
+        altered.CopyFrom(sealed)
+        altered.data = sealed.data[:-1] + bytes([sealed.data[-1] ^ 1])
+        with pytest.raises(Exception, match="does not decrypt: it was altered or damaged"):
+            await rotated.decode([altered])
+
+    anyio.run(check)
 
 
 async def test_mtls_with_a_private_ca_runs_through_a_proxy_that_requires_client_certificates(
@@ -87,8 +198,11 @@ async def test_mtls_with_a_private_ca_runs_through_a_proxy_that_requires_client_
         async with orchestrator, orchestrator.running():
             run = await orchestrator.dispatch(DispatchRequest(task="x", working_directory=str(tmp_path / "alpha")))
         assert run.status == "completed" and run.result == "done over mTLS", run.error
-        probed = engine_checks(await readiness.check(Settings.from_env(tls)))["engine:temporal"]
+        checks = engine_checks(await readiness.check(Settings.from_env(tls)))
+        probed, payloads = checks["engine:temporal"], checks["engine:payloads"]
         assert probed.ok and "TLS and a client certificate and a private CA" in probed.detail, probed
+        assert not payloads.ok and not payloads.required and "not encrypted" in payloads.detail
+        assert "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS" in (payloads.hint or "")
 
         without = {
             k: v for k, v in tls.items() if k not in ("MCP_COLLAB_TEMPORAL_TLS_CERT", "MCP_COLLAB_TEMPORAL_TLS_KEY")

@@ -91,19 +91,22 @@ def _load_sdk() -> None:
     import temporalio.client
     import temporalio.contrib.pydantic  # noqa: F401
 
+    from . import codec  # noqa: F401  (and cryptography)
+
 
 async def connect(settings: Settings) -> Client:
     # Importing temporalio takes a few hundred milliseconds: off the event loop, which goes on answering.
     await anyio.to_thread.run_sync(_load_sdk)
     from temporalio.client import Client
-    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from .codec import data_converter
 
     where = settings.temporal
     try:
         return await Client.connect(
             where.address,
             namespace=where.namespace,
-            data_converter=pydantic_data_converter,
+            data_converter=data_converter(where.payload_keys),
             tls=tls_config(settings),
             api_key=where.api_key,
         )
@@ -591,7 +594,10 @@ class TemporalRuns(RunLifecycle):
         for i, pending in enumerate(description.raw_description.pending_activities):
             payloads = pending.heartbeat_details.payloads
             if payloads:
-                beats = await converter.decode(payloads, [Beat])
+                try:
+                    beats = await converter.decode(payloads, [Beat])
+                except _payload_key_error():  # a worker with other keys: its step's run fails, saying why
+                    continue
                 if beats and isinstance(beats[-1], Beat):
                     found[i] = beats[-1].message
         return found
@@ -667,6 +673,12 @@ def _rpc_error() -> type[Exception]:
     from temporalio.service import RPCError
 
     return RPCError
+
+
+def _payload_key_error() -> type[Exception]:
+    from .codec import PayloadKeyError
+
+    return PayloadKeyError
 
 
 def _workflow_failure() -> type[Exception]:
