@@ -140,8 +140,10 @@ async def test_a_run_with_a_payload_key_leaves_neither_its_task_nor_its_output_r
 async def test_a_worker_with_another_key_or_none_fails_the_run_and_says_which_key_it_lacks(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
-    """The run ends (it never completes with what it could not read), the worker's log names the key
-    it needs and the setting, and the server goes on serving."""
+    """The run ends (it never goes on with what it could not read), the worker's log names the key it
+    needs and the setting, and the server goes on serving. A worker that hosts the run's workflow
+    fails the workflow (the run ends interrupted); one that only runs its step fails the step, which
+    says why."""
     server_env = {**env, "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS": KEY_1}
     needed = payload_key_id(bytes.fromhex(KEY_1))
     orchestrator = await server(server_env)
@@ -156,6 +158,14 @@ async def test_a_worker_with_another_key_or_none_fails_the_run_and_says_which_ke
             assert KEY_1 not in "".join(worker.lines) and KEY_2 not in "".join(worker.lines)
             worker.stop()
         assert {r.id for r in (await orchestrator.list_runs()).runs} >= {run.id}, "the server still answers"
+
+        machines(server_env, "host", tmp_path / "host")  # now the only one on the runs' workflow queue
+        machines({**env, "MCP_COLLAB_TEMPORAL_QUEUE": "no-runs-here"}, "steps", tmp_path / "steps",
+                 MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS=KEY_2)  # fmt: skip
+        run = await orchestrator.dispatch(DispatchRequest(task="x", working_directory=str(tmp_path / "steps")))
+    [step] = run.steps
+    assert run.status == "failed" and step.status == "failed", run
+    assert f"Failed decoding arguments: a payload is encrypted with key {needed}" in (step.error or ""), step.error
 
 
 def test_the_codec_opens_what_an_older_key_sealed_and_refuses_altered_payloads() -> None:
