@@ -153,6 +153,13 @@ async def test_a_worker_with_another_key_or_none_fails_the_run_and_says_which_ke
             run = await orchestrator.start(DispatchRequest(task="x", working_directory=str(tmp_path / name)))
             ended = await orchestrator.wait(run.id, 60)
             assert ended.status == "interrupted" and "ended as FAILED" in (ended.error or ""), ended
+            history = (
+                await (await Client.connect(env["MCP_COLLAB_TEMPORAL_ADDRESS"]))
+                .get_workflow_handle(run.id)
+                .fetch_history()
+            )
+            failure = history.events[-1].workflow_execution_failed_event_attributes.failure.message
+            assert f"a payload is encrypted with key {needed}" in failure, "temporal workflow show says why"
             line = await said(worker, f"a payload is encrypted with key {needed}, and this process has")
             assert lacks in line and "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS on the server and every worker" in line
             assert KEY_1 not in "".join(worker.lines) and KEY_2 not in "".join(worker.lines)
