@@ -175,7 +175,9 @@ async def test_a_worker_with_another_key_or_none_fails_the_run_and_says_which_ke
     assert f"Failed decoding arguments: a payload is encrypted with key {needed}" in (step.error or ""), step.error
 
 
-def test_the_codec_opens_what_an_older_key_sealed_and_refuses_altered_payloads() -> None:
+def test_the_codec_opens_what_an_older_key_sealed_and_refuses_altered_payloads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     old, new = bytes.fromhex(KEY_1), bytes.fromhex(KEY_2)
     plain = Payload(metadata={"encoding": b"json/plain"}, data=b'"hello"')
 
@@ -186,6 +188,10 @@ def test_the_codec_opens_what_an_older_key_sealed_and_refuses_altered_payloads()
         [resealed] = await rotated.encode([plain])
         assert resealed.metadata["encryption-key-id"] == payload_key_id(new).encode()
         assert await EncryptionCodec([]).decode([plain]) == [plain], "an unencrypted payload passes as it is"
+        assert not caplog.records, "unremarked where no key is set"
+        assert await rotated.decode([plain, plain]) == [plain, plain]
+        [warning] = caplog.records  # said once
+        assert "unencrypted although MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS is set here" in warning.getMessage()
         altered = Payload()
         altered.CopyFrom(sealed)
         altered.data = sealed.data[:-1] + bytes([sealed.data[-1] ^ 1])

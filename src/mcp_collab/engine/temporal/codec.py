@@ -56,10 +56,6 @@ class EncryptionCodec(PayloadCodec):
         self._sealing = next(iter(self._ciphers.items()), None)
         self._warned = False
 
-    @property
-    def key_ids(self) -> list[str]:
-        return list(self._ciphers)
-
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         if self._sealing is None:
             return list(payloads)
