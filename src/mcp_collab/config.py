@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,15 +180,48 @@ DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S = 20.0
 MIN_HEARTBEATS_PER_TIMEOUT = 3
 
 
+# AES-256-GCM's key: what MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS holds, one or more.
+PAYLOAD_KEY_BYTES = 32
+PAYLOAD_KEYS_VARIABLE = "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS"
+# The files of TLS to Temporal beyond the system's roots, and the PEM block each must hold.
+TLS_FILE_VARIABLES = {
+    "MCP_COLLAB_TEMPORAL_TLS_CERT": "CERTIFICATE",
+    "MCP_COLLAB_TEMPORAL_TLS_KEY": "PRIVATE KEY",
+    "MCP_COLLAB_TEMPORAL_TLS_CA": "CERTIFICATE",
+}
+
+
+def payload_key_id(key: bytes) -> str:
+    """What names a payload key in each payload it seals, in logs and in doctor: the first bytes of
+    a hash, which tell nothing of the key."""
+    return hashlib.sha256(b"mcp-collab payload key " + key).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class TemporalTLS:
+    """TLS to Temporal beyond the system's roots (MCP_COLLAB_TEMPORAL_TLS_*): a client certificate
+    and its key (mTLS), a private CA, the name the server's certificate carries. The files are read
+    once, at start; the key is never shown."""
+
+    client_cert: bytes | None = None
+    client_key: bytes | None = field(default=None, repr=False)
+    server_ca: bytes | None = None
+    server_name: str | None = None
+
+
 @dataclass(frozen=True)
 class TemporalSettings:
-    """Where the Temporal service is (MCP_COLLAB_TEMPORAL_*). The API key is a secret: never shown."""
+    """Where the Temporal service is (MCP_COLLAB_TEMPORAL_*). The API key, the client certificate's
+    key and the payload keys are secrets: never shown."""
 
     address: str = DEFAULT_TEMPORAL_ADDRESS
     namespace: str = DEFAULT_TEMPORAL_NAMESPACE
     queue: str = DEFAULT_TEMPORAL_QUEUE
     tls: bool = False
     api_key: str | None = field(default=None, repr=False)
+    tls_files: TemporalTLS | None = None
+    # What crosses Temporal is encrypted with the first key; any of them decrypts (key rotation).
+    payload_keys: tuple[bytes, ...] = field(default=(), repr=False)
     # A step whose worker sent no heartbeat for this long has lost its worker
     # (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S; the server gives each run its value at dispatch).
     heartbeat_timeout_s: float = DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S
@@ -200,12 +237,19 @@ def _temporal(env: Mapping[str, str]) -> TemporalSettings:
         )
     queue = env.get("MCP_COLLAB_TEMPORAL_QUEUE", "").strip() or DEFAULT_TEMPORAL_QUEUE
     api_key = env.get("MCP_COLLAB_TEMPORAL_API_KEY", "").strip() or None
-    # An API key (Temporal Cloud) is only ever sent over TLS: it turns TLS on, and cannot be had without.
-    tls = _choice(env, "MCP_COLLAB_TEMPORAL_TLS", "1" if api_key else "0", ("1", "0")) == "1"
+    tls_set = [n for n in (*TLS_FILE_VARIABLES, "MCP_COLLAB_TEMPORAL_TLS_SERVER_NAME") if env.get(n, "").strip()]
+    # An API key (Temporal Cloud) is only ever sent over TLS, and the TLS files mean nothing without
+    # it: either turns TLS on, and cannot be had without.
+    tls = _choice(env, "MCP_COLLAB_TEMPORAL_TLS", "1" if api_key or tls_set else "0", ("1", "0")) == "1"
     if api_key and not tls:
         raise ConfigError(
             "MCP_COLLAB_TEMPORAL_API_KEY is sent only over TLS, but MCP_COLLAB_TEMPORAL_TLS=0; "
             "unset MCP_COLLAB_TEMPORAL_TLS (an API key turns TLS on) or unset the key"
+        )
+    if tls_set and not tls:
+        raise ConfigError(
+            f"{' and '.join(tls_set)} {'is' if len(tls_set) == 1 else 'are'} for TLS, but MCP_COLLAB_TEMPORAL_TLS=0; "
+            "unset MCP_COLLAB_TEMPORAL_TLS (they turn TLS on) or unset them"
         )
     heartbeat_timeout = _positive(env, "MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S", DEFAULT_TEMPORAL_HEARTBEAT_TIMEOUT_S)
     least = MIN_HEARTBEATS_PER_TIMEOUT * TEMPORAL_HEARTBEAT_EVERY_S
@@ -221,8 +265,92 @@ def _temporal(env: Mapping[str, str]) -> TemporalSettings:
         queue=queue,
         tls=tls,
         api_key=api_key,
+        tls_files=_tls_files(env) if tls_set else None,
+        payload_keys=_payload_keys(env),
         heartbeat_timeout_s=heartbeat_timeout,
     )
+
+
+def _tls_files(env: Mapping[str, str]) -> TemporalTLS:
+    cert, key = env.get("MCP_COLLAB_TEMPORAL_TLS_CERT", "").strip(), env.get("MCP_COLLAB_TEMPORAL_TLS_KEY", "").strip()
+    if bool(cert) != bool(key):
+        have, lacking = ("CERT", "KEY") if cert else ("KEY", "CERT")
+        raise ConfigError(
+            f"MCP_COLLAB_TEMPORAL_TLS_{have} is set but MCP_COLLAB_TEMPORAL_TLS_{lacking} is not: a client "
+            "certificate goes with its private key; set both (PEM files) or neither"
+        )
+    read = {name: _pem(name, env[name].strip(), block) for name, block in TLS_FILE_VARIABLES.items() if env.get(name)}
+    return TemporalTLS(
+        client_cert=read.get("MCP_COLLAB_TEMPORAL_TLS_CERT"),
+        client_key=read.get("MCP_COLLAB_TEMPORAL_TLS_KEY"),
+        server_ca=read.get("MCP_COLLAB_TEMPORAL_TLS_CA"),
+        server_name=env.get("MCP_COLLAB_TEMPORAL_TLS_SERVER_NAME", "").strip() or None,
+    )
+
+
+def _pem(name: str, path: str, block: str) -> bytes:
+    """A PEM file's bytes, refused (by its path, never its content) unless it holds a ``block``."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{name}={path} cannot be read ({exc.strerror}); set it to a PEM file this user can read"
+        ) from None
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY" in data:
+        raise ConfigError(
+            f"{name}={path} is an encrypted private key, which Temporal's client cannot use; write it out "
+            "unencrypted (openssl pkey -in KEY -out PLAIN), readable by this user only"
+        )
+    if not re.search(rb"-----BEGIN [A-Z ]*" + block.encode() + rb"-----", data):
+        raise ConfigError(f"{name}={path} holds no PEM {block} (-----BEGIN ...{block}-----); set it to one that does")
+    return data
+
+
+def _payload_keys(env: Mapping[str, str]) -> tuple[bytes, ...]:
+    """MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS: keys, or absolute paths to files holding one, comma-separated.
+    A key is refused by its place in the list, never echoed."""
+    if env.get("MCP_COLLAB_TEMPORAL_PAYLOAD_KEY", "").strip():
+        raise ConfigError(
+            f"MCP_COLLAB_TEMPORAL_PAYLOAD_KEY is not a setting; put the key in {PAYLOAD_KEYS_VARIABLE} (one key, "
+            "or several separated by commas: the first encrypts, any of them decrypts)"
+        )
+    key_forms = f"a 256-bit key: {PAYLOAD_KEY_BYTES * 2} hex digits, or base64 (make one with openssl rand -hex 32)"
+    keys: list[bytes] = []
+    entries = [e.strip() for e in env.get(PAYLOAD_KEYS_VARIABLE, "").split(",")]
+    for place, entry in enumerate(entries, 1):
+        if not entry:
+            continue
+        key = _key(entry)
+        if key is None and entry.startswith(("/", "~")):
+            try:
+                key = _key(Path(entry).expanduser().read_text(encoding="utf-8").strip())
+            except (OSError, UnicodeDecodeError) as exc:
+                cause = exc.strerror if isinstance(exc, OSError) else "not text"
+                raise ConfigError(
+                    f"{PAYLOAD_KEYS_VARIABLE}: the key file {entry} cannot be read ({cause}); it must be readable "
+                    f"by this user and hold {key_forms}"
+                ) from None
+            if key is None:
+                raise ConfigError(f"{PAYLOAD_KEYS_VARIABLE}: the key file {entry} must hold {key_forms}")
+        if key is None:
+            raise ConfigError(
+                f"{PAYLOAD_KEYS_VARIABLE}: entry {place} of {len(entries)} is neither {key_forms}, nor the "
+                "absolute path of a file holding one"
+            )
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
+
+
+def _key(text: str) -> bytes | None:
+    """A 256-bit key written as hex or base64 (standard or URL-safe, padded or not); None if it is not."""
+    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return bytes.fromhex(text)
+    try:
+        key = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        return None
+    return key if len(key) == PAYLOAD_KEY_BYTES else None
 
 
 # The URL schemes that select the PostgreSQL store (libpq accepts both).

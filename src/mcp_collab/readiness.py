@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import anyio
 from pydantic import Field
 
-from .config import Endpoint, Settings
+from .config import PAYLOAD_KEYS_VARIABLE, Endpoint, Settings, payload_key_id
 from .errors import StoreError
 from .models import RuntimeMode, WireModel
 from .runtimes.cli import find_binary
@@ -310,6 +310,27 @@ def _workers_check(settings: Settings, store: RunStore | None, usable: bool, cur
     return Check(name=name, ok=True, detail=f"{len(leases)} serving: " + "; ".join(shown) + more)
 
 
+def _payloads_check(settings: Settings) -> Check:
+    """Whether what crosses Temporal is encrypted (MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS), and by which key."""
+    name = "engine:payloads"
+    ids = [payload_key_id(key) for key in settings.temporal.payload_keys]
+    if not ids:
+        return Check(
+            name=name,
+            ok=False,
+            required=False,
+            detail="not encrypted: Temporal keeps each run's task, prompts, outputs and diffs as they are",
+            hint=f"set {PAYLOAD_KEYS_VARIABLE} (a key file: openssl rand -hex 32) on the server and every worker",
+        )
+    more = f"; {', '.join(ids[1:])} also decrypt{'s' if len(ids) == 2 else ''}" if len(ids) > 1 else ""
+    return Check(
+        name=name,
+        ok=True,
+        required=False,
+        detail=f"encrypted (AES-256-GCM) with key {ids[0]}{more}; every worker needs the same keys",
+    )
+
+
 async def check(settings: Settings, store: RunStore | None = None) -> ReadinessReport:
     """``store``: the server's own, when it has one open (else the settings' store is opened to read)."""
     checks: list[Check] = []
@@ -408,6 +429,7 @@ async def check(settings: Settings, store: RunStore | None = None) -> ReadinessR
     if settings.engine == "temporal":
         usable = store_checks[0].ok
         engine.append(await anyio.to_thread.run_sync(_workers_check, settings, store, usable, current))
+        engine.append(_payloads_check(settings))
         checks.extend(engine)
     plans = {model: vendor.endpoint(settings) for model, vendor in VENDORS.items()}
     endpoint_checks, blocked = _endpoint_checks(settings, plans, unreachable)

@@ -7,6 +7,7 @@
   engine), spaces, diffs, and the run's persistence.
 - ``worker``: ``mcp-collab worker``: serves the workflow queue and its own step queue.
 - ``client``: the server side: starts, waits on, cancels and reconciles runs.
+- ``codec``: what crosses Temporal, encrypted with MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS (server and workers alike).
 
 Only the server side is imported by the MCP server, and only when the engine is Temporal, so the
 local engine never loads temporalio.

@@ -91,33 +91,59 @@ def _load_sdk() -> None:
     import temporalio.client
     import temporalio.contrib.pydantic  # noqa: F401
 
+    from . import codec  # noqa: F401  (and cryptography)
+
 
 async def connect(settings: Settings) -> Client:
     # Importing temporalio takes a few hundred milliseconds: off the event loop, which goes on answering.
     await anyio.to_thread.run_sync(_load_sdk)
     from temporalio.client import Client
-    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from .codec import data_converter
 
     where = settings.temporal
     try:
         return await Client.connect(
             where.address,
             namespace=where.namespace,
-            data_converter=pydantic_data_converter,
-            tls=where.tls,
+            data_converter=data_converter(where.payload_keys),
+            tls=tls_config(settings),
             api_key=where.api_key,
         )
     except RuntimeError as exc:  # the bridge's connection errors
-        raise TemporalUnavailable(
-            f"cannot reach Temporal at {where.address} (namespace {where.namespace}): {exc}. Start it "
-            "(`temporal server start-dev`) or set MCP_COLLAB_TEMPORAL_ADDRESS / MCP_COLLAB_TEMPORAL_NAMESPACE"
-        ) from exc
+        cause, hint = _connect_cause(exc, settings)
+        raise TemporalUnavailable(f"cannot reach Temporal at {shown_temporal(settings)}: {cause}; {hint}") from exc
+
+
+def tls_config(settings: Settings) -> Any:
+    """``Client.connect``'s ``tls``: on or off, or with the files of MCP_COLLAB_TEMPORAL_TLS_*."""
+    where, files = settings.temporal, settings.temporal.tls_files
+    if files is None:
+        return where.tls
+    from temporalio.service import TLSConfig
+
+    return TLSConfig(
+        server_root_ca_cert=files.server_ca,
+        domain=files.server_name,
+        client_cert=files.client_cert,
+        client_private_key=files.client_key,
+    )
 
 
 def shown_temporal(settings: Settings) -> str:
     """Where Temporal is, as a report may say it (never the API key)."""
     where = settings.temporal
-    how = [w for w, on in (("TLS", where.tls), ("an API key", where.api_key is not None)) if on]
+    files = where.tls_files
+    how = [
+        w
+        for w, on in (
+            ("TLS", where.tls),
+            ("a client certificate", files is not None and files.client_cert is not None),
+            ("a private CA", files is not None and files.server_ca is not None),
+            ("an API key", where.api_key is not None),
+        )
+        if on
+    ]
     return f"{where.address}, namespace {where.namespace}" + (f" ({' and '.join(how)})" if how else "")
 
 
@@ -147,7 +173,11 @@ async def probe(settings: Settings) -> str:
     try:
         with anyio.fail_after(PROBE_TIMEOUT_S):
             client = await Client.connect(
-                where.address, namespace=where.namespace, tls=where.tls, api_key=where.api_key, connect_timeout=limit
+                where.address,
+                namespace=where.namespace,
+                tls=tls_config(settings),
+                api_key=where.api_key,
+                connect_timeout=limit,
             )
             service = client.workflow_service
             info = await service.get_system_info(GetSystemInfoRequest(), timeout=limit)
@@ -186,9 +216,8 @@ async def probe(settings: Settings) -> str:
             ) from None
         raise TemporalUnavailable(f"Temporal at {shown} refused: {said}", START_TEMPORAL) from None
     except RuntimeError as exc:  # the bridge's connection errors
-        raise TemporalUnavailable(
-            f"cannot reach Temporal at {shown}: {_connect_cause(exc, where.tls)}", START_TEMPORAL
-        ) from None
+        cause, hint = _connect_cause(exc, settings)
+        raise TemporalUnavailable(f"cannot reach Temporal at {shown}: {cause}", hint) from None
     version = info.server_version or "(version not given)"
     polling = len(queue.pollers)
     return (
@@ -197,16 +226,45 @@ async def probe(settings: Settings) -> str:
     )
 
 
-def _connect_cause(exc: RuntimeError, tls: bool) -> str:
-    """The OS's words from the bridge's nested error text (``message: "Connection refused"``), else its first line."""
-    text = str(exc)
-    if tls and "InvalidContentType" in text:  # rustls met a peer that answered in plain text
+def _connect_cause(exc: RuntimeError, settings: Settings) -> tuple[str, str]:
+    """What a failed connect means, from the bridge's nested error text, and what to do: for TLS's
+    failures, the setting to check; else the OS's words (``message: "Connection refused"``) or the
+    text's first line, and how to start Temporal or point at it."""
+    text, where = str(exc), settings.temporal
+    client_cert = where.tls_files is not None and where.tls_files.client_cert is not None
+    # The connection was made, then dropped by the server at the first call: a TLS server that
+    # refused the client's certificate (or wants one), or a TLS server spoken to in plain text.
+    dropped = re.search(r'after connection: Status \{ code: (Cancelled|Unknown, message: "transport error")', text)
+    if not where.tls:
+        if dropped:
+            return "the server dropped the connection at the first call", (
+                "if it speaks TLS, set MCP_COLLAB_TEMPORAL_TLS=1 (and MCP_COLLAB_TEMPORAL_TLS_CERT / "
+                "MCP_COLLAB_TEMPORAL_TLS_KEY if it asks for a client certificate)"
+            )
+    elif "InvalidContentType" in text:  # rustls met a peer that answered in plain text
+        return "the TLS handshake failed: the server answers without TLS", (
+            "for such a server: no API key, no MCP_COLLAB_TEMPORAL_TLS_* files, and MCP_COLLAB_TEMPORAL_TLS=0"
+        )
+    elif "UnknownIssuer" in text:
+        return "the server's certificate is signed by a CA this client does not trust", (
+            "set MCP_COLLAB_TEMPORAL_TLS_CA to the PEM file of the CA that signed it"
+        )
+    elif "NotValidForName" in text:
+        expected = re.search(r'expected: \w+\("?([^")]+)', text)
+        return f"the server's certificate is not for {expected[1] if expected else 'the name dialed'}", (
+            "set MCP_COLLAB_TEMPORAL_TLS_SERVER_NAME to a name its certificate carries"
+        )
+    elif dropped or "fatal alert" in text:
         return (
-            "the TLS handshake failed: the server answers without TLS "
-            "(for such a server: no API key, and MCP_COLLAB_TEMPORAL_TLS=0)"
+            "the server ended the connection after the TLS handshake: it refused this client's certificate"
+            if client_cert
+            else "the server ended the connection after the TLS handshake: it asks for a client certificate"
+        ), (
+            "check MCP_COLLAB_TEMPORAL_TLS_CERT and MCP_COLLAB_TEMPORAL_TLS_KEY: a certificate (and its key) "
+            "signed by a CA the server trusts, allowed on this namespace"
         )
     found = re.findall(r'message: "([^"]+)"', text)
-    return found[-1] if found else text.strip().splitlines()[0][:300]
+    return (found[-1] if found else text.strip().splitlines()[0][:300]), START_TEMPORAL
 
 
 def worker_lease(queue: str, roots: Sequence[Path]) -> Lease:
@@ -536,7 +594,10 @@ class TemporalRuns(RunLifecycle):
         for i, pending in enumerate(description.raw_description.pending_activities):
             payloads = pending.heartbeat_details.payloads
             if payloads:
-                beats = await converter.decode(payloads, [Beat])
+                try:
+                    beats = await converter.decode(payloads, [Beat])
+                except _payload_key_error():  # a worker with other keys: its step's run fails, saying why
+                    continue
                 if beats and isinstance(beats[-1], Beat):
                     found[i] = beats[-1].message
         return found
@@ -612,6 +673,12 @@ def _rpc_error() -> type[Exception]:
     from temporalio.service import RPCError
 
     return RPCError
+
+
+def _payload_key_error() -> type[Exception]:
+    from .codec import PayloadKeyError
+
+    return PayloadKeyError
 
 
 def _workflow_failure() -> type[Exception]:

@@ -454,7 +454,10 @@ class WorkflowContext(ProgramContext):
                 step.status = "failed"
                 step.error = f"the step exceeded {timeout:g}s on its worker and was stopped ({cause.type})"
             elif isinstance(cause, ApplicationError):
-                step.status, step.error = "failed", f"the worker could not run the step: {cause.message}"
+                # The SDK's own failures ("Failed decoding arguments") carry their reason as a cause.
+                inner = cause.cause
+                why = f"{cause.message}: {inner.message}" if isinstance(inner, ApplicationError) else cause.message
+                step.status, step.error = "failed", f"the worker could not run the step: {why}"
             else:
                 raise  # cancelled: the run's stop handles it
             step.ended_at = workflow.now()
