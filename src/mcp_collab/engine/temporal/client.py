@@ -70,6 +70,11 @@ QUIET_POLL_S = 2.0
 # A run is stored before its workflow starts: one younger than this with no workflow yet is being
 # started (by this server or another), not lost.
 START_GRACE_S = 120.0
+# A burst of dispatches starts its workflows this many at a time, in dispatch order: all at once,
+# the first runs' workflow tasks queue in Temporal behind the whole burst's starts, and the first
+# steps reach a worker late (bench/temporal_scale.py, 200 at once: the 20th step on a worker after
+# 1.5-2.0 s, 0.85 s so).
+STARTS_AT_ONCE = 8
 # The steps' heartbeats are read this often by a waiter with a progress listener (each read is a
 # call to Temporal).
 BEATS_EVERY_S = 1.0
@@ -342,6 +347,7 @@ class TemporalRuns(RunLifecycle):
         self._connecting = anyio.Lock()
         self._leases: tuple[float, list[Lease]] | None = None  # (when read, the live workers' leases)
         self._reading_leases = anyio.Lock()
+        self._starts = anyio.CapacityLimiter(STARTS_AT_ONCE)
 
     async def client(self) -> Client:
         async with self._connecting:
@@ -440,7 +446,8 @@ class TemporalRuns(RunLifecycle):
         )
         try:
             client = await self.client()
-            await client.start_workflow(WORKFLOW_NAME, job, id=run.id, task_queue=self.settings.temporal.queue)
+            async with self._starts:
+                await client.start_workflow(WORKFLOW_NAME, job, id=run.id, task_queue=self.settings.temporal.queue)
         except (TemporalUnavailable, RuntimeError, _rpc_error()) as exc:
             run.status, run.ended_at = "failed", datetime.now(UTC)
             run.error = f"the run could not be started on Temporal at {self.settings.temporal.address}: {exc}"
