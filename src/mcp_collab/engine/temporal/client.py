@@ -19,16 +19,17 @@ import re
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ...config import Settings
+from ...config import DEFAULT_MAX_CONCURRENT_RUNS, Settings
 from ...errors import CollabError, InvalidRequestError, StoreError, shown
 from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, Worker
 from ...store import RunStore
@@ -56,9 +57,14 @@ if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
 log = logging.getLogger("mcp_collab.engine")
-# How long one read of the workers' leases routes dispatches (a directory no worker had then is
-# looked for again in a fresh read; a worker that stopped meanwhile is found out by its step's pickup).
-LEASE_READ_EVERY_S = 1.0
+T = TypeVar("T")
+# How long one read of the store routes and bounds dispatches: the workers' leases (a directory no
+# worker had then is looked for again in a fresh read; a worker that stopped meanwhile is found out
+# by its step's pickup) and the runs open on each queue (a dispatch refused by it reads again first).
+STORE_READ_EVERY_S = 1.0
+# A worker of an earlier version does not announce its slots: it is taken to have what a worker
+# gets when its machine cannot be read.
+UNANNOUNCED_SLOTS = DEFAULT_MAX_CONCURRENT_RUNS
 
 # How often a wait that reports progress re-reads the run (the workflow saves each change) and the
 # steps' heartbeats.
@@ -267,7 +273,7 @@ def _connect_cause(exc: RuntimeError, settings: Settings) -> tuple[str, str]:
     return (found[-1] if found else text.strip().splitlines()[0][:300]), START_TEMPORAL
 
 
-def worker_lease(queue: str, roots: Sequence[Path]) -> Lease:
+def worker_lease(queue: str, roots: Sequence[Path], slots: int | None = None) -> Lease:
     from ...runtimes.cli.supervisor import process_start_ticks
 
     return Lease(
@@ -277,6 +283,7 @@ def worker_lease(queue: str, roots: Sequence[Path]) -> Lease:
         start_ticks=process_start_ticks(os.getpid()),
         queue=queue,
         roots=[str(r) for r in roots],
+        slots=slots,
     )
 
 
@@ -326,6 +333,24 @@ def route(directories: Sequence[Path], leases: Sequence[Lease]) -> str:
     return sorted(leases, key=lambda lease: lease.started_at or datetime.min.replace(tzinfo=UTC))[0].queue or ""
 
 
+class _Reading(Generic[T]):
+    """What ``read`` returns, read again at most once per ``every_s``, or for a caller that needs a
+    read begun at or after its ``since``: a burst of dispatches shares one read of the store."""
+
+    def __init__(self, read: Callable[[], Awaitable[T]], every_s: float) -> None:
+        self._read, self._every_s = read, every_s
+        self._lock = anyio.Lock()
+        self._last: tuple[float, T] | None = None  # (when the read began, what it returned)
+
+    async def get(self, since: float | None = None) -> T:
+        async with self._lock:
+            oldest = time.monotonic() - self._every_s if since is None else since
+            if self._last is None or self._last[0] < oldest:
+                began = time.monotonic()
+                self._last = (began, await self._read())
+            return self._last[1]
+
+
 class TemporalRuns(RunLifecycle):
     """``RunLifecycle`` for runs executed as Temporal workflows by ``mcp-collab worker`` processes."""
 
@@ -340,8 +365,11 @@ class TemporalRuns(RunLifecycle):
         super().__init__(settings, store, recorder, executor, workers)
         self._client: Client | None = None
         self._connecting = anyio.Lock()
-        self._leases: tuple[float, list[Lease]] | None = None  # (when read, the live workers' leases)
-        self._reading_leases = anyio.Lock()
+        self._leases = _Reading(lambda: anyio.to_thread.run_sync(self.store.live_leases, "worker"), STORE_READ_EVERY_S)
+        self._open = _Reading(self._read_open, STORE_READ_EVERY_S)
+        # By queue: the runs this server stored (ever), and those it admitted that are not stored yet.
+        self._stored: Counter[str] = Counter()
+        self._placing: Counter[str] = Counter()
 
     async def client(self) -> Client:
         async with self._connecting:
@@ -363,14 +391,6 @@ class TemporalRuns(RunLifecycle):
                 self._tg = None
                 tg.cancel_scope.cancel()
 
-    async def _worker_leases(self, *, fresh: bool = False) -> list[Lease]:
-        """The live workers' leases, read at most once per LEASE_READ_EVERY_S (unless ``fresh``): a
-        burst of dispatches routes by one read of the store, not one each."""
-        async with self._reading_leases:
-            if fresh or self._leases is None or time.monotonic() - self._leases[0] > LEASE_READ_EVERY_S:
-                self._leases = (time.monotonic(), await anyio.to_thread.run_sync(self.store.live_leases, "worker"))
-            return self._leases[1]
-
     async def _connect_early(self) -> None:
         """Connect while nothing waits for it, so the first dispatch does not pay for it (a failure
         is said by the first call that needs Temporal, which tries again)."""
@@ -391,11 +411,12 @@ class TemporalRuns(RunLifecycle):
         # The run is stored durably before its workflow starts (``_launch``); progress comes through
         # wait, from the steps' heartbeats.
         del on_progress, durable
+        arrived = time.monotonic()
         registered = await self._workers()
         try:
-            plan, queue = self._routed(request, registered, await self._worker_leases())
+            plan, queue = self._routed(request, registered, await self._leases.get())
         except InvalidRequestError:  # no worker had the directory a moment ago: maybe one has now
-            plan, queue = self._routed(request, registered, await self._worker_leases(fresh=True))
+            plan, queue = self._routed(request, registered, await self._leases.get(since=arrived))
         cast = [CastEntry(role=role.name, worker=worker, access=role.access) for role, worker in plan.cast]
         return await self._launch(plan, queue, cast=cast, cwd=str(plan.cwd) if plan.cwd is not None else None)
 
@@ -416,10 +437,16 @@ class TemporalRuns(RunLifecycle):
         cwd: str | None,
         follow_up: ContinueJob | None = None,
     ) -> Run:
-        """Store the run, then start its workflow; a run whose workflow could not start ends failed."""
+        """Store the run, then start its workflow; a run whose workflow could not start ends failed.
+        Refused first, with nothing stored, when too many runs wait on ``queue`` (``_make_room``)."""
         run = plan.run
         run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), engine="temporal", queue=queue)
-        await self._record_admission(run)
+        await self._make_room(queue)
+        try:
+            await self._record_admission(run)
+        finally:
+            self._placing[queue] -= 1
+        self._stored[queue] += 1  # from its place to the count, with nothing awaited in between
         job = RunJob(
             run=run,
             queue=queue,
@@ -447,6 +474,38 @@ class TemporalRuns(RunLifecycle):
             await self.recorder.save(run)
             raise TemporalUnavailable(run.error) from exc
         return run.model_copy()
+
+    async def _make_room(self, queue: str) -> None:
+        """A place for one more run on ``queue`` (in ``_placing`` until the run is stored), refused
+        while the runs open there, every server's, outnumber its live workers' slots by
+        MCP_COLLAB_MAX_QUEUED_RUNS: beyond its slots, a queue's runs wait for one."""
+        arrived, limit = time.monotonic(), self.settings.max_queued_runs
+        opened, slots = await self._open_on(queue)
+        if opened - slots >= limit:  # a refusal goes by a count begun since the dispatch arrived
+            opened, slots = await self._open_on(queue, since=arrived)
+        if opened - slots >= limit:
+            raise InvalidRequestError(
+                f"{opened - slots} runs already wait for a free slot on worker queue {queue} ({opened} runs are open "
+                f"there, its live workers have {slots} slot{'' if slots == 1 else 's'}); the limit is {limit} "
+                "(MCP_COLLAB_MAX_QUEUED_RUNS, counting the runs of every server on this store). Wait for some to "
+                "finish or cancel them, or give that queue more slots (`mcp-collab worker --slots`, or another "
+                "worker on it)"
+            )
+        self._placing[queue] += 1  # claimed with nothing awaited since the count: no dispatch slips past
+
+    async def _open_on(self, queue: str, since: float | None = None) -> tuple[int, int]:
+        """The runs open on ``queue`` (the store's count, with the runs this server stored since that
+        count began or is storing now) and the slots of its live workers."""
+        leases = await self._leases.get(since)
+        counted, stored_then = await self._open.get(since)
+        slots = sum(lease.slots or UNANNOUNCED_SLOTS for lease in leases if lease.queue == queue)
+        return counted.get(queue, 0) + self._stored[queue] - stored_then[queue] + self._placing[queue], slots
+
+    async def _read_open(self) -> tuple[dict[str, int], Counter[str]]:
+        """The store's count of the runs open on each queue, and what this server had stored when it
+        began (a run stored while it is read may be counted twice until the next read: never fewer)."""
+        stored_then = self._stored.copy()
+        return await anyio.to_thread.run_sync(self.store.open_runs_by_queue), stored_then
 
     async def _record_admission(self, run: Run) -> None:
         """The run durably in the store before its workflow starts. Runs dispatched at once share

@@ -83,7 +83,7 @@ async def serve_worker(
     left = await kill_orphans()
     if left:
         log.warning("killed the leftover step processes of %d stopped worker(s) or server(s)", left)
-    held = [worker_lease(queue, settings.workspace_roots)]
+    held = [worker_lease(queue, settings.workspace_roots, slots)]
     try:
         # Left in reverse: the workflow worker stops first, so a run's workflow it hosted moves to
         # another worker at once, before this one's steps are ended (a workflow task taken while
