@@ -4,6 +4,7 @@ its own queue, workspace roots and CLI install) sharing the run store."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import signal
 import socket
@@ -31,6 +32,7 @@ from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.server import build_server
 from mcp_collab.store import StepTexts, open_store
+from mcp_collab.strategies import STRATEGIES
 from tests.conftest import alive, fake_cli, quick_vendor_clis, read_pids
 from tests.fake_clis.fakecli import answer_text
 from tests.support.git_repo import init_repo
@@ -861,3 +863,31 @@ async def test_dispatches_to_a_queue_whose_runs_already_wait_beyond_its_slots_ar
             await first.continue_run(runs[0].id, "and a follow-up")  # the queue is full again
         for run in runs[1:]:
             await first.cancel(run.id)
+
+
+async def test_a_run_whose_workflow_fails_on_its_workers_ends_failed_saying_why(
+    env: dict[str, str],
+    machines: Callable[..., WorkerProcess],
+    serving: WorkerOrchestrator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server newer than its workers dispatches a strategy they do not know: the run's workflow
+    fails there at once (not retried forever while the run shows queued and nobody is told), and
+    the next read of the run records it failed, saying why. Server and workers go on serving."""
+    machines(env, "alpha", tmp_path / "alpha", CODEX_FAKE_SAY="still serving")
+    where = str(tmp_path / "alpha")
+    known = STRATEGIES["single_worker"]
+    monkeypatch.setitem(STRATEGIES, "from_a_newer_version", dataclasses.replace(known, name="from_a_newer_version"))
+    run = await serving.start(DispatchRequest(task="new", strategy="from_a_newer_version", working_directory=where))
+    failed = await until(serving, run.id, lambda r: r.status == "failed")  # get_worker_run's read
+    said = (
+        f"failed: its Temporal workflow {run.id} failed: InvalidRequestError: unknown strategy 'from_a_newer_version'"
+    )
+    assert (failed.error or "").startswith(said), failed.error
+    assert failed.ended_at is not None and not failed.steps
+    waited = await serving.wait(run.id, 30)  # wait_worker_run's
+    assert (waited.status, waited.error) == ("failed", failed.error)
+
+    after = await serving.dispatch(DispatchRequest(task="known", working_directory=where))
+    assert after.status == "completed" and after.result == "still serving"

@@ -6,7 +6,7 @@ which queue serves which workspace roots. The directory is checked here by its p
 server need not have the disk); the worker opens and confines it again when each step starts.
 The server owns nothing of a run once it started: it can restart, or another server can take over,
 and the run goes on; a run whose workflow ended without recording its end is reconciled (found
-interrupted) by whoever reads it.
+failed, if its workflow failed, else interrupted) by whoever reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import anyio.to_thread
 
 from ...config import DEFAULT_MAX_CONCURRENT_RUNS, Settings
 from ...errors import CollabError, InvalidRequestError, StoreError, shown
-from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, Worker
+from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, RunStatus, Worker, preview
 from ...store import RunStore
 from ...strategies.prompts import MAX_QUOTED_OUTPUT_CHARS, quote
 from .. import continuation, delivery
@@ -79,6 +79,12 @@ START_GRACE_S = 120.0
 # The steps' heartbeats are read this often by a waiter with a progress listener (each read is a
 # call to Temporal).
 BEATS_EVERY_S = 1.0
+# A read of a run open on Temporal asks whether its workflow still runs; a Temporal that has not
+# answered within this long leaves the run as stored (the read must not hang on it).
+RECONCILE_READ_S = 2.0
+# How much of the reason a run's workflow failed goes into the run's error (Temporal keeps the rest,
+# with the stack trace).
+FAILURE_CHARS = 600
 # doctor's look at Temporal: a frontend on a LAN answers a connect and a namespace lookup in
 # milliseconds, Temporal Cloud within a second or two; slower than this counts as not answering.
 PROBE_TIMEOUT_S = 5.0
@@ -582,7 +588,16 @@ class TemporalRuns(RunLifecycle):
         run.worktrees = done.worktrees
         return Delivered(run, tuple(done.branches), done.applied, tuple(done.files), done.message)
 
-    # -- waiting and cancelling ----------------------------------------------------------------
+    # -- reading, waiting and cancelling -------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> Run:
+        """The run as stored; one open on Temporal is first reconciled with its workflow (a call to
+        Temporal, given RECONCILE_READ_S), so a run whose workflow failed or was ended reads so."""
+        run = await super().get_run(run_id)
+        if _on_temporal(run) and run.status not in TERMINAL_RUN_STATUSES and self._client is not None:
+            with anyio.move_on_after(RECONCILE_READ_S):
+                run = await self._reconcile(run, self._client.get_workflow_handle(run_id))
+        return run
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         run = await self.get_run(run_id)
@@ -611,7 +626,7 @@ class TemporalRuns(RunLifecycle):
                     with anyio.move_on_after(poll):
                         # Once the workflow closed (or could not be asked), only the poll paces the reads.
                         await (anyio.sleep_forever() if ended.is_set() else ended.wait())
-                    run = await self.get_run(run_id)
+                    run = await super().get_run(run_id)  # reconciled below, once the workflow closed
                     if ended.is_set() and run.status not in TERMINAL_RUN_STATUSES:
                         run = await self._reconcile(run, handle)
                     if on_progress is None:
@@ -693,8 +708,8 @@ class TemporalRuns(RunLifecycle):
         return recovered
 
     async def _reconcile(self, run: Run, handle: WorkflowHandle[Any, Any]) -> Run:
-        """A run the store shows open whose workflow is closed (terminated, timed out, failed, or never
-        started): interrupted, saying what Temporal says."""
+        """A run the store shows open whose workflow is closed: failed if the workflow failed, else
+        (terminated, timed out, never started) interrupted, saying what Temporal says."""
         from temporalio.client import WorkflowExecutionStatus
 
         try:
@@ -713,15 +728,36 @@ class TemporalRuns(RunLifecycle):
         if latest.status in TERMINAL_RUN_STATUSES:
             return latest
         how = "was never started" if status is None else f"ended as {status.name} without recording the run's end"
+        ended: RunStatus = "interrupted"
+        error = f"interrupted: its Temporal workflow {run.id} {how}"
+        if status == WorkflowExecutionStatus.FAILED:  # it raised (see worker.WORKFLOW_FAILURES): say what
+            why = preview(self.settings.redact(await _failure(handle)), FAILURE_CHARS)
+            log.error("run %s: its workflow failed on Temporal: %s", run.id, why)
+            ended, error = "failed", f"failed: its Temporal workflow {run.id} failed: {why}"
         now = datetime.now(UTC)
         stop_open_steps(latest, "interrupted", "its workflow stopped", now)
-        latest.status, latest.ended_at = "interrupted", now
-        latest.error = f"interrupted: its Temporal workflow {run.id} {how}"
+        latest.status, latest.ended_at, latest.error = ended, now, error
         try:
             await self.recorder.save(latest)
         except StoreError as exc:
             log.error("run %s: %s", run.id, exc)
         return latest
+
+
+async def _failure(handle: WorkflowHandle[Any, Any]) -> str:
+    """Why a failed workflow failed, as Temporal recorded it: each cause, outermost first."""
+    try:
+        await handle.result()
+    except _workflow_failure() as exc:
+        said: list[str] = []
+        cause = exc.__cause__
+        while cause is not None:
+            said.append(str(cause))  # an ApplicationError says its type first (for our code's errors, their class)
+            cause = cause.__cause__
+        return ": ".join(said) or str(exc)
+    except _rpc_error() as exc:
+        return f"Temporal did not say why ({exc})"
+    return "Temporal did not say why"
 
 
 def _on_temporal(run: Run) -> bool:
