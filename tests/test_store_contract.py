@@ -170,6 +170,23 @@ def test_unfinished_runs_are_the_queued_and_running_ones(new_store: StoreMaker) 
     assert [r.id for r in store.unfinished_runs()] == ["run-00001"]
 
 
+def test_the_open_runs_on_temporal_are_counted_by_their_workers_queue(new_store: StoreMaker) -> None:
+    def on(queue: str, i: int, status: str) -> Run:
+        run = a_run(i, status=status, output="a raw \x00 NUL in the record")
+        run.owner = RunOwner(host="h", pid=1, engine="temporal", queue=queue)
+        return run
+
+    store = new_store()
+    store.save_runs([on("alpha", 1, "queued"), on("alpha", 2, "running"), on("beta", 3, "queued")])
+    store.save_runs([on("alpha", 4, "completed"), a_run(5, status="queued")])  # ended; on this server's engine
+    assert new_store().open_runs_by_queue() == {"alpha": 2, "beta": 1}
+    store.save_run(on("alpha", 2, "failed"))
+    new_store().save_run(on("beta", 3, "running"))
+    assert store.open_runs_by_queue() == {"alpha": 1, "beta": 1}
+    store.save_run(on("alpha", 1, "cancelled"))
+    assert store.open_runs_by_queue() == {"beta": 1}
+
+
 def test_prune_by_count_and_age_never_touches_unfinished_runs(new_store: StoreMaker) -> None:
     store = new_store()
     for i in range(10):
@@ -433,11 +450,12 @@ def test_a_lease_is_taken_renewed_seen_by_others_and_dropped(new_store: StoreMak
     store, other = new_store(), new_store()
     taken = store.renew_lease(a_lease(), LONG_TTL_S)
     assert taken.started_at is not None and taken.expires_at is not None and taken.expires_at > taken.started_at
-    worker = store.renew_lease(a_lease("worker", queue="gpu", roots=["/srv/repos", "/home/x"]), LONG_TTL_S)
+    worker = store.renew_lease(a_lease("worker", queue="gpu", roots=["/srv/repos", "/home/x"], slots=3), LONG_TTL_S)
     assert other.lease_alive(taken.id) and other.lease_alive(worker.id)
     assert [lease.id for lease in other.live_leases("server")] == [taken.id]
     [seen] = other.live_leases("worker")
-    assert (seen.queue, seen.roots, seen.pid, seen.start_ticks) == ("gpu", ["/srv/repos", "/home/x"], 4242, 7)
+    assert (seen.queue, seen.roots, seen.slots) == ("gpu", ["/srv/repos", "/home/x"], 3)
+    assert (seen.pid, seen.start_ticks) == (4242, 7)
     assert {lease.id for lease in other.live_leases()} == {taken.id, worker.id}
     renewed = store.renew_lease(taken, LONG_TTL_S)
     assert renewed.id == taken.id and renewed.started_at == taken.started_at

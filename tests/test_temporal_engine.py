@@ -4,6 +4,7 @@ its own queue, workspace roots and CLI install) sharing the run store."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import signal
 import socket
@@ -31,6 +32,7 @@ from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.server import build_server
 from mcp_collab.store import StepTexts, open_store
+from mcp_collab.strategies import STRATEGIES
 from tests.conftest import alive, fake_cli, quick_vendor_clis, read_pids
 from tests.fake_clis.fakecli import answer_text
 from tests.support.git_repo import init_repo
@@ -818,3 +820,74 @@ async def test_doctor_on_a_temporal_server_does_not_fail_for_clis_only_the_worke
     assert all("mcp-collab doctor` on each worker's machine" in (c.hint or "") for c in clis)
     local = await readiness.check(Settings.from_env({**env, **missing, "MCP_COLLAB_ENGINE": "local"}))
     assert all(c.required for c in local.checks if c.name.startswith("cli:")), "the local engine runs them itself"
+
+
+async def test_dispatches_to_a_queue_whose_runs_already_wait_beyond_its_slots_are_refused_on_every_server(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """MCP_COLLAB_MAX_QUEUED_RUNS on Temporal: runs open on a worker queue beyond its workers' slots
+    wait for one, and once that many wait, a dispatch there is refused, by whichever server it
+    reaches (the count is the store's); a run that ends makes room again."""
+    env = {**env, "MCP_COLLAB_MAX_QUEUED_RUNS": "2"}
+    machines(env, "alpha", tmp_path / "alpha", slots=1, MCP_COLLAB_CODEX_BIN=fake_cli("hang"))
+    where = str(tmp_path / "alpha")
+    first, second = await server(env), await server(env)
+    async with first, first.running(), second, second.running():
+        # Six at once: one run takes the slot, two wait for it, the other three are refused.
+        runs: list[Run] = []
+        refusals: list[str] = []
+
+        async def dispatch(i: int) -> None:
+            try:
+                runs.append(await first.start(DispatchRequest(task=f"hold {i}", working_directory=where)))
+            except InvalidRequestError as exc:
+                refusals.append(str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(dispatch, i)
+        assert (len(runs), len(refusals)) == (3, 3), refusals
+        queue = f"alpha-{tmp_path.name}"
+        with pytest.raises(InvalidRequestError) as refused:
+            await second.start(DispatchRequest(task="one too many", working_directory=where))
+        said = str(refused.value)
+        assert f"2 runs already wait for a free slot on worker queue {queue} (3 runs are open there" in said
+        assert "its live workers have 1 slot)" in said and "the limit is 2 (MCP_COLLAB_MAX_QUEUED_RUNS" in said
+        assert "cancel them" in said and "--slots" in said, "it says what to do"
+        assert len((await second.list_runs()).runs) == 3, "the refused dispatch stored nothing"
+
+        ended, _ = await first.cancel(runs[0].id)
+        assert ended.status == "cancelled"
+        runs.append(await second.start(DispatchRequest(task="room again", working_directory=where)))
+        with pytest.raises(InvalidRequestError, match="2 runs already wait for a free slot"):
+            await first.continue_run(runs[0].id, "and a follow-up")  # the queue is full again
+        for run in runs[1:]:
+            await first.cancel(run.id)
+
+
+async def test_a_run_whose_workflow_fails_on_its_workers_ends_failed_saying_why(
+    env: dict[str, str],
+    machines: Callable[..., WorkerProcess],
+    serving: WorkerOrchestrator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server newer than its workers dispatches a strategy they do not know: the run's workflow
+    fails there at once (not retried forever while the run shows queued and nobody is told), and
+    the next read of the run records it failed, saying why. Server and workers go on serving."""
+    machines(env, "alpha", tmp_path / "alpha", CODEX_FAKE_SAY="still serving")
+    where = str(tmp_path / "alpha")
+    known = STRATEGIES["single_worker"]
+    monkeypatch.setitem(STRATEGIES, "from_a_newer_version", dataclasses.replace(known, name="from_a_newer_version"))
+    run = await serving.start(DispatchRequest(task="new", strategy="from_a_newer_version", working_directory=where))
+    failed = await until(serving, run.id, lambda r: r.status == "failed")  # get_worker_run's read
+    said = (
+        f"failed: its Temporal workflow {run.id} failed: InvalidRequestError: unknown strategy 'from_a_newer_version'"
+    )
+    assert (failed.error or "").startswith(said), failed.error
+    assert failed.ended_at is not None and not failed.steps
+    waited = await serving.wait(run.id, 30)  # wait_worker_run's
+    assert (waited.status, waited.error) == ("failed", failed.error)
+
+    after = await serving.dispatch(DispatchRequest(task="known", working_directory=where))
+    assert after.status == "completed" and after.result == "still serving"

@@ -2,7 +2,7 @@
 its recorded history must take the same course there (a change of course is guarded by
 ``workflow.patched``). The histories were recorded by ``tests/support/record_temporal_histories.py``
 on the workflow code of their day (one directory per recording), and each is replayed here with the
-workers' own runner and data converter; no Temporal server is needed."""
+workers' own runner, data converter and failure types; no Temporal server is needed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from mcp_collab.engine.temporal.jobs import RunJob
-from mcp_collab.engine.temporal.worker import workflow_runner
+from mcp_collab.engine.temporal.worker import WORKFLOW_FAILURES, workflow_runner
 from mcp_collab.engine.temporal.workflow import DeliverWorkflow, RunWorkflow
 
 pytestmark = pytest.mark.anyio
@@ -36,6 +36,7 @@ async def test_a_recorded_run_replays_on_this_workflow_code(path: Path) -> None:
         workflows=[RunWorkflow, DeliverWorkflow],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(),
+        workflow_failure_exception_types=WORKFLOW_FAILURES,  # as the workers run them
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name} does not replay: {result.replay_failure}"

@@ -142,8 +142,8 @@ async def test_a_worker_with_another_key_or_none_fails_the_run_and_says_which_ke
 ) -> None:
     """The run ends (it never goes on with what it could not read), the worker's log names the key it
     needs and the setting, and the server goes on serving. A worker that hosts the run's workflow
-    fails the workflow (the run ends interrupted); one that only runs its step fails the step, which
-    says why."""
+    fails the workflow (the run ends failed, saying why); one that only runs its step fails the
+    step, which says why."""
     server_env = {**env, "MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS": KEY_1}
     needed = payload_key_id(bytes.fromhex(KEY_1))
     orchestrator = await server(server_env)
@@ -152,7 +152,7 @@ async def test_a_worker_with_another_key_or_none_fails_the_run_and_says_which_ke
             worker = machines(env, name, tmp_path / name, MCP_COLLAB_TEMPORAL_PAYLOAD_KEYS=keys)
             run = await orchestrator.start(DispatchRequest(task="x", working_directory=str(tmp_path / name)))
             ended = await orchestrator.wait(run.id, 60)
-            assert ended.status == "interrupted" and "ended as FAILED" in (ended.error or ""), ended
+            assert ended.status == "failed" and f"a payload is encrypted with key {needed}" in (ended.error or "")
             history = (
                 await (await Client.connect(env["MCP_COLLAB_TEMPORAL_ADDRESS"]))
                 .get_workflow_handle(run.id)

@@ -276,6 +276,7 @@ class Lease(WireModel):
     start_ticks: int | None = None
     queue: str | None = None  # the task queue a worker serves
     roots: list[str] = Field(default_factory=list)  # a worker's workspace roots; none for a server
+    slots: int | None = None  # the steps a worker runs at once (its --slots); none for a server
     started_at: datetime | None = None  # set by the store when the lease is first taken
     expires_at: datetime | None = None  # None: not taken yet
 

@@ -303,7 +303,8 @@ def _workers_check(settings: Settings, store: RunStore | None, usable: bool, cur
     if not leases:
         return Check(name=name, ok=False, detail=none, hint=start)
     shown = [
-        f"{lease.queue} on {lease.host} (pid {lease.pid}): {', '.join(map(_display, lease.roots)) or 'no roots'}"
+        f"{lease.queue} on {lease.host} (pid {lease.pid}{f', {lease.slots} slots' if lease.slots else ''}): "
+        f"{', '.join(map(_display, lease.roots)) or 'no roots'}"
         for lease in leases[:LISTED_WORKERS]
     ]
     more = f"; and {len(leases) - LISTED_WORKERS} more" if len(leases) > LISTED_WORKERS else ""

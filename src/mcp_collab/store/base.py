@@ -90,6 +90,11 @@ class RunStore(Protocol):
     def unfinished_runs(self) -> list[Run]:
         """Runs still queued or running (by this process or another)."""
 
+    def open_runs_by_queue(self) -> dict[str, int]:
+        """How many runs on Temporal are still queued or running, by the step queue of their workers
+        (``RunOwner.queue``; every server's runs). Cheap: only what the store indexes, or the open
+        runs, is looked at."""
+
     def prune(self, *, max_runs: int | None, max_age_days: float | None) -> list[str]:
         """Forget finished runs past the limits, with their outputs; returns their ids."""
 

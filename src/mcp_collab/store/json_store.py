@@ -45,6 +45,7 @@ operation with a ``StoreError`` naming the path and the cause; nothing half-writ
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import errno
 import fcntl
@@ -114,6 +115,7 @@ class _Entry:
     # Per step: its worker, its dollars (None: unknown) and its tokens as stored, for the totals.
     accounts: tuple[tuple[str, float | None, dict[str, Any] | None], ...] = ()
     lease: str | None = None  # the lease of the run's owner (None: no owner, or one from before leases)
+    queue: str | None = None  # a run on Temporal: the step queue of its workers
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class JsonStore:
         self._last: _Line | None = None  # the last complete line applied
         self._records = 0  # records in the log (live and superseded)
         self._sums = _Sums()  # cost and token totals, kept as runs come and go
+        self._open_runs: collections.Counter[str] = collections.Counter()  # open runs on Temporal, by queue
         self.notices: list[str] = []  # what a user should hear about (damage repaired)
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -377,6 +380,9 @@ class JsonStore:
             return [r for r in self._load_runs(ids, full=False, skip_unreadable=True) if r is not None]
 
         return self._read(unfinished)
+
+    def open_runs_by_queue(self) -> dict[str, int]:
+        return self._read(lambda: {queue: n for queue, n in self._open_runs.items() if n > 0})
 
     def all_runs(self) -> list[Run]:
         """Every run, oldest first, with full outputs (for tests and tools; it reads everything)."""
@@ -799,6 +805,7 @@ class JsonStore:
     def _reset(self) -> None:
         self._workers, self._index, self._order = {}, {}, []
         self._sums = _Sums()
+        self._open_runs.clear()
         self._consumed = self._records = 0
         self._last = None
 
@@ -827,23 +834,30 @@ class JsonStore:
                 bisect.insort(self._order, (entry.created, run_id))
             else:
                 self._sums.add(previous, -1)
+                self._count_open(previous, -1)
                 if previous.created != entry.created:
                     self._order.remove((previous.created, run_id))
                     bisect.insort(self._order, (entry.created, run_id))
             self._index[run_id] = entry
             self._sums.add(entry, +1)
+            self._count_open(entry, +1)
         elif op == "unrun":
             assert isinstance(value, str)
             gone = self._index.pop(value, None)
             if gone is not None:
                 self._order.remove((gone.created, value))
                 self._sums.add(gone, -1)
+                self._count_open(gone, -1)
         elif op == "worker":
             assert isinstance(value, Worker)
             self._workers[value.name] = value
         else:
             assert isinstance(value, str)
             self._workers.pop(value, None)
+
+    def _count_open(self, entry: _Entry, sign: int) -> None:
+        if entry.queue is not None and entry.status not in TERMINAL_RUN_STATUSES:
+            self._open_runs[entry.queue] += sign
 
     def _check_header(self, record: Any) -> None:
         version = _header_version(record)
@@ -1058,7 +1072,8 @@ def _parse_record(record: Any, offset: int, length: int = 0) -> tuple[str, _Entr
                 diffs=tuple(diffs),
                 step_diffs=tuple(step_diffs),
                 accounts=_accounts(run.get("steps")),
-                lease=_stored_lease(run.get("owner")),
+                lease=_stored_owner(run.get("owner"), "lease"),
+                queue=_stored_owner(run.get("owner"), "queue"),
             )
         if op == "unrun" and isinstance(record["id"], str):
             return op, record["id"]
@@ -1071,9 +1086,10 @@ def _parse_record(record: Any, offset: int, length: int = 0) -> tuple[str, _Entr
     raise _Damaged(f"the line at byte {offset} is not a record this version knows (op {str(op)[:40]!r})")
 
 
-def _stored_lease(owner: Any) -> str | None:
-    lease = owner.get("lease") if isinstance(owner, dict) else None
-    return lease if isinstance(lease, str) else None
+def _stored_owner(owner: Any, name: str) -> str | None:
+    """A text field of a stored run's owner (its lease, its queue), if it has one."""
+    value = owner.get(name) if isinstance(owner, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _live(lease: Lease, now: datetime) -> bool:

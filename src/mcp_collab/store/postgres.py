@@ -5,15 +5,16 @@ Selected by ``MCP_COLLAB_STORE_URL=postgresql://...`` (see ``open_store``). Tabl
     schema_migrations  version, applied_at: the migrations below that this database has had
     workers            name (key), seq (the order they were added), record (the worker as JSON)
     runs               id (key), created_at, status, strategy, workers (the columns filters and
-                       paging use, indexed), owner_lease (the lease a save must hold), record (the
-                       run as JSON, long texts cut to a preview)
+                       paging use, indexed), owner_lease (the lease a save must hold), owner_queue
+                       (a run on Temporal: its workers' step queue), record (the run as JSON, long
+                       texts cut to a preview)
     run_texts          run_id, kind (output | diff), idx, body: a step's output or a worktree's
                        diff longer than the preview, whole, read only when one run is read
     step_stashes       run_id, idx, output, diff, output_truncated: a step's whole texts, stashed by
                        a Temporal worker (too long to travel) until the run's next save takes them;
                        deleted with the run
-    leases             id (key), kind, host, pid, ..., expires_at: which processes are alive, by
-                       the database's clock (``now()``), so the hosts' clocks need not agree
+    leases             id (key), kind, host, pid, ..., slots, expires_at: which processes are alive,
+                       by the database's clock (``now()``), so the hosts' clocks need not agree
     run_totals         (status, strategy, worker) -> runs, dollars, uncosted steps, tokens: the
                        totals of a list, kept up to date by every change of a run (worker '': whole
                        runs; a name: that worker's steps only), so a list never sums the history
@@ -52,7 +53,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import psycopg
 from psycopg import sql
@@ -60,7 +61,18 @@ from pydantic import ValidationError
 
 from ..config import shown_store_url, store_url_secrets
 from ..errors import InvalidRequestError, LeaseLostError, RunTakenOverError, StoreError
-from ..models import STORED, TERMINAL_RUN_STATUSES, CostTotals, Lease, LeaseKind, Run, RunPage, Usage, Worker
+from ..models import (
+    STORED,
+    TERMINAL_RUN_STATUSES,
+    CostTotals,
+    Lease,
+    LeaseKind,
+    Run,
+    RunPage,
+    RunStatus,
+    Usage,
+    Worker,
+)
 from .base import KEY_FORMAT, RunFilter, StepTexts, decode_cursor, encode_cursor, key_time
 
 log = logging.getLogger("mcp_collab.store")
@@ -204,12 +216,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (run_id, idx)
         )""",
     ),
+    # The runs open on a worker queue, and its workers' slots: what a dispatch to it may wait for.
+    # An open run stored before this gets its queue at its next save.
+    ("ALTER TABLE runs ADD COLUMN owner_queue text", "ALTER TABLE leases ADD COLUMN slots integer"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _TERMINAL = sorted(TERMINAL_RUN_STATUSES)
-_RUN_COLUMNS = "id, created_at, status, strategy, workers, record, owner_lease"
-_LEASE_COLUMNS = "id, kind, host, pid, start_ticks, queue, roots, started_at, expires_at"
+_OPEN = sorted(set(get_args(RunStatus)) - TERMINAL_RUN_STATUSES)
+_RUN_COLUMNS = "id, created_at, status, strategy, workers, record, owner_lease, owner_queue"
+_LEASE_FIELDS = ("id", "kind", "host", "pid", "start_ticks", "queue", "roots", "slots", "started_at", "expires_at")
+_LEASE_COLUMNS = ", ".join(_LEASE_FIELDS)
 _USAGE_FIELDS = tuple(Usage.model_fields)
 _STEP_COLUMNS = "run_id, idx, worker, cost_usd, has_usage, " + ", ".join(_USAGE_FIELDS)
 
@@ -352,9 +369,10 @@ class PostgresStore:
                     cur.execute("SET LOCAL synchronous_commit = off")
                 with _counting(cur, [row.id for row in rows]):
                     cur.executemany(
-                        f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                        f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                         "ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at, status = EXCLUDED.status, "
-                        "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record "
+                        "strategy = EXCLUDED.strategy, workers = EXCLUDED.workers, record = EXCLUDED.record, "
+                        "owner_queue = EXCLUDED.owner_queue "
                         "WHERE runs.owner_lease IS NOT DISTINCT FROM EXCLUDED.owner_lease RETURNING id",
                         [row.values for row in rows],
                         returning=True,
@@ -382,7 +400,7 @@ class PostgresStore:
             with conn.transaction(), conn.cursor() as cur, _counting(cur, [run.id]):
                 cur.execute(
                     "UPDATE runs SET created_at = %s, status = %s, strategy = %s, workers = %s, record = %s, "
-                    "owner_lease = %s WHERE id = %s AND status <> ALL(%s) "
+                    "owner_lease = %s, owner_queue = %s WHERE id = %s AND status <> ALL(%s) "
                     "AND owner_lease IS NOT DISTINCT FROM %s RETURNING id",
                     (*row.values[1:], run.id, _TERMINAL, previous_lease),
                 )
@@ -436,6 +454,16 @@ class PostgresStore:
             ).fetchall()
         )
         return self._readable(rows)
+
+    def open_runs_by_queue(self) -> dict[str, int]:
+        rows = self._call(
+            lambda c: c.execute(
+                "SELECT owner_queue, count(*) FROM runs WHERE status = ANY(%s) AND owner_queue IS NOT NULL "
+                "GROUP BY owner_queue",
+                (_OPEN,),
+            ).fetchall()
+        )
+        return {queue: int(n) for queue, n in rows}
 
     def list_runs(self, filter: RunFilter, limit: int, cursor: str | None) -> RunPage:
         conditions, params = _conditions(filter)
@@ -560,7 +588,7 @@ class PostgresStore:
     def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
         """Take or extend ``lease`` to ``ttl_s`` seconds from the database's ``now()``; lapsed
         leases are forgotten on the way. A held lease that lapsed is not taken back: LeaseLostError."""
-        values = (lease.id, lease.kind, lease.host, lease.pid, lease.start_ticks, lease.queue, list(lease.roots))
+        values = tuple(getattr(lease, name) for name in _LEASE_FIELDS[:-2])  # the times are the database's
 
         def renew(conn: psycopg.Connection[Any]) -> Any:
             with conn.transaction():
@@ -572,7 +600,7 @@ class PostgresStore:
                 ).fetchone()
                 if row is None and lease.expires_at is None:
                     row = conn.execute(
-                        f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, now(), "
+                        f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now(), "
                         "now() + make_interval(secs => %s)) ON CONFLICT (id) DO NOTHING "
                         "RETURNING started_at, expires_at",
                         (*values, ttl_s),
@@ -596,8 +624,7 @@ class PostgresStore:
                 {"kind": kind},
             ).fetchall()
         )
-        fields = ("id", "kind", "host", "pid", "start_ticks", "queue", "roots", "started_at", "expires_at")
-        return [Lease.model_validate(dict(zip(fields, row, strict=True)), context=STORED) for row in rows]
+        return [Lease.model_validate(dict(zip(_LEASE_FIELDS, row, strict=True)), context=STORED) for row in rows]
 
     def lease_alive(self, lease_id: str) -> bool:
         row = self._call(
@@ -700,10 +727,10 @@ class _Row:
 
     def __init__(self, run: Run) -> None:
         record, self.texts = _split(run)
-        owner_lease = run.owner.lease if run.owner is not None else None
+        owner = run.owner
         self.values = (
             run.id, run.created_at.astimezone(UTC), run.status, run.strategy, list(run.workers), _json(record),
-            owner_lease,
+            owner.lease if owner is not None else None, owner.queue if owner is not None else None,
         )  # fmt: skip
         self.id = run.id
         self.steps = []

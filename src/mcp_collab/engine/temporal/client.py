@@ -6,7 +6,7 @@ which queue serves which workspace roots. The directory is checked here by its p
 server need not have the disk); the worker opens and confines it again when each step starts.
 The server owns nothing of a run once it started: it can restart, or another server can take over,
 and the run goes on; a run whose workflow ended without recording its end is reconciled (found
-interrupted) by whoever reads it.
+failed, if its workflow failed, else interrupted) by whoever reads it.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import re
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ...config import Settings
+from ...config import DEFAULT_MAX_CONCURRENT_RUNS, Settings
 from ...errors import CollabError, InvalidRequestError, StoreError, shown
-from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, Worker
+from ...models import TERMINAL_RUN_STATUSES, DispatchRequest, Lease, Run, RunOwner, RunStatus, Worker, preview
 from ...store import RunStore
 from ...strategies.prompts import MAX_QUOTED_OUTPUT_CHARS, quote
 from .. import continuation, delivery
@@ -56,9 +57,14 @@ if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
 log = logging.getLogger("mcp_collab.engine")
-# How long one read of the workers' leases routes dispatches (a directory no worker had then is
-# looked for again in a fresh read; a worker that stopped meanwhile is found out by its step's pickup).
-LEASE_READ_EVERY_S = 1.0
+T = TypeVar("T")
+# How long one read of the store routes and bounds dispatches: the workers' leases (a directory no
+# worker had then is looked for again in a fresh read; a worker that stopped meanwhile is found out
+# by its step's pickup) and the runs open on each queue (a dispatch refused by it reads again first).
+STORE_READ_EVERY_S = 1.0
+# A worker of an earlier version does not announce its slots: it is taken to have what a worker
+# gets when its machine cannot be read.
+UNANNOUNCED_SLOTS = DEFAULT_MAX_CONCURRENT_RUNS
 
 # How often a wait that reports progress re-reads the run (the workflow saves each change) and the
 # steps' heartbeats.
@@ -78,6 +84,12 @@ STARTS_AT_ONCE = 8
 # The steps' heartbeats are read this often by a waiter with a progress listener (each read is a
 # call to Temporal).
 BEATS_EVERY_S = 1.0
+# A read of a run open on Temporal asks whether its workflow still runs; a Temporal that has not
+# answered within this long leaves the run as stored (the read must not hang on it).
+RECONCILE_READ_S = 2.0
+# How much of the reason a run's workflow failed goes into the run's error (Temporal keeps the rest,
+# with the stack trace).
+FAILURE_CHARS = 600
 # doctor's look at Temporal: a frontend on a LAN answers a connect and a namespace lookup in
 # milliseconds, Temporal Cloud within a second or two; slower than this counts as not answering.
 PROBE_TIMEOUT_S = 5.0
@@ -272,7 +284,7 @@ def _connect_cause(exc: RuntimeError, settings: Settings) -> tuple[str, str]:
     return (found[-1] if found else text.strip().splitlines()[0][:300]), START_TEMPORAL
 
 
-def worker_lease(queue: str, roots: Sequence[Path]) -> Lease:
+def worker_lease(queue: str, roots: Sequence[Path], slots: int | None = None) -> Lease:
     from ...runtimes.cli.supervisor import process_start_ticks
 
     return Lease(
@@ -282,6 +294,7 @@ def worker_lease(queue: str, roots: Sequence[Path]) -> Lease:
         start_ticks=process_start_ticks(os.getpid()),
         queue=queue,
         roots=[str(r) for r in roots],
+        slots=slots,
     )
 
 
@@ -331,6 +344,24 @@ def route(directories: Sequence[Path], leases: Sequence[Lease]) -> str:
     return sorted(leases, key=lambda lease: lease.started_at or datetime.min.replace(tzinfo=UTC))[0].queue or ""
 
 
+class _Reading(Generic[T]):
+    """What ``read`` returns, read again at most once per ``every_s``, or for a caller that needs a
+    read begun at or after its ``since``: a burst of dispatches shares one read of the store."""
+
+    def __init__(self, read: Callable[[], Awaitable[T]], every_s: float) -> None:
+        self._read, self._every_s = read, every_s
+        self._lock = anyio.Lock()
+        self._last: tuple[float, T] | None = None  # (when the read began, what it returned)
+
+    async def get(self, since: float | None = None) -> T:
+        async with self._lock:
+            oldest = time.monotonic() - self._every_s if since is None else since
+            if self._last is None or self._last[0] < oldest:
+                began = time.monotonic()
+                self._last = (began, await self._read())
+            return self._last[1]
+
+
 class TemporalRuns(RunLifecycle):
     """``RunLifecycle`` for runs executed as Temporal workflows by ``mcp-collab worker`` processes."""
 
@@ -345,8 +376,11 @@ class TemporalRuns(RunLifecycle):
         super().__init__(settings, store, recorder, executor, workers)
         self._client: Client | None = None
         self._connecting = anyio.Lock()
-        self._leases: tuple[float, list[Lease]] | None = None  # (when read, the live workers' leases)
-        self._reading_leases = anyio.Lock()
+        self._leases = _Reading(lambda: anyio.to_thread.run_sync(self.store.live_leases, "worker"), STORE_READ_EVERY_S)
+        self._open = _Reading(self._read_open, STORE_READ_EVERY_S)
+        # By queue: the runs this server stored (ever), and those it admitted that are not stored yet.
+        self._stored: Counter[str] = Counter()
+        self._placing: Counter[str] = Counter()
         self._starts = anyio.CapacityLimiter(STARTS_AT_ONCE)
 
     async def client(self) -> Client:
@@ -369,14 +403,6 @@ class TemporalRuns(RunLifecycle):
                 self._tg = None
                 tg.cancel_scope.cancel()
 
-    async def _worker_leases(self, *, fresh: bool = False) -> list[Lease]:
-        """The live workers' leases, read at most once per LEASE_READ_EVERY_S (unless ``fresh``): a
-        burst of dispatches routes by one read of the store, not one each."""
-        async with self._reading_leases:
-            if fresh or self._leases is None or time.monotonic() - self._leases[0] > LEASE_READ_EVERY_S:
-                self._leases = (time.monotonic(), await anyio.to_thread.run_sync(self.store.live_leases, "worker"))
-            return self._leases[1]
-
     async def _connect_early(self) -> None:
         """Connect while nothing waits for it, so the first dispatch does not pay for it (a failure
         is said by the first call that needs Temporal, which tries again)."""
@@ -397,11 +423,12 @@ class TemporalRuns(RunLifecycle):
         # The run is stored durably before its workflow starts (``_launch``); progress comes through
         # wait, from the steps' heartbeats.
         del on_progress, durable
+        arrived = time.monotonic()
         registered = await self._workers()
         try:
-            plan, queue = self._routed(request, registered, await self._worker_leases())
+            plan, queue = self._routed(request, registered, await self._leases.get())
         except InvalidRequestError:  # no worker had the directory a moment ago: maybe one has now
-            plan, queue = self._routed(request, registered, await self._worker_leases(fresh=True))
+            plan, queue = self._routed(request, registered, await self._leases.get(since=arrived))
         cast = [CastEntry(role=role.name, worker=worker, access=role.access) for role, worker in plan.cast]
         return await self._launch(plan, queue, cast=cast, cwd=str(plan.cwd) if plan.cwd is not None else None)
 
@@ -422,10 +449,16 @@ class TemporalRuns(RunLifecycle):
         cwd: str | None,
         follow_up: ContinueJob | None = None,
     ) -> Run:
-        """Store the run, then start its workflow; a run whose workflow could not start ends failed."""
+        """Store the run, then start its workflow; a run whose workflow could not start ends failed.
+        Refused first, with nothing stored, when too many runs wait on ``queue`` (``_make_room``)."""
         run = plan.run
         run.owner = RunOwner(host=socket.gethostname(), pid=os.getpid(), engine="temporal", queue=queue)
-        await self._record_admission(run)
+        await self._make_room(queue)
+        try:
+            await self._record_admission(run)
+        finally:
+            self._placing[queue] -= 1
+        self._stored[queue] += 1  # from its place to the count, with nothing awaited in between
         job = RunJob(
             run=run,
             queue=queue,
@@ -454,6 +487,38 @@ class TemporalRuns(RunLifecycle):
             await self.recorder.save(run)
             raise TemporalUnavailable(run.error) from exc
         return run.model_copy()
+
+    async def _make_room(self, queue: str) -> None:
+        """A place for one more run on ``queue`` (in ``_placing`` until the run is stored), refused
+        while the runs open there, every server's, outnumber its live workers' slots by
+        MCP_COLLAB_MAX_QUEUED_RUNS: beyond its slots, a queue's runs wait for one."""
+        arrived, limit = time.monotonic(), self.settings.max_queued_runs
+        opened, slots = await self._open_on(queue)
+        if opened - slots >= limit:  # a refusal goes by a count begun since the dispatch arrived
+            opened, slots = await self._open_on(queue, since=arrived)
+        if opened - slots >= limit:
+            raise InvalidRequestError(
+                f"{opened - slots} runs already wait for a free slot on worker queue {queue} ({opened} runs are open "
+                f"there, its live workers have {slots} slot{'' if slots == 1 else 's'}); the limit is {limit} "
+                "(MCP_COLLAB_MAX_QUEUED_RUNS, counting the runs of every server on this store). Wait for some to "
+                "finish or cancel them, or give that queue more slots (`mcp-collab worker --slots`, or another "
+                "worker on it)"
+            )
+        self._placing[queue] += 1  # claimed with nothing awaited since the count: no dispatch slips past
+
+    async def _open_on(self, queue: str, since: float | None = None) -> tuple[int, int]:
+        """The runs open on ``queue`` (the store's count, with the runs this server stored since that
+        count began or is storing now) and the slots of its live workers."""
+        leases = await self._leases.get(since)
+        counted, stored_then = await self._open.get(since)
+        slots = sum(lease.slots or UNANNOUNCED_SLOTS for lease in leases if lease.queue == queue)
+        return counted.get(queue, 0) + self._stored[queue] - stored_then[queue] + self._placing[queue], slots
+
+    async def _read_open(self) -> tuple[dict[str, int], Counter[str]]:
+        """The store's count of the runs open on each queue, and what this server had stored when it
+        began (a run stored while it is read may be counted twice until the next read: never fewer)."""
+        stored_then = self._stored.copy()
+        return await anyio.to_thread.run_sync(self.store.open_runs_by_queue), stored_then
 
     async def _record_admission(self, run: Run) -> None:
         """The run durably in the store before its workflow starts. Runs dispatched at once share
@@ -530,7 +595,16 @@ class TemporalRuns(RunLifecycle):
         run.worktrees = done.worktrees
         return Delivered(run, tuple(done.branches), done.applied, tuple(done.files), done.message)
 
-    # -- waiting and cancelling ----------------------------------------------------------------
+    # -- reading, waiting and cancelling -------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> Run:
+        """The run as stored; one open on Temporal is first reconciled with its workflow (a call to
+        Temporal, given RECONCILE_READ_S), so a run whose workflow failed or was ended reads so."""
+        run = await super().get_run(run_id)
+        if _on_temporal(run) and run.status not in TERMINAL_RUN_STATUSES and self._client is not None:
+            with anyio.move_on_after(RECONCILE_READ_S):
+                run = await self._reconcile(run, self._client.get_workflow_handle(run_id))
+        return run
 
     async def wait(self, run_id: str, timeout_s: float | None, *, on_progress: ProgressCallback | None = None) -> Run:
         run = await self.get_run(run_id)
@@ -559,7 +633,7 @@ class TemporalRuns(RunLifecycle):
                     with anyio.move_on_after(poll):
                         # Once the workflow closed (or could not be asked), only the poll paces the reads.
                         await (anyio.sleep_forever() if ended.is_set() else ended.wait())
-                    run = await self.get_run(run_id)
+                    run = await super().get_run(run_id)  # reconciled below, once the workflow closed
                     if ended.is_set() and run.status not in TERMINAL_RUN_STATUSES:
                         run = await self._reconcile(run, handle)
                     if on_progress is None:
@@ -641,8 +715,8 @@ class TemporalRuns(RunLifecycle):
         return recovered
 
     async def _reconcile(self, run: Run, handle: WorkflowHandle[Any, Any]) -> Run:
-        """A run the store shows open whose workflow is closed (terminated, timed out, failed, or never
-        started): interrupted, saying what Temporal says."""
+        """A run the store shows open whose workflow is closed: failed if the workflow failed, else
+        (terminated, timed out, never started) interrupted, saying what Temporal says."""
         from temporalio.client import WorkflowExecutionStatus
 
         try:
@@ -661,15 +735,36 @@ class TemporalRuns(RunLifecycle):
         if latest.status in TERMINAL_RUN_STATUSES:
             return latest
         how = "was never started" if status is None else f"ended as {status.name} without recording the run's end"
+        ended: RunStatus = "interrupted"
+        error = f"interrupted: its Temporal workflow {run.id} {how}"
+        if status == WorkflowExecutionStatus.FAILED:  # it raised (see worker.WORKFLOW_FAILURES): say what
+            why = preview(self.settings.redact(await _failure(handle)), FAILURE_CHARS)
+            log.error("run %s: its workflow failed on Temporal: %s", run.id, why)
+            ended, error = "failed", f"failed: its Temporal workflow {run.id} failed: {why}"
         now = datetime.now(UTC)
         stop_open_steps(latest, "interrupted", "its workflow stopped", now)
-        latest.status, latest.ended_at = "interrupted", now
-        latest.error = f"interrupted: its Temporal workflow {run.id} {how}"
+        latest.status, latest.ended_at, latest.error = ended, now, error
         try:
             await self.recorder.save(latest)
         except StoreError as exc:
             log.error("run %s: %s", run.id, exc)
         return latest
+
+
+async def _failure(handle: WorkflowHandle[Any, Any]) -> str:
+    """Why a failed workflow failed, as Temporal recorded it: each cause, outermost first."""
+    try:
+        await handle.result()
+    except _workflow_failure() as exc:
+        said: list[str] = []
+        cause = exc.__cause__
+        while cause is not None:
+            said.append(str(cause))  # an ApplicationError says its type first (for our code's errors, their class)
+            cause = cause.__cause__
+        return ": ".join(said) or str(exc)
+    except _rpc_error() as exc:
+        return f"Temporal did not say why ({exc})"
+    return "Temporal did not say why"
 
 
 def _on_temporal(run: Run) -> bool:

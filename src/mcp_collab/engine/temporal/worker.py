@@ -19,7 +19,7 @@ import anyio
 import anyio.to_thread
 
 from ...config import Settings
-from ...errors import ConfigError, LeaseLostError, StoreError
+from ...errors import CollabError, ConfigError, LeaseLostError, StoreError
 from ...models import Lease
 from ...runtimes.cli.supervisor import kill_orphans
 from ...runtimes.registry import RUNTIMES
@@ -37,6 +37,16 @@ log = logging.getLogger("mcp_collab.worker")
 # A worker's lease (the server routes only to live workers) lasts MCP_COLLAB_LEASE_TTL_S, like a
 # server's, and is renewed this many times per TTL: two missed renewals in a row are survivable.
 RENEWALS_PER_TTL = 3
+# What a run's workflow raises that fails it at once, instead of failing its workflow task, which
+# Temporal retries forever while the run shows running and nobody is told: our own errors and
+# Python's (a bug; a job, result or strategy this worker cannot handle, as a server newer than its
+# workers sends) fail every retry alike. Temporal's own errors are not among them, nondeterminism
+# above all: a workflow that cannot replay on upgraded workers keeps being retried, so rolling the
+# workers back lets its run go on.
+WORKFLOW_FAILURES: tuple[type[Exception], ...] = (
+    CollabError, ArithmeticError, AssertionError, AttributeError, ImportError, LookupError, NameError, RuntimeError,
+    TypeError, ValueError,
+)  # fmt: skip
 
 
 async def serve_worker(
@@ -68,6 +78,7 @@ async def serve_worker(
         workflows=[RunWorkflow, DeliverWorkflow],
         activities=[activities.save_run, activities.queue_served],  # the workflows' local activities
         workflow_runner=workflow_runner(),
+        workflow_failure_exception_types=WORKFLOW_FAILURES,
         **common,
     )
     steps = Worker(
@@ -83,7 +94,7 @@ async def serve_worker(
     left = await kill_orphans()
     if left:
         log.warning("killed the leftover step processes of %d stopped worker(s) or server(s)", left)
-    held = [worker_lease(queue, settings.workspace_roots)]
+    held = [worker_lease(queue, settings.workspace_roots, slots)]
     try:
         # Left in reverse: the workflow worker stops first, so a run's workflow it hosted moves to
         # another worker at once, before this one's steps are ended (a workflow task taken while
