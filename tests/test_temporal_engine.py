@@ -418,6 +418,28 @@ async def test_a_run_whose_workflow_was_terminated_is_reconciled_by_the_next_ser
     assert reconciled.steps[0].status == "interrupted"
 
 
+async def test_a_run_whose_workflow_was_terminated_is_recorded_so_by_the_servers_sweep_unread(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """Nobody reads the run: the server's sweep finds its workflow closed and records the run
+    interrupted in the store, as a list then shows it."""
+    env = {**env, **QUICK_DEATH}  # the sweep comes with the lease renewals: every 5/3 s here
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"))
+    store = open_store(Settings.from_env(env))
+    orchestrator = await server(env)
+    async with orchestrator, orchestrator.running():
+        run = await orchestrator.start(DispatchRequest(task="terminated", working_directory=str(tmp_path / "alpha")))
+        await until(orchestrator, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
+        client = await orchestrator.runs.client()  # type: ignore[attr-defined]
+        await client.get_workflow_handle(run.id).terminate(reason="an operator ended it in Temporal")
+        with anyio.fail_after(60):
+            while (stored := store.get_run(run.id)) is None or stored.status not in ("interrupted", "failed"):
+                await anyio.sleep(0.1)
+        listed = await orchestrator.list_runs(status="interrupted", strategy=None, worker=None, limit=10, cursor=None)
+    assert "ended as TERMINATED without recording the run's end" in (stored.error or "")
+    assert [r.id for r in listed.runs] == [run.id]
+
+
 async def test_strategies_run_unchanged_writers_in_worktrees_made_by_the_worker(
     env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
 ) -> None:

@@ -37,7 +37,7 @@ from ...strategies.prompts import MAX_QUOTED_OUTPUT_CHARS, quote
 from .. import continuation, delivery
 from ..delivery import Delivered
 from ..executor import StepExecutor, step_label, stop_open_steps
-from ..lifecycle import CANCEL_WAIT_S, HEARTBEAT_S, RunLifecycle, where
+from ..lifecycle import CANCEL_WAIT_S, HEARTBEAT_S, LEASE_RENEWALS_PER_TTL, RunLifecycle, where
 from ..plan import Plan, ProgressCallback, make_plan
 from ..recorder import RunRecorder
 from .jobs import (
@@ -81,6 +81,9 @@ START_GRACE_S = 120.0
 # steps reach a worker late (bench/temporal_scale.py, 200 at once: the 20th step on a worker after
 # 1.5-2.0 s, 0.85 s so).
 STARTS_AT_ONCE = 8
+# The sweep for runs whose workflow closed without recording their end looks back this much further
+# than its last pass (Temporal's list of closed workflows may lag behind their close).
+SWEEP_OVERLAP = timedelta(minutes=2)
 # The steps' heartbeats are read this often by a waiter with a progress listener (each read is a
 # call to Temporal).
 BEATS_EVERY_S = 1.0
@@ -397,6 +400,7 @@ class TemporalRuns(RunLifecycle):
             self._starting = anyio.Event()
             tg.start_soon(self._start_up, self._starting)
             tg.start_soon(self._connect_early)
+            tg.start_soon(self._sweep_closed)
             try:
                 yield
             finally:
@@ -713,6 +717,36 @@ class TemporalRuns(RunLifecycle):
                 if fixed.status in TERMINAL_RUN_STATUSES:
                     recovered.append(fixed)
         return recovered
+
+    async def _sweep_closed(self) -> None:
+        """As often as the local engine sweeps for orphans: the runs whose workflow closed without
+        recording their end (terminated, failed, timed out) since the last pass are reconciled,
+        read by anyone or not, so a list shows them as they ended and they stop counting against
+        MCP_COLLAB_MAX_QUEUED_RUNS. One query to Temporal a pass; those closed before this server
+        started were reconciled by its recovery."""
+        since, said = datetime.now(UTC), None
+        while True:
+            await anyio.sleep(self.settings.lease_ttl_s / LEASE_RENEWALS_PER_TTL)
+            began = datetime.now(UTC)
+            try:
+                await self._reconcile_closed(since - SWEEP_OVERLAP)
+            except (StoreError, TemporalUnavailable, _rpc_error()) as exc:
+                if str(exc) != said:  # once per distinct cause, not every pass while Temporal is down
+                    log.warning("the sweep for runs whose Temporal workflow closed was not completed: %s", exc)
+                said = str(exc)
+            else:
+                since, said = began, None
+
+    async def _reconcile_closed(self, since: datetime) -> None:
+        client = await self.client()
+        query = (
+            f"WorkflowType = '{WORKFLOW_NAME}' AND ExecutionStatus != 'Running' AND ExecutionStatus != 'Completed' "
+            f"AND CloseTime >= '{since.isoformat()}'"
+        )
+        async for closed in client.list_workflows(query):
+            run = await anyio.to_thread.run_sync(self.store.get_run, closed.id)
+            if run is not None and _on_temporal(run) and run.status not in TERMINAL_RUN_STATUSES:
+                await self._reconcile(run, client.get_workflow_handle(closed.id))
 
     async def _reconcile(self, run: Run, handle: WorkflowHandle[Any, Any]) -> Run:
         """A run the store shows open whose workflow is closed: failed if the workflow failed, else
