@@ -470,6 +470,33 @@ async def test_strategies_run_unchanged_writers_in_worktrees_made_by_the_worker(
     assert [w.state for w in stored.worktrees] == ["discarded", "discarded"]
 
 
+async def test_writers_whose_worktree_diffs_together_exceed_what_temporal_carries_end_and_deliver(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    """Three writers of about 850 KB of diff each: more than one payload carries (2 MiB) when their
+    worktrees are committed, and when one is applied. Each diff travels cut to its share and is
+    stored whole, as on the local engine; a branch applies whole. (The fake judge names no choice:
+    the run fails for that, after its worktrees were recorded, as the two-writer test's does.)"""
+    repo = init_repo(tmp_path / "alpha" / "repo", {"README.md": "hello\n"})
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("write"), CODEX_FAKE_WRITE_LINES="65000")
+    for name in ("second", "third", "judge"):
+        await serving.register_worker(WorkerSpec(name=name, model="codex_cli"))
+    run = await serving.dispatch(
+        DispatchRequest(
+            task="contend", strategy="best_of_n", workers=["coder", "second", "third", "judge"],
+            working_directory=str(repo),
+        )
+    )  # fmt: skip
+    assert run.error is not None and "the judge named no candidate" in run.error, run.error
+    assert len(run.worktrees) == 3 and all(w.tip for w in run.worktrees)
+    assert all(w.diff.startswith("diff --git") and w.diff.endswith("+line 64999\n") for w in run.worktrees)
+    assert open_store(Settings.from_env(env)).stashed_texts(run.id, [-1, -2, -3]) == [], "the stashes went"
+    applied = await serving.apply(run.id, "1")
+    assert applied.applied and applied.files == ("fake-work.txt",), applied.message
+    lines = (repo / "fake-work.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[-1] == "line 64999", "the chosen work applied whole"
+
+
 async def test_every_tool_behaves_as_with_the_local_engine_through_a_real_mcp_client(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:

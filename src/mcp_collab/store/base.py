@@ -32,7 +32,8 @@ class RunFilter:
 @dataclass(frozen=True)
 class StepTexts:
     """A step's whole output and diff, stashed by the worker that ran it when they were too long to
-    travel through Temporal, until a save of its run takes them (``RunStore.stash_texts``)."""
+    travel through Temporal, until a save of its run takes them (``RunStore.stash_texts``). ``step``
+    is the step's index, or -1 - i for the diff of the run's worktree i."""
 
     step: int
     output: str

@@ -40,7 +40,7 @@ from .jobs import (
     HEARTBEAT_EVERY_S,
     STEP_DIFF_BYTES,
     STEP_OUTPUT_BYTES,
-    STORED_DIFF_BYTES,
+    WORKTREE_DIFFS_BYTES,
     Beat,
     ContinueSpaceJob,
     DeliveredJob,
@@ -90,6 +90,16 @@ def maybe_cut(step: Step) -> bool:
     """Could ``step`` have been cut by ``fit`` for its journey? Only then may its whole texts wait in
     a stash or in the stored record: a cut text is longer than a quarter of its limit."""
     return len(step.output) > STEP_OUTPUT_BYTES // 4 or len(step.diff or "") > STEP_DIFF_BYTES // 4
+
+
+def worktree_key(i: int) -> int:
+    """The stash of a run's worktree ``i``'s whole diff (steps are stashed by their index, from 0)."""
+    return -1 - i
+
+
+def diff_share(run: Run) -> int:
+    """What each of ``run``'s worktree diffs may weigh on its way through Temporal."""
+    return WORKTREE_DIFFS_BYTES // max(1, len(run.worktrees))
 
 
 def travelled(whole: StepTexts, step: Step) -> bool:
@@ -205,13 +215,18 @@ class Activities:
         diff, diff_cut = fit(step.diff, STEP_DIFF_BYTES)
         if not (cut or diff_cut):
             return
-        try:
-            if not await anyio.to_thread.run_sync(self.store.stash_texts, run_id, texts_of(step)):
-                log.warning("run %s is not in the run store: step %d keeps its output cut", run_id, step.index)
-        except StoreError as exc:  # the step is not lost for it: it keeps what travels
-            log.warning("step %d of run %s keeps its output cut: %s", step.index, run_id, exc)
+        await self._stash(run_id, texts_of(step), f"step {step.index}")
         step.output, step.diff = output, diff
         step.output_truncated = step.output_truncated or cut
+
+    async def _stash(self, run_id: str, texts: StepTexts, what: str) -> None:
+        """Keep whole texts in the run store for the run's next save; what could not be kept stays
+        cut (nothing else is lost for it)."""
+        try:
+            if not await anyio.to_thread.run_sync(self.store.stash_texts, run_id, texts):
+                log.warning("run %s is not in the run store: its %s keeps its texts cut", run_id, what)
+        except StoreError as exc:
+            log.warning("the %s of run %s keeps its texts cut: %s", what, run_id, exc)
 
     @activity.defn(name="save_run")
     async def save_run(self, job: SaveRun) -> None:
@@ -229,10 +244,13 @@ class Activities:
             and s.status not in ("running", "pending")
             and (maybe_cut(s) or s.status == "interrupted")
         ]
+        # A worktree's diff cut for the journey is longer than a quarter of its share (as a step's).
+        trees = [i for i, w in enumerate(run.worktrees) if len(w.diff) > diff_share(run) // 4]
         stored = None
-        if job.carried or ended:
+        if job.carried or ended or trees:
             stored = await anyio.to_thread.run_sync(self.store.get_run, run.id)
-        stashes = await anyio.to_thread.run_sync(self.store.stashed_texts, run.id, ended) if ended else []
+        keys = ended + [worktree_key(i) for i in trees]
+        stashes = await anyio.to_thread.run_sync(self.store.stashed_texts, run.id, keys) if keys else []
         kept = stored.steps if stored is not None else []
         for i in job.carried:
             if i < len(kept) and i < len(run.steps):
@@ -245,6 +263,14 @@ class Activities:
             for whole in (stashed.get(i), texts_of(earlier) if earlier is not None else None):
                 if whole is not None and travelled(whole, step):
                     step.output, step.diff, step.output_truncated = whole.output, whole.diff, whole.output_truncated
+                    break
+        kept_trees = stored.worktrees if stored is not None else []
+        for i in trees:
+            record = run.worktrees[i]
+            held = kept_trees[i].diff if i < len(kept_trees) else ""  # a retried save's, once its stash went
+            for text in (stashed[k].diff if (k := worktree_key(i)) in stashed else "", held):
+                if text and fit(text, diff_share(run))[0] == record.diff:
+                    record.diff = text
                     break
         # A run's result is its last completed step's output (``settle``), cut as the workflow saw it.
         last = next((s for s in reversed(run.steps) if s.status == "completed"), None)
@@ -328,7 +354,13 @@ class Activities:
         scratch.worktrees = [w.model_copy() for w in job.worktrees]
         spaces = self._spaces(scratch, None)
         spaces.trees = [rebuild(scratch, w) for w in scratch.worktrees]
-        await spaces.finish(max_diff_bytes=STORED_DIFF_BYTES)
+        await spaces.finish()  # each diff up to what the local engine keeps
+        share = diff_share(scratch)
+        for i, record in enumerate(scratch.worktrees):
+            cut, too_long = fit(record.diff, share)
+            if too_long:
+                await self._stash(job.run_id, StepTexts(worktree_key(i), "", record.diff, False), f"worktree {i}")
+                record.diff = cut
         return Finished(worktrees=scratch.worktrees, notes=scratch.notes)
 
     @activity.defn(name="deliver")

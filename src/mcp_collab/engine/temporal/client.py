@@ -574,8 +574,11 @@ class TemporalRuns(RunLifecycle):
             return await super().deliver(run, action, label)
         if action == "apply":
             delivery.pick(run, label)  # a refusal that needs no worker is said at once
+        # What delivery reads is the run's worktrees, repository and choice: their diffs (a run's
+        # writers' together may weigh more than Temporal carries) stay here.
+        trees = [w.model_copy(update={"diff": ""}) for w in run.worktrees]
         job = DeliverJob(
-            run=run.model_copy(update={"steps": [], "result": None}),
+            run=run.model_copy(update={"steps": [], "result": None, "worktrees": trees}),
             queue=run.owner.queue,
             action="apply" if action == "apply" else "discard",
             label=label,
@@ -596,7 +599,8 @@ class TemporalRuns(RunLifecycle):
             ) from exc
         if done.refused is not None:
             raise InvalidRequestError(done.refused)
-        run.worktrees = done.worktrees
+        diffs = [w.diff for w in run.worktrees]
+        run.worktrees = [w.model_copy(update={"diff": d}) for w, d in zip(done.worktrees, diffs, strict=True)]
         return Delivered(run, tuple(done.branches), done.applied, tuple(done.files), done.message)
 
     # -- reading, waiting and cancelling -------------------------------------------------------

@@ -22,7 +22,9 @@ from ...pricing import BUILTIN_PRICES, Price, PriceTable
 # run's next save puts it back: activities.save_run). A worktree's diff is stored cut to its limit.
 STEP_OUTPUT_BYTES = 1 << 20
 STEP_DIFF_BYTES = 512 << 10
-STORED_DIFF_BYTES = 1 << 20
+# What a run's worktree diffs may weigh together in one result (the commit of a run's worktrees):
+# each gets its share; a longer one travels cut and waits whole in the run store, as a step's does.
+WORKTREE_DIFFS_BYTES = 1 << 20
 # How often a step's activity heartbeats, and the heartbeat timeout of runs dispatched before it was a
 # setting (MCP_COLLAB_TEMPORAL_HEARTBEAT_TIMEOUT_S): config.py, where the setting is checked against it.
 HEARTBEAT_EVERY_S = TEMPORAL_HEARTBEAT_EVERY_S
