@@ -650,6 +650,9 @@ async def test_a_step_too_long_to_travel_through_temporal_is_stored_whole_as_on_
         assert "".join(pages) == answer[start:] and page["totalChars"] == len(answer)
         whole = await client.read_resource(f"runs://{run['id']}/steps/0/output")
         assert whole.contents[0].text == answer  # type: ignore[union-attr]
+        # A follow-up: what it sends of such a parent through Temporal fits there too.
+        follow = await call(client, "continue_worker_run", runId=run["id"], message="and more", waitSeconds=50)
+        assert follow["status"] == "completed", follow["error"]
     store = open_store(Settings.from_env(env))
     stored = store.get_run(run["id"])
     assert stored is not None and stored.result == answer

@@ -557,9 +557,10 @@ class TemporalRuns(RunLifecycle):
         assert info is not None
         [(role, chosen)] = plan.cast
         step = info.step.model_copy(update={"output": quote(info.step.output, MAX_QUOTED_OUTPUT_CHARS), "diff": ""})
-        lean = parent.model_copy(
-            update={"steps": [step], "worktrees": [w.model_copy(update={"diff": ""}) for w in parent.worktrees]}
-        )
+        # What the follow-up's workflow reads of the parent: no diff and no whole answer (its result,
+        # stored whole, may weigh more than Temporal carries).
+        trees = [w.model_copy(update={"diff": ""}) for w in parent.worktrees]
+        lean = parent.model_copy(update={"steps": [step], "worktrees": trees, "result": None})
         return await self._launch(
             plan,
             parent.owner.queue,
