@@ -497,6 +497,26 @@ async def test_writers_whose_worktree_diffs_together_exceed_what_temporal_carrie
     assert lines[-1] == "line 64999", "the chosen work applied whole"
 
 
+async def test_a_red_teamer_with_more_findings_than_temporal_carries_ends_its_run(
+    env: dict[str, str], machines: Callable[..., WorkerProcess], serving: WorkerOrchestrator, tmp_path: Path
+) -> None:
+    """12,000 findings of about 220 characters (2.6 MB), beside an answer that holds them: the
+    findings travel cut, saying so, and the answer is stored whole with all of them."""
+    machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("findings"), CODEX_FAKE_FINDINGS="12000")
+    await serving.register_worker(WorkerSpec(name="attacker", model="codex_cli"))
+    run = await serving.dispatch(
+        DispatchRequest(
+            task="attack", strategy="security_redteam_pass", workers=["coder", "attacker"],
+            working_directory=str(tmp_path / "alpha"),
+        )
+    )  # fmt: skip
+    assert "PayloadsTooLarge" not in (run.error or ""), run.error
+    redteam = run.steps[1]
+    assert redteam.verdict == "fail" and redteam.findings[0].startswith("issue 0 ")
+    assert redteam.findings[-1].startswith("[... ") and "the step's output has them all" in redteam.findings[-1]
+    assert redteam.output.count("FINDING: issue") == 12000 and not redteam.output_truncated
+
+
 async def test_every_tool_behaves_as_with_the_local_engine_through_a_real_mcp_client(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:

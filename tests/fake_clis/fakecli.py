@@ -243,6 +243,10 @@ def main(mode: str) -> None:
         emit({"type": "turn.completed", "usage": {"input_tokens": 1, "output_tokens": 1}})
     elif mode == "ok":
         finish(os.environ.get("CODEX_FAKE_SAY", "fake codex did the task"))
+    elif mode == "findings":
+        # A red-teamer's answer of CODEX_FAKE_FINDINGS findings, each a long line.
+        count = int(os.environ.get("CODEX_FAKE_FINDINGS", "3"))
+        finish("VERDICT: fail\n" + "".join(f"FINDING: issue {i} {'x' * 200}\n" for i in range(count)))
     elif mode == "write":
         # A writer: a file of its own in the directory it was started in, named by CODEX_FAKE_FILE;
         # under codex's read-only sandbox (-s read-only) it writes nothing, as codex would.

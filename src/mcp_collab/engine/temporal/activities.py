@@ -39,6 +39,7 @@ from ..spaces import InPlaceSpace, Spaces
 from .jobs import (
     HEARTBEAT_EVERY_S,
     STEP_DIFF_BYTES,
+    STEP_FINDINGS_CHARS,
     STEP_OUTPUT_BYTES,
     WORKTREE_DIFFS_BYTES,
     Beat,
@@ -90,6 +91,16 @@ def maybe_cut(step: Step) -> bool:
     """Could ``step`` have been cut by ``fit`` for its journey? Only then may its whole texts wait in
     a stash or in the stored record: a cut text is longer than a quarter of its limit."""
     return len(step.output) > STEP_OUTPUT_BYTES // 4 or len(step.diff or "") > STEP_DIFF_BYTES // 4
+
+
+def fit_findings(findings: list[str], limit: int = STEP_FINDINGS_CHARS) -> list[str]:
+    """As many of ``findings`` as fit in ``limit`` characters; the rest said in one last entry."""
+    used = 0
+    for i, finding in enumerate(findings):
+        used += len(finding)
+        if used > limit:
+            return [*findings[:i], f"[... {len(findings) - i} more findings: the step's output has them all ...]"]
+    return findings
 
 
 def worktree_key(i: int) -> int:
@@ -211,6 +222,7 @@ class Activities:
     async def _fit(self, run_id: str, step: Step) -> None:
         """Cut ``step``'s output and diff to what a result may carry through Temporal; their whole
         texts, when cut, wait in the run store for the run's next save (``save_run``)."""
+        step.findings = fit_findings(step.findings)
         output, cut = fit(step.output, STEP_OUTPUT_BYTES)
         diff, diff_cut = fit(step.diff, STEP_DIFF_BYTES)
         if not (cut or diff_cut):

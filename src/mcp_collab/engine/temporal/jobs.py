@@ -22,6 +22,9 @@ from ...pricing import BUILTIN_PRICES, Price, PriceTable
 # run's next save puts it back: activities.save_run). A worktree's diff is stored cut to its limit.
 STEP_OUTPUT_BYTES = 1 << 20
 STEP_DIFF_BYTES = 512 << 10
+# A judging step's findings travel up to this many characters (the rest said in one last entry; its
+# output, stored whole, holds them all).
+STEP_FINDINGS_CHARS = 64 << 10
 # What a run's worktree diffs may weigh together in one result (the commit of a run's worktrees):
 # each gets its share; a longer one travels cut and waits whole in the run store, as a step's does.
 WORKTREE_DIFFS_BYTES = 1 << 20
