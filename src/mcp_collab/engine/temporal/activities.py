@@ -243,9 +243,9 @@ class Activities:
     @activity.defn(name="save_run")
     async def save_run(self, job: SaveRun) -> None:
         """The workflow's state of a run into the store: the outputs it left out kept from there,
-        and a step that ended with its texts cut for the journey given them whole, from its stash
-        (then dropped, once the run's record holds them durably) or, when this save is a retry of
-        one that did that, from the stored record."""
+        and the texts cut for the journey (a step's output and diff, a worktree's diff) given whole,
+        from their stash (then dropped, once the run's record holds them durably) or, when this
+        save is a retry of one that did that, from the stored record."""
         run = job.run
         ended = [
             s.index
