@@ -8,10 +8,10 @@ Figure: latency from the deadline / the cancel call to the whole tree gone; 5 tr
 Baseline (same process): the same tree started directly, killed by one ``os.killpg(pgid, SIGKILL)``.
 Target: the whole tree gone within 0.5 s, every trial.
 
-The deadline moment is bracketed from the run record as it is saved: the step is saved `running`
-just before its process is spawned (t_lo) and again with its pid just after (t_hi). The latency is
-counted from t_lo + timeoutSeconds, which is never later than the real deadline, so the figure
-errs on the slow side; the bracket width is printed too.
+The deadline moment is bracketed around the spawn of the step's process (the supervisor starts the
+step's clock just before it): t_lo before ``anyio.open_process`` is called, t_hi once it returned.
+The latency is counted from t_lo + timeoutSeconds, never later than the real deadline, so the
+figure errs on the slow side; the bracket width is printed too.
 
 Run: .venv/bin/python bench/kill_latency.py
 """
@@ -23,8 +23,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from _common import FAKE_CLIS, alive, median, ms, private_dir, ratio, read_pids, server_env, verdict
@@ -111,26 +111,29 @@ def baseline_trial(tmp: Path, n: int) -> float:
 
 
 class StepClock:
-    """Notes, from the saves of the run record (all go through save_runs), when the step went running and
-    when its pid appeared; intermediate saves are written behind, so these are upper bounds."""
+    """Brackets the spawn of the step's process, where the supervisor starts the step's clock: just
+    before ``anyio.open_process`` is called (t_lo) and once it returned (t_hi)."""
 
-    def __init__(self, orch: WorkerOrchestrator) -> None:
+    def __init__(self) -> None:
         self.running_at: float | None = None
         self.spawned_at: float | None = None
-        save: Callable[[list[Run]], None] = orch.store.save_runs  # type: ignore[attr-defined]
+        self._open = anyio.open_process
 
-        def timed_save(runs: list[Run]) -> None:
-            now = time.perf_counter()
-            for run in runs:
-                step = run.steps[0] if run.steps else None
-                if step is not None and step.status == "running":
-                    if self.running_at is None:
-                        self.running_at = now
-                    if step.process is not None and self.spawned_at is None:
-                        self.spawned_at = now
-            save(runs)
+    def __enter__(self) -> StepClock:
+        async def timed_open(*args: Any, **kwargs: Any) -> Any:
+            if self.running_at is None:
+                self.running_at = time.perf_counter()
+            try:
+                return await self._open(*args, **kwargs)
+            finally:
+                if self.spawned_at is None:
+                    self.spawned_at = time.perf_counter()
 
-        orch.store.save_runs = timed_save  # type: ignore[attr-defined]
+        anyio.open_process = timed_open  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        anyio.open_process = self._open  # type: ignore[assignment]
 
 
 async def orchestrator_trial(tmp: Path, kind: str, n: int) -> tuple[float, float, Run]:
@@ -142,9 +145,9 @@ async def orchestrator_trial(tmp: Path, kind: str, n: int) -> tuple[float, float
         name = f"{kind}-{n}"
         timeout = DEADLINE_S if kind == "deadline" else None
         await orch.register_worker(WorkerSpec(name=name, model="codex_cli", timeout_seconds=timeout))
-        clock = StepClock(orch)
-        run = await orch.start(DispatchRequest(task="hang", workers=[name]))
-        pids = await anyio.to_thread.run_sync(wait_for_tree, pidfile)
+        with StepClock() as clock:
+            run = await orch.start(DispatchRequest(task="hang", workers=[name]))
+            pids = await anyio.to_thread.run_sync(wait_for_tree, pidfile)
         watch = DeathWatch(pids)
         if kind == "deadline":
             assert clock.running_at is not None and clock.spawned_at is not None
