@@ -37,7 +37,7 @@ from tests.conftest import alive, fake_cli, quick_vendor_clis, read_pids
 from tests.fake_clis.fakecli import answer_text
 from tests.support.git_repo import init_repo
 from tests.support.mcp_helpers import call, until_listening
-from tests.support.temporal import TemporalDev, WorkerProcess, free_port
+from tests.support.temporal import TemporalDev, WorkerProcess, dev_server, engine_env, free_port
 from tests.support.vendor_stub import StubReply, VendorStub
 from tests.test_mcp_tasks import CreatedTask, Tasks, poll_until_over, task_request
 from tests.test_store import a_run
@@ -48,24 +48,13 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 
 @pytest.fixture(scope="module")
 def temporal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalDev]:
-    server = TemporalDev(tmp_path_factory.mktemp("temporal")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from dev_server(tmp_path_factory)
 
 
 @pytest.fixture
 def env(base_env: dict[str, str], temporal: TemporalDev, tmp_path: Path) -> dict[str, str]:
-    """The environment the server and the workers share: the store, Temporal, a queue of runs of
-    this test's own (tests share one dev server)."""
-    return {
-        **base_env,
-        **quick_vendor_clis(),  # doctor's CLI rows are not what these tests are about
-        "MCP_COLLAB_ENGINE": "temporal",
-        "MCP_COLLAB_TEMPORAL_ADDRESS": temporal.address,
-        "MCP_COLLAB_TEMPORAL_QUEUE": f"runs-{tmp_path.name}",
-    }
+    # doctor's CLI rows are not what these tests are about: the CLIs answer at once
+    return engine_env({**base_env, **quick_vendor_clis()}, temporal, tmp_path.name)
 
 
 @pytest.fixture
@@ -397,6 +386,15 @@ async def test_a_server_whose_temporal_is_down_keeps_answering_and_says_so_on_di
         assert [w.name for w in await orchestrator.list_workers()] == ["coder"]
 
 
+async def terminated_mid_step(orchestrator: WorkerOrchestrator, where: Path) -> Run:
+    """A run whose workflow an operator terminated in Temporal while its step was running."""
+    run = await orchestrator.start(DispatchRequest(task="terminated", working_directory=str(where)))
+    await until(orchestrator, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
+    client = await orchestrator.runs.client()  # type: ignore[attr-defined]
+    await client.get_workflow_handle(run.id).terminate(reason="an operator ended it in Temporal")
+    return run
+
+
 async def test_a_run_whose_workflow_was_terminated_is_reconciled_by_the_next_server_at_start(
     env: dict[str, str], machines: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
@@ -405,10 +403,7 @@ async def test_a_run_whose_workflow_was_terminated_is_reconciled_by_the_next_ser
     machines(env, "alpha", tmp_path / "alpha", MCP_COLLAB_CODEX_BIN=fake_cli("hang"))
     first = await server(env)
     async with first, first.running():
-        run = await first.start(DispatchRequest(task="terminated", working_directory=str(tmp_path / "alpha")))
-        await until(first, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
-        client = await first.runs.client()  # type: ignore[attr-defined]
-        await client.get_workflow_handle(run.id).terminate(reason="an operator ended it in Temporal")
+        run = await terminated_mid_step(first, tmp_path / "alpha")
     second = await server(env)
     async with second, second.running():
         with anyio.fail_after(60):
@@ -428,10 +423,7 @@ async def test_a_run_whose_workflow_was_terminated_is_recorded_so_by_the_servers
     store = open_store(Settings.from_env(env))
     orchestrator = await server(env)
     async with orchestrator, orchestrator.running():
-        run = await orchestrator.start(DispatchRequest(task="terminated", working_directory=str(tmp_path / "alpha")))
-        await until(orchestrator, run.id, lambda r: bool(r.steps) and r.steps[0].status == "running")
-        client = await orchestrator.runs.client()  # type: ignore[attr-defined]
-        await client.get_workflow_handle(run.id).terminate(reason="an operator ended it in Temporal")
+        run = await terminated_mid_step(orchestrator, tmp_path / "alpha")
         with anyio.fail_after(60):
             while (stored := store.get_run(run.id)) is None or stored.status not in ("interrupted", "failed"):
                 await anyio.sleep(0.1)

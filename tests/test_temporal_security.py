@@ -22,7 +22,7 @@ from mcp_collab.engine.temporal import client as temporal_client
 from mcp_collab.engine.temporal.codec import EncryptionCodec
 from mcp_collab.models import DispatchRequest
 from tests.conftest import quick_vendor_clis
-from tests.support.temporal import TemporalDev, WorkerProcess
+from tests.support.temporal import TemporalDev, WorkerProcess, dev_server, engine_env
 from tests.support.tls import SERVER_NAME, CertAuthority, TLSProxy
 from tests.test_temporal_engine import engine_checks, server
 
@@ -40,22 +40,13 @@ SENT_BY_US = {
 
 @pytest.fixture(scope="module")
 def temporal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalDev]:
-    dev = TemporalDev(tmp_path_factory.mktemp("temporal")).start()
-    try:
-        yield dev
-    finally:
-        dev.stop()
+    yield from dev_server(tmp_path_factory)
 
 
 @pytest.fixture
 def env(base_env: dict[str, str], temporal: TemporalDev, tmp_path: Path) -> dict[str, str]:
-    return {
-        **base_env,
-        **quick_vendor_clis(),
-        "MCP_COLLAB_ENGINE": "temporal",
-        "MCP_COLLAB_TEMPORAL_ADDRESS": temporal.address,
-        "MCP_COLLAB_TEMPORAL_QUEUE": f"runs-{tmp_path.name}",
-    }
+    # doctor's CLI rows are not what these tests are about: the CLIs answer at once
+    return engine_env({**base_env, **quick_vendor_clis()}, temporal, tmp_path.name)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -110,6 +110,26 @@ class TemporalDev:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalDev]:
+    """A test module's dev server, stopped when the module is done (the body of its fixture)."""
+    server = TemporalDev(tmp_path_factory.mktemp("temporal")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def engine_env(base: Mapping[str, str], dev: TemporalDev, test: str) -> dict[str, str]:
+    """The environment a test's server and workers share on the Temporal engine: ``base`` (the
+    store), Temporal, and a queue of runs of the test's own (tests share one dev server)."""
+    return {
+        **base,
+        "MCP_COLLAB_ENGINE": "temporal",
+        "MCP_COLLAB_TEMPORAL_ADDRESS": dev.address,
+        "MCP_COLLAB_TEMPORAL_QUEUE": f"runs-{test}",
+    }
 
 
 class WorkerProcess:
