@@ -87,10 +87,17 @@ def texts_of(step: Step) -> StepTexts:
     return StepTexts(step.index, step.output, step.diff, step.output_truncated)
 
 
-def maybe_cut(step: Step) -> bool:
-    """Could ``step`` have been cut by ``fit`` for its journey? Only then may its whole texts wait in
-    a stash or in the stored record: a cut text is longer than a quarter of its limit."""
-    return len(step.output) > STEP_OUTPUT_BYTES // 4 or len(step.diff or "") > STEP_DIFF_BYTES // 4
+def maybe_cut(text: str | None, limit: int) -> bool:
+    """Could ``text`` be what ``fit`` made of a longer one? Only then may its whole form wait in a
+    stash or in the stored record: ``fit`` leaves more than a quarter of its limit."""
+    return len(text or "") > limit // 4
+
+
+def may_have_stash(step: Step) -> bool:
+    """A step cut for the journey, or interrupted (its worker may have died after stashing); one that
+    ended short, nearly every step, costs its save no lookup."""
+    cut = maybe_cut(step.output, STEP_OUTPUT_BYTES) or maybe_cut(step.diff, STEP_DIFF_BYTES)
+    return cut or step.status == "interrupted"
 
 
 def fit_findings(findings: list[str], limit: int = STEP_FINDINGS_CHARS) -> list[str]:
@@ -250,14 +257,9 @@ class Activities:
         ended = [
             s.index
             for s in run.steps
-            # Only these can have a stash: cut for the journey, or interrupted (a worker that died
-            # after stashing); a step that ended short costs its save no lookup.
-            if s.index not in job.carried
-            and s.status not in ("running", "pending")
-            and (maybe_cut(s) or s.status == "interrupted")
+            if s.index not in job.carried and s.status not in ("running", "pending") and may_have_stash(s)
         ]
-        # A worktree's diff cut for the journey is longer than a quarter of its share (as a step's).
-        trees = [i for i, w in enumerate(run.worktrees) if len(w.diff) > diff_share(run) // 4]
+        trees = [i for i, w in enumerate(run.worktrees) if maybe_cut(w.diff, diff_share(run))]
         stored = None
         if job.carried or ended or trees:
             stored = await anyio.to_thread.run_sync(self.store.get_run, run.id)
@@ -286,7 +288,7 @@ class Activities:
                     break
         # A run's result is its last completed step's output (``settle``), cut as the workflow saw it.
         last = next((s for s in reversed(run.steps) if s.status == "completed"), None)
-        cut_result = run.result is not None and len(run.result) > STEP_OUTPUT_BYTES // 4
+        cut_result = maybe_cut(run.result, STEP_OUTPUT_BYTES)
         if cut_result and last is not None and run.result == fit(last.output, STEP_OUTPUT_BYTES)[0]:
             run.result = last.output
         await self.recorder.save(run, durable=job.durable or bool(stashes))
