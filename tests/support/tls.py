@@ -115,6 +115,7 @@ class TLSProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._serving: set[asyncio.Task[None]] = set()  # one per connection, ended before the loop stops
 
     def __enter__(self) -> TLSProxy:
         self._thread.start()
@@ -125,8 +126,11 @@ class TLSProxy:
         async def close() -> None:
             assert self._server is not None
             self._server.close()
-            for writer in self._open:  # each pipe then ends, and its task with it
+            for writer in self._open:
                 writer.close()
+            for task in self._serving:
+                task.cancel()
+            await asyncio.gather(*self._serving, return_exceptions=True)
             await self._server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=30)
@@ -140,6 +144,10 @@ class TLSProxy:
         )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
         except OSError:
