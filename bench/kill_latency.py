@@ -9,7 +9,7 @@ Baseline (same process): the same tree started directly, killed by one ``os.kill
 Target: the whole tree gone within 0.5 s, every trial.
 
 The deadline moment is bracketed around the spawn of the step's process (the supervisor starts the
-step's clock just before it): t_lo before ``anyio.open_process`` is called, t_hi once it returned.
+step's clock just before it): t_lo before ``spawn.open_process`` is called, t_hi once it returned.
 The latency is counted from t_lo + timeoutSeconds, never later than the real deadline, so the
 figure errs on the slow side; the bracket width is printed too.
 
@@ -32,6 +32,7 @@ from _common import FAKE_CLIS, alive, median, ms, private_dir, ratio, read_pids,
 from mcp_collab.config import Settings
 from mcp_collab.models import DispatchRequest, Run, WorkerSpec
 from mcp_collab.orchestrator import WorkerOrchestrator
+from mcp_collab.runtimes.cli import spawn
 
 TRIALS = 5
 TARGET_S = 0.5
@@ -112,12 +113,12 @@ def baseline_trial(tmp: Path, n: int) -> float:
 
 class StepClock:
     """Brackets the spawn of the step's process, where the supervisor starts the step's clock: just
-    before ``anyio.open_process`` is called (t_lo) and once it returned (t_hi)."""
+    before ``spawn.open_process`` is called (t_lo) and once it returned (t_hi)."""
 
     def __init__(self) -> None:
         self.running_at: float | None = None
         self.spawned_at: float | None = None
-        self._open = anyio.open_process
+        self._open = spawn.open_process
 
     def __enter__(self) -> StepClock:
         async def timed_open(*args: Any, **kwargs: Any) -> Any:
@@ -129,11 +130,11 @@ class StepClock:
                 if self.spawned_at is None:
                     self.spawned_at = time.perf_counter()
 
-        anyio.open_process = timed_open  # type: ignore[assignment]
+        spawn.open_process = timed_open  # type: ignore[assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        anyio.open_process = self._open  # type: ignore[assignment]
+        spawn.open_process = self._open  # type: ignore[assignment]
 
 
 async def orchestrator_trial(tmp: Path, kind: str, n: int) -> tuple[float, float, Run]:

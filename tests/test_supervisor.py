@@ -11,11 +11,22 @@ from pathlib import Path
 import anyio
 import pytest
 
-from mcp_collab.runtimes.cli import supervisor
+from mcp_collab.runtimes.cli import spawn, supervisor
 from mcp_collab.runtimes.cli.supervisor import BoundedCapture, LineSplitter, ProcessSpec, run_process
 from tests.conftest import alive, fake_cli, read_pids
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True, params=["pidfd", "portable"])
+def spawner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs both ways a step's process can be started: Popen with its exit watched
+    through a pidfd (Linux), and anyio's process where there is no pidfd."""
+    if request.param == "pidfd":
+        assert spawn.pidfd_usable, "this system gives no pidfd: the path every Linux server takes goes untested"
+    else:
+        monkeypatch.setattr(spawn, "pidfd_usable", False)
+    return str(request.param)
 
 
 def spec(name: str, pidfile: Path, *, timeout: float = 30, idle: float = 30, capture: int = 1 << 20, **env: str):
@@ -209,6 +220,40 @@ async def test_stdin_reaches_end_of_file_and_the_prompt_is_data(tmp_path: Path) 
     )
     assert outcome.exit_code == 0
     assert outcome.stdout.strip() == repr("--version; rm -rf / $(whoami)")
+
+
+async def test_a_prompt_larger_than_a_pipe_streams_both_ways_while_the_cli_echoes_it(tmp_path: Path) -> None:
+    # The CLI writes out what it reads as it reads it: the prompt cannot be written whole before the
+    # output is read, or both sides wait on a full pipe for ever.
+    script = "import sys\nwhile chunk := sys.stdin.buffer.read1(65536):\n    sys.stdout.buffer.write(chunk)\n"
+    prompt = bytes(range(256)).replace(b"\n", b" ") * 8192  # 2 MiB, no line breaks: one long line
+    lines: list[str] = []
+    outcome = await run_process(
+        ProcessSpec(
+            argv=[sys.executable, "-c", script],
+            env={"PATH": os.environ["PATH"]},
+            cwd=tmp_path,
+            stdin=prompt,
+            timeout_s=60,
+            idle_timeout_s=60,
+            capture_bytes=4096,
+            max_line_bytes=len(prompt) * 4,
+        ),
+        on_line=lines.append,
+    )
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout_bytes == len(prompt)
+    assert lines == [prompt.decode("utf-8", "replace")]
+
+
+async def test_a_step_leaves_no_descriptor_open_in_the_server(tmp_path: Path) -> None:
+    before = sorted(os.listdir("/proc/self/fd"))
+    for name in ("crash", "orphan"):
+        outcome = await run_process(spec(name, tmp_path / f"{name}.pids"))
+        assert outcome.exit_code is not None
+    # Pipes and the pidfd are closed with the step: thousands of steps never run the server out of
+    # descriptors.
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_bounded_capture_keeps_head_and_tail() -> None:

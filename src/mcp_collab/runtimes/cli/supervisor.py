@@ -50,7 +50,6 @@ import resource
 import secrets
 import select
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -64,6 +63,7 @@ import anyio
 import anyio.abc
 
 from ...config import DEFAULT_MAX_ANSWER_BYTES
+from . import spawn
 
 # Between SIGTERM and SIGKILL: long enough for a CLI to flush its session file, short enough that
 # a cancel leaves nothing running within half a second.
@@ -78,6 +78,8 @@ KILL_WAIT_S = 1.0
 # The variable every child inherits; its value names the spawn (see the module docstring).
 MARKER_VAR = "MCP_COLLAB_STEP"
 _READ_CHUNK = 64 * 1024
+# Linux's /proc, where the scans below find a step's processes: looked for once, not per step.
+_HAS_PROC = os.path.isdir("/proc")
 _POLL_S = 0.02
 
 LineSink = Callable[[str], None]
@@ -368,7 +370,7 @@ def orphaned_tags() -> dict[str, int]:
     """The marker tags (``pid-startticks``) of spawners (servers, workers) that are gone while
     processes they started live on, with each spawner's start time. Only what this process may read
     is seen (its own user's processes)."""
-    if not os.path.isdir("/proc"):
+    if not _HAS_PROC:
         return {}
     me = os.getpid()
     needle = f"\0{MARKER_VAR}=".encode()
@@ -442,7 +444,7 @@ def _carries(pid: int | str, needles: Sequence[bytes]) -> bool:
 def tree_members(tree: ProcessTree) -> set[int]:
     """The live (non-zombie) processes of ``tree``: its leader, its group, everything carrying its
     marker, and every descendant (by ppid link) of those."""
-    if not os.path.isdir("/proc"):
+    if not _HAS_PROC:
         return {tree.pgid} if tree.pgid is not None and group_alive(tree.pgid) else set()
     table = _proc_table()
     me = os.getpid()
@@ -586,7 +588,7 @@ def tree_left(tree: ProcessTree) -> bool:
     that does (and then that one is still here)."""
     if tree.pgid is not None and group_alive(tree.pgid):
         return True
-    if not tree.marker or not os.path.isdir("/proc"):
+    if not tree.marker or not _HAS_PROC:
         return False
     needles = (f"\0{MARKER_VAR}={tree.marker}\0".encode(),)
     since = _pids_since(tree.pid, tree.tasks_before) if tree.pid is not None else None
@@ -642,6 +644,18 @@ def _tasks_created() -> int | None:
     return int(value) if value.isdigit() else None
 
 
+# pid_max is read again once this old: an administrator may change it, and rarely does.
+PID_MAX_TTL_S = 1.0
+_pid_max_read: list[tuple[float, int | None]] = []  # (when, value), the last reading
+
+
+def _pid_max() -> int | None:
+    now = time.monotonic()
+    if not _pid_max_read or now - _pid_max_read[0][0] > PID_MAX_TTL_S:
+        _pid_max_read[:] = [(now, _proc_number("/proc/sys/kernel/pid_max", 0))]
+    return _pid_max_read[0][1]
+
+
 def _pids_since(leader: int, tasks_before: int | None) -> range | None:
     """The pids allocated after ``leader``'s, up to the last one allocated now, when that can be told.
     Pids are handed out in increasing order and wrap around at pid_max: while the last one is above
@@ -652,7 +666,7 @@ def _pids_since(leader: int, tasks_before: int | None) -> range | None:
         return None
     last = _proc_number("/proc/loadavg", 4)  # its last field: the last pid allocated (our namespace)
     created = _tasks_created()  # read after it: it counts every allocation up to that pid, and more
-    pid_max = _proc_number("/proc/sys/kernel/pid_max", 0)
+    pid_max = _pid_max()
     if last is None or created is None or pid_max is None or not leader <= last <= leader + PID_WINDOW:
         return None
     if created - tasks_before >= pid_max - PID_WRAP_FLOOR:
@@ -721,14 +735,8 @@ async def run_process(
     marker = new_marker()
     spawn_number = _elders.next_spawn()
     tasks_before = _tasks_created()
-    process = await anyio.open_process(
-        list(spec.argv),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=spec.cwd,
-        env={**spec.env, MARKER_VAR: marker},
-        start_new_session=True,
+    process = await spawn.open_process(
+        spec.argv, cwd=spec.cwd, env={**spec.env, MARKER_VAR: marker}, start_new_session=True
     )
     pid = process.pid
     tree = ProcessTree(
