@@ -140,8 +140,8 @@ class MemoryStore:
         with self.lock:
             self.runs.update((copy.id, copy) for copy in copies)
 
-    def save_runs_now(self, runs: list[Run]) -> bool:
-        self.save_runs(runs, durable=False)
+    def save_runs_now(self, runs: list[Run], *, durable: bool = False) -> bool:
+        self.save_runs(runs, durable=durable)
         return True
 
     def take_over_run(self, run: Run, previous_lease: str | None) -> bool:

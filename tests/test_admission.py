@@ -3,6 +3,7 @@ admission cannot be made durable is refused and stopped, whatever it had started
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,10 +126,10 @@ class Journal(JsonStore):
         super().__init__(directory)
         self.events: list[str] = []
 
-    def save_runs_now(self, runs: list[Run]) -> bool:
-        done = super().save_runs_now(runs)
+    def save_runs_now(self, runs: list[Run], *, durable: bool = False) -> bool:
+        done = super().save_runs_now(runs, durable=durable)
         if done:
-            self.events.append("written")
+            self.events.append("durable" if durable else "written")
         return done
 
     def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
@@ -158,3 +159,72 @@ async def test_a_dispatch_is_answered_only_once_the_run_it_reports_is_durable(
         held.release.set()
     assert run["status"] == ("completed" if ends else "queued")
     assert told and told[0] == "written" and "durable" in told, f"answered before its record was fsynced: {told}"
+
+
+class TimedDisk(JsonStore):
+    """The JSON store, noting which thread made each durable write; ``slow`` makes each durable write
+    take 20 ms more (a disk whose fsyncs are slow, a fault no disk here produces on demand)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.durable_on: list[str] = []
+        self.slow = False
+
+    def _noted(self) -> None:
+        if self.slow:
+            time.sleep(0.02)
+        self.durable_on.append("loop" if threading.current_thread() is threading.main_thread() else "thread")
+
+    def save_runs_now(self, runs: list[Run], *, durable: bool = False) -> bool:
+        done = super().save_runs_now(runs, durable=durable)
+        if done and durable:
+            self._noted()
+        return done
+
+    def save_runs(self, runs: list[Run], *, durable: bool = True) -> None:
+        super().save_runs(runs, durable=durable)
+        if durable:
+            self._noted()
+
+
+async def test_a_runs_end_is_fsynced_on_the_event_loop_only_when_nothing_else_runs_and_the_disk_is_quick(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    store = TimedDisk(settings.store_dir)
+    held = Held()
+    async with WorkerOrchestrator(settings, store=store, runtimes={"cli": held}) as orch, orch.running():  # type: ignore[dict-item]
+        await orch.register_worker(WorkerSpec(name="w", model="codex_cli"))
+        await orch.list_runs()  # start-up recovery is over
+        held.release.set()
+
+        async def ends() -> list[str]:
+            before = len(store.durable_on)
+            run = await orch.wait((await orch.start(DispatchRequest(task="t"), durable=False)).id, 30)
+            assert run.status == "completed"
+            return store.durable_on[before:]
+
+        # The disk's speed is unknown until a durable write was timed, off the loop; then a run
+        # alone ends on the loop: the trip to a thread and back would cost more than its fsync.
+        assert await ends() == ["thread"]
+        assert await ends() == ["loop"]
+        assert await orch.get_run((await orch.list_runs()).runs[0].id)  # and it is stored
+
+        # Two runs in flight: neither run's end holds up the loop for the other.
+        held.release = anyio.Event()
+        first = await orch.start(DispatchRequest(task="a"), durable=False)
+        second = await orch.start(DispatchRequest(task="b"), durable=False)
+        before = len(store.durable_on)
+        held.release.set()
+        for run in (first, second):
+            assert (await orch.wait(run.id, 30)).status == "completed"
+        assert store.durable_on[before:] == ["thread", "thread"]
+
+        # A slow disk: once a durable write took long, the next ones go to a thread until one is quick.
+        assert await ends() == ["loop"]
+        store.slow = True
+        assert await ends() == ["loop"]  # this one found out
+        assert await ends() == ["thread"]
+        store.slow = False
+        assert await ends() == ["thread"]  # quick again, measured off the loop
+        assert await ends() == ["loop"]

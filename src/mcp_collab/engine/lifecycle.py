@@ -556,7 +556,8 @@ class RunLifecycle:
         await spaces.finish()
         run.ended_at = datetime.now(UTC)
         close_accounts(run)
-        await self.recorder.save(run)
+        # The one run in flight: its end may be fsynced on the loop (nothing else is waiting there).
+        await self.recorder.save(run, alone=len(self._active) == 1 and not self._admitting)
         active.emit(f"run {run.id} {run.status}")
 
     async def _abandon(self, active: ActiveRun, status: RunStatus, reason: str, *, overwrite: bool = False) -> None:

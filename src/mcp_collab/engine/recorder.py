@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable
 
 import anyio
@@ -27,6 +29,11 @@ Settled = Callable[[StoreError | None], None]
 # Nothing depends on an intermediate state landing sooner: a waiting client flushes it, and recovery
 # finds a spawn whose record is missing by the server's marker tag.
 WRITE_BEHIND_DELAY_S = 0.05
+# A durable save of the one run in flight is written and fsynced on the event loop while the store's
+# durable writes have lately taken no longer than this; beyond, they go to a thread until one is
+# quick again. On a quick disk the trip to a thread and back costs more than the fsync itself
+# (bench/dispatch_overhead.py), and with no other run in flight nothing else waits on the loop.
+INLINE_SYNC_MAX_S = 0.002
 
 
 class RunRecorder:
@@ -46,6 +53,9 @@ class RunRecorder:
         self._synced = 0
         self._syncing: anyio.Event | None = None
         self._owed: list[tuple[int, Settled]] = []
+        # How long the last durable write took (``INLINE_SYNC_MAX_S``), measured where it was made;
+        # unknown until the first, which is made off the loop.
+        self._sync_took = math.inf
 
     async def accept(self, run: Run, settled: Settled) -> bool:
         """Store a run just admitted, before anything of it starts. Written at once on the event loop
@@ -101,13 +111,17 @@ class RunRecorder:
         for settled in due:
             settled(error)
 
-    async def save(self, run: Run, *, durable: bool = True) -> None:
+    async def save(self, run: Run, *, durable: bool = True, alone: bool = False) -> None:
         """Persist a run's state. Durable saves are on disk when this returns (a run handed to a
         client, a run's end). Intermediate states (a step started, its process spawned) are written
         behind, after ``WRITE_BEHIND_DELAY_S``, batched with other runs' and without an fsync (they
         survive the server's death; the next durable save's fsync carries them to disk), so they
         cost the step nothing; with no write-behind task (a Temporal worker's recorder), at once
         without an fsync.
+
+        ``alone``: ``run`` is the only run the caller has in flight. A durable save is then made on
+        the event loop, when the store can make it at once and its durable writes have been quick
+        (``INLINE_SYNC_MAX_S``); else, and for every other save, off the loop.
 
         Every string of the run passes the redactor on its way to the store, the one door to it and,
         through the run kept in memory, to every caller (who see a run's memory only once it ended,
@@ -122,10 +136,29 @@ class RunRecorder:
         async with held(self._write_lock):
             self._pending.pop(run.id, None)
             covered = self._written  # its fsync makes every earlier write durable
-            # Intermediate with no write-behind task (a worker's): written now, without an fsync.
-            await anyio.to_thread.run_sync(functools.partial(self.store.save_runs, [run], durable=durable))
+            if (
+                durable
+                and alone
+                and self._sync_took <= INLINE_SYNC_MAX_S
+                and self._timed(self.store.save_runs_now, run)
+            ):
+                pass  # written and fsynced on the loop
+            elif durable:
+                await anyio.to_thread.run_sync(self._timed, self.store.save_runs, run)
+            else:
+                # Intermediate with no write-behind task (a worker's): written now, without an fsync.
+                await anyio.to_thread.run_sync(functools.partial(self.store.save_runs, [run], durable=False))
             if durable and covered > self._synced:
                 self._settle(covered, None)
+
+    def _timed(self, write: Callable[..., bool | None], run: Run) -> bool:
+        """A durable write of ``run`` (``save_runs``, or ``save_runs_now``, which may decline: False),
+        timed where it is made, for ``INLINE_SYNC_MAX_S``."""
+        began = time.perf_counter()
+        if write([run], durable=True) is False:
+            return False
+        self._sync_took = time.perf_counter() - began
+        return True
 
     async def flush(self, run_id: str) -> None:
         """Make a run's state written behind durable now (before a caller is told about it)."""

@@ -77,11 +77,12 @@ class RunStore(Protocol):
         still queued or running under ``previous_lease`` (None: an owner from before leases): a
         compare-and-set, so of servers recovering one run at once exactly one does. True if stored."""
 
-    def save_runs_now(self, runs: list[Run]) -> bool:
-        """``save_runs(runs, durable=False)`` done at once without blocking (the one write safe on an
-        event loop), when it takes no more than an append to a store nobody else is using; False
-        when that cannot be done now (nothing was written): call ``save_runs`` off the loop then.
-        Raises StoreError as ``save_runs`` does when the write itself fails."""
+    def save_runs_now(self, runs: list[Run], *, durable: bool = False) -> bool:
+        """``save_runs(runs, durable=durable)`` done at once, when it takes no more than an append to
+        a store nobody else is using (and, ``durable``, one fsync): without ``durable`` it never
+        blocks, the one write safe on an event loop at any time; False when that cannot be done now
+        (nothing was written): call ``save_runs`` off the loop then. Raises StoreError as
+        ``save_runs`` does when the write itself fails."""
 
     def sync(self) -> None:
         """Make every state saved so far durable, those saved with ``durable=False`` included."""

@@ -282,12 +282,13 @@ class JsonStore:
 
         return self._write(change)
 
-    def save_runs_now(self, runs: list[Run]) -> bool:
-        """``save_runs(runs, durable=False)`` at once, when it is one append and nothing else: no
+    def save_runs_now(self, runs: list[Run], *, durable: bool = False) -> bool:
+        """``save_runs(runs, durable=durable)`` at once, when it is one append and nothing else: no
         other thread or process in the store (neither lock waited for), the log exactly as we last
         read it (one ``stat`` and the check of its last line), no long text to put in a file of its
-        own, no compaction due. A few hundred microseconds, cheap enough for an event loop; False
-        (nothing written) otherwise, and ``save_runs`` does the rest off the loop."""
+        own, no compaction due. A few hundred microseconds (plus the fsync, ``durable``), cheap
+        enough for an event loop; False (nothing written) otherwise, and ``save_runs`` does the
+        rest off the loop."""
         if any(_has_long_texts(run) for run in runs) or not self._mutex.acquire(blocking=False):
             return False
         try:
@@ -295,11 +296,13 @@ class JsonStore:
                 return False  # compacted by the next write off the loop
             if any((e := self._index.get(r.id)) is not None and e.lease != _lease_of(r) for r in runs):
                 return False  # taken over by another server: save_runs refuses it, with the cause
-            return self._guarded(lambda: self._append_now([self._run_record(r) for r in runs]), action="write")
+            return self._guarded(
+                lambda: self._append_now([self._run_record(r) for r in runs], durable=durable), action="write"
+            )
         finally:
             self._mutex.release()
 
-    def _append_now(self, records: list[dict[str, Any]]) -> bool:
+    def _append_now(self, records: list[dict[str, Any]], *, durable: bool) -> bool:
         fd = self._open_lock()
         if fd is None:
             return False
@@ -318,7 +321,7 @@ class JsonStore:
                     return False  # another process appended or compacted: catching up reads the log
                 if not self._last_line_intact(log_fd):
                     return False  # damage: found and repaired under the write lock, off the loop
-                self._append(records, sync=False, fd=log_fd)
+                self._append(records, sync=durable, fd=log_fd)
                 return True
             finally:
                 os.close(log_fd)

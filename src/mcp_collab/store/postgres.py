@@ -411,7 +411,7 @@ class PostgresStore:
 
         return self._call(take, "write")
 
-    def save_runs_now(self, runs: list[Run]) -> bool:
+    def save_runs_now(self, runs: list[Run], *, durable: bool = False) -> bool:
         """Always False: a write is a network round trip, never done on an event loop; callers then
         call ``save_runs`` off the loop."""
         return False
