@@ -23,7 +23,7 @@ from mcp_collab.orchestrator import WorkerOrchestrator
 from mcp_collab.runtimes.base import StepRequest
 from mcp_collab.runtimes.cli import CLIRuntime
 from mcp_collab.runtimes.cli.vendors import VENDORS
-from mcp_collab.security import RedactingFilter, Redactor
+from mcp_collab.security import RedactingFilter, Redactor, pin
 from mcp_collab.server import build_server
 from mcp_collab.testing import Reply, ScriptedRuntime
 from tests.conftest import fake_cli
@@ -561,3 +561,22 @@ async def test_the_served_server_logs_no_secret_even_at_debug(base_env: dict[str
     assert run["status"] == "failed" and "[REDACTED]" in run["error"], "the CLI's failure quoted the key"
     assert OPENAI_SECRET not in out.decode() and OPENAI_SECRET not in err.decode()
     assert b"DEBUG" in err, "the log was at debug level"
+
+
+def test_a_root_reached_through_a_symlink_that_is_pointed_elsewhere_no_longer_admits_its_directories(
+    tmp_path: Path,
+) -> None:
+    real, other = tmp_path / "real", tmp_path / "other"
+    (real / "project").mkdir(parents=True)
+    (other / "project").mkdir(parents=True)
+    root = tmp_path / "root-link"
+    root.symlink_to(real)
+    directory = (real / "project").resolve()
+    with pin(directory, [root]) as pinned:  # the root's real path holds it
+        assert pinned.cwd.resolve() == directory
+    root.unlink()
+    root.symlink_to(other)  # the operator's root now means another tree
+    with pytest.raises(InvalidRequestError, match="now leaves the workspace roots"):
+        pin(directory, [root])
+    with pin((other / "project").resolve(), [root]):
+        pass

@@ -230,6 +230,8 @@ def confine(directory: str, roots: Sequence[Path], field: str = "workingDirector
 # of its path, and the descriptor (O_CLOEXEC, not in pass_fds) never reaches the CLI. os.fchdir is
 # no alternative: it moves the whole server, with every concurrent run and thread, at once.
 _FD_LINKS = Path("/proc/self/fd")
+# Whether the kernel names what a descriptor holds (Linux /proc): looked at once, not per step.
+_FD_NAMES = _FD_LINKS.is_dir()
 _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -243,7 +245,7 @@ class PinnedDirectory:
     @property
     def cwd(self) -> Path:
         """What to start a child (a CLI, git) in: exactly the open directory."""
-        return _FD_LINKS / str(self.fd) if _FD_LINKS.is_dir() else self.path
+        return _FD_LINKS / str(self.fd) if _FD_NAMES else self.path
 
     def close(self) -> None:
         os.close(self.fd)
@@ -276,13 +278,16 @@ def pin(directory: Path, roots: Sequence[Path], field: str = "workingDirectory")
             fd = child
             walked /= part
         # The kernel's name for what we hold: a component renamed during the walk shows here.
-        held = Path(os.readlink(_FD_LINKS / str(fd))) if _FD_LINKS.is_dir() else directory
+        held = Path(os.readlink(_FD_LINKS / str(fd))) if _FD_NAMES else directory
         if held != directory:
             raise InvalidRequestError(
                 f"{field} {directory} changed since the run was dispatched: it was moved to {held} while "
                 "the step was starting; the step was not started"
             )
-        if not _inside(directory, roots):
+        # Under a root by its very path, every component of which the walk just opened as a real
+        # directory: inside it, with no root to resolve. Else the roots are resolved now (a root
+        # that is a symlink may have been pointed elsewhere since the dispatch).
+        if not any(directory.is_relative_to(root) for root in roots if _plain(root)) and not _inside(directory, roots):
             raise InvalidRequestError(
                 f"{field} {directory} now leaves the workspace roots: {_roots_text(roots)}; "
                 "a workspace root changed since the run was dispatched, and the step was not started"
@@ -316,6 +321,11 @@ def _changed(
     if exc.errno == errno.ENOTDIR:
         return InvalidRequestError(f"{prefix} {at} is no longer a directory{tail}")
     return InvalidRequestError(f"{prefix} {at} cannot be opened ({exc.strerror}){tail}")
+
+
+def _plain(root: Path) -> bool:
+    """An absolute path without ``..``: one that names a directory by its components alone."""
+    return root.is_absolute() and ".." not in root.parts
 
 
 def _roots_text(roots: Sequence[Path]) -> str:
