@@ -407,8 +407,11 @@ class JsonStore:
             if max_runs is not None and len(finished) > max_runs:
                 doomed.update(finished[: len(finished) - max_runs])
             if max_age_days is not None:
-                cutoff = ((now or datetime.now(UTC)).timestamp()) - max_age_days * 86400
-                doomed.update(i for i in finished if _timestamp(self._index[i].created) < cutoff)
+                # Compared as keys, which sort like the times they spell: parsing every run's time
+                # made a prune of 100,000 runs take seconds under the write lock.
+                cutoff = (now or datetime.now(UTC)) - timedelta(days=max_age_days)
+                cutoff_key = cutoff.astimezone(UTC).strftime(_KEY_FORMAT)
+                doomed.update(i for i in finished if self._index[i].created < cutoff_key)
             ordered = [i for _, i in self._order if i in doomed]
             if ordered:
                 self._append([{"op": "unrun", "id": i} for i in ordered])
@@ -1255,7 +1258,3 @@ def _fsync_dir(directory: Path) -> None:
 def _sort_key(iso: str) -> str:
     """A creation time as a string that sorts like the time itself (fixed width, UTC)."""
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC).strftime(_KEY_FORMAT)
-
-
-def _timestamp(key: str) -> float:
-    return datetime.strptime(key, _KEY_FORMAT).replace(tzinfo=UTC).timestamp()
