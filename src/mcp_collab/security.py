@@ -278,7 +278,7 @@ def pin(directory: Path, roots: Sequence[Path], field: str = "workingDirectory")
             fd = child
             walked /= part
         # The kernel's name for what we hold: a component renamed during the walk shows here.
-        held = Path(os.readlink(_FD_LINKS / str(fd))) if _FD_NAMES else directory
+        held = Path(os.readlink(f"{_FD_LINKS}/{fd}")) if _FD_NAMES else directory
         if held != directory:
             raise InvalidRequestError(
                 f"{field} {directory} changed since the run was dispatched: it was moved to {held} while "

@@ -202,6 +202,8 @@ class Spaces:
 
     async def finish(self, *, max_diff_bytes: int = STORED_DIFF_BYTES) -> None:
         """Record each worktree's work as a commit on its branch, and its diff against the base."""
+        if not self.trees:
+            return  # worked in place: nothing to record
         with anyio.CancelScope(shield=True), anyio.move_on_after(FINALIZE_TIMEOUT_S):
             for tree, record in zip(self.trees, self.run.worktrees, strict=False):
                 try:

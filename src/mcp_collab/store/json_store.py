@@ -49,6 +49,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -1255,6 +1256,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=4096)  # a run's every record repeats its creation time
 def _sort_key(iso: str) -> str:
     """A creation time as a string that sorts like the time itself (fixed width, UTC)."""
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC).strftime(_KEY_FORMAT)
