@@ -90,6 +90,21 @@ async def test_a_flood_of_output_is_kept_bounded_with_a_marker(pidfile: Path) ->
     assert any("flooded" in line for line in lines)
 
 
+async def test_a_reader_of_the_output_that_fails_ends_the_step_with_its_error_and_kills_the_tree(
+    pidfile: Path,
+) -> None:
+    def on_line(line: str) -> None:
+        raise RuntimeError(f"the parser choked on {line[:20]!r}")
+
+    # "hang" prints a line, starts two children and never ends: only the failure can end the step
+    # (its limits are an hour away; the bound is only there so a regression fails, not hangs).
+    with anyio.fail_after(60), pytest.raises(BaseException) as raised:
+        await run_process(spec("hang", pidfile, timeout=3600, idle=3600, CODEX_FAKE_CHATTY="1"), on_line=on_line)
+    leaves = raised.value.exceptions if isinstance(raised.value, BaseExceptionGroup) else (raised.value,)
+    assert any(isinstance(e, RuntimeError) and "the parser choked" in str(e) for e in leaves), raised.value
+    assert await until_gone(read_pids(pidfile)) == []
+
+
 async def test_a_crash_reports_its_exit_code_and_stderr(pidfile: Path) -> None:
     outcome = await run_process(spec("crash", pidfile))
     assert outcome.exit_code == 101

@@ -767,28 +767,45 @@ async def run_process(
             await process.stdin.aclose()
         fed[0] = True
 
+    def took(chunk: bytes | None, capture: BoundedCapture, lines: LineSplitter | None, alive: bool) -> None:
+        """A chunk of stdout or stderr, or None at its end."""
+        if chunk is None:
+            if lines is not None:
+                lines.close()
+            ended[0] += 1
+            if ended[0] == 2:
+                drained.set()
+            return
+        if alive:
+            last_output[0] = time.monotonic()
+        capture.feed(chunk)
+        if lines is not None:
+            lines.feed(chunk)
+
     async def drain(
         stream: anyio.abc.ByteReceiveStream, capture: BoundedCapture, lines: LineSplitter | None, *, alive: bool
     ) -> None:
         with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             while True:
-                chunk = await stream.receive(_READ_CHUNK)
-                if alive:
-                    last_output[0] = time.monotonic()
-                capture.feed(chunk)
-                if lines is not None:
-                    lines.feed(chunk)
-        if lines is not None:
-            lines.close()
-        ended[0] += 1
-        if ended[0] == 2:
-            drained.set()
+                took(await stream.receive(_READ_CHUNK), capture, lines, alive)
+        took(None, capture, lines, alive)
+
+    pump: list[spawn.Pump] = []  # the event loop's callbacks read the pipes (asyncio), when they do
 
     def start_draining(tg: anyio.abc.TaskGroup) -> None:
         assert process.stdout is not None and process.stderr is not None
         ended[0] = 0
         # Only stdout (the CLI's event stream) counts as a sign of life: codex with its endpoint
         # down prints "Reconnecting..." to stderr forever.
+        if isinstance(process, spawn.PidfdProcess):
+            reading = process.pump(
+                functools.partial(took, capture=out, lines=splitter, alive=True),
+                functools.partial(took, capture=err, lines=None, alive=False),
+                failed=tg.cancel_scope.cancel,
+            )
+            if reading is not None:
+                pump.append(reading)
+                return
         tg.start_soon(functools.partial(drain, process.stdout, out, splitter, alive=True))
         tg.start_soon(functools.partial(drain, process.stderr, err, None, alive=False))
 
@@ -837,12 +854,18 @@ async def run_process(
             if not drained.is_set():
                 # Cancelled: what the CLI printed before it died is still in the pipes; keep it.
                 with anyio.move_on_after(DRAIN_GRACE_S):
-                    async with anyio.create_task_group() as again:
-                        start_draining(again)
+                    if pump:
+                        if pump[0].error is None:
+                            await drained.wait()  # the pump still reads
+                    else:
+                        async with anyio.create_task_group() as again:
+                            start_draining(again)
             if process.returncode is None:
                 with anyio.move_on_after(2):
                     await process.wait()
             await process.aclose()
+    if pump and pump[0].error is not None:
+        raise pump[0].error  # a sink failed: what the tasks' reading would have raised
     return ProcessOutcome(
         exit_code=process.returncode,
         stdout=out.text(),
