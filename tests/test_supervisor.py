@@ -18,14 +18,17 @@ from tests.conftest import alive, fake_cli, read_pids
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(autouse=True, params=["pidfd", "portable"])
+@pytest.fixture(autouse=True, params=["pidfd", "no pidfd for this child", "portable"])
 def spawner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs both ways a step's process can be started: Popen with its exit watched
-    through a pidfd (Linux), and anyio's process where there is no pidfd."""
-    if request.param == "pidfd":
-        assert spawn.pidfd_usable, "this system gives no pidfd: the path every Linux server takes goes untested"
-    else:
+    """Every test here runs each way a step's process can be started: Popen with its exit watched
+    through a pidfd (Linux); the same when the kernel refuses one child its pidfd (out of
+    descriptors), its exit then polled; and anyio's process where there is no pidfd at all."""
+    if request.param == "portable":
         monkeypatch.setattr(spawn, "pidfd_usable", False)
+    else:
+        assert spawn.pidfd_usable, "this system gives no pidfd: the path every Linux server takes goes untested"
+    if request.param == "no pidfd for this child":
+        monkeypatch.setattr(spawn, "_pidfd", lambda pid: None)
     return str(request.param)
 
 
