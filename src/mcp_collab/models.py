@@ -57,6 +57,8 @@ MAX_TIMEOUT_SECONDS = 24 * 3600
 MAX_COST_USD = 100_000.0
 # A review loop that has not converged in this many rounds will not: ask a person.
 MAX_ROUNDS = 10
+# The most runs one page of a listing holds (list_worker_runs' limit).
+MAX_PAGE_SIZE = 200
 
 
 def compatibility_error(model: WorkerModel, mode: RuntimeMode) -> str | None:

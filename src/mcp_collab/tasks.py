@@ -42,7 +42,6 @@ from mcp.types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, Cal
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 
-from .engine.lifecycle import where
 from .errors import CollabError, InvalidRequestError, UnknownRunError, shown
 from .models import TERMINAL_RUN_STATUSES, Run
 
@@ -157,6 +156,8 @@ class TasksExtension(Extension):
 def _task(ctx: ServerRequestContext[Any, Any], run: Run) -> dict[str, Any]:
     """The task a run is. Its time to live is the store's retention by age (runs beyond the retained
     count may go sooner, which the SEP allows: a purged task is an unknown one)."""
+    from .engine.lifecycle import where  # loaded with the engine, which answered for the run
+
     if run.status in ("queued", "running"):
         status, message = "working", f"run {run.id} {run.status}: {where(run)}"
     elif run.status == "cancelled":
@@ -186,7 +187,7 @@ def _run_of(result: Any) -> Run | None:
 async def _known(ctx: ServerRequestContext[Any, Any], task_id: str, act: Callable[[Any], Any]) -> Any:
     """``act`` on the orchestrator for a task's run, its failures as the SEP's JSON-RPC errors."""
     try:
-        return await act(ctx.lifespan_context.orchestrator)
+        return await act(await ctx.lifespan_context.orchestrator())
     except UnknownRunError:
         raise MCPError(
             INVALID_PARAMS,
