@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, cast
@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, cast
 import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
+from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
-from mcp.types import CallToolResult, TextContent, Tool, ToolAnnotations
-from pydantic import Field, ValidationError
+from mcp.types import CallToolResult, InputRequiredResult, ResourceTemplate, TextContent, Tool, ToolAnnotations
+from pydantic import AnyUrl, Field, ValidationError
 
 from . import __version__
 from .config import Settings
@@ -809,7 +810,7 @@ class _ResourceSpec:
     description: str
 
 
-# The runs' full texts, for clients that read resources.
+# The runs' full texts, for clients that read resources. Registered when first needed (CollabServer).
 RESOURCE_SPECS: tuple[_ResourceSpec, ...] = (
     _ResourceSpec(run_resource, "runs://{run_id}", "application/json", "A whole run, full outputs."),
     _ResourceSpec(step_output, "runs://{run_id}/steps/{index}/output", "text/plain", "A step's full output."),
@@ -930,6 +931,7 @@ class CollabServer(MCPServer[AppState]):
         super().__init__(*args, **kwargs)
         self._registered = False
         self._listed: list[Tool] | None = None
+        self._resources_registered = False
         self.engine_deferred = False  # see _Engine: true while serving stdio
 
     async def run_stdio_async(self) -> None:
@@ -976,6 +978,24 @@ class CollabServer(MCPServer[AppState]):
         await self.ensure_tools()
         return await super().call_tool(name, arguments, context)
 
+    def _register_resources(self) -> None:
+        """The resource templates, registered on the event loop when first needed: they are few and
+        cheap, but not free, and ``initialize`` needs none of them."""
+        if not self._resources_registered:
+            for spec in RESOURCE_SPECS:
+                self.resource(spec.uri, mime_type=spec.mime_type, description=spec.description)(spec.fn)
+            self._resources_registered = True
+
+    async def list_resource_templates(self) -> list[ResourceTemplate]:
+        self._register_resources()
+        return await super().list_resource_templates()
+
+    async def read_resource(
+        self, uri: AnyUrl | str, context: Context[AppState, Any] | None = None
+    ) -> Iterable[ReadResourceContents] | InputRequiredResult:
+        self._register_resources()
+        return await super().read_resource(uri, context)
+
     def tool_result(self, name: str, value: Any) -> CallToolResult:
         """``value`` as tool ``name`` answers it on the wire (an MCP task's result, see tasks.py)."""
         self._register_tools()
@@ -1020,8 +1040,6 @@ def build_server(
         middleware=[_StrictArguments(lambda: mcp)],
         extensions=[TasksExtension(lambda run: mcp.tool_result(DISPATCH_TOOL, for_client(run)))],
     )
-    for spec in RESOURCE_SPECS:
-        mcp.resource(spec.uri, mime_type=spec.mime_type, description=spec.description)(spec.fn)
 
     return mcp
 
