@@ -40,7 +40,7 @@ from mcp.server.mcpserver import require_client_extension
 from mcp.shared.exceptions import MCPError
 from mcp.types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, CallToolResult, RequestParams
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .errors import CollabError, InvalidRequestError, UnknownRunError, shown
 from .models import TERMINAL_RUN_STATUSES, Run
@@ -61,6 +61,9 @@ ResultOf = Callable[[Run], CallToolResult]
 
 class TaskParams(RequestParams):
     """``tasks/get`` and ``tasks/cancel``: the task's id."""
+
+    # Built when a task is first asked about, not at start: the server's first answer needs neither.
+    model_config = ConfigDict(defer_build=True)
 
     task_id: str = Field(alias="taskId", min_length=1)
 
