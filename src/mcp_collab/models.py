@@ -574,3 +574,30 @@ class OutputPage(WireModel):
     text: str
     next_offset: int | None = Field(description="Pass as offset for the next page; null at the end.")
     total_chars: int = Field(description="The whole output's length in characters.")
+
+
+# What check_runtimes and `mcp-collab doctor` report (readiness.check).
+class Check(WireModel):
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+    required: bool = Field(default=True, description="False: only some runtimes need it.")
+
+
+class RuntimeReadiness(WireModel):
+    mode: RuntimeMode
+    worker_model: str
+    ready: bool
+    reason: str
+
+
+class ReadinessReport(WireModel):
+    checks: list[Check]
+    runtimes: list[RuntimeReadiness] = Field(description="Per worker identity and runtime: can it run now?")
+    default_runtime: RuntimeMode
+    fallback_policy: str
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks if c.required)

@@ -58,6 +58,7 @@ from .models import (
     DispatchRequest,
     FallbackPolicy,
     OutputPage,
+    ReadinessReport,
     Run,
     RunPage,
     RunStatus,
@@ -77,9 +78,7 @@ from .strategies import STRATEGIES, dispatchable
 from .tasks import DISPATCH_TOOL, TasksExtension
 
 if TYPE_CHECKING:
-    # The engine and what only tools need load off the path to the first answer (see _Engine and
-    # CollabServer._register_tools).
-    from . import readiness
+    # The engine loads off the path to the first answer (see _Engine).
     from .engine.delivery import Delivered
     from .orchestrator import WorkerOrchestrator
     from .runtimes.base import WorkerRuntime
@@ -117,15 +116,17 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-# Code loaded off the event loop (the engine's modules; the tools, with what their signatures name)
+# Code loaded off the event loop (the engine's modules; the tools, whose registration imports too)
 # is loaded by one thread at a time: two threads importing the same package at once can fail with
 # Python's "deadlock detected" on its module locks.
 _LOADING = threading.Lock()
 
 
 def _load_engine() -> None:
+    """The engine's modules, and readiness (check_runtimes' checks), which needs the same ones."""
     with _LOADING:
         importlib.import_module(".orchestrator", __package__)
+        importlib.import_module(".readiness", __package__)
 
 
 # How long after it began to listen a stdio server starts its engine if no call needed it sooner:
@@ -182,6 +183,8 @@ class _Engine:
             await anyio.to_thread.run_sync(_load_engine)
             if self._stopping.is_set():
                 return
+        else:
+            _load_engine()
         from .orchestrator import WorkerOrchestrator
 
         try:
@@ -690,10 +693,12 @@ async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
 
 
 @tool_errors
-async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
+async def check_runtimes(ctx: Context) -> ReadinessReport:
     """What can run here (CLIs, credentials, SDKs, endpoints, store, engine), with a hint per failure."""
     state = _state(ctx)
     orchestrator = await state.orchestrator()
+    from . import readiness  # loaded with the engine
+
     # Reading the store first finds (and repairs, keeping the original aside) damage done to
     # it since the last call, so the report below lists it.
     with contextlib.suppress(StoreError):
@@ -945,9 +950,6 @@ class CollabServer(MCPServer[AppState]):
         with _LOADING:
             if self._registered:
                 return
-            # What the tools' signatures name beyond the models, loaded with them: check_runtimes
-            # answers a readiness.ReadinessReport.
-            globals()["readiness"] = importlib.import_module(".readiness", __package__)
             for spec in TOOL_SPECS:
                 # A docstring's line breaks and indentation would cost every client's model bytes.
                 text = spec.description or " ".join((spec.fn.__doc__ or "").split()) or None
