@@ -69,6 +69,7 @@ from .models import (
     Worker,
     WorkerModel,
     WorkerSpec,
+    build_wire_models,
     describe_validation_error,
 )
 from .runtimes.registry import sdk_runtimes
@@ -950,6 +951,7 @@ class CollabServer(MCPServer[AppState]):
         with _LOADING:
             if self._registered:
                 return
+            build_wire_models()  # before the tools' schemas take them apart (five tools answer a Run)
             for spec in TOOL_SPECS:
                 # A docstring's line breaks and indentation would cost every client's model bytes.
                 text = spec.description or " ".join((spec.fn.__doc__ or "").split()) or None
