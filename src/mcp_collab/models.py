@@ -5,7 +5,9 @@ Field names are snake_case in Python and camelCase on the wire (``runtimeMode``,
 one of these models; ``contracts/`` holds their JSON Schema (``python -m mcp_collab.contracts``).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here, unlike elsewhere: pydantic would evaluate every
+# field's annotation (about 180) from its text when the models are created, at import, on serve's
+# path to its first answer. The few names used before their class exists are quoted.
 
 import collections
 import functools
@@ -201,7 +203,7 @@ class WorkerSpec(WireModel):
     )
 
     @model_validator(mode="after")
-    def _mode_fits_model(self) -> WorkerSpec:
+    def _mode_fits_model(self) -> "WorkerSpec":
         if self.runtime_mode is not None:
             problem = compatibility_error(self.model, self.runtime_mode)
             if problem:
@@ -230,7 +232,7 @@ class Usage(WireModel):
     cache_write_tokens: int | None = Field(default=None, description="Of the input, written to the cache.")
     reasoning_tokens: int | None = Field(default=None, description="Of the output, reasoning (thinking).")
 
-    def __add__(self, other: Usage) -> Usage:
+    def __add__(self, other: "Usage") -> "Usage":
         def plus(a: int | None, b: int | None) -> int | None:
             return None if a is None and b is None else (a or 0) + (b or 0)
 
@@ -445,7 +447,7 @@ class DispatchRequest(WireModel):
     )
 
     @model_validator(mode="after")
-    def _task_not_blank(self) -> DispatchRequest:
+    def _task_not_blank(self) -> "DispatchRequest":
         if not self.task.strip():
             raise ValueError("task must not be blank")
         return self
@@ -545,7 +547,7 @@ class RunSummary(WireModel):
     steps: list[StepSummary]
 
     @classmethod
-    def of(cls, run: Run, chars: int) -> RunSummary:
+    def of(cls, run: Run, chars: int) -> "RunSummary":
         return cls(
             id=run.id,
             task=preview(run.task, chars),
