@@ -18,6 +18,7 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
 from mcp_collab import cli
+from mcp_collab.orchestrator import WorkerOrchestrator
 from tests.conftest import alive, fake_cli, read_pids
 
 # How long a subprocess may take to say something or to end (a bound, not a timing assertion).
@@ -220,7 +221,7 @@ def test_a_bug_is_one_line_naming_it_and_debug_shows_the_traceback(
     async def broken(*_: object, **__: object) -> None:
         raise KeyError("the bug")
 
-    monkeypatch.setattr(cli.WorkerOrchestrator, "list_runs", broken)
+    monkeypatch.setattr(WorkerOrchestrator, "list_runs", broken)
     assert cli.main(["runs"]) == 70
     err = capsys.readouterr().err
     assert err == "mcp-collab: internal error (KeyError: 'the bug'); run with --debug for the traceback\n"

@@ -195,11 +195,9 @@ async def test_fifty_parallel_runs_respect_the_concurrency_limit_and_all_complet
     assert [r.status for r in finished] == ["completed"] * 50
 
 
-async def test_after_kill_9_a_new_server_marks_the_run_interrupted_and_no_orphan_survives(
-    fake_env: Callable[..., dict[str, str]], pidfile: Path
-) -> None:
-    env = fake_env("hang")
-    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=env)
+async def killed_mid_run(params: StdioServerParameters, pidfile: Path) -> tuple[str, int, list[int]]:
+    """A stdio server killed with SIGKILL while a run's CLI tree (a hanging CLI) is alive: the run's
+    id, the dead server's pid and the pids of the tree it left behind."""
     run_id, server_pid = "", 0
     with pytest.raises(BaseException):  # noqa: B017 - the connection dies with the server
         async with Client(params) as client:
@@ -213,6 +211,15 @@ async def test_after_kill_9_a_new_server_marks_the_run_interrupted_and_no_orphan
             await client.call_tool("list_workers", {}, read_timeout_seconds=5)
     workers = read_pids(pidfile)
     assert any(alive(p) for p in workers), "the CLI's tree outlives the killed server until recovery"
+    return run_id, server_pid, workers
+
+
+async def test_after_kill_9_a_new_server_marks_the_run_interrupted_and_no_orphan_survives(
+    fake_env: Callable[..., dict[str, str]], pidfile: Path
+) -> None:
+    env = fake_env("hang")
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=env)
+    run_id, server_pid, workers = await killed_mid_run(params, pidfile)
     store = JsonStore(Settings.from_env(env).store_dir)
     assert store.get_run(run_id).status == "running"  # type: ignore[union-attr]
 
@@ -222,6 +229,22 @@ async def test_after_kill_9_a_new_server_marks_the_run_interrupted_and_no_orphan
     assert f"pid {server_pid}" in (run.error or "")
     assert run.steps[0].status == "interrupted" and run.steps[0].process is None
     assert [p for p in workers if alive(p)] == []
+
+
+async def test_a_new_stdio_server_recovers_a_dead_servers_run_at_start_though_no_tool_is_called(
+    fake_env: Callable[..., dict[str, str]], pidfile: Path
+) -> None:
+    env = fake_env("hang")
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_collab", "serve"], env=env)
+    run_id, server_pid, workers = await killed_mid_run(params, pidfile)
+
+    async with Client(params) as client:  # the client's start-up exchange, then no call until...
+        with anyio.fail_after(10):
+            while any(alive(p) for p in workers):
+                await anyio.sleep(0.02)
+        # ...the dead server's tree is gone; the run says so once recovery has recorded it.
+        run = await call(client, "get_worker_run", runId=run_id)
+    assert run["status"] == "interrupted" and f"pid {server_pid}" in run["error"]
 
 
 async def test_over_http_a_run_started_in_one_session_is_awaited_and_cancelled_from_others(

@@ -141,6 +141,17 @@ async def test_progress_notifications_name_the_worker_and_runtime(client: Client
     assert "step 1 completed: worker codex-writer via cli" in messages
 
 
+async def test_a_client_lists_the_runs_resource_templates_before_reading_any(client: Client) -> None:
+    listed = await client.list_resource_templates()
+    assert {(t.uri_template, t.mime_type) for t in listed.resource_templates} == {
+        ("runs://{run_id}", "application/json"),
+        ("runs://{run_id}/steps/{index}/output", "text/plain"),
+        ("runs://{run_id}/steps/{index}/diff", "text/x-diff"),
+        ("runs://{run_id}/worktrees/{index}/diff", "text/x-diff"),
+    }
+    assert all(t.description for t in listed.resource_templates)
+
+
 async def test_inline_results_are_capped_and_full_outputs_are_resources(
     client: Client, runtimes: dict[str, ScriptedRuntime]
 ) -> None:

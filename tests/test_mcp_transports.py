@@ -126,6 +126,40 @@ async def test_nothing_but_json_rpc_reaches_stdout(base_env: dict[str, str]) -> 
     assert stderr, "logs go to stderr"
 
 
+async def test_a_stdio_server_that_cannot_start_its_engine_says_why_on_every_call_and_exits_with_it(
+    base_env: dict[str, str],
+) -> None:
+    state = Path(base_env["MCP_COLLAB_STATE_DIR"])
+    state.mkdir()
+    (state / "leases.json").write_text('{"kind": "mcp-collab-le', encoding="utf-8")  # torn: the lease cannot be taken
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "list_workers", "arguments": {}}},
+        {"jsonrpc": "2.0", "id": 3, "method": "resources/read", "params": {"uri": "runs://some-run"}},
+    ]  # fmt: skip
+    process = await anyio.open_process([sys.executable, "-m", "mcp_collab", "serve"], env=base_env)
+    assert process.stdin and process.stdout and process.stderr
+    await process.stdin.send("".join(json.dumps(m) + "\n" for m in messages).encode())
+    out = b""
+    by_id: dict[int, Any] = {}
+    with anyio.fail_after(60):
+        while set(by_id) != {1, 2, 3}:
+            out += await process.stdout.receive()
+            *complete, _ = out.split(b"\n")
+            by_id = {p["id"]: p for p in map(json.loads, complete) if "id" in p}
+        await process.stdin.aclose()  # the client leaves
+        await process.wait()
+        stderr = b"".join([chunk async for chunk in process.stderr]).decode()
+    cause = f"the lease file {state / 'leases.json'} cannot be read"
+    assert "serverInfo" in by_id[1]["result"], "the client's start-up probe was answered"
+    assert by_id[2]["result"]["isError"] is True and cause in by_id[2]["result"]["content"][0]["text"]
+    assert cause in by_id[3]["error"]["message"]
+    assert process.returncode == 2
+    assert stderr.splitlines()[-1].startswith(f"mcp-collab: {cause}") and "Traceback" not in stderr
+
+
 async def test_streamable_http_serves_the_same_tools_on_loopback(base_env: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     log = (tmp_path / "server.log").open("wb")

@@ -30,7 +30,6 @@ from pydantic import ValidationError
 
 from . import __version__
 from .config import Settings
-from .engine.executor import step_label
 from .errors import CollabError, InvalidRequestError, NoFittingWorkerError, UnknownRunError
 from .models import (
     RUNTIME_MODES,
@@ -43,12 +42,13 @@ from .models import (
     describe_validation_error,
     run_shape,
 )
-from .orchestrator import WorkerOrchestrator
 from .security import RedactingFilter, Redactor
 from .strategies import PASSING_VERDICTS, STRATEGIES, dispatchable
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
+
+    from .orchestrator import WorkerOrchestrator
 
 # Exit codes, so a script or CI job can tell the outcomes apart.
 EXIT_OK = 0
@@ -432,6 +432,8 @@ def _step_summary(run: Run) -> str:
 
 
 async def _runs(settings: Settings, args: argparse.Namespace) -> int:
+    from .orchestrator import WorkerOrchestrator  # the engine: not paid by `serve` before its first answer
+
     orchestrator = WorkerOrchestrator(settings, runtimes={})
     prune_options = [o for o, v in (("--max-runs", args.max_runs), ("--max-age-days", args.max_age_days),
                                      ("--all", args.all or None)) if v is not None]  # fmt: skip
@@ -554,6 +556,8 @@ def _verdict_line(run: Run) -> str | None:
 
 
 def _print_run(run: Run) -> None:
+    from .engine.executor import step_label
+
     _say(f"run       {run.id}")
     _say(f"strategy  {run.strategy}")
     _say(f"status    {run.status}" + (f"  ({_cell(run.error)})" if run.error else ""))
@@ -617,6 +621,8 @@ async def _follow(
     start: Callable[[WorkerOrchestrator, Callable[[str], None]], Awaitable[Run]],
 ) -> int:
     """Start a run (a dispatch, a follow-up) and follow it to its end with live progress."""
+    from .orchestrator import WorkerOrchestrator
+
     interrupted = False
     # The run says its first steps while it is being started: said after the line naming it.
     early: list[str] | None = []
@@ -664,6 +670,8 @@ async def _follow(
 
 
 async def _workers(settings: Settings, args: argparse.Namespace) -> int:
+    from .orchestrator import WorkerOrchestrator
+
     orchestrator = WorkerOrchestrator(settings, runtimes={})
     if args.action == "list":
         workers = await orchestrator.list_workers()

@@ -69,6 +69,11 @@ class RunTakenOverError(StoreError):
     lease had lapsed); the recovered state stands, nothing was overwritten."""
 
 
+class EngineStartError(CollabError):
+    """A server answering its client could not start its engine (the store refused its lease, say):
+    every call that needs the engine is refused with the cause, and the server exits with it."""
+
+
 class WorktreeError(CollabError):
     """A git worktree operation failed; the message names the repository or path and the cause,
     and says what was left as it was."""

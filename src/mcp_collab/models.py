@@ -5,8 +5,11 @@ Field names are snake_case in Python and camelCase on the wire (``runtimeMode``,
 one of these models; ``contracts/`` holds their JSON Schema (``python -m mcp_collab.contracts``).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here, unlike elsewhere: pydantic would evaluate every
+# field's annotation (about 180) from its text when the models are created, at import, on serve's
+# path to its first answer. The few names used before their class exists are quoted.
 
+import collections
 import functools
 import re
 import secrets
@@ -57,6 +60,8 @@ MAX_TIMEOUT_SECONDS = 24 * 3600
 MAX_COST_USD = 100_000.0
 # A review loop that has not converged in this many rounds will not: ask a person.
 MAX_ROUNDS = 10
+# The most runs one page of a listing holds (list_worker_runs' limit).
+MAX_PAGE_SIZE = 200
 
 
 def compatibility_error(model: WorkerModel, mode: RuntimeMode) -> str | None:
@@ -119,6 +124,8 @@ class WireModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         ser_json_timedelta="float",
+        # Validators and serializers are built on first use, or all at once by build_wire_models.
+        defer_build=True,
     )
 
     @model_validator(mode="before")
@@ -129,6 +136,21 @@ class WireModel(BaseModel):
             if not known.issuperset(data):
                 return {k: v for k, v in data.items() if k in known}
         return data
+
+
+def build_wire_models() -> None:
+    """Build the validator and serializer of every wire model now, and defer nothing from here on.
+
+    They are deferred at import (WireModel's ``defer_build``): the server's first answer needs none
+    of them, and building them all took about 12 ms of its start. Deferring stops here because a
+    deferring config also defers every TypeAdapter made with it, and JSON Schema generation makes
+    one per field default: the tools' schemas, generated right after this, cost twice as much."""
+    pending: collections.deque[type[WireModel]] = collections.deque([WireModel])
+    while pending:  # mostly in the order they were defined: a model's fields' models come before it
+        model = pending.popleft()
+        model.model_config["defer_build"] = False
+        model.model_rebuild()
+        pending.extend(model.__subclasses__())
 
 
 @functools.cache
@@ -181,7 +203,7 @@ class WorkerSpec(WireModel):
     )
 
     @model_validator(mode="after")
-    def _mode_fits_model(self) -> WorkerSpec:
+    def _mode_fits_model(self) -> "WorkerSpec":
         if self.runtime_mode is not None:
             problem = compatibility_error(self.model, self.runtime_mode)
             if problem:
@@ -210,7 +232,7 @@ class Usage(WireModel):
     cache_write_tokens: int | None = Field(default=None, description="Of the input, written to the cache.")
     reasoning_tokens: int | None = Field(default=None, description="Of the output, reasoning (thinking).")
 
-    def __add__(self, other: Usage) -> Usage:
+    def __add__(self, other: "Usage") -> "Usage":
         def plus(a: int | None, b: int | None) -> int | None:
             return None if a is None and b is None else (a or 0) + (b or 0)
 
@@ -425,7 +447,7 @@ class DispatchRequest(WireModel):
     )
 
     @model_validator(mode="after")
-    def _task_not_blank(self) -> DispatchRequest:
+    def _task_not_blank(self) -> "DispatchRequest":
         if not self.task.strip():
             raise ValueError("task must not be blank")
         return self
@@ -525,7 +547,7 @@ class RunSummary(WireModel):
     steps: list[StepSummary]
 
     @classmethod
-    def of(cls, run: Run, chars: int) -> RunSummary:
+    def of(cls, run: Run, chars: int) -> "RunSummary":
         return cls(
             id=run.id,
             task=preview(run.task, chars),
@@ -572,3 +594,30 @@ class OutputPage(WireModel):
     text: str
     next_offset: int | None = Field(description="Pass as offset for the next page; null at the end.")
     total_chars: int = Field(description="The whole output's length in characters.")
+
+
+# What check_runtimes and `mcp-collab doctor` report (readiness.check).
+class Check(WireModel):
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+    required: bool = Field(default=True, description="False: only some runtimes need it.")
+
+
+class RuntimeReadiness(WireModel):
+    mode: RuntimeMode
+    worker_model: str
+    ready: bool
+    reason: str
+
+
+class ReadinessReport(WireModel):
+    checks: list[Check]
+    runtimes: list[RuntimeReadiness] = Field(description="Per worker identity and runtime: can it run now?")
+    default_runtime: RuntimeMode
+    fallback_policy: str
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks if c.required)

@@ -25,15 +25,13 @@ from .engine.plan import ProgressCallback
 from .engine.recorder import RunRecorder
 from .engine.registry import WorkerRegistry
 from .errors import InvalidRequestError
-from .models import DispatchRequest, Run, RunPage, RunStatus, RuntimeMode, Worker, WorkerSpec
+from .models import MAX_PAGE_SIZE, DispatchRequest, Run, RunPage, RunStatus, RuntimeMode, Worker, WorkerSpec
 from .runtimes.base import WorkerRuntime
 from .runtimes.registry import RUNTIMES
 from .store import RunFilter, RunStore, open_store
 from .strategies import get_strategy
 
 __all__ = ["MAX_PAGE_SIZE", "WorkerOrchestrator", "default_runtimes"]
-
-MAX_PAGE_SIZE = 200
 
 
 def default_runtimes(settings: Settings) -> dict[RuntimeMode, WorkerRuntime]:

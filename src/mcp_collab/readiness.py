@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import anyio
-from pydantic import Field
 
 from .config import PAYLOAD_KEYS_VARIABLE, Endpoint, Settings, payload_key_id
 from .errors import StoreError
-from .models import RuntimeMode, WireModel
+from .models import Check, ReadinessReport, RuntimeReadiness
 from .runtimes.cli import find_binary
 from .runtimes.cli.vendors import VENDORS, EndpointPlan
 from .runtimes.registry import RuntimeSpec, sdk_runtimes
@@ -41,32 +40,6 @@ ENDPOINT_CONNECT_TIMEOUT_S = 3.0
 # The workers a report names one by one; past this it counts the rest (a check is one line).
 LISTED_WORKERS = 8
 START_WORKER = "mcp-collab worker --queue NAME --root DIR"
-
-
-class Check(WireModel):
-    name: str
-    ok: bool
-    detail: str
-    hint: str | None = None
-    required: bool = Field(default=True, description="False: only some runtimes need it.")
-
-
-class RuntimeReadiness(WireModel):
-    mode: RuntimeMode
-    worker_model: str
-    ready: bool
-    reason: str
-
-
-class ReadinessReport(WireModel):
-    checks: list[Check]
-    runtimes: list[RuntimeReadiness] = Field(description="Per worker identity and runtime: can it run now?")
-    default_runtime: RuntimeMode
-    fallback_policy: str
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks if c.required)
 
 
 async def _cli_version(binary: str, env: dict[str, str]) -> str | None:

@@ -20,32 +20,45 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, cast
 
 import anyio
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
+from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
-from mcp.types import CallToolResult, TextContent, Tool, ToolAnnotations
-from pydantic import Field, ValidationError
+from mcp.types import CallToolResult, InputRequiredResult, ResourceTemplate, TextContent, Tool, ToolAnnotations
+from pydantic import AnyUrl, Field, ValidationError
 
-from . import __version__, readiness
+from . import __version__
 from .config import Settings
-from .engine.delivery import Delivered
-from .errors import CollabError, NoFittingWorkerError, StoreError, UnknownRunError, listing, shown
+from .errors import (
+    CollabError,
+    EngineStartError,
+    NoFittingWorkerError,
+    StoreError,
+    UnknownRunError,
+    listing,
+    shown,
+)
 from .models import (
+    MAX_PAGE_SIZE,
     MAX_ROUNDS,
     DispatchRequest,
     FallbackPolicy,
     OutputPage,
+    ReadinessReport,
     Run,
     RunPage,
     RunStatus,
@@ -56,15 +69,20 @@ from .models import (
     Worker,
     WorkerModel,
     WorkerSpec,
+    build_wire_models,
     describe_validation_error,
 )
-from .orchestrator import MAX_PAGE_SIZE, WorkerOrchestrator
-from .runtimes.base import WorkerRuntime
 from .runtimes.registry import sdk_runtimes
 from .security import Redactor
 from .store import RunStore, cursor_after
 from .strategies import STRATEGIES, dispatchable
 from .tasks import DISPATCH_TOOL, TasksExtension
+
+if TYPE_CHECKING:
+    # The engine loads off the path to the first answer (see _Engine).
+    from .engine.delivery import Delivered
+    from .orchestrator import WorkerOrchestrator
+    from .runtimes.base import WorkerRuntime
 
 log = logging.getLogger("mcp_collab.server")
 
@@ -99,11 +117,112 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# Code loaded off the event loop (the engine's modules; the tools, whose registration imports too)
+# is loaded by one thread at a time: two threads importing the same package at once can fail with
+# Python's "deadlock detected" on its module locks.
+_LOADING = threading.Lock()
+
+
+def _load_engine() -> None:
+    """The engine's modules, and readiness (check_runtimes' checks), which needs the same ones."""
+    with _LOADING:
+        importlib.import_module(".orchestrator", __package__)
+        importlib.import_module(".readiness", __package__)
+
+
+# How long after it began to listen a stdio server starts its engine if no call needed it sooner:
+# after a client's start-up exchange (initialize, then tools/list, whose schemas take a worker
+# thread ~0.1 s), so it does not delay those; soon enough that a dead server's runs are recovered
+# promptly even if no tool is ever called.
+ENGINE_START_S = 0.5
+
+
+class _Engine:
+    """The orchestrator the tools and resources drive, owned by the server's lifespan.
+
+    Over stdio it starts off the path to the server's first answers: a client's start-up probe
+    (``initialize``, from spawn to answer) and its ``tools/list`` need none of the engine's imports,
+    its lease or recovery. It starts when a call first needs it (that call waits for it, as a read
+    of runs waits for recovery) or ``ENGINE_START_S`` after the server began to listen, whichever
+    comes first; its modules load in a worker thread, so the event loop goes on answering meanwhile.
+    Elsewhere (HTTP, in process) it starts before the server takes requests, as it always did."""
+
+    def __init__(
+        self, settings: Settings, store: RunStore | None, runtimes: Mapping[RuntimeMode, WorkerRuntime] | None
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._runtimes = runtimes
+        self._wanted = anyio.Event()
+        self._ready = anyio.Event()
+        self._stopping = anyio.Event()
+        self._orchestrator: WorkerOrchestrator | None = None
+        self._failure: CollabError | None = None
+
+    async def orchestrator(self) -> WorkerOrchestrator:
+        """The running orchestrator; a caller that comes before it started starts it and waits."""
+        self._wanted.set()
+        await self._ready.wait()
+        if self._failure is not None:
+            raise EngineStartError(
+                f"this server could not start its engine: {self._failure}; restart it once that is fixed "
+                "(`mcp-collab doctor` checks the store)"
+            )
+        assert self._orchestrator is not None  # set before _ready, unless the start failed
+        return self._orchestrator
+
+    async def run(self, *, deferred: bool, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the orchestrator (at once, or ``deferred`` as the class says) and run it until ``stop``.
+        Not deferred, ``task_status`` reports the start once it is running, so an error at start (a
+        store that refuses the lease, say) stops the server from coming up, as it did before."""
+        if deferred:
+            task_status.started()
+            with anyio.move_on_after(ENGINE_START_S):
+                await self._wanted.wait()
+            if self._stopping.is_set():
+                return
+            await anyio.to_thread.run_sync(_load_engine)
+            if self._stopping.is_set():
+                return
+        else:
+            _load_engine()
+        from .orchestrator import WorkerOrchestrator
+
+        try:
+            # Runs live in the orchestrator's task group, owned by the server's lifespan: a request
+            # that times out, is cancelled or disconnects does not take its run with it.
+            orchestrator = WorkerOrchestrator(self._settings, store=self._store, runtimes=self._runtimes)
+            async with orchestrator, orchestrator.running():
+                self._orchestrator = orchestrator
+                self._ready.set()
+                if not deferred:
+                    task_status.started()
+                await self._stopping.wait()
+        except CollabError as exc:
+            if not deferred or self._orchestrator is not None:
+                raise
+            # The server is answering its client already: the log says why now, every call that
+            # needs the engine says why, and the server still exits with the error when it stops.
+            log.error("could not start the engine: %s", exc)
+            self._failure = exc
+            self._ready.set()
+            await self._stopping.wait()
+            raise
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wanted.set()
+
+
 @dataclass
 class AppState:
-    orchestrator: WorkerOrchestrator
+    engine: _Engine
     settings: Settings
     heartbeat_s: float = PROGRESS_HEARTBEAT_S
+
+    async def orchestrator(self) -> WorkerOrchestrator:
+        """The running orchestrator (a call that comes before it started waits for it)."""
+        return await self.engine.orchestrator()
 
 
 class WorkerList(WireModel):
@@ -350,6 +469,10 @@ def _state(ctx: Context) -> AppState:
     return cast(AppState, ctx.request_context.lifespan_context)
 
 
+async def _orchestrator(ctx: Context) -> WorkerOrchestrator:
+    return await _state(ctx).orchestrator()
+
+
 STRATEGY_GUIDE = "\n".join(f"- {s.name}: {s.summary}" for s in STRATEGIES.values() if not s.internal)
 
 
@@ -404,19 +527,22 @@ async def spawn_worker(
         timeout_seconds=timeoutSeconds,
         working_directory=workingDirectory,
     )
-    return await _state(ctx).orchestrator.register_worker(spec)
+    orchestrator = await _orchestrator(ctx)
+    return await orchestrator.register_worker(spec)
 
 
 @tool_errors
 async def list_workers(ctx: Context) -> WorkerList:
     """List the registered workers."""
-    return WorkerList(workers=await _state(ctx).orchestrator.list_workers())
+    orchestrator = await _orchestrator(ctx)
+    return WorkerList(workers=await orchestrator.list_workers())
 
 
 @tool_errors
 async def remove_worker(ctx: Context, name: str) -> Worker:
     """Remove a worker by name; its past runs stay in the history."""
-    return await _state(ctx).orchestrator.remove_worker(name)
+    orchestrator = await _orchestrator(ctx)
+    return await orchestrator.remove_worker(name)
 
 
 @tool_errors
@@ -446,7 +572,7 @@ async def dispatch_task(
         max_rounds=maxRounds,
         max_cost_usd=maxCostUsd,
     )
-    orchestrator = _state(ctx).orchestrator
+    orchestrator = await _orchestrator(ctx)
     async with _progress(ctx) as report:
         # Recorded before anything runs: work that could not be recorded never starts (a full disk
         # refuses the dispatch instead). Durable before the client hears of it: a client that asked
@@ -469,7 +595,7 @@ async def continue_worker_run(
 ) -> Run:
     """A follow-up to a finished run's worker, in the same place, resuming its vendor session where
     it can (else from the recorded history). A new run, linked by parentId; wait as for dispatch_task."""
-    orchestrator = _state(ctx).orchestrator
+    orchestrator = await _orchestrator(ctx)
     async with _progress(ctx) as report:
         run = await orchestrator.continue_run(runId, message, worker, on_progress=report, durable=report is not None)
         if report is not None:
@@ -489,9 +615,8 @@ async def list_worker_runs(
 ) -> RunSummaryPage:
     """Runs, newest first: shape, cost, steps (worker, runtime, status), output starts; totals: tokens and
     US$ of all matching runs (with worker: its steps). Pages stop at ~20 KB (nextCursor)."""
-    page = await _state(ctx).orchestrator.list_runs(
-        status=status, strategy=strategy, worker=worker, limit=limit, cursor=cursor
-    )
+    orchestrator = await _orchestrator(ctx)
+    page = await orchestrator.list_runs(status=status, strategy=strategy, worker=worker, limit=limit, cursor=cursor)
     return page_for_client(page, cursor_after)
 
 
@@ -499,7 +624,8 @@ async def list_worker_runs(
 async def get_worker_run(ctx: Context, runId: str) -> Run:
     """One run with all its steps (model, tokens, cost, diff). Long texts are shortened: read_run_output
     (or runs://{runId}/steps/{index}/output) has them whole."""
-    return for_client(await _state(ctx).orchestrator.get_run(runId))
+    orchestrator = await _orchestrator(ctx)
+    return for_client(await orchestrator.get_run(runId))
 
 
 @tool_errors
@@ -513,7 +639,8 @@ async def read_run_output(
 ) -> OutputPage:
     """A page of a step's full output (or diff). Repeat with offset = nextOffset until it is null; pages
     join to the whole text (totalChars)."""
-    return output_page(await _state(ctx).orchestrator.get_run(runId), step, offset, limit, diff=diff)
+    orchestrator = await _orchestrator(ctx)
+    return output_page(await orchestrator.get_run(runId), step, offset, limit, diff=diff)
 
 
 @tool_errors
@@ -528,7 +655,8 @@ async def wait_worker_run(
     Returns the run; while it is queued or running, call again (keep timeoutSeconds under your
     tool timeout). Works from any session."""
     async with _progress(ctx, runId) as report:
-        run = await _state(ctx).orchestrator.wait(runId, timeoutSeconds, on_progress=report)
+        orchestrator = await _orchestrator(ctx)
+        run = await orchestrator.wait(runId, timeoutSeconds, on_progress=report)
     return for_client(run)
 
 
@@ -536,7 +664,8 @@ async def wait_worker_run(
 async def cancel_worker_run(ctx: Context, runId: str) -> CancelResult:
     """Cancel a queued or running run: its process trees are killed, its open steps cancelled, output
     so far kept; an ended run is left as it is."""
-    run, cancelled = await _state(ctx).orchestrator.cancel(runId)
+    orchestrator = await _orchestrator(ctx)
+    run, cancelled = await orchestrator.cancel(runId)
     message = (
         f"run {runId} cancelled; its processes were stopped"
         if cancelled
@@ -553,24 +682,29 @@ async def apply_worker_run(
 ) -> DeliveryResult:
     """Apply a finished run's worktree branch to your working tree: all of it, or none and the files in
     the way. Nothing is staged or committed."""
-    return DeliveryResult.of(await _state(ctx).orchestrator.apply(runId, branch))
+    orchestrator = await _orchestrator(ctx)
+    return DeliveryResult.of(await orchestrator.apply(runId, branch))
 
 
 @tool_errors
 async def discard_worker_run(ctx: Context, runId: str) -> DeliveryResult:
     """Remove a finished run's worktrees and branches; its record and diff stay."""
-    return DeliveryResult.of(await _state(ctx).orchestrator.discard(runId))
+    orchestrator = await _orchestrator(ctx)
+    return DeliveryResult.of(await orchestrator.discard(runId))
 
 
 @tool_errors
-async def check_runtimes(ctx: Context) -> readiness.ReadinessReport:
+async def check_runtimes(ctx: Context) -> ReadinessReport:
     """What can run here (CLIs, credentials, SDKs, endpoints, store, engine), with a hint per failure."""
     state = _state(ctx)
+    orchestrator = await state.orchestrator()
+    from . import readiness  # loaded with the engine
+
     # Reading the store first finds (and repairs, keeping the original aside) damage done to
     # it since the last call, so the report below lists it.
     with contextlib.suppress(StoreError):
-        await state.orchestrator.list_workers()
-    return await readiness.check(state.settings, state.orchestrator.store)
+        await orchestrator.list_workers()
+    return await readiness.check(state.settings, orchestrator.store)
 
 
 def _dispatch_description() -> str:
@@ -626,6 +760,68 @@ TOOL_SPECS: tuple[_ToolSpec, ...] = (
     _ToolSpec(apply_worker_run, "Apply a run's work", _hints(read_only=False, idempotent=False)),
     _ToolSpec(discard_worker_run, "Discard a run's work", _hints(read_only=False, destructive=True)),
     _ToolSpec(check_runtimes, "Check runtimes", _hints(read_only=True)),
+)
+
+
+@resource_errors
+async def run_resource(run_id: str, ctx: Context) -> str:
+    orchestrator = await _orchestrator(ctx)
+    run = await orchestrator.get_run(run_id)
+    return json.dumps(run.model_dump(mode="json", by_alias=True), ensure_ascii=False, indent=1)
+
+
+@resource_errors
+async def step_output(run_id: str, index: str, ctx: Context) -> str:
+    orchestrator = await _orchestrator(ctx)
+    run = await orchestrator.get_run(run_id)
+    if not index.isdigit() or int(index) >= len(run.steps):
+        steps = f"steps 0 to {len(run.steps) - 1}" if run.steps else "no steps"
+        raise ResourceNotFoundError(
+            f"run {run_id} has {steps}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/output"
+        )
+    return run.steps[int(index)].output
+
+
+@resource_errors
+async def step_diff_resource(run_id: str, index: str, ctx: Context) -> str:
+    orchestrator = await _orchestrator(ctx)
+    run = await orchestrator.get_run(run_id)
+    text = step_diff(run, int(index)) if index.isdigit() and int(index) < len(run.steps) else None
+    if text is None:
+        writers = [str(s.index) for s in run.steps if step_diff(run, s.index) is not None]
+        have = f"steps with a diff: {', '.join(writers)}" if writers else "no step with a diff"
+        raise ResourceNotFoundError(
+            f"run {run_id} has {have}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/diff"
+        )
+    return text
+
+
+@resource_errors
+async def worktree_diff(run_id: str, index: str, ctx: Context) -> str:
+    orchestrator = await _orchestrator(ctx)
+    run = await orchestrator.get_run(run_id)
+    if not index.isdigit() or int(index) >= len(run.worktrees):
+        have = f"worktrees 0 to {len(run.worktrees) - 1}" if run.worktrees else "no worktree"
+        raise ResourceNotFoundError(
+            f"run {run_id} has {have}; got worktree {shown(index)}. Accepted: runs://{run_id}/worktrees/N/diff"
+        )
+    return run.worktrees[int(index)].diff
+
+
+@dataclass(frozen=True)
+class _ResourceSpec:
+    fn: Callable[..., Awaitable[str]]
+    uri: str
+    mime_type: str
+    description: str
+
+
+# The runs' full texts, for clients that read resources. Registered when first needed (CollabServer).
+RESOURCE_SPECS: tuple[_ResourceSpec, ...] = (
+    _ResourceSpec(run_resource, "runs://{run_id}", "application/json", "A whole run, full outputs."),
+    _ResourceSpec(step_output, "runs://{run_id}/steps/{index}/output", "text/plain", "A step's full output."),
+    _ResourceSpec(step_diff_resource, "runs://{run_id}/steps/{index}/diff", "text/x-diff", "A step's own diff."),
+    _ResourceSpec(worktree_diff, "runs://{run_id}/worktrees/{index}/diff", "text/x-diff", "A worktree's diff."),
 )
 
 
@@ -740,13 +936,22 @@ class CollabServer(MCPServer[AppState]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._registered = False
-        self._register_lock = threading.Lock()
         self._listed: list[Tool] | None = None
+        self._resources_registered = False
+        self.engine_deferred = False  # see _Engine: true while serving stdio
+
+    async def run_stdio_async(self) -> None:
+        """``MCPServer.run_stdio_async``, with the engine started off the path to the first answer."""
+        self.engine_deferred = True
+        async with stdio_server() as (read_stream, write_stream):
+            lowlevel = self._lowlevel_server
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
 
     def _register_tools(self) -> None:
-        with self._register_lock:
+        with _LOADING:
             if self._registered:
                 return
+            build_wire_models()  # before the tools' schemas take them apart (five tools answer a Run)
             for spec in TOOL_SPECS:
                 # A docstring's line breaks and indentation would cost every client's model bytes.
                 text = spec.description or " ".join((spec.fn.__doc__ or "").split()) or None
@@ -777,6 +982,24 @@ class CollabServer(MCPServer[AppState]):
         await self.ensure_tools()
         return await super().call_tool(name, arguments, context)
 
+    def _register_resources(self) -> None:
+        """The resource templates, registered on the event loop when first needed: they are few and
+        cheap, but not free, and ``initialize`` needs none of them."""
+        if not self._resources_registered:
+            for spec in RESOURCE_SPECS:
+                self.resource(spec.uri, mime_type=spec.mime_type, description=spec.description)(spec.fn)
+            self._resources_registered = True
+
+    async def list_resource_templates(self) -> list[ResourceTemplate]:
+        self._register_resources()
+        return await super().list_resource_templates()
+
+    async def read_resource(
+        self, uri: AnyUrl | str, context: Context[AppState, Any] | None = None
+    ) -> Iterable[ReadResourceContents] | InputRequiredResult:
+        self._register_resources()
+        return await super().read_resource(uri, context)
+
     def tool_result(self, name: str, value: Any) -> CallToolResult:
         """``value`` as tool ``name`` answers it on the wire (an MCP task's result, see tasks.py)."""
         self._register_tools()
@@ -801,11 +1024,13 @@ def build_server(
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         resolved = settings or Settings.from_env()
-        # Runs live in the orchestrator's task group, owned by this lifespan: a request that times
-        # out, is cancelled or disconnects does not take its run with it.
-        orchestrator = WorkerOrchestrator(resolved, store=store, runtimes=runtimes)
-        async with orchestrator, orchestrator.running():
-            yield AppState(orchestrator=orchestrator, settings=resolved, heartbeat_s=heartbeat_s)
+        engine = _Engine(resolved, store, runtimes)
+        async with anyio.create_task_group() as tg:
+            await tg.start(functools.partial(engine.run, deferred=mcp.engine_deferred))
+            try:
+                yield AppState(engine=engine, settings=resolved, heartbeat_s=heartbeat_s)
+            finally:
+                engine.stop()
 
     mcp = CollabServer(
         "mcp-collab",
@@ -819,47 +1044,6 @@ def build_server(
         middleware=[_StrictArguments(lambda: mcp)],
         extensions=[TasksExtension(lambda run: mcp.tool_result(DISPATCH_TOOL, for_client(run)))],
     )
-
-    @mcp.resource("runs://{run_id}", mime_type="application/json", description="A whole run, full outputs.")
-    @resource_errors
-    async def run_resource(run_id: str, ctx: Context) -> str:
-        run = await _state(ctx).orchestrator.get_run(run_id)
-        return json.dumps(run.model_dump(mode="json", by_alias=True), ensure_ascii=False, indent=1)
-
-    @mcp.resource("runs://{run_id}/steps/{index}/output", mime_type="text/plain", description="A step's full output.")
-    @resource_errors
-    async def step_output(run_id: str, index: str, ctx: Context) -> str:
-        run = await _state(ctx).orchestrator.get_run(run_id)
-        if not index.isdigit() or int(index) >= len(run.steps):
-            steps = f"steps 0 to {len(run.steps) - 1}" if run.steps else "no steps"
-            raise ResourceNotFoundError(
-                f"run {run_id} has {steps}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/output"
-            )
-        return run.steps[int(index)].output
-
-    @mcp.resource("runs://{run_id}/steps/{index}/diff", mime_type="text/x-diff", description="A step's own diff.")
-    @resource_errors
-    async def step_diff_resource(run_id: str, index: str, ctx: Context) -> str:
-        run = await _state(ctx).orchestrator.get_run(run_id)
-        text = step_diff(run, int(index)) if index.isdigit() and int(index) < len(run.steps) else None
-        if text is None:
-            writers = [str(s.index) for s in run.steps if step_diff(run, s.index) is not None]
-            have = f"steps with a diff: {', '.join(writers)}" if writers else "no step with a diff"
-            raise ResourceNotFoundError(
-                f"run {run_id} has {have}; got step {shown(index)}. Accepted: runs://{run_id}/steps/N/diff"
-            )
-        return text
-
-    @mcp.resource("runs://{run_id}/worktrees/{index}/diff", mime_type="text/x-diff", description="A worktree's diff.")
-    @resource_errors
-    async def worktree_diff(run_id: str, index: str, ctx: Context) -> str:
-        run = await _state(ctx).orchestrator.get_run(run_id)
-        if not index.isdigit() or int(index) >= len(run.worktrees):
-            have = f"worktrees 0 to {len(run.worktrees) - 1}" if run.worktrees else "no worktree"
-            raise ResourceNotFoundError(
-                f"run {run_id} has {have}; got worktree {shown(index)}. Accepted: runs://{run_id}/worktrees/N/diff"
-            )
-        return run.worktrees[int(index)].diff
 
     return mcp
 

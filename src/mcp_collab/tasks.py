@@ -40,9 +40,8 @@ from mcp.server.mcpserver import require_client_extension
 from mcp.shared.exceptions import MCPError
 from mcp.types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, CallToolResult, RequestParams
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from .engine.lifecycle import where
 from .errors import CollabError, InvalidRequestError, UnknownRunError, shown
 from .models import TERMINAL_RUN_STATUSES, Run
 
@@ -62,6 +61,9 @@ ResultOf = Callable[[Run], CallToolResult]
 
 class TaskParams(RequestParams):
     """``tasks/get`` and ``tasks/cancel``: the task's id."""
+
+    # Built when a task is first asked about, not at start: the server's first answer needs neither.
+    model_config = ConfigDict(defer_build=True)
 
     task_id: str = Field(alias="taskId", min_length=1)
 
@@ -157,6 +159,8 @@ class TasksExtension(Extension):
 def _task(ctx: ServerRequestContext[Any, Any], run: Run) -> dict[str, Any]:
     """The task a run is. Its time to live is the store's retention by age (runs beyond the retained
     count may go sooner, which the SEP allows: a purged task is an unknown one)."""
+    from .engine.lifecycle import where  # loaded with the engine, which answered for the run
+
     if run.status in ("queued", "running"):
         status, message = "working", f"run {run.id} {run.status}: {where(run)}"
     elif run.status == "cancelled":
@@ -186,7 +190,7 @@ def _run_of(result: Any) -> Run | None:
 async def _known(ctx: ServerRequestContext[Any, Any], task_id: str, act: Callable[[Any], Any]) -> Any:
     """``act`` on the orchestrator for a task's run, its failures as the SEP's JSON-RPC errors."""
     try:
-        return await act(ctx.lifespan_context.orchestrator)
+        return await act(await ctx.lifespan_context.orchestrator())
     except UnknownRunError:
         raise MCPError(
             INVALID_PARAMS,
