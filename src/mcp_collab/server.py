@@ -160,6 +160,8 @@ class _Engine:
 
     async def orchestrator(self) -> WorkerOrchestrator:
         """The running orchestrator; a caller that comes before it started starts it and waits."""
+        if self._orchestrator is not None and self._failure is None:
+            return self._orchestrator  # running: no trip round the event loop (a set Event's wait is one)
         self._wanted.set()
         await self._ready.wait()
         if self._failure is not None:
